@@ -1,0 +1,1 @@
+"""Exporters and CPU runtimes (installed as ``recipec.exporters``)."""

@@ -1,0 +1,239 @@
+"""Read a sparse checkpoint: a run directory or a Hugging Face folder, plus its masks.
+
+Accepted layouts (see docs/contracts.md):
+
+- ``RUN_DIR`` with ``RUN_DIR/model/`` (what ``recipec apply`` writes);
+- any Hugging Face ``save_pretrained`` folder, optionally with ``masks.safetensors``
+  (``{param_name: uint8, 1 = keep}``) and ``recipe.yaml``.
+
+Without a masks file the masks are the nonzero pattern of the encoder's linear weights.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+TASKS = ("sequence-classification", "multiple-choice")
+MASKS_FILE = "masks.safetensors"
+RECIPE_FILES = ("recipe.yaml", "recipe.yml")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+# A linear layer inside a numbered encoder block: bert/roberta "encoder.layer.3.",
+# distilbert "transformer.layer.3.", and the "layers.3." / "h.3." / "block.3." spellings.
+_ENCODER_BLOCK = re.compile(r"(^|\.)(layer|layers|h|block)\.\d+\.")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read as asked (a user error)."""
+
+
+@dataclass
+class SparseCheckpoint:
+    """A loaded model with its masks and the files that travel with it."""
+
+    model: torch.nn.Module
+    model_dir: Path
+    task: str
+    masks: dict[str, torch.Tensor]
+    masks_source: str
+    run_dir: Path | None = None
+    recipe_path: Path | None = None
+    squashed: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def config(self):
+        """The model's Hugging Face config."""
+        return self.model.config
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The (squashed) weights of every masked tensor."""
+        params = dict(self.model.named_parameters())
+        return {name: params[name].detach() for name in self.masks}
+
+
+def resolve_model_dir(path: str | Path) -> tuple[Path, Path | None]:
+    """Return ``(model_dir, run_dir)`` for a run directory or a model folder."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: expected a run directory or a model folder")
+    if (path / "model" / "config.json").is_file():
+        return path / "model", path
+    if (path / "config.json").is_file():
+        run_dir = path.parent if path.name == "model" and (path.parent / "model").is_dir() else None
+        return path, run_dir
+    raise CheckpointError(f"{path}: no config.json here nor in {path / 'model'}")
+
+
+def detect_task(config, task: str = "auto") -> str:
+    """Pick the head to load: ``task`` when given, else from ``config.architectures``."""
+    if task != "auto":
+        if task not in TASKS:
+            raise CheckpointError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+        return task
+    for arch in getattr(config, "architectures", None) or []:
+        if arch.endswith("ForMultipleChoice"):
+            return "multiple-choice"
+        if arch.endswith("ForSequenceClassification"):
+            return "sequence-classification"
+    return "sequence-classification"
+
+
+def load_model(model_dir: Path, task: str) -> torch.nn.Module:
+    """Load the Hugging Face model for ``task`` in eval mode (dropout off)."""
+    import transformers
+
+    cls = {
+        "sequence-classification": transformers.AutoModelForSequenceClassification,
+        "multiple-choice": transformers.AutoModelForMultipleChoice,
+    }[task]
+    if not any((model_dir / name).exists() for name in WEIGHT_FILES):
+        raise CheckpointError(f"{model_dir}: no model weights (model.safetensors) in this folder")
+    try:
+        model = cls.from_pretrained(str(model_dir), dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{model_dir}: cannot load as {task}: {exc}") from exc
+    return model.eval()
+
+
+def encoder_linear_weights(model: torch.nn.Module) -> list[str]:
+    """Names of the weights of every ``nn.Linear`` inside a numbered encoder block."""
+    names = []
+    for mod_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and _ENCODER_BLOCK.search(mod_name + "."):
+            names.append(f"{mod_name}.weight")
+    return names
+
+
+def infer_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Masks (True = keep) taken as the nonzero pattern of the encoder linear weights."""
+    params = dict(model.named_parameters())
+    return {name: params[name].detach() != 0 for name in encoder_linear_weights(model)}
+
+
+def _match_param_name(name: str, params: dict[str, torch.nn.Parameter]) -> str | None:
+    if name in params:
+        return name
+    # Tolerate a wrapper prefix on either side (e.g. "model." or a bare-encoder save).
+    hits = [p for p in params if p.endswith("." + name) or name.endswith("." + p)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def load_masks(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Read ``masks.safetensors`` and check every entry against the model's parameters."""
+    from safetensors.torch import load_file
+
+    try:
+        raw = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: cannot read masks: {exc}") from exc
+    params = dict(model.named_parameters())
+    masks: dict[str, torch.Tensor] = {}
+    for name, tensor in raw.items():
+        target = _match_param_name(name, params)
+        if target is None:
+            raise CheckpointError(f"{path}: mask {name!r} names no parameter of the model")
+        if tuple(tensor.shape) != tuple(params[target].shape):
+            raise CheckpointError(
+                f"{path}: mask {name!r} has shape {tuple(tensor.shape)}, "
+                f"the parameter has {tuple(params[target].shape)}"
+            )
+        masks[target] = tensor != 0
+    return masks
+
+
+@torch.no_grad()
+def squash(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Write exact zeros where a mask is False; return how many nonzeros each tensor lost."""
+    params = dict(model.named_parameters())
+    changed = {}
+    for name, mask in masks.items():
+        param = params[name]
+        stray = int(((param != 0) & ~mask).sum())
+        if stray:
+            changed[name] = stray
+        param.mul_(mask.to(param.dtype))
+        # -0.0 compares equal to 0 everywhere that matters; normalise anyway.
+        param.masked_fill_(~mask, 0.0)
+    return changed
+
+
+def sparsity_table(masks: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Per-tensor ``{shape, numel, zeros, sparsity}`` from masks."""
+    table = {}
+    for name, mask in masks.items():
+        numel = mask.numel()
+        zeros = int(numel - mask.sum())
+        table[name] = {
+            "shape": list(mask.shape),
+            "numel": numel,
+            "zeros": zeros,
+            "sparsity": zeros / numel if numel else 0.0,
+        }
+    return table
+
+
+def find_recipe(model_dir: Path, run_dir: Path | None) -> Path | None:
+    """The resolved recipe next to the weights, or in the run directory."""
+    for folder in (model_dir, run_dir):
+        if folder is None:
+            continue
+        for name in RECIPE_FILES:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def load_checkpoint(path: str | Path, task: str = "auto") -> SparseCheckpoint:
+    """Load a run directory or model folder, its masks, and squash the masks into zeros."""
+    import transformers
+
+    model_dir, run_dir = resolve_model_dir(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{model_dir}: cannot read config.json: {exc}") from exc
+    task = detect_task(config, task)
+    model = load_model(model_dir, task)
+    if (model_dir / MASKS_FILE).is_file():
+        masks = load_masks(model_dir / MASKS_FILE, model)
+        source = MASKS_FILE
+    else:
+        masks = infer_masks(model)
+        source = "inferred (nonzero pattern of encoder linear weights)"
+    if not masks:
+        raise CheckpointError(f"{model_dir}: no masks given and no encoder linear layers found")
+    squashed = squash(model, masks)
+    return SparseCheckpoint(
+        model=model,
+        model_dir=model_dir,
+        task=task,
+        masks=masks,
+        masks_source=source,
+        run_dir=run_dir,
+        recipe_path=find_recipe(model_dir, run_dir),
+        squashed=squashed,
+    )
+
+
+def has_tokenizer(model_dir: Path) -> bool:
+    """Whether the folder holds tokenizer files."""
+    names = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+    return any((model_dir / n).is_file() for n in names)
+
+
+def load_tokenizer(model_dir: Path):
+    """The folder's tokenizer, or None when it has none."""
+    if not has_tokenizer(model_dir):
+        return None
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,169 @@
+"""``recipec plan``: print the compiled schedule, and the model's cost/benefit table."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import click
+
+from recipec.cli._common import fail, load_or_exit, set_option
+
+
+def _format_plan(plans) -> list[str]:
+    lines: list[str] = []
+    for plan in plans:
+        lines.append(
+            f"stage {plan.name!r}: {plan.total_steps} steps ({plan.steps_per_epoch} steps/epoch), "
+            f"warm-up {plan.warmup_steps}, eval every {plan.eval_every or 'end'}"
+        )
+        for mod in plan.modifiers:
+            head = f"  [{mod.index}] {mod.type:<8} steps {mod.window.start}..{mod.window.end}"
+            if mod.pruning_steps:
+                spec = mod.spec
+                lines.append(
+                    f"{head}  {spec.structure}, {spec.scope}, {spec.schedule}, every {mod.update_every or '-'} steps"
+                )
+                for step, sparsity in zip(mod.pruning_steps, mod.sparsities):
+                    lines.append(f"        step {step:>7}: sparsity {100 * sparsity:6.2f}%   lr {plan.lr_at(step):.3g}")
+            elif mod.type == "lr":
+                spec = mod.spec
+                extra = f", cycle {mod.cycle} steps" if mod.cycle else ""
+                lines.append(f"{head}  {spec.schedule} {spec.init_lr:g} -> {spec.final_lr:g}, warm-up {mod.warmup}{extra}")
+            elif mod.type == "distill":
+                spec = mod.spec
+                lines.append(f"{head}  teacher {spec.teacher}, hardness {spec.hardness:g}, temperature {spec.temperature:g}")
+            else:
+                lines.append(head)
+        marks = sorted({0, plan.total_steps - 1, *[m.window.start for m in plan.modifiers if m.window.start < plan.total_steps]})
+        lines.append("  lr: " + ", ".join(f"step {s}: {plan.lr_at(s):.3g}" for s in marks))
+    return lines
+
+
+def _plot(plans, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(plans), 1, figsize=(8, 3.2 * len(plans)), squeeze=False)
+    for ax, plan in zip(axes[:, 0], plans):
+        steps = list(range(plan.total_steps))
+        ax.plot(steps, [plan.lr_at(s) for s in steps], color="tab:blue", label="learning rate")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("learning rate", color="tab:blue")
+        ax2 = ax.twinx()
+        events = plan.pruning_events()
+        if events:
+            xs, ys, current = [0], [0.0], 0.0
+            for step, _, sparsity in events:
+                xs += [step, step]
+                ys += [current, sparsity]
+                current = sparsity
+            xs.append(plan.total_steps)
+            ys.append(current)
+            ax2.plot(xs, [100 * y for y in ys], color="tab:red", label="target sparsity")
+        ax2.set_ylabel("sparsity (%)", color="tab:red")
+        ax2.set_ylim(0, 100)
+        ax.set_title(f"stage {plan.name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _model_section(recipe, plans, model_name: str, seq_len: int, as_json: bool) -> dict:
+    from recipec.sparsity.selection import cost_table, meta_model, select_parameters
+
+    model = meta_model(None if model_name in ("", "embedded") else model_name)
+    out: dict = {"model": model_name, "seq_len": seq_len, "stages": []}
+    for plan in plans:
+        pruners = plan.by_type("gmp", "obert", "constant", "cram")
+        matched: dict[str, tuple] = {}
+        for mod in pruners or [None]:
+            targets = (mod.spec.targets if mod and mod.spec.targets else None) or recipe.targets
+            exclude = (mod.spec.exclude if mod and mod.spec.exclude is not None else None) or recipe.exclude
+            for name, param in select_parameters(model, targets, exclude).items():
+                matched[name] = tuple(param.shape)
+        table = cost_table(model, seq_len, matched)
+        total_params = sum(c.params for c in table)
+        total_flops = sum(c.flops for c in table)
+        entry = {
+            "stage": plan.name,
+            "matched": [{"name": n, "shape": list(s)} for n, s in matched.items()],
+            "components": [
+                dict(zip(("component", "params", "params_pct", "flops_pct", "targeted_params"), c.row(total_params, total_flops)))
+                for c in table
+            ],
+        }
+        obert = plan.by_type("obert")
+        if obert:
+            from recipec.sparsity.obs import estimate_fisher_bytes
+
+            spec = obert[0].spec
+            numels = [int(math.prod(s)) for s in matched.values()]
+            entry["fisher_bytes"] = estimate_fisher_bytes(numels, spec.fisher_block_size, spec.fisher, spec.num_grads)
+        out["stages"].append(entry)
+        if not as_json:
+            click.echo(f"\nmodel {model_name} (seq {seq_len}), stage {plan.name!r}: {len(matched)} target tensors")
+            click.echo(f"  {'component':<18}{'params':>12}{'% params':>10}{'% FLOPs':>10}{'targeted':>12}")
+            for c in table:
+                name, params, pp, fp, pruned = c.row(total_params, total_flops)
+                click.echo(f"  {name:<18}{params:>12,}{pp:>9.1f}%{fp:>9.1f}%{pruned:>12,}")
+            for n, s in matched.items():
+                click.echo(f"    {n} {list(s)}")
+            if "fisher_bytes" in entry:
+                click.echo(f"  oBERT inverse Fisher estimate: {entry['fisher_bytes'] / 2**30:.2f} GiB (fp32)")
+    return out
+
+
+@click.command("plan")
+@click.argument("recipe")
+@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None,
+              help="Optimizer steps per epoch (needed when the recipe uses epochs).")
+@set_option
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write a PNG of sparsity and LR against steps.")
+@click.option("--model", default=None, help="Also print the cost/benefit table and the matched tensors for this model "
+              "('embedded' for all-MiniLM-L6-v2, a local folder or a hub name).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Sequence length for the FLOPs shares.")
+def command(recipe: str, steps_per_epoch: int | None, overrides: tuple[str, ...], as_json: bool,
+            plot: str | None, model: str | None, seq_len: int) -> None:
+    """Print RECIPE's schedule resolved to optimizer steps.
+
+    \b
+    Examples:
+      recipec plan recipes/bert_gmp_90.yaml --steps-per-epoch 4210
+      recipec plan quickstart --steps-per-epoch 125 --plot plan.png --model embedded
+      recipec plan my.yaml --steps-per-epoch 100 --json > plan.json
+    """
+    from recipec.plan import PlanError, plan_to_dict, resolve
+
+    loaded = load_or_exit(recipe, overrides)
+    if steps_per_epoch is None:
+        uses_epochs = "_epoch" in loaded.model_dump_json(exclude_none=True) or any(
+            loaded.stage_training(s).epochs is not None for s in loaded.resolved_stages()
+        )
+        if uses_epochs:
+            fail("error: this recipe uses epochs: pass --steps-per-epoch N (dataset size / batch size)")
+        steps_per_epoch = 1
+    try:
+        plans = resolve(loaded, steps_per_epoch)
+    except PlanError as exc:
+        fail(f"error: {exc}")
+    data = plan_to_dict(plans)
+    if not as_json:
+        for line in _format_plan(plans):
+            click.echo(line)
+    if model is not None:
+        try:
+            data["model"] = _model_section(loaded, plans, model, seq_len, as_json)
+        except Exception as exc:  # a model that cannot be loaded: one clear line
+            fail(f"error: cannot build model {model!r}: {exc}")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    if plot:
+        _plot(plans, plot)
+        if not as_json:
+            click.echo(f"plot written to {plot}")

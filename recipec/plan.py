@@ -1,0 +1,318 @@
+"""Resolve a recipe to optimizer steps: the compiled schedule that ``recipec plan`` prints.
+
+Epoch-valued fields are converted once with ``step = round(epoch * steps_per_epoch)``.
+Windows default to the whole stage. Pruning masks persist after a pruning window ends.
+
+LR ownership rule: inside a stage that has ``lr`` modifiers, the recipe owns the learning rate
+at every step — inside a window from that window's schedule, before the first window at the
+first window's starting value, and between/after windows at the value the previous window
+ended with. A stage without ``lr`` modifiers uses ``training.learning_rate`` with warm-up and
+linear decay to 0. The Program writes this LR into the optimizer at every ``step_start``, so an
+external scheduler attached to the same optimizer is overridden (the recipe wins).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from recipec import schedules
+from recipec.recipe.schema import (
+    PRUNING_TYPES,
+    DistillSpec,
+    LRSpec,
+    Recipe,
+    StageSpec,
+    TrainingSpec,
+)
+
+
+class PlanError(ValueError):
+    """A recipe that validates but cannot be scheduled for these steps_per_epoch."""
+
+
+def to_steps(value_steps: int | None, value_epochs: float | None, steps_per_epoch: int, default: int | None) -> int | None:
+    """Resolve a ``*_step`` / ``*_epoch`` pair to optimizer steps."""
+    if value_steps is not None:
+        return int(value_steps)
+    if value_epochs is not None:
+        return int(round(value_epochs * steps_per_epoch))
+    return default
+
+
+def _interval(value_steps: int | None, value_epochs: float | None, steps_per_epoch: int) -> int | None:
+    """An interval in steps; epoch intervals shorter than one step are clamped to one step."""
+    steps = to_steps(value_steps, value_epochs, steps_per_epoch, None)
+    return None if steps is None else max(1, steps)
+
+
+@dataclass(frozen=True)
+class Window:
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class ResolvedModifier:
+    """One modifier with its window (and, for pruning, its pruning steps) in optimizer steps."""
+
+    index: int
+    spec: Any
+    window: Window
+    pruning_steps: tuple[int, ...] = ()
+    sparsities: tuple[float, ...] = ()
+    update_every: int | None = None
+    warmup: int = 0
+    cycle: int | None = None
+
+    @property
+    def type(self) -> str:
+        return self.spec.type
+
+    def target_sparsity(self, step: int) -> float | None:
+        """The sparsity this modifier prunes to at ``step`` (None if not a pruning step)."""
+        try:
+            return self.sparsities[self.pruning_steps.index(step)]
+        except ValueError:
+            return None
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str
+    training: TrainingSpec
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    eval_every: int | None
+    modifiers: tuple[ResolvedModifier, ...]
+    targets: tuple[str, ...]
+    exclude: tuple[str, ...]
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate at ``step`` (see the module docstring for the ownership rule)."""
+        lrs = sorted((m for m in self.modifiers if m.type == "lr"), key=lambda m: m.window.start)
+        if not lrs:
+            return schedules.default_lr(
+                step, total=self.total_steps, learning_rate=self.training.learning_rate, warmup=self.warmup_steps
+            )
+        previous = None
+        for mod in lrs:
+            if mod.window.start <= step < mod.window.end:
+                return _lr_of(mod, step)
+            if step >= mod.window.end:
+                previous = mod
+        if previous is None:
+            return _lr_of(lrs[0], lrs[0].window.start)
+        return _lr_of(previous, max(previous.window.end - 1, previous.window.start))
+
+    def pruning_events(self) -> list[tuple[int, int, float]]:
+        """``(step, modifier index, target sparsity)`` for every pruning step, in order."""
+        events = [
+            (step, mod.index, sparsity)
+            for mod in self.modifiers
+            for step, sparsity in zip(mod.pruning_steps, mod.sparsities)
+        ]
+        return sorted(events)
+
+    def by_type(self, *types: str) -> list[ResolvedModifier]:
+        return [m for m in self.modifiers if m.type in types]
+
+
+def _lr_of(mod: ResolvedModifier, step: int) -> float:
+    spec: LRSpec = mod.spec
+    return schedules.lr_in_window(
+        step,
+        start=mod.window.start,
+        end=mod.window.end,
+        schedule=spec.schedule,
+        init_lr=spec.init_lr,
+        final_lr=spec.final_lr,
+        warmup=mod.warmup,
+        cycle=mod.cycle,
+    )
+
+
+def _window_raw(spec: Any) -> tuple[tuple[float, str | None], tuple[float, str | None]]:
+    """Window bounds in their own unit; defaults are unit-free (0 and +inf)."""
+    if getattr(spec, "start_step", None) is not None:
+        start = (float(spec.start_step), "step")
+    elif getattr(spec, "start_epoch", None) is not None:
+        start = (float(spec.start_epoch), "epoch")
+    else:
+        start = (0.0, None)
+    if getattr(spec, "end_step", None) is not None:
+        end = (float(spec.end_step), "step")
+    elif getattr(spec, "end_epoch", None) is not None:
+        end = (float(spec.end_epoch), "epoch")
+    else:
+        end = (float("inf"), None)
+    return start, end
+
+
+def _targets_key(spec: Any, recipe: Recipe) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    targets = getattr(spec, "targets", None) or recipe.targets
+    exclude = getattr(spec, "exclude", None)
+    return tuple(targets), tuple(recipe.exclude if exclude is None else exclude)
+
+
+def overlap_problems(
+    modifiers: Sequence[Any], recipe: Recipe, steps_per_epoch: int | None
+) -> list[tuple[int, str]]:
+    """Pairs of modifiers that may not share time: pruning on the same targets, or two LRs.
+
+    With ``steps_per_epoch=None`` only windows whose bounds are in the same unit are compared.
+    Pruning windows are closed intervals (prune at both ends); LR windows are half-open.
+    """
+    problems: list[tuple[int, str]] = []
+    items = list(enumerate(modifiers))
+    for a_pos, (i, a) in enumerate(items):
+        for j, b in items[a_pos + 1:]:
+            same_kind_lr = a.type == "lr" and b.type == "lr"
+            both_pruning = a.type in PRUNING_TYPES and b.type in PRUNING_TYPES
+            both_distill = a.type == "distill" and b.type == "distill"
+            if not (same_kind_lr or both_pruning or both_distill):
+                continue
+            if both_pruning and _targets_key(a, recipe) != _targets_key(b, recipe):
+                continue  # different target sets; the compiler checks actual tensors
+            (sa, ua), (ea, uea) = _window_raw(a)
+            (sb, ub), (eb, ueb) = _window_raw(b)
+            if steps_per_epoch is None:
+                units = {u for u in (ua, uea, ub, ueb) if u is not None}
+                if len(units) > 1:
+                    continue
+            else:
+                sa, ea = _scale(sa, ua, steps_per_epoch), _scale(ea, uea, steps_per_epoch)
+                sb, eb = _scale(sb, ub, steps_per_epoch), _scale(eb, ueb, steps_per_epoch)
+            if same_kind_lr or both_distill:
+                overlap = sa < eb and sb < ea
+            else:
+                overlap = sa <= eb and sb <= ea
+            if overlap:
+                what = "learning-rate" if same_kind_lr else ("distillation" if both_distill else "pruning")
+                problems.append((j, f"overlaps modifier {i} ({a.type}): two {what} modifiers on the same weights and steps"))
+    return problems
+
+
+def _scale(value: float, unit: str | None, steps_per_epoch: int) -> float:
+    return value * steps_per_epoch if unit == "epoch" else value
+
+
+def resolve_stage(recipe: Recipe, stage: StageSpec, steps_per_epoch: int) -> StagePlan:
+    """Resolve one stage to optimizer steps."""
+    if steps_per_epoch <= 0:
+        raise PlanError("steps_per_epoch must be positive")
+    training = recipe.stage_training(stage)
+    total = to_steps(training.steps, training.epochs, steps_per_epoch, None)
+    assert total is not None  # the schema requires epochs or steps
+    total = max(total, 1)
+    warmup = to_steps(training.warmup_steps, training.warmup_epochs, steps_per_epoch, 0) or 0
+    eval_every = to_steps(training.eval_every_steps, training.eval_every_epochs, steps_per_epoch, None)
+    problems: list[str] = []
+    for index, message in overlap_problems(stage.modifiers, recipe, steps_per_epoch):
+        problems.append(f"modifiers.{index}: {message}")
+    resolved: list[ResolvedModifier] = []
+    for index, spec in enumerate(stage.modifiers):
+        start = to_steps(spec.start_step, spec.start_epoch, steps_per_epoch, 0)
+        end = to_steps(spec.end_step, spec.end_epoch, steps_per_epoch, None)
+        assert start is not None
+        where = f"stage {stage.name!r} modifiers.{index} ({spec.type})"
+        if spec.type in ("gmp", "obert"):
+            update = _interval(spec.update_every_steps, spec.update_every_epochs, steps_per_epoch)
+            if end is None:
+                end = start if update is None else total
+            if spec.is_nm:
+                end = start  # N:M masks are applied once (one-shot) at start
+            if start > total:
+                problems.append(f"{where}: starts at step {start}, after the stage's last step {total}")
+            if end > start and update is None:
+                problems.append(f"{where}: a window of several steps needs update_every_steps or update_every_epochs")
+                continue
+            if update is not None and update < 1:
+                problems.append(f"{where}: update_every resolves to {update} steps; use at least 1")
+                continue
+            steps = schedules.pruning_steps(start, end, update)
+            sparsities = [
+                schedules.interpolate_sparsity(s, start, end, spec.init_sparsity, spec.final_sparsity, spec.schedule)
+                for s in steps
+            ]
+            resolved.append(
+                ResolvedModifier(index, spec, Window(start, end), tuple(steps), tuple(sparsities), update_every=update)
+            )
+        elif spec.type == "lr":
+            end = total if end is None else end
+            if end <= start:
+                problems.append(f"{where}: empty window [{start}, {end})")
+                continue
+            lw = to_steps(spec.warmup_steps, spec.warmup_epochs, steps_per_epoch, 0) or 0
+            cycle = _interval(spec.cycle_steps, spec.cycle_epochs, steps_per_epoch)
+            if spec.schedule == "cyclic_linear" and (cycle is None or cycle < 1):
+                problems.append(f"{where}: cycle resolves to {cycle} steps; use at least 1")
+                continue
+            resolved.append(ResolvedModifier(index, spec, Window(start, end), warmup=lw, cycle=cycle))
+        else:
+            end = total if end is None else end
+            resolved.append(ResolvedModifier(index, spec, Window(start, end)))
+    if problems:
+        raise PlanError("\n".join(problems))
+    return StagePlan(
+        name=stage.name,
+        training=training,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=warmup,
+        eval_every=eval_every,
+        modifiers=tuple(resolved),
+        targets=tuple(recipe.targets),
+        exclude=tuple(recipe.exclude),
+    )
+
+
+def resolve(recipe: Recipe, steps_per_epoch: int) -> list[StagePlan]:
+    """Resolve every stage of a recipe (same steps_per_epoch for all stages)."""
+    return [resolve_stage(recipe, stage, steps_per_epoch) for stage in recipe.resolved_stages()]
+
+
+def plan_to_dict(plans: Sequence[StagePlan], lr_points: int = 200) -> dict[str, Any]:
+    """A JSON-ready description of the compiled schedule."""
+    out: dict[str, Any] = {"stages": []}
+    for plan in plans:
+        mods = []
+        for mod in plan.modifiers:
+            entry: dict[str, Any] = {
+                "index": mod.index,
+                "type": mod.type,
+                "start_step": mod.window.start,
+                "end_step": mod.window.end,
+            }
+            if mod.pruning_steps:
+                entry["update_every_steps"] = mod.update_every
+                entry["pruning"] = [
+                    {"step": s, "sparsity": round(sp, 6)} for s, sp in zip(mod.pruning_steps, mod.sparsities)
+                ]
+                entry["structure"] = mod.spec.structure
+                entry["scope"] = mod.spec.scope
+            if mod.type == "lr":
+                entry.update(schedule=mod.spec.schedule, warmup_steps=mod.warmup, cycle_steps=mod.cycle,
+                             init_lr=mod.spec.init_lr, final_lr=mod.spec.final_lr)
+            if isinstance(mod.spec, DistillSpec):
+                entry.update(teacher=mod.spec.teacher, hardness=mod.spec.hardness, temperature=mod.spec.temperature)
+            mods.append(entry)
+        stride = max(1, plan.total_steps // lr_points)
+        lr_curve = [[s, plan.lr_at(s)] for s in range(0, plan.total_steps, stride)]
+        if lr_curve[-1][0] != plan.total_steps - 1:
+            lr_curve.append([plan.total_steps - 1, plan.lr_at(plan.total_steps - 1)])
+        out["stages"].append(
+            {
+                "name": plan.name,
+                "steps_per_epoch": plan.steps_per_epoch,
+                "total_steps": plan.total_steps,
+                "warmup_steps": plan.warmup_steps,
+                "eval_every_steps": plan.eval_every,
+                "modifiers": mods,
+                "lr": lr_curve,
+            }
+        )
+    return out

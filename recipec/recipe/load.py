@@ -1,0 +1,414 @@
+"""Load a recipe: YAML (with positions) -> ``--set`` overrides -> variables -> validated Recipe.
+
+Every problem is collected and reported together as ``FILE:LINE:COL: field.path: message``;
+a malformed recipe never surfaces as a Python traceback (only :class:`RecipeError`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from recipec.recipe import expr
+from recipec.recipe.errors import Location, Problem, RecipeError, format_path
+from recipec.recipe.schema import MODIFIER_TYPES, Recipe, StageSpec, TrainingSpec
+
+MAX_NODES = 100_000
+MAX_BYTES = 2_000_000
+
+Path_ = tuple[Any, ...]
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``5e-5`` (no dot) as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+class _Positions:
+    """Source positions of values and keys, by path into the loaded data."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.values: dict[Path_, Location] = {}
+        self.keys: dict[Path_, Location] = {}
+
+    def at(self, path: Path_, *, key: bool = False) -> Location:
+        """The position of ``path`` or of its nearest known ancestor."""
+        table = self.keys if key else self.values
+        for cut in range(len(path), -1, -1):
+            sub = path[:cut]
+            if sub in table:
+                return table[sub]
+            if sub in self.values:
+                return self.values[sub]
+        return Location(self.source, 1, 1)
+
+
+def _mark(source: str, mark: yaml.Mark | None) -> Location:
+    if mark is None:
+        return Location(source, 1, 1)
+    return Location(source, mark.line + 1, mark.column + 1)
+
+
+def _parse_yaml(text: str, source: str) -> tuple[Any, _Positions, list[Problem]]:
+    """Parse YAML into plain data while recording where every key and value came from."""
+    positions = _Positions(source)
+    problems: list[Problem] = []
+    if len(text.encode("utf-8", errors="replace")) > MAX_BYTES:
+        return None, positions, [Problem(Location(source, 1, 1), "", f"file larger than {MAX_BYTES} bytes")]
+    try:
+        loader = _Loader(text)
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        col = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        message = f"invalid YAML: character {exc.character!r} is not allowed"
+        return None, positions, [Problem(Location(source, line, col), "", message)]
+    try:
+        try:
+            root = loader.get_single_node()
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            msg = " ".join(part for part in (exc.context, exc.problem) if part) or "invalid YAML"
+            return None, positions, [Problem(_mark(source, mark), "", f"invalid YAML: {msg}")]
+        except (yaml.YAMLError, RecursionError, MemoryError) as exc:
+            return None, positions, [Problem(Location(source, 1, 1), "", f"invalid YAML: {type(exc).__name__}")]
+        if root is None:
+            return None, positions, [Problem(Location(source, 1, 1), "", "the recipe is empty")]
+
+        count = 0
+
+        def build(node: yaml.Node, path: Path_, depth: int) -> Any:
+            nonlocal count
+            count += 1
+            if count > MAX_NODES:
+                raise _TooLarge()
+            if depth > 64:
+                raise _TooDeep(node)
+            positions.values[path] = _mark(source, node.start_mark)
+            if isinstance(node, yaml.MappingNode | yaml.SequenceNode) and node.tag not in _PLAIN_TAGS:
+                raise _BadTag(node)
+            if isinstance(node, yaml.MappingNode):
+                out: dict[Any, Any] = {}
+                loader.flatten_mapping(node)
+                for key_node, value_node in node.value:
+                    if not isinstance(key_node, yaml.ScalarNode):
+                        problems.append(Problem(_mark(source, key_node.start_mark), format_path(path), "keys must be plain strings"))
+                        continue
+                    key = loader.construct_object(key_node)
+                    if not isinstance(key, str):
+                        key = str(key)
+                    if key in out:
+                        problems.append(
+                            Problem(_mark(source, key_node.start_mark), format_path((*path, key)), "duplicate key")
+                        )
+                        continue
+                    positions.keys[(*path, key)] = _mark(source, key_node.start_mark)
+                    out[key] = build(value_node, (*path, key), depth + 1)
+                return out
+            if isinstance(node, yaml.SequenceNode):
+                return [build(item, (*path, i), depth + 1) for i, item in enumerate(node.value)]
+            return loader.construct_object(node, deep=True)
+
+        try:
+            data = build(root, (), 0)
+        except _TooLarge:
+            return None, positions, [Problem(Location(source, 1, 1), "", f"recipe has more than {MAX_NODES} values")]
+        except _TooDeep as exc:
+            return None, positions, [Problem(_mark(source, exc.node.start_mark), "", "recipe nested deeper than 64 levels")]
+        except _BadTag as exc:
+            return None, positions, [Problem(_mark(source, exc.node.start_mark), "", f"YAML tags are not allowed here ({exc.node.tag})")]
+        except yaml.constructor.ConstructorError as exc:
+            msg = exc.problem or "cannot construct value"
+            if "could not determine a constructor" in msg:
+                msg = f"YAML tags are not allowed here ({msg.split('for the tag')[-1].strip()})"
+            return None, positions, [Problem(_mark(source, exc.problem_mark), "", msg)]
+        except (yaml.YAMLError, RecursionError, MemoryError, ValueError, OverflowError) as exc:
+            return None, positions, [Problem(Location(source, 1, 1), "", f"invalid YAML: {type(exc).__name__}: {exc}")]
+        return data, positions, problems
+    finally:
+        loader.dispose()
+
+
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
+class _BadTag(Exception):
+    def __init__(self, node: yaml.Node):
+        self.node = node
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _TooDeep(Exception):
+    def __init__(self, node: yaml.Node):
+        self.node = node
+
+
+def parse_set(override: str) -> tuple[list[Any], Any]:
+    """``"training.epochs=3"`` -> (["training", "epochs"], 3). A bare name means a variable."""
+    if "=" not in override:
+        raise ValueError(f"--set expects KEY=VALUE, got {override!r}")
+    key, _, raw = override.partition("=")
+    key = key.strip()
+    if not key:
+        raise ValueError(f"--set expects KEY=VALUE, got {override!r}")
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    parts: list[Any] = [int(p) if p.isdigit() else p for p in key.split(".")]
+    if len(parts) == 1 and parts[0] not in Recipe.model_fields:
+        parts = ["variables", parts[0]]
+    return parts, value
+
+
+def _apply_sets(data: dict[str, Any], overrides: Sequence[str], positions: _Positions) -> list[Problem]:
+    problems: list[Problem] = []
+    for override in overrides:
+        where = Location(f"--set {override}")
+        try:
+            parts, value = parse_set(override)
+        except ValueError as exc:
+            problems.append(Problem(where, "", str(exc)))
+            continue
+        node: Any = data
+        ok = True
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, dict):
+                if part not in node or node[part] is None:
+                    node[part] = {}
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                node = node[part]
+            else:
+                problems.append(Problem(where, format_path(tuple(parts[: i + 1])), "no such element to set"))
+                ok = False
+                break
+        if not ok:
+            continue
+        last = parts[-1]
+        if isinstance(node, dict):
+            node[last] = value
+        elif isinstance(node, list) and isinstance(last, int) and last < len(node):
+            node[last] = value
+        else:
+            problems.append(Problem(where, format_path(tuple(parts)), "no such element to set"))
+            continue
+        path = tuple(parts)
+        for table in (positions.values, positions.keys):
+            for known in [p for p in table if p[: len(path)] == path]:
+                del table[known]
+            for cut in range(1, len(path) + 1):
+                table.setdefault(path[:cut], where)
+            table[path] = where
+    return problems
+
+
+def _substitute(data: Any, env: dict[str, expr.Number], path: Path_, positions: _Positions, problems: list[Problem]) -> Any:
+    if isinstance(data, dict):
+        return {k: _substitute(v, env, (*path, k), positions, problems) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_substitute(v, env, (*path, i), positions, problems) for i, v in enumerate(data)]
+    if expr.is_reference(data):
+        try:
+            return expr.evaluate_text(expr.strip_braces(data), env)
+        except expr.ExprError as exc:
+            problems.append(Problem(positions.at(path), format_path(path), str(exc)))
+            return data
+    return data
+
+
+def _model_for(loc: Sequence[Any]) -> type[BaseModel] | None:
+    """The spec class whose field set applies at ``loc`` (the parent of an offending key)."""
+    for i in range(len(loc) - 1, -1, -1):
+        part = loc[i]
+        if isinstance(part, str) and part in MODIFIER_TYPES and i > 0 and isinstance(loc[i - 1], int):
+            return MODIFIER_TYPES[part]
+    if loc and loc[-1] == "training":
+        return TrainingSpec
+    if len(loc) == 2 and loc[0] == "stages" and isinstance(loc[1], int):
+        return StageSpec
+    if not loc:
+        return Recipe
+    return None
+
+
+def _data_path(data: Any, loc: Sequence[Any]) -> tuple[Path_, bool]:
+    """Map a pydantic ``loc`` onto a data path, dropping discriminator tags.
+
+    Returns (path, complete) where ``complete`` tells whether the whole loc exists in the data.
+    """
+    path: list[Any] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            path.append(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+            path.append(part)
+        elif isinstance(node, dict) and node.get("type") == part:
+            continue  # the union's tag
+        else:
+            return tuple(path), False
+    return tuple(path), True
+
+
+def _problems_from_validation(exc: ValidationError, data: Any, positions: _Positions) -> list[Problem]:
+    problems: list[Problem] = []
+    seen: set[tuple[str, str]] = set()
+    for err in exc.errors(include_url=False):
+        loc = err["loc"]
+        kind = err["type"]
+        path, complete = _data_path(data, loc)
+        message = err["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        location = positions.at(path)
+        if kind == "extra_forbidden":
+            location = positions.at(path, key=True)
+            model = _model_for([p for p in loc[:-1]])
+            name = str(loc[-1])
+            message = f"unknown key {name!r}"
+            if model is not None:
+                fields = [f for f in model.model_fields if f != "type"]
+                close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+                if close:
+                    message += f"; did you mean {close[0]!r}?"
+                message += f" (valid keys: {', '.join(fields)})"
+        elif kind == "union_tag_invalid":
+            tag = str(err.get("ctx", {}).get("tag", ""))
+            location = positions.at((*path, "type"))
+            path = (*path, "type")
+            message = f"unknown modifier type {tag!r}"
+            close = difflib.get_close_matches(tag, list(MODIFIER_TYPES), n=1, cutoff=0.5)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+            message += f" (valid types: {', '.join(MODIFIER_TYPES)})"
+        elif kind == "union_tag_not_found":
+            message = f"a modifier needs 'type:', one of: {', '.join(MODIFIER_TYPES)}"
+        elif kind == "missing":
+            message = f"required field {loc[-1]!r} is missing"
+            path = (*path, loc[-1]) if not complete else path
+        elif kind == "literal_error" and "expected" in err.get("ctx", {}):
+            message = f"{message} (got {err.get('input')!r})"
+        elif kind in ("float_type", "int_type", "string_type", "bool_type", "list_type", "dict_type", "model_type"):
+            message = f"{message} (got {type(err.get('input')).__name__} {_short(err.get('input'))})"
+        key = (format_path(path), message)
+        if key in seen:
+            continue
+        seen.add(key)
+        problems.append(Problem(location, format_path(path), message))
+    return problems
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_overlaps(recipe: Recipe, data: Any, positions: _Positions) -> list[Problem]:
+    """Pruning modifiers on the same weights, or two LR modifiers, must not overlap in time.
+
+    Only windows given in the same unit can be compared here; the planner re-checks in steps.
+    """
+    from recipec.plan import overlap_problems
+
+    problems: list[Problem] = []
+    for stage_index, stage in enumerate(recipe.resolved_stages()):
+        base: Path_ = ("stages", stage_index, "modifiers") if recipe.stages is not None else ("modifiers",)
+        for index, message in overlap_problems(stage.modifiers, recipe, steps_per_epoch=None):
+            path = (*base, index)
+            problems.append(Problem(positions.at(path), format_path(path), message))
+    return problems
+
+
+def load_recipe_text(text: str, source: str = "<recipe>", overrides: Iterable[str] = ()) -> Recipe:
+    """Validate recipe text; raises :class:`RecipeError` listing every problem."""
+    data, positions, problems = _parse_yaml(text, source)
+    if data is None:
+        raise RecipeError(problems)
+    if not isinstance(data, dict):
+        raise RecipeError([Problem(positions.at(()), "", "a recipe must be a mapping of keys (version, training, modifiers, ...)")])
+    problems += _apply_sets(data, list(overrides), positions)
+
+    raw_vars = data.get("variables") or {}
+    if not isinstance(raw_vars, dict):
+        problems.append(Problem(positions.at(("variables",)), "variables", "must be a mapping of name: number or expression"))
+        raw_vars = {}
+    values, var_errors = expr.resolve_variables(raw_vars)
+    for name, message in var_errors.items():
+        path = ("variables", name)
+        problems.append(Problem(positions.at(path), format_path(path), message))
+    body = {k: v for k, v in data.items() if k != "variables"}
+    body = _substitute(body, values, (), positions, problems)
+    if "variables" in data:
+        body["variables"] = values
+    try:
+        recipe = Recipe.model_validate(body)
+    except ValidationError as exc:
+        problems += _problems_from_validation(exc, body, positions)
+        raise RecipeError(problems) from None
+    problems += _check_overlaps(recipe, body, positions)
+    if problems:
+        raise RecipeError(problems)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """Load and validate a recipe file (YAML), applying ``--set`` style overrides."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError([Problem(Location(str(path)), "", "no such file")]) from None
+    except IsADirectoryError:
+        raise RecipeError([Problem(Location(str(path)), "", "is a directory, not a recipe file")]) from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError([Problem(Location(str(path)), "", f"not UTF-8 text ({exc.reason})")]) from None
+    except OSError as exc:
+        raise RecipeError([Problem(Location(str(path)), "", f"cannot read: {exc.strerror}")]) from None
+    return load_recipe_text(text, str(path), overrides)
+
+
+def find_bundled(name: str) -> Path | None:
+    """Resolve a bundled recipe by name (``quickstart`` or ``quickstart.yaml``)."""
+    from importlib import resources
+
+    root = resources.files("recipec.recipes")
+    candidates = [name, f"{name}.yaml"]
+    for candidate in candidates:
+        item = root.joinpath(candidate)
+        if item.is_file():
+            return Path(str(item))
+    return None
+
+
+def resolve_recipe_path(path_or_name: str) -> Path:
+    """A recipe path as given, or a bundled recipe by name when no such file exists."""
+    path = Path(path_or_name)
+    if path.exists():
+        return path
+    bundled = find_bundled(path_or_name) or find_bundled(path.name)
+    return bundled or path

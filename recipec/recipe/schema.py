@@ -1,0 +1,319 @@
+"""The recipe schema: pydantic v2 specs, pure data, strict (``extra="forbid"`` everywhere).
+
+Units are in the field names. Every point or interval in time accepts either steps or epochs
+(``start_step`` or ``start_epoch``, never both); :mod:`recipec.plan` converts epochs to
+optimizer steps once, given ``steps_per_epoch``. Sparsities are fractions in [0, 1).
+
+No torch import here: validating a recipe must stay instant.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Encoder linear weights of BERT / RoBERTa / MiniLM (encoder.layer.N....) and DistilBERT
+# (transformer.layer.N....): Q, K, V, attention output, FFN in, FFN out. Embeddings, pooler
+# and classifier heads are deliberately not matched (guideline 1 of the paper).
+DEFAULT_TARGETS: tuple[str, ...] = (
+    r"encoder\.layer\.\d+\.(attention\.(self\.(query|key|value)|output\.dense)|intermediate\.dense|output\.dense)\.weight$",
+    r"transformer\.layer\.\d+\.(attention\.(q_lin|k_lin|v_lin|out_lin)|ffn\.lin[12])\.weight$",
+)
+
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+PositiveInt = Annotated[int, Field(gt=0, le=10**9)]
+NonNegInt = Annotated[int, Field(ge=0, le=10**9)]
+NonNegEpoch = Annotated[float, Field(ge=0.0, le=10**6)]
+PositiveEpoch = Annotated[float, Field(gt=0.0, le=10**6)]
+LearningRate = Annotated[float, Field(gt=0.0, le=10.0)]
+
+_STRUCTURE = re.compile(r"^(unstructured|block(\d+)|(\d+):(\d+))$")
+
+
+class Spec(BaseModel):
+    """Base of every spec: strict, immutable, no coercion of strings to numbers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, validate_default=True)
+
+
+def _check_regexes(patterns: list[str] | None) -> list[str] | None:
+    if patterns is None:
+        return None
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
+    return patterns
+
+
+def _validate_structure(cls: type, value: str) -> str:
+    match = _STRUCTURE.match(value)
+    if not match:
+        raise ValueError("structure must be 'unstructured', 'block<K>' (e.g. block4) or 'N:M' (e.g. 2:4)")
+    if match.group(2) is not None and int(match.group(2)) < 2:
+        raise ValueError("block size must be at least 2")
+    if match.group(3) is not None:
+        n, m = int(match.group(3)), int(match.group(4))
+        if not 0 < n < m <= 64:
+            raise ValueError("N:M needs 0 < N < M <= 64")
+    return value
+
+
+def _one_of(spec: BaseModel, *names: str, required: bool) -> None:
+    given = [n for n in names if getattr(spec, n) is not None]
+    if len(given) > 1:
+        raise ValueError(f"give only one of {' or '.join(names)}, not both")
+    if required and not given:
+        raise ValueError(f"one of {' or '.join(names)} is required")
+
+
+class TrainingSpec(Spec):
+    """Training-loop settings (the driver's defaults; modifiers may override the LR)."""
+
+    epochs: PositiveEpoch | None = Field(None, description="Training length in epochs.")
+    steps: PositiveInt | None = Field(None, description="Training length in optimizer steps.")
+    batch_size: Annotated[int, Field(gt=0, le=65536)] = 16
+    learning_rate: LearningRate = 5e-5
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    warmup_steps: NonNegInt | None = None
+    warmup_epochs: NonNegEpoch | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 42
+    max_seq_length: Annotated[int, Field(gt=0, le=8192)] = 128
+    eval_every_steps: PositiveInt | None = None
+    eval_every_epochs: PositiveEpoch | None = None
+    max_grad_norm: Annotated[float, Field(gt=0.0)] | None = 1.0
+    checkpoint_every_steps: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _exclusive(self) -> TrainingSpec:
+        _one_of(self, "epochs", "steps", required=False)
+        _one_of(self, "warmup_steps", "warmup_epochs", required=False)
+        _one_of(self, "eval_every_steps", "eval_every_epochs", required=False)
+        return self
+
+
+class _Window(Spec):
+    """A window in training time, in steps or epochs (resolved to steps by the planner)."""
+
+    start_step: NonNegInt | None = None
+    start_epoch: NonNegEpoch | None = None
+    end_step: NonNegInt | None = None
+    end_epoch: NonNegEpoch | None = None
+
+    @model_validator(mode="after")
+    def _window(self) -> _Window:
+        _one_of(self, "start_step", "start_epoch", required=False)
+        _one_of(self, "end_step", "end_epoch", required=False)
+        for unit in ("step", "epoch"):
+            start, end = getattr(self, f"start_{unit}"), getattr(self, f"end_{unit}")
+            if start is not None and end is not None and end < start:
+                raise ValueError(f"end_{unit} ({end}) must not be before start_{unit} ({start})")
+        return self
+
+
+class _Targets(Spec):
+    targets: list[str] | None = Field(
+        None, description="Regexes (re.search) over parameter names; default: the recipe's targets."
+    )
+    exclude: list[str] | None = Field(None, description="Regexes removing parameters from targets.")
+
+    _regexes = field_validator("targets", "exclude")(_check_regexes)
+
+
+class _Pruning(_Window, _Targets):
+    init_sparsity: Fraction = Field(
+        0.0, description="Sparsity applied at the first pruning step (the paper's large first step)."
+    )
+    final_sparsity: Fraction = Field(..., description="Sparsity reached at the last pruning step.")
+    update_every_steps: PositiveInt | None = None
+    update_every_epochs: PositiveEpoch | None = None
+    schedule: Literal["cubic", "linear"] = "cubic"
+    scope: Literal["global", "per_layer"] = "global"
+    structure: str = Field("unstructured", description="unstructured | block4 | N:M (e.g. 2:4)")
+
+    _structure = field_validator("structure")(_validate_structure)
+
+    @property
+    def group_size(self) -> int:
+        """Weights per pruning group along the input dimension (1 for unstructured)."""
+        match = _STRUCTURE.match(self.structure)
+        assert match is not None
+        if match.group(2):
+            return int(match.group(2))
+        if match.group(3):
+            return int(match.group(4))
+        return 1
+
+    @property
+    def is_nm(self) -> bool:
+        return ":" in self.structure
+
+    @model_validator(mode="after")
+    def _pruning(self) -> _Pruning:
+        _one_of(self, "update_every_steps", "update_every_epochs", required=False)
+        if self.init_sparsity > self.final_sparsity:
+            raise ValueError(
+                f"init_sparsity ({self.init_sparsity}) must not exceed final_sparsity ({self.final_sparsity})"
+            )
+        if self.is_nm:
+            n, m = (int(x) for x in self.structure.split(":"))
+            expected = (m - n) / m
+            if abs(self.final_sparsity - expected) > 1e-9:
+                raise ValueError(
+                    f"structure {self.structure} prunes exactly {expected:g} of the weights: "
+                    f"set final_sparsity to {expected:g}"
+                )
+        return self
+
+
+class GMPSpec(_Pruning):
+    """Gradual magnitude pruning: cubic/linear ramp from init to final sparsity."""
+
+    type: Literal["gmp"]
+
+
+class OBertSpec(_Pruning):
+    """oBERT: second-order (block empirical Fisher) pruning on the GMP schedule."""
+
+    type: Literal["obert"]
+    num_grads: Annotated[int, Field(gt=0, le=100_000)] = 1024
+    fisher_block_size: Annotated[int, Field(gt=0, le=100_000)] = 50
+    damp: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-7
+    grad_batch_size: Annotated[int, Field(gt=0, le=4096)] = 16
+    recomputations: Annotated[int, Field(gt=0, le=64)] = 1
+    fisher: Literal["block", "mfac"] = "block"
+    max_memory_gb: Annotated[float, Field(gt=0.0, le=4096)] | None = None
+
+    @model_validator(mode="after")
+    def _blocks(self) -> OBertSpec:
+        if self.fisher_block_size % self.group_size:
+            raise ValueError(
+                f"fisher_block_size ({self.fisher_block_size}) must be divisible by the "
+                f"structure's group size ({self.group_size}); e.g. 32 for block4"
+            )
+        return self
+
+
+class ConstantSpec(_Window, _Targets):
+    """Keep the current zeros of the targets fixed (sparse transfer / fine-tune after pruning)."""
+
+    type: Literal["constant"]
+
+
+class DistillSpec(_Window):
+    """Knowledge distillation: (1-h)*task + h*T^2*KL(softmax(t/T) || softmax(s/T))."""
+
+    type: Literal["distill"]
+    teacher: str = Field("auto", min_length=1, description="'auto' (fine-tune one first) or a path / hub name.")
+    hardness: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 2.0
+    teacher_epochs: PositiveEpoch | None = Field(
+        None, description="With teacher: auto, epochs of dense fine-tuning for the teacher (default: the stage's)."
+    )
+
+
+class LRSpec(_Window):
+    """Learning-rate schedule; owns the optimizer's LR inside its window."""
+
+    type: Literal["lr"]
+    schedule: Literal["constant", "linear", "cosine", "cyclic_linear"] = "linear"
+    init_lr: LearningRate
+    final_lr: Annotated[float, Field(ge=0.0, le=10.0)] = 0.0
+    warmup_steps: NonNegInt | None = None
+    warmup_epochs: NonNegEpoch | None = None
+    cycle_steps: PositiveInt | None = None
+    cycle_epochs: PositiveEpoch | None = None
+
+    @model_validator(mode="after")
+    def _lr(self) -> LRSpec:
+        _one_of(self, "warmup_steps", "warmup_epochs", required=False)
+        _one_of(self, "cycle_steps", "cycle_epochs", required=self.schedule == "cyclic_linear")
+        if self.schedule != "cyclic_linear" and (self.cycle_steps or self.cycle_epochs):
+            raise ValueError("cycle_steps/cycle_epochs only apply to schedule: cyclic_linear")
+        return self
+
+
+class CrAMSpec(_Window, _Targets):
+    """CrAM: compression-aware training (sharpness-style step at a sampled sparsity)."""
+
+    type: Literal["cram"]
+    rho: Annotated[float, Field(gt=0.0, le=10.0)] = 0.05
+    sparsities: list[Fraction] = Field(default_factory=lambda: [0.5, 0.7, 0.9], min_length=1, max_length=64)
+    variant: Literal["cram", "cram_plus"] = "cram_plus"
+    structure: str = "unstructured"
+
+    _structure = field_validator("structure")(_validate_structure)
+
+
+Modifier = Annotated[
+    GMPSpec | OBertSpec | ConstantSpec | DistillSpec | LRSpec | CrAMSpec,
+    Field(discriminator="type"),
+]
+MODIFIER_TYPES: dict[str, type[Spec]] = {
+    "gmp": GMPSpec,
+    "obert": OBertSpec,
+    "constant": ConstantSpec,
+    "distill": DistillSpec,
+    "lr": LRSpec,
+    "cram": CrAMSpec,
+}
+PRUNING_TYPES = ("gmp", "obert", "constant", "cram")
+
+
+class StageSpec(Spec):
+    """A named stage: its own training settings and modifiers, run after the previous one."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    training: TrainingSpec | None = None
+    modifiers: list[Modifier] = Field(default_factory=list, max_length=256)
+
+
+class Recipe(Spec):
+    """A whole recipe. Either top-level ``modifiers`` or ``stages``, not both."""
+
+    version: Literal[1] = 1
+    description: Annotated[str, Field(max_length=10_000)] | None = None
+    variables: dict[str, float | int] = Field(default_factory=dict)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
+    exclude: list[str] = Field(default_factory=list)
+    stages: list[StageSpec] | None = Field(None, min_length=1, max_length=32)
+    modifiers: list[Modifier] | None = Field(None, max_length=256)
+
+    _regexes = field_validator("targets", "exclude")(_check_regexes)
+
+    @model_validator(mode="after")
+    def _stages(self) -> Recipe:
+        if self.stages is not None and self.modifiers is not None:
+            raise ValueError("give either top-level 'modifiers' or 'stages', not both")
+        if self.stages is not None:
+            names = [s.name for s in self.stages]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"stage names must be unique; repeated: {', '.join(dupes)}")
+        for stage in self.resolved_stages():
+            training = self.stage_training(stage)
+            if training.epochs is None and training.steps is None:
+                where = f"stage {stage.name!r}" if self.stages else "training"
+                raise ValueError(f"{where}: set training.epochs or training.steps")
+        return self
+
+    def resolved_stages(self) -> list[StageSpec]:
+        """The stages to run; a recipe without ``stages`` is one stage called ``main``."""
+        if self.stages is not None:
+            return list(self.stages)
+        return [StageSpec(name="main", training=None, modifiers=list(self.modifiers or []))]
+
+    def stage_training(self, stage: StageSpec) -> TrainingSpec:
+        """A stage's training settings: the recipe's, overridden field by field by the stage's."""
+        if stage.training is None:
+            return self.training
+        update = {name: getattr(stage.training, name) for name in stage.training.model_fields_set}
+        for pair in (("epochs", "steps"), ("warmup_steps", "warmup_epochs"), ("eval_every_steps", "eval_every_epochs")):
+            for name in pair:
+                if name in update:
+                    update.update({other: None for other in pair if other != name and other not in update})
+        return TrainingSpec.model_validate({**self.training.model_dump(), **update})

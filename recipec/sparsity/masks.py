@@ -1,0 +1,385 @@
+"""Sparsity structures and exact-count mask selection (pure torch).
+
+A mask is a ``torch.bool`` tensor of its parameter's shape, **True = keep**. Groups (blocks and
+N:M groups) are runs of consecutive weights along the *input* dimension, i.e. the last dim of a
+2-D ``nn.Linear.weight``; in row-major order they are runs of consecutive flat elements.
+
+Counting rule: a selection at sparsity ``s`` over ``G`` groups prunes exactly
+``k = round(s * G)`` groups (Python ``round``), per tensor (``scope="per_layer"``) or over all
+tensors ranked together (``scope="global"``). Groups already pruned in ``prev_masks`` have score
+``-inf`` and stay pruned (monotone masks); if there are more of them than ``k``, all of them
+stay pruned and the count is exceeded rather than un-pruning anything. Ties are broken
+deterministically: among equal scores the group with the smaller index (row-major, tensors in
+dict order) is pruned first.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "Structure",
+    "apply_masks_",
+    "compute_masks",
+    "group_scores",
+    "magnitude_scores",
+    "mask_sparsity",
+    "parse_structure",
+]
+
+_KINDS = ("unstructured", "block", "nm")
+
+
+@dataclass(frozen=True)
+class Structure:
+    """A sparsity structure.
+
+    Attributes:
+        kind: ``"unstructured"``, ``"block"`` (all-or-nothing groups of ``block`` weights) or
+            ``"nm"`` (at most ``n`` kept in each group of ``m`` weights).
+        block: Group size for ``kind="block"`` (1 for unstructured).
+        n: Kept weights per group for ``kind="nm"``.
+        m: Group size for ``kind="nm"``.
+    """
+
+    kind: str = "unstructured"
+    block: int = 1
+    n: int = 0
+    m: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"unknown structure kind {self.kind!r}; expected one of {_KINDS}")
+        if self.kind == "block" and self.block < 2:
+            raise ValueError(f"block size must be >= 2, got {self.block}")
+        if self.kind == "nm" and not (1 <= self.n < self.m):
+            raise ValueError(f"N:M structure needs 1 <= N < M, got {self.n}:{self.m}")
+
+    @property
+    def group(self) -> int:
+        """Number of consecutive weights in one group (1 for unstructured)."""
+        if self.kind == "block":
+            return self.block
+        if self.kind == "nm":
+            return self.m
+        return 1
+
+    def __str__(self) -> str:
+        if self.kind == "block":
+            return f"block{self.block}"
+        if self.kind == "nm":
+            return f"{self.n}:{self.m}"
+        return "unstructured"
+
+
+_BLOCK_RE = re.compile(r"^block(\d+)$")
+_NM_RE = re.compile(r"^(\d+):(\d+)$")
+
+
+def parse_structure(s: str | Structure) -> Structure:
+    """Parse ``"unstructured"``, ``"blockK"`` (K >= 2) or ``"N:M"`` (1 <= N < M).
+
+    Args:
+        s: The structure string as written in a recipe (a ``Structure`` passes through).
+
+    Returns:
+        The parsed ``Structure``.
+
+    Raises:
+        ValueError: If the string is not one of the accepted forms.
+    """
+    if isinstance(s, Structure):
+        return s
+    if not isinstance(s, str):
+        raise ValueError(f"structure must be a string, got {type(s).__name__}")
+    text = s.strip()
+    if text == "unstructured":
+        return Structure("unstructured")
+    m = _BLOCK_RE.match(text)
+    if m:
+        k = int(m.group(1))
+        if k < 2:
+            raise ValueError(
+                f"invalid structure {s!r}: block size must be >= 2 (use 'unstructured' for 1)"
+            )
+        return Structure("block", block=k)
+    m = _NM_RE.match(text)
+    if m:
+        n, mm = int(m.group(1)), int(m.group(2))
+        if not (1 <= n < mm):
+            raise ValueError(f"invalid structure {s!r}: N:M needs 1 <= N < M")
+        return Structure("nm", n=n, m=mm)
+    raise ValueError(
+        f"invalid structure {s!r}: expected 'unstructured', 'blockK' (K >= 2, e.g. 'block4') "
+        "or 'N:M' (e.g. '2:4')"
+    )
+
+
+def _check_groupable(t: torch.Tensor, group: int, name: str | None) -> None:
+    if group == 1:
+        return
+    label = f"tensor {name!r}" if name is not None else "tensor"
+    if t.dim() == 0:
+        raise ValueError(f"{label} is a scalar; it cannot be split into groups of {group}")
+    if t.shape[-1] % group != 0:
+        raise ValueError(
+            f"{label} with shape {tuple(t.shape)}: last dim {t.shape[-1]} is not divisible by "
+            f"the group size {group}"
+        )
+
+
+def group_scores(
+    scores: torch.Tensor, structure: str | Structure, name: str | None = None
+) -> torch.Tensor:
+    """Per-group scores: the sum of the element scores of each group.
+
+    For a tensor of shape ``(..., d)`` and groups of ``K`` along the last dim the result has
+    shape ``(..., d // K)`` with ``S_Q = sum_{q in Q} s_q``. Unstructured and N:M structures
+    return the element scores unchanged (N:M selects elements within each group).
+
+    Args:
+        scores: Element scores of one tensor.
+        structure: Structure string or value.
+        name: Tensor name used in error messages.
+
+    Raises:
+        ValueError: If the last dim is not divisible by the group size.
+    """
+    st = parse_structure(structure)
+    _check_groupable(scores, st.group, name)
+    if st.kind != "block":
+        return scores
+    k = st.block
+    return scores.reshape(*scores.shape[:-1], scores.shape[-1] // k, k).sum(-1)
+
+
+def _expand_groups(group_mask: torch.Tensor, group: int) -> torch.Tensor:
+    if group == 1:
+        return group_mask
+    return (
+        group_mask.unsqueeze(-1)
+        .expand(*group_mask.shape, group)
+        .reshape(*group_mask.shape[:-1], group_mask.shape[-1] * group)
+    )
+
+
+def _prune_lowest(g: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean prune-mask of the ``k`` lowest entries of 1-D ``g`` (ties: lowest index first)."""
+    n = g.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=g.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=g.device)
+    thr = torch.kthvalue(g, k).values
+    prune = g < thr
+    need = k - int(prune.sum())
+    if need > 0:
+        eq_idx = torch.nonzero(g == thr).squeeze(1)[:need]
+        prune[eq_idx] = True
+    return prune
+
+
+def _count(sparsity: float, total: int) -> int:
+    return int(round(sparsity * total))
+
+
+def _nm_masks(
+    scores: Mapping[str, torch.Tensor],
+    st: Structure,
+    prev: Mapping[str, torch.Tensor] | None,
+) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    n_prune = st.m - st.n
+    for name, s in scores.items():
+        _check_groupable(s, st.m, name)
+        flat = s.detach().reshape(-1, st.m).to(torch.promote_types(s.dtype, torch.float32))
+        p = None
+        if prev is not None and name in prev:
+            p = prev[name].reshape(-1, st.m)
+            flat = flat.masked_fill(~p, float("-inf"))
+        # Stable ascending sort: among ties the earlier weight is pruned first.
+        order = torch.sort(flat, dim=1, stable=True).indices[:, :n_prune]
+        keep = torch.ones_like(flat, dtype=torch.bool)
+        keep.scatter_(1, order, False)
+        if p is not None:
+            keep &= p
+        out[name] = keep.reshape(s.shape)
+    return out
+
+
+def compute_masks(
+    scores: Mapping[str, torch.Tensor],
+    sparsity: float,
+    structure: str | Structure,
+    scope: str = "global",
+    prev_masks: Mapping[str, torch.Tensor] | None = None,
+    *,
+    grouped: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Select masks (True = keep) pruning exactly ``round(sparsity * groups)`` groups.
+
+    Per layer, each tensor with ``G_t`` groups loses its ``round(s * G_t)`` lowest-scoring
+    groups; globally, all groups of all tensors are ranked together and the
+    ``round(s * sum_t G_t)`` lowest are pruned. For ``"N:M"`` the ``N`` highest-scoring weights
+    of each group of ``M`` are kept, ``sparsity`` must equal ``1 - N/M`` and ``scope`` is
+    ignored. Already-pruned weights (``prev_masks`` False) get score ``-inf`` and stay pruned;
+    a block with any previously pruned weight counts as pruned.
+
+    Args:
+        scores: Element scores per tensor name (higher = more important). With
+            ``grouped=True``, group scores of shape ``(..., d // K)`` as from ``group_scores``.
+        sparsity: Target fraction of pruned groups in ``[0, 1]``.
+        structure: ``"unstructured"``, ``"blockK"``, ``"N:M"`` or a ``Structure``.
+        scope: ``"global"`` or ``"per_layer"``.
+        prev_masks: Previous masks (True = keep) for some or all tensors; keeps masks monotone.
+        grouped: Whether ``scores`` are already per group (block structures only).
+
+    Returns:
+        A bool mask per tensor name, on the scores' device, with the full weight shape.
+
+    Raises:
+        ValueError: On a bad sparsity, scope, structure, shape or NaN scores.
+    """
+    st = parse_structure(structure)
+    sparsity = float(sparsity)
+    if not (0.0 <= sparsity <= 1.0) or math.isnan(sparsity):
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    if scope not in ("global", "per_layer"):
+        raise ValueError(f"scope must be 'global' or 'per_layer', got {scope!r}")
+    for name, s in scores.items():
+        if s.is_floating_point() and bool(torch.isnan(s).any()):
+            raise ValueError(f"scores for tensor {name!r} contain NaN")
+    if prev_masks is not None:
+        for name, pm in prev_masks.items():
+            if name not in scores:
+                continue
+            want = scores[name].shape
+            if grouped and st.kind == "block":
+                want = (*want[:-1], want[-1] * st.block)
+            if tuple(pm.shape) != tuple(want):
+                raise ValueError(
+                    f"prev mask for tensor {name!r} has shape {tuple(pm.shape)}, "
+                    f"expected {tuple(want)}"
+                )
+            if pm.dtype != torch.bool:
+                raise ValueError(f"prev mask for tensor {name!r} must be torch.bool")
+
+    if st.kind == "nm":
+        if grouped:
+            raise ValueError("grouped scores are not supported for N:M structures")
+        expected = 1.0 - st.n / st.m
+        if abs(sparsity - expected) > 1e-6:
+            raise ValueError(
+                f"structure {st} implies sparsity {expected:g} (1 - N/M); got {sparsity:g}"
+            )
+        return _nm_masks(scores, st, prev_masks)
+
+    k = st.group
+    # Per-tensor 1-D group scores with previously pruned groups at -inf.
+    gscores: dict[str, torch.Tensor] = {}
+    gshapes: dict[str, torch.Size] = {}
+    for name, s in scores.items():
+        g = s.detach() if grouped else group_scores(s.detach(), st, name)
+        gshapes[name] = g.shape
+        g = g.reshape(-1)
+        if not g.is_floating_point() or g.dtype in (torch.float16, torch.bfloat16):
+            g = g.float()
+        if prev_masks is not None and name in prev_masks:
+            pm = prev_masks[name]
+            _check_groupable(pm, k, name)
+            if k > 1:
+                gk = pm.reshape(-1, k).all(-1)
+            else:
+                gk = pm.reshape(-1)
+            g = g.masked_fill(~gk.to(g.device), float("-inf"))
+        gscores[name] = g
+
+    prune: dict[str, torch.Tensor] = {}
+    if scope == "per_layer":
+        for name, g in gscores.items():
+            prune[name] = _prune_lowest(g, _count(sparsity, g.numel()))
+    else:
+        names = list(gscores)
+        if names:
+            dtype = torch.float32
+            for g in gscores.values():
+                dtype = torch.promote_types(dtype, g.dtype)
+            device = gscores[names[0]].device
+            cat = torch.cat([gscores[n].to(device=device, dtype=dtype) for n in names])
+            pr = _prune_lowest(cat, _count(sparsity, cat.numel()))
+            del cat
+            off = 0
+            for n in names:
+                cnt = gscores[n].numel()
+                prune[n] = pr[off : off + cnt].to(gscores[n].device)
+                off += cnt
+
+    masks: dict[str, torch.Tensor] = {}
+    for name, pr in prune.items():
+        # Previously pruned groups are at -inf, so they are among the pruned unless more of
+        # them exist than k; either way keep them pruned.
+        g = gscores[name]
+        pr = pr | torch.isneginf(g)
+        keep = _expand_groups((~pr).reshape(gshapes[name]), k)
+        if prev_masks is not None and name in prev_masks:
+            keep = keep & prev_masks[name].to(keep.device)
+        masks[name] = keep.contiguous()
+    return masks
+
+
+def magnitude_scores(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Magnitude scores ``s = |w|`` for each tensor."""
+    return {name: p.detach().abs() for name, p in params.items()}
+
+
+@torch.no_grad()
+def apply_masks_(
+    params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
+) -> Mapping[str, torch.Tensor]:
+    """Zero pruned weights in place: ``w <- w * mask`` (exact zeros).
+
+    Args:
+        params: Live tensors by name.
+        masks: Bool masks (True = keep) for some of those names.
+
+    Returns:
+        ``params`` (modified in place).
+
+    Raises:
+        KeyError: If a mask names a tensor not in ``params``.
+        ValueError: If a mask's shape does not match its tensor.
+    """
+    for name, mask in masks.items():
+        if name not in params:
+            raise KeyError(f"mask for unknown tensor {name!r}")
+        p = params[name]
+        if tuple(mask.shape) != tuple(p.shape):
+            raise ValueError(
+                f"mask for tensor {name!r} has shape {tuple(mask.shape)}, "
+                f"tensor has {tuple(p.shape)}"
+            )
+        p.masked_fill_(~mask.to(device=p.device, dtype=torch.bool), 0)
+    return params
+
+
+def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+    """Fraction of pruned (False) entries, overall and per tensor.
+
+    Returns:
+        ``(overall, per_tensor)`` where ``overall = sum_t pruned_t / sum_t numel_t``.
+    """
+    per: dict[str, float] = {}
+    pruned = 0
+    total = 0
+    for name, m in masks.items():
+        n = m.numel()
+        z = n - int(m.sum())
+        per[name] = z / n if n else 0.0
+        pruned += z
+        total += n
+    return (pruned / total if total else 0.0), per

@@ -1,0 +1,1 @@
+"""The bundled recipe library (YAML files shipped as package data of ``recipec.recipes``)."""

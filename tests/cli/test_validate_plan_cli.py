@@ -1,0 +1,57 @@
+import json
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from recipec.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from recipec.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit: pass\nprint(sorted(m for m in ('torch', 'transformers', 'onnx', 'pydantic') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("[]"), out
+    assert "validate" in out and "plan" in out and "apply" in out
+
+
+def test_validate_ok_and_errors(tmp_path):
+    assert run("validate", "quickstart").exit_code == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  epocs: 3\nmodifiers:\n  - type: gmq\n")
+    result = run("validate", str(bad))
+    assert result.exit_code == 2
+    assert f"{bad}:2:3: training.epocs: unknown key 'epocs'; did you mean 'epochs'?" in result.output
+    assert f"{bad}:4:11: modifiers.0.type: unknown modifier type 'gmq'" in result.output
+    assert "2 problems found." in result.output
+    assert "Traceback" not in result.output
+    missing = run("validate", str(tmp_path / "nope.yaml"))
+    assert missing.exit_code == 2 and "no such file" in missing.output
+
+
+def test_validate_set_goes_through_validation():
+    result = run("validate", "quickstart", "--set", "target_sparsity=1.5")
+    assert result.exit_code == 2
+    assert "modifiers.1.final_sparsity" in result.output and "less than 1" in result.output
+
+
+def test_plan_text_json_and_plot(tmp_path):
+    text = run("plan", "quickstart", "--steps-per-epoch", "63")
+    assert text.exit_code == 0, text.output
+    assert "step      63: sparsity  30.00%" in text.output
+    data = json.loads(run("plan", "quickstart", "--steps-per-epoch", "63", "--json").output)
+    (stage,) = data["stages"]
+    gmp = next(m for m in stage["modifiers"] if m["type"] == "gmp")
+    assert gmp["pruning"][0] == {"step": 63, "sparsity": 0.3}
+    assert gmp["pruning"][-1]["sparsity"] == 0.8
+    png = tmp_path / "plan.png"
+    assert run("plan", "quickstart", "--steps-per-epoch", "63", "--plot", str(png)).exit_code == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_needs_steps_per_epoch_for_epoch_recipes():
+    result = run("plan", "quickstart")
+    assert result.exit_code == 2 and "--steps-per-epoch" in result.output

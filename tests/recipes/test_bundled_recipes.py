@@ -1,0 +1,59 @@
+"""Every bundled recipe (found recursively) validates through the CLI and resolves to a plan."""
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from recipec.cli import main
+from recipec.plan import resolve
+from recipec.recipe.load import load_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").rglob("*.yaml"))
+
+
+def test_recipes_are_found():
+    assert len(RECIPES) >= 4
+    names = {p.name for p in RECIPES}
+    assert {"quickstart.yaml", "downstream_gmp_80.yaml", "downstream_gmp_90.yaml", "smc_baseline.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_validate_exit_zero(path):
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("ok: ")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("steps_per_epoch", [1, 7, 2105])
+def test_plans_for_any_dataset_size(path, steps_per_epoch):
+    for plan in resolve(load_recipe(path), steps_per_epoch):
+        for mod in plan.by_type("gmp", "obert"):
+            assert mod.sparsities[-1] == pytest.approx(mod.spec.final_sparsity)
+            assert list(mod.pruning_steps) == sorted(set(mod.pruning_steps))
+            assert mod.pruning_steps[-1] <= plan.total_steps
+
+
+def test_target_sparsity_rescales_the_paper_recipe():
+    path = next(p for p in RECIPES if p.name == "downstream_gmp_90.yaml")
+    (p80,) = resolve(load_recipe(path, ["target_sparsity=0.8"]), 100)
+    (p90,) = resolve(load_recipe(path), 100)
+    (p97,) = resolve(load_recipe(path, ["target_sparsity=0.97"]), 100)
+    steps = [len(p.by_type("gmp")[0].pruning_steps) for p in (p80, p90, p97)]
+    assert steps[0] < steps[1] < steps[2]
+    assert p80.total_steps < p90.total_steps < p97.total_steps
+    # LR rewound at every pruning step but the last (where the final fine-tuning window starts).
+    gmp = p90.by_type("gmp")[0]
+    assert all(p90.lr_at(s) == pytest.approx(5e-5) for s in gmp.pruning_steps)
+
+
+def test_smc_baseline_prunes_everything_without_kd_or_rewinding():
+    recipe = load_recipe(next(p for p in RECIPES if p.name == "smc_baseline.yaml"))
+    (plan,) = resolve(recipe, 100)
+    assert not plan.by_type("distill") and not plan.by_type("lr")
+    (gmp,) = plan.by_type("gmp")
+    assert (gmp.window.start, gmp.window.end) == (100, 800)
+    assert gmp.sparsities[0] == 0.0
+    lrs = [plan.lr_at(s) for s in range(plan.total_steps)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # one monotone decay: no rewinding

@@ -1,0 +1,118 @@
+import pytest
+
+from recipec.recipe.errors import RecipeError
+from recipec.recipe.load import load_recipe, load_recipe_text
+from recipec.recipe.schema import DEFAULT_TARGETS, GMPSpec
+
+GOOD = """\
+version: 1
+variables:
+  target: 0.9
+  start: 2
+training:
+  epochs: 10
+  learning_rate: 5e-5
+modifiers:
+  - type: gmp
+    init_sparsity: 0.7
+    final_sparsity: ${target}
+    start_epoch: ${start}
+    end_epoch: ${start + 6}
+    update_every_epochs: 0.5
+"""
+
+
+def problems(text, overrides=()):
+    with pytest.raises(RecipeError) as info:
+        load_recipe_text(text, "r.yaml", overrides)
+    return [str(p) for p in info.value.problems]
+
+
+def test_good_recipe_and_defaults():
+    recipe = load_recipe_text(GOOD)
+    (gmp,) = recipe.modifiers
+    assert isinstance(gmp, GMPSpec)
+    assert gmp.final_sparsity == 0.9 and gmp.end_epoch == 8
+    assert recipe.training.learning_rate == 5e-5  # YAML 1.1 would read 5e-5 as a string
+    assert tuple(recipe.targets) == DEFAULT_TARGETS
+    assert recipe.variables == {"target": 0.9, "start": 2}
+
+
+def test_set_overrides_variables_and_fields():
+    recipe = load_recipe_text(GOOD, overrides=["target=0.8", "training.epochs=12", "modifiers.0.scope=per_layer"])
+    assert recipe.modifiers[0].final_sparsity == 0.8
+    assert recipe.training.epochs == 12
+    assert recipe.modifiers[0].scope == "per_layer"
+
+
+def test_every_problem_at_once_with_file_line_col():
+    text = GOOD.replace("learning_rate: 5e-5", "learning_rat: 5e-5").replace("init_sparsity: 0.7", "init_sparsity: 1.5")
+    text += "  - type: gmpp\n    final_sparsity: 0.5\n"
+    found = problems(text)
+    assert any(p.startswith("r.yaml:7:3: training.learning_rat: unknown key") and "did you mean 'learning_rate'" in p for p in found)
+    assert any(p.startswith("r.yaml:10:20: modifiers.0.init_sparsity:") and "less than 1" in p for p in found)
+    assert any(p.startswith("r.yaml:15:11: modifiers.1.type: unknown modifier type 'gmpp'; did you mean 'gmp'") and "valid types: gmp, obert" in p for p in found)
+    assert len(found) == 3
+
+
+def test_cross_field_checks():
+    base = "training: {steps: 100}\nmodifiers:\n"
+    assert any("must not exceed final_sparsity" in p for p in problems(base + "  - {type: gmp, init_sparsity: 0.9, final_sparsity: 0.5}\n"))
+    assert any("end_step (5) must not be before start_step (10)" in p for p in problems(base + "  - {type: gmp, final_sparsity: 0.5, start_step: 10, end_step: 5}\n"))
+    assert any("give only one of start_step or start_epoch" in p for p in problems(base + "  - {type: gmp, final_sparsity: 0.5, start_step: 1, start_epoch: 1}\n"))
+    assert any("divisible" in p for p in problems(base + "  - {type: obert, final_sparsity: 0.5, structure: block4, fisher_block_size: 50}\n"))
+    assert any("set final_sparsity to 0.5" in p for p in problems(base + "  - {type: gmp, final_sparsity: 0.9, structure: '2:4'}\n"))
+    assert any("cyclic" in p or "cycle_steps" in p for p in problems(base + "  - {type: lr, schedule: cyclic_linear, init_lr: 1e-4}\n"))
+    overlap = problems(base + "  - {type: gmp, final_sparsity: 0.5, start_step: 0, end_step: 50, update_every_steps: 10}\n"
+                              "  - {type: obert, final_sparsity: 0.5, start_step: 40, end_step: 60, update_every_steps: 10}\n")
+    assert any(p.startswith("r.yaml:4:5: modifiers.1: overlaps modifier 0 (gmp)") for p in overlap)
+    assert any("set training.epochs or training.steps" in p for p in problems("modifiers: []\n"))
+    assert any("either top-level 'modifiers' or 'stages'" in p for p in problems("training: {steps: 1}\nmodifiers: []\nstages: [{name: a}]\n"))
+
+
+def test_yaml_level_errors():
+    assert problems("a: [1, 2\n")[0].startswith("r.yaml:2:1: invalid YAML")
+    assert problems("")[0] == "r.yaml:1:1: the recipe is empty"
+    assert "duplicate key" in problems("training: {steps: 1}\ntraining: {steps: 2}\n")[0]
+    assert "YAML tags are not allowed" in problems("training: !!python/object:os.system {steps: 1}\n")[0]
+    assert "mapping" in problems("- 1\n- 2\n")[0]
+    assert "must be a valid" in problems("training: {steps: '3'}\n")[0] or "valid integer" in problems("training: {steps: '3'}\n")[0]
+
+
+def test_variables_errors_point_at_the_variable():
+    found = problems("variables: {a: b + 1, b: a}\ntraining: {steps: '${a}'}\n")
+    assert any(p.startswith("r.yaml:1:16: variables.a:") and "cycle" in p for p in found)
+    found = problems("training:\n  steps: ${nope}\n")
+    assert found[0].startswith("r.yaml:2:10: training.steps: unknown variable 'nope'")
+
+
+def test_set_errors_name_the_override():
+    found = problems(GOOD, ["training.epochs=abc", "modifiers.7.x=1", "oops"])
+    assert "--set training.epochs=abc: training.epochs: Input should be a valid number" in found[0] or any(
+        p.startswith("--set training.epochs=abc: training.epochs:") for p in found
+    )
+    assert any(p.startswith("--set modifiers.7.x=1: modifiers.7: no such element") for p in found)
+    assert any(p.startswith("--set oops: --set expects KEY=VALUE") for p in found)
+
+
+def test_stages_merge_training_field_by_field():
+    text = """
+training: {epochs: 3, batch_size: 8, learning_rate: 1e-4}
+stages:
+  - name: dense
+    training: {steps: 10}
+    modifiers: []
+  - name: prune
+    modifiers:
+      - {type: gmp, final_sparsity: 0.5, start_step: 0, end_step: 10, update_every_steps: 5}
+"""
+    recipe = load_recipe_text(text)
+    dense, prune = recipe.resolved_stages()
+    merged = recipe.stage_training(dense)
+    assert (merged.steps, merged.epochs, merged.batch_size, merged.learning_rate) == (10, None, 8, 1e-4)
+    assert recipe.stage_training(prune).epochs == 3
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(RecipeError, match="no such file"):
+        load_recipe(tmp_path / "nope.yaml")
