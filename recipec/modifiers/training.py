@@ -1,0 +1,113 @@
+"""Training-loop modifiers: learning rate and knowledge distillation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recipec.modifiers.base import CompileContext, CompileError, Modifier
+from recipec.plan import ResolvedModifier
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Write ``lr`` into every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class LRModifier(Modifier):
+    """Owns the optimizer's learning rate for the stage.
+
+    The stage's ``lr`` modifiers act together through :meth:`recipec.plan.StagePlan.lr_at`
+    (windows, plus the hold rule between them); the first one writes the LR at every step.
+    """
+
+    def __init__(self, resolved: ResolvedModifier, ctx: CompileContext):
+        super().__init__(resolved, ctx)
+        if ctx.optimizer is None:
+            raise CompileError("an lr modifier needs the optimizer: pass optimizer= to compile()")
+        self.owner = resolved.index == min(m.index for m in ctx.plan.by_type("lr"))
+
+    def on_step_start(self, step: int) -> None:
+        if self.owner:
+            set_lr(self.ctx.optimizer, self.ctx.plan.lr_at(step))
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    r"""Batch-mean :math:`T^2 \, KL(softmax(t/T) \,\|\, softmax(s/T))` over the last dimension."""
+    t = temperature
+    log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1)
+    return (t * t) * kl.mean()
+
+
+def distillation_loss(
+    task_loss: torch.Tensor, student_logits: torch.Tensor, teacher_logits: torch.Tensor, hardness: float, temperature: float
+) -> torch.Tensor:
+    r"""(1 - h) * task + h * T^2 * KL(softmax(t/T) || softmax(s/T)); regression heads use MSE."""
+    if student_logits.shape[-1] == 1 and student_logits.dim() == 2:  # regression head
+        soft = F.mse_loss(student_logits.float(), teacher_logits.float())
+    else:
+        soft = kd_loss(student_logits, teacher_logits, temperature)
+    if hardness == 1.0:
+        return soft
+    if hardness == 0.0:
+        return task_loss
+    return (1.0 - hardness) * task_loss + hardness * soft
+
+
+class DistillModifier(Modifier):
+    """Knowledge distillation from a dense teacher (eval mode, no_grad, on the student's device)."""
+
+    def __init__(self, resolved: ResolvedModifier, ctx: CompileContext):
+        super().__init__(resolved, ctx)
+        teacher = ctx.teacher
+        if teacher is None or (isinstance(teacher, str) and teacher == "auto"):
+            raise CompileError(
+                f"distill modifier [{resolved.index}] needs a teacher model: pass teacher= to compile() "
+                "(a model or a path); 'teacher: auto' is resolved by recipec apply"
+            )
+        if isinstance(teacher, str):
+            teacher = _load_teacher(teacher, ctx.model)
+        device = next(ctx.model.parameters()).device
+        self.teacher = teacher.to(device).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        ctx.extra["distill_loss"] = self._loss
+
+    def teacher_logits(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+        self.teacher.eval()
+        with torch.no_grad():
+            return self.teacher(**inputs).logits
+
+    def _loss(self, loss: torch.Tensor, batch: Mapping[str, Any] | None, outputs: Any) -> torch.Tensor:
+        if batch is None or outputs is None:
+            raise ValueError("distillation needs Program.loss(loss, batch=..., outputs=...)")
+        student = outputs.logits if hasattr(outputs, "logits") else outputs
+        teacher = self.teacher_logits(batch)
+        if teacher.shape != student.shape:
+            raise ValueError(f"teacher logits {tuple(teacher.shape)} do not match student logits {tuple(student.shape)}")
+        return distillation_loss(loss, student, teacher, self.spec.hardness, self.spec.temperature)
+
+    def on_loss(self, loss: torch.Tensor, batch: Mapping[str, Any] | None, outputs: Any, step: int) -> torch.Tensor:
+        if not self.active(step):
+            return loss
+        return self._loss(loss, batch, outputs)
+
+
+def _load_teacher(path: str, student: nn.Module) -> nn.Module:
+    from transformers import AutoModelForMultipleChoice, AutoModelForSequenceClassification
+
+    cls = AutoModelForMultipleChoice if "MultipleChoice" in type(student).__name__ else AutoModelForSequenceClassification
+    try:
+        return cls.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise CompileError(f"cannot load the teacher from {path!r}: {exc}") from None
