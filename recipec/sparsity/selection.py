@@ -44,7 +44,7 @@ def require_parameters(
             f"(targets: {list(targets)}; exclude: {list(exclude)}). Parameter names look like: {sample}, ..."
         )
     for name, param in selected.items():
-        if param.dim() < 2 and "embeddings" not in name:
+        if param.dim() < 2:
             # Biases and LayerNorm vectors: pruning them saves nothing and harms accuracy.
             raise SelectionError(
                 f"target {name!r} is a {param.dim()}-D tensor (bias or norm); only weight matrices can be pruned. "

@@ -4,7 +4,8 @@ Each example is a short review-like sentence about a subject with an evaluative 
 The label is the adjective's polarity, flipped when the main clause is negated
 (``"the soup was not great"`` is negative). Distractors keep it from being a token lookup:
 neutral openers/closers, intensifiers, and a contrast clause (``"although the parking was
-awful, ..."``) whose polarity is random and must be ignored. Every adjective and negator occurs
+awful, ..."``, ``"the menu was dull, but ..."``) whose polarity is random and must be ignored,
+and an occasional outer negation (``"it is not true that ..."``). Every adjective and negator occurs
 with both labels, so no single word predicts the label well, yet a pretrained encoder
 (all-MiniLM-L6-v2) learns it to >85% dev accuracy in a few hundred steps.
 
@@ -32,6 +33,7 @@ __all__ = [
     "NEGATED_VERBS",
     "NEGATIVE_WORDS",
     "OPENERS",
+    "OUTER_NEGATIONS",
     "POSITIVE_WORDS",
     "SUBJECTS",
     "VERBS",
@@ -68,11 +70,13 @@ OPENERS = (
     "as usual,", "my sister says", "i think",
 )
 CLOSERS = ("", "", "", "overall", "this time", "if you ask me", "for the price", "in the end", "again")
-CONTRAST_BEFORE = ("although {clause},", "even though {clause},", "while {clause},")
+CONTRAST_BEFORE = ("although {clause},", "even though {clause},", "while {clause},", "{clause}, but", "{clause}, yet")
 CONTRAST_AFTER = (", even though {clause}", ", although {clause}", ", though {clause}")
+OUTER_NEGATIONS = ("it is not true that", "i would not say that", "nobody could claim that")
 
 _NEGATION_RATE = 0.45
 _CONTRAST_RATE = 0.4
+_OUTER_NEGATION_RATE = 0.15
 
 
 def compose(
@@ -86,6 +90,7 @@ def compose(
     closer: str = "",
     contrast: str | None = None,
     contrast_template: str = CONTRAST_BEFORE[0],
+    outer_negation: str | None = None,
 ) -> tuple[str, int]:
     """Builds one sentence and its label.
 
@@ -101,7 +106,10 @@ def compose(
         contrast: Optional distractor clause (e.g. ``"the menu was dull"``) that does not
             change the label.
         contrast_template: One of ``CONTRAST_BEFORE`` / ``CONTRAST_AFTER``; says where the
-            contrast clause goes.
+            contrast clause goes. In every template the main clause carries the label
+            (``"although A, B"``, ``"A, but B"`` and ``"B, even though A"`` are all about B).
+        outer_negation: A phrase from ``OUTER_NEGATIONS`` put before the main clause; flips the
+            label again (``"it is not true that the soup was not great"`` is positive).
 
     Returns:
         ``(text, label)`` with label 1 = positive, 0 = negative.
@@ -113,7 +121,9 @@ def compose(
     else:
         raise ValueError(f"{adjective!r} is not in POSITIVE_WORDS or NEGATIVE_WORDS")
     label = 1 - polarity if negated_verb else polarity
-    main = _join("the", subject, negated_verb or verb, intensifier, adjective)
+    if outer_negation:
+        label = 1 - label
+    main = _join(outer_negation or "", "the", subject, negated_verb or verb, intensifier, adjective)
     if contrast is None:
         text = _join(opener, main, closer)
     elif contrast_template in CONTRAST_BEFORE:
@@ -140,13 +150,17 @@ def _sample(rng: random.Random, label: int) -> str:
         "verb": rng.choice(VERBS),
         "intensifier": rng.choice(INTENSIFIERS),
     }
+    if rng.random() < _OUTER_NEGATION_RATE:
+        kwargs["outer_negation"] = rng.choice(OUTER_NEGATIONS)
+        polarity = 1 - polarity
+        adjective = rng.choice(POSITIVE_WORDS if polarity else NEGATIVE_WORDS)
     if rng.random() < _CONTRAST_RATE:
         other = rng.choice([s for s in SUBJECTS if s != subject])
         other_adj = rng.choice(POSITIVE_WORDS + NEGATIVE_WORDS)
         kwargs["contrast"] = _join("the", other, rng.choice(VERBS), other_adj)
         kwargs["contrast_template"] = rng.choice(CONTRAST_BEFORE + CONTRAST_AFTER)
     else:
-        kwargs["opener"] = rng.choice(OPENERS)
+        kwargs["opener"] = "" if "outer_negation" in kwargs else rng.choice(OPENERS)
         kwargs["closer"] = rng.choice(CLOSERS)
     text, got = compose(subject, adjective, **kwargs)
     assert got == label

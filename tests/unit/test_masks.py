@@ -195,6 +195,14 @@ def test_prev_masks_exceeding_target_are_kept_pruned():
     assert torch.equal(m, prev)
 
 
+def test_prev_partial_blocks_over_target_are_pruned_whole():
+    s = torch.arange(16.0).reshape(2, 8)
+    prev = torch.ones(2, 8, dtype=torch.bool)
+    prev[0, 0] = prev[0, 5] = prev[1, 7] = False  # three partially pruned groups
+    m = compute_masks({"w": s}, 0.25, "block4", "per_layer", prev_masks={"w": prev})["w"]
+    assert torch.equal(m, B([[False] * 8, [True] * 4 + [False] * 4]))
+
+
 def test_prev_masks_block_and_nm_monotone():
     torch.manual_seed(1)
     s = torch.rand(4, 8)

@@ -1,0 +1,79 @@
+"""``recipec apply``: fine-tune and prune a model with a recipe."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from recipec.cli._common import fail, load_or_exit, set_option
+
+
+@click.command("apply")
+@click.argument("recipe")
+@click.option("--model", default=None, help="HF hub name or local folder (default: the embedded all-MiniLM-L6-v2).")
+@click.option("--task", default=None, help="builtin (default), a hub dataset (glue/sst2, tau/commonsense_qa, winogrande, ...), "
+              "or a name for --data.")
+@click.option("--data", multiple=True, type=click.Path(), help="A folder with train/dev files, or the train file then "
+              "the eval file (TSV, CSV, JSONL, CommonsenseQA or WinoGrande JSONL).")
+@click.option("--teacher", default=None, help="Distillation teacher: a path or hub name, or 'auto' to fine-tune one first "
+              "(default: the recipe's).")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run folder (default: runs/<recipe name>).")
+@set_option
+@click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty --output folder.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--max-train", type=click.IntRange(min=1), default=None, help="Use at most N training examples.")
+@click.option("--max-eval", type=click.IntRange(min=1), default=None, help="Use at most N eval examples.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None,
+              help="Checkpoint every N optimizer steps (default: training.checkpoint_every_steps or ~10 per stage).")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def command(recipe, model, task, data, teacher, output, overrides, resume, overwrite, device, max_train, max_eval,
+            checkpoint_every, quiet) -> None:
+    """Fine-tune and prune a model with RECIPE; write a sparse checkpoint and a report.
+
+    \b
+    Examples:
+      recipec apply recipes/quickstart.yaml
+      recipec apply recipes/downstream_gmp_90.yaml --data ../shared/data/sst2 --set init_sparsity=0.3
+      recipec apply recipes/downstream_gmp_90.yaml --model roberta-large --task glue/sst2 --device cuda
+      recipec apply recipes/quickstart.yaml --resume        # after Ctrl-C or a crash
+
+    Exit status: 0 done, 1 training stopped (non-finite loss), 2 bad input, 130 interrupted.
+    """
+    load_or_exit(recipe, overrides)  # every recipe problem at once, before anything heavy
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            fail("error: --device cuda but no CUDA device is available")
+
+    from recipec.modifiers.base import CompileError
+    from recipec.train.loop import Interrupted, TrainingError
+    from recipec.train.run import Reporter, RunConfig, RunError, run
+
+    config = RunConfig(recipe_path=recipe, overrides=overrides, model=model, task=task, data=data, teacher=teacher,
+                       output=output, resume=resume, overwrite=overwrite, device=device, max_train=max_train,
+                       max_eval=max_eval, checkpoint_every=checkpoint_every)
+    reporter = Reporter(quiet=quiet)
+    try:
+        report = run(config, reporter)
+    except (RunError, CompileError) as exc:
+        fail(f"error: {exc}")
+    except TrainingError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except Interrupted as exc:
+        click.echo(f"{exc}; continue with the same command plus --resume", err=True)
+        sys.exit(130)
+    primary = report["primary_metric"]
+    final = report["final_eval"][primary]
+    line = (f"done: {report['model_dir']}  eval {primary} {final:.4f}  "
+            f"sparsity {100 * report['sparsity']['targets']:.2f}% of targets "
+            f"({100 * report['sparsity']['model']:.2f}% of all weights)  {report['wall_seconds']:.0f} s")
+    if report.get("teacher"):
+        line += f"  (dense teacher {report['teacher']['eval'][primary]:.4f})"
+    click.echo(line)
+    click.echo(f"report: {Path(report['model_dir']).parent / 'report.md'}")

@@ -1,0 +1,219 @@
+"""Hugging Face ``Trainer`` integration: the Program's hooks as a callback, its loss in a Trainer.
+
+Usage::
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    program = recipec.compile(recipe, model, optimizer, steps_per_epoch=len(train_loader))
+    trainer = RecipecTrainer(model=model, args=args, train_dataset=train, program=program)
+    trainer.train()      # the optimizer the program was compiled with is used
+
+Event mapping in transformers 5.x (``Trainer._inner_training_loop``), for optimizer step ``k``
+(``state.global_step == k`` from ``on_step_begin`` to ``on_optimizer_step``; it becomes
+``k + 1`` just before ``on_step_end``)::
+
+    on_step_begin                 program.step_start(k)            LR written, pruning steps run
+    training_step (each micro-batch, RecipecTrainer only):
+        compute_loss              program.loss(loss, batch, outputs)   e.g. distillation
+        backward, then            program.masks.mask_grads_()      before clipping sees them
+    clip to args.max_grad_norm    (the Trainer; gradients of pruned weights already zero)
+    on_pre_optimizer_step         program.before_optimizer_step(k)
+    optimizer.step()
+    on_optimizer_step             program.after_optimizer_step(k)  masks re-applied
+    lr_scheduler.step(); global_step = k + 1; on_step_end
+    ...
+    on_train_end                  program.finalize()
+
+With gradient accumulation ``on_step_begin`` fires once per optimizer step, before the first
+micro-batch, so the Program counts optimizer steps exactly as in the plain loop.
+
+Learning rate: when the stage has ``lr`` modifiers the Program writes the recipe's LR
+(:meth:`recipec.plan.StagePlan.lr_at`) into every parameter group at every ``step_start``.
+The Trainer still builds and steps its own scheduler (linear decay by default), but its value
+is overwritten at the next step start, before the optimizer uses it: **the recipe wins**, and
+the logged ``learning_rate`` (read before the scheduler steps) is the recipe's. Without ``lr``
+modifiers the Program never touches the LR and the Trainer's scheduler owns it.
+
+Gradient clipping: the Trainer clips *before* ``on_pre_optimizer_step``. ``RecipecTrainer``
+zeroes pruned weights' gradients right after backward, so the clipping norm covers only the
+kept weights, as in the plain loop (mask, clip, step). With a plain ``Trainer`` and only the
+callback, the norm also counts the (discarded) gradients of pruned weights, so steps are
+slightly smaller; masks hold either way.
+
+Loss: callbacks cannot change the loss, so a stage with ``distill`` needs ``RecipecTrainer``
+(the callback refuses to start without it). The Program's loss applies in training only;
+evaluation reports the model's own task loss. ``RecipecTrainer`` computes a per-batch mean
+loss (``num_items_in_batch`` is not passed to the model) and lets the Trainer divide it by
+the number of accumulation steps, so the task and distillation terms share one scale.
+
+Checkpoints: on every Trainer save the callback writes ``recipec_program.pt``
+(:meth:`recipec.program.Program.state_dict`: masks, modifier state) into the checkpoint
+folder, and on ``trainer.train(resume_from_checkpoint=...)`` it loads it back from
+``<output_dir>/checkpoint-<global_step>`` (or call :meth:`RecipecCallback.load_state_dict`
+yourself before training when the checkpoint lives elsewhere).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from recipec.program import Program
+
+__all__ = ["PROGRAM_STATE_NAME", "RecipecCallback", "RecipecTrainer"]
+
+PROGRAM_STATE_NAME = "recipec_program.pt"
+"""File written into each Trainer checkpoint folder with the Program's state."""
+
+_CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
+
+
+def _unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (or the argument)."""
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+
+
+class RecipecCallback(TrainerCallback):
+    """Calls a compiled :class:`~recipec.program.Program`'s hooks from ``Trainer`` events.
+
+    Args:
+        program: The compiled stage. Its model and optimizer must be the Trainer's.
+    """
+
+    def __init__(self, program: Program):
+        self.program = program
+        self.loss_hooked = False  # set by RecipecTrainer, which applies program.loss
+        self._loaded = False
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        program = self.program
+        model = kwargs.get("model")
+        if model is not None and model is not program.ctx.model:
+            raise ValueError("the Trainer's model is not the model the recipe was compiled for")
+        optimizer = _unwrap_optimizer(kwargs.get("optimizer"))
+        if program.ctx.optimizer is not None and optimizer is not program.ctx.optimizer:
+            raise ValueError(
+                "the Trainer uses a different optimizer than the one the recipe was compiled with: pass "
+                "optimizers=(optimizer, None) to the Trainer (RecipecTrainer does this for you)"
+            )
+        if program.plan.by_type("distill") and not self.loss_hooked:
+            raise ValueError(
+                "this recipe distils, which changes the loss; a callback cannot do that: use "
+                "recipec.train.hf.RecipecTrainer(program=...) instead of Trainer + RecipecCallback"
+            )
+        if state.global_step > 0 and not self._loaded:
+            self._resume(args, state)
+        if state.max_steps != program.plan.total_steps:
+            warnings.warn(
+                f"the Trainer will run {state.max_steps} optimizer steps but the recipe stage "
+                f"{program.plan.name!r} is planned for {program.plan.total_steps} "
+                f"(steps_per_epoch={program.plan.steps_per_epoch}); pruning and LR follow the plan's steps",
+                stacklevel=2,
+            )
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.program.step_start(state.global_step)
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.program.before_optimizer_step(state.global_step)
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.program.after_optimizer_step(state.global_step)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.program.finalize()
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        folder = os.path.join(args.output_dir, f"{_CHECKPOINT_PREFIX}-{state.global_step}")
+        if args.should_save and os.path.isdir(folder):
+            torch.save(self.state_dict(), os.path.join(folder, PROGRAM_STATE_NAME))
+
+    def _resume(self, args: TrainingArguments, state: TrainerState) -> None:
+        path = os.path.join(args.output_dir, f"{_CHECKPOINT_PREFIX}-{state.global_step}", PROGRAM_STATE_NAME)
+        if not os.path.isfile(path):
+            if self.program.step == state.global_step - 1:
+                return  # the caller loaded the program's state already
+            raise FileNotFoundError(
+                f"resuming at step {state.global_step} but {path} is missing: without the saved masks pruned "
+                "weights would grow back. Load it with callback.load_state_dict(torch.load(...)) before train()"
+            )
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.program.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.program.load_state_dict(state)
+        self._loaded = True
+
+
+class RecipecTrainer(Trainer):
+    """A ``Trainer`` that runs a compiled recipe stage, loss transforms (distillation) included.
+
+    Adds a :class:`RecipecCallback` for ``program``, uses the optimizer the program was
+    compiled with (unless ``optimizers=`` names it already), applies ``program.loss`` to the
+    training loss in :meth:`compute_loss`, and zeroes pruned weights' gradients right after
+    backward so gradient clipping ignores them. See the module docstring for the event order
+    and the learning-rate rule (the recipe's ``lr`` modifiers win over the Trainer's scheduler).
+
+    Args:
+        *args: Passed to ``transformers.Trainer``.
+        program: The compiled stage (:func:`recipec.compile`).
+        **kwargs: Passed to ``transformers.Trainer``.
+    """
+
+    # compute_loss returns a per-batch mean; the Trainer divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, program: Program, **kwargs: Any):
+        optimizers = kwargs.get("optimizers", (None, None))
+        if program.ctx.optimizer is not None:
+            given = optimizers[0]
+            if given is None:
+                kwargs["optimizers"] = (program.ctx.optimizer, optimizers[1])
+            elif given is not program.ctx.optimizer:
+                raise ValueError("optimizers[0] is not the optimizer the recipe was compiled with")
+        callbacks = list(kwargs.get("callbacks") or [])
+        callback = next((c for c in callbacks if isinstance(c, RecipecCallback)), None)
+        if callback is None:
+            callback = RecipecCallback(program)
+            callbacks.append(callback)
+        elif callback.program is not program:
+            raise ValueError("callbacks already hold a RecipecCallback for another program")
+        callback.loss_hooked = True
+        kwargs["callbacks"] = callbacks
+        self.program = program
+        self.recipec_callback = callback
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """The model's loss, transformed by ``program.loss`` in training (e.g. distillation)."""
+        # num_items_in_batch is dropped on purpose: BERT-family heads return batch means, and
+        # the distillation term is a batch mean too (see loss_is_scaled_for_ga).
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=None)
+        if model.training:
+            loss = self.program.loss(loss, batch=inputs, outputs=outputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Before the Trainer clips: the clipping norm must not count pruned weights.
+        self.program.masks.mask_grads_()
+        return loss

@@ -1,0 +1,283 @@
+"""The plain-PyTorch driver: one stage of training with a compiled Program.
+
+Flat and readable on purpose: the Program's hooks are called in the documented order, LR comes
+from the plan, and everything needed to resume (weights, masks, Program state, optimizer, RNG,
+data position) goes into atomic checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from recipec.modifiers.training import set_lr
+from recipec.plan import StagePlan
+from recipec.program import Program
+from recipec.train import checkpoint as ckpt
+from recipec.train.data import make_dataloader
+from recipec.train.metrics import compute_metrics
+from recipec.train.tasks import Example, TaskInfo
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, ...); the last good checkpoint is kept."""
+
+
+class Interrupted(RuntimeError):
+    """SIGINT: a checkpoint was written; the run can continue with --resume."""
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW; biases and LayerNorm weights get no weight decay."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.dim() < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def to_device(batch: Mapping[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: list[Example], tokenizer: Any, info: TaskInfo, *, batch_size: int,
+             max_seq_length: int, device: str, progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """Metrics of ``model`` on ``examples`` (eval mode, no gradients)."""
+    was_training = model.training
+    model.eval()
+    loader = make_dataloader(examples, tokenizer, info, batch_size=batch_size, max_seq_length=max_seq_length)
+    logits, labels, losses = [], [], []
+    for i, batch in enumerate(loader):
+        batch = to_device(batch, device)
+        out = model(**batch)
+        logits.append(out.logits.float().cpu())
+        labels.append(batch["labels"].cpu())
+        if out.loss is not None:
+            losses.append(float(out.loss) * len(batch["labels"]))
+        if progress:
+            progress(i + 1, len(loader))
+    model.train(was_training)
+    all_logits = torch.cat(logits).numpy()
+    all_labels = torch.cat(labels).numpy()
+    metrics = compute_metrics(info, all_logits, all_labels)
+    if losses:
+        metrics["loss"] = sum(losses) / len(all_labels)
+    return metrics
+
+
+@dataclass
+class StageResult:
+    steps: int
+    seconds: float
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+    final_eval: dict[str, float] | None = None
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl`` (flushed, safe to tail)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, stage: str, step: int) -> None:
+        """On resume, drop records newer than the checkpoint (they will be re-logged)."""
+        if self.path is None or not self.path.exists():
+            return
+        kept = []
+        stages_seen: list[str] = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("stage") not in stages_seen:
+                stages_seen.append(rec.get("stage"))
+            if rec.get("stage") == stage and rec.get("step", 0) > step:
+                continue
+            kept.append(line)
+        ckpt.write_text_atomic(self.path, "".join(k + "\n" for k in kept))
+
+
+class _SigintFlag:
+    """Turns the first Ctrl-C into a flag the loop checks after each step."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _SigintFlag:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not in the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.raised:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def train_stage(
+    *,
+    model: nn.Module,
+    tokenizer: Any,
+    info: TaskInfo,
+    train_examples: list[Example],
+    eval_examples: list[Example],
+    plan: StagePlan,
+    optimizer: torch.optim.Optimizer,
+    program: Program | None,
+    device: str = "cpu",
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int | None = None,
+    resume_state: dict[str, Any] | None = None,
+    metrics: MetricsLog | None = None,
+    extra_state: Callable[[], dict[str, Any]] | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    on_eval_progress: Callable[[int, int], None] | None = None,
+    stop_after_step: int | None = None,
+) -> StageResult:
+    """Train one stage to ``plan.total_steps`` optimizer steps.
+
+    ``resume_state`` (from a checkpoint) restores optimizer, Program, RNG and step; the data
+    position follows from the step (every epoch has exactly ``plan.steps_per_epoch`` batches
+    in a seeded order). ``stop_after_step`` ends early (tests).
+    """
+    training = plan.training
+    metrics = metrics or MetricsLog(None)
+    spe = plan.steps_per_epoch
+    total = plan.total_steps
+    step = 0
+    eval_history: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    elapsed_before = 0.0
+    if resume_state is not None:
+        step = int(resume_state["step"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        if program is not None and resume_state.get("program") is not None:
+            program.load_state_dict(resume_state["program"])
+        ckpt.set_rng_state(resume_state["rng"])
+        eval_history = list(resume_state.get("eval_history", []))
+        elapsed_before = float(resume_state.get("seconds", 0.0))
+        if step >= total and resume_state.get("complete"):
+            last = {k[5:]: v for k, v in eval_history[-1].items() if k.startswith("eval_")} if eval_history else None
+            return StageResult(total, elapsed_before, eval_history, last)
+
+    def state(at_step: int) -> dict[str, Any]:
+        return {
+            "stage": plan.name,
+            "step": at_step,
+            "optimizer": optimizer.state_dict(),
+            "program": program.state_dict() if program is not None else None,
+            "rng": ckpt.rng_state(),
+            "eval_history": eval_history,
+            "seconds": elapsed_before + time.perf_counter() - started,
+            "data": {"epoch": at_step // spe, "batch": at_step % spe},
+            **(extra_state() if extra_state else {}),
+        }
+
+    def save(at_step: int, complete: bool = False) -> None:
+        if checkpoint_dir is not None:
+            data = dict(state(at_step), complete=complete)
+            ckpt.save_checkpoint(checkpoint_dir, f"{plan.name}-step-{at_step:08d}", model, data)
+
+    def run_eval(at_step: int) -> dict[str, float]:
+        result = evaluate(model, eval_examples, tokenizer, info, batch_size=max(training.batch_size, 32),
+                          max_seq_length=training.max_seq_length, device=device, progress=on_eval_progress)
+        record = {"stage": plan.name, "step": at_step, **{f"eval_{k}": v for k, v in result.items()}}
+        if program is not None:
+            record["sparsity"] = program.sparsity()[0]
+        eval_history.append(record)
+        metrics.write(record)
+        return result
+
+    model.train()
+    final_eval = None
+    with _SigintFlag() as sigint:
+        while step < total:
+            loader = make_dataloader(
+                train_examples, tokenizer, info, batch_size=training.batch_size,
+                max_seq_length=training.max_seq_length, shuffle=True, seed=training.seed,
+                epoch=step // spe, start_batch=step % spe,
+            )
+            for batch in loader:
+                if step >= total:
+                    break
+                batch = to_device(batch, device)
+                if program is not None:
+                    program.step_start(step)
+                if program is None or not program.owns_lr:
+                    set_lr(optimizer, plan.lr_at(step))
+                outputs = model(**batch)
+                loss = outputs.loss
+                if program is not None:
+                    loss = program.loss(loss, batch=batch, outputs=outputs)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise TrainingError(
+                        f"stage {plan.name!r}: the loss is {loss_value} at step {step}; stopping. "
+                        "The last good checkpoint is kept (lower the learning rate, then --resume)."
+                    )
+                loss.backward()
+                if program is not None:
+                    program.before_optimizer_step(step)
+                if training.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), training.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if program is not None:
+                    program.after_optimizer_step(step)
+                lr = optimizer.param_groups[0]["lr"]
+                step += 1
+                record = {"stage": plan.name, "step": step, "loss": loss_value, "lr": lr}
+                if program is not None:
+                    record["sparsity"] = program.sparsity()[0]
+                metrics.write(record)
+                if on_step:
+                    on_step(step, record)
+                if plan.eval_every and step % plan.eval_every == 0 and step < total:
+                    run_eval(step)
+                if checkpoint_every and step % checkpoint_every == 0 and step < total:
+                    save(step)
+                if sigint.raised:
+                    save(step)
+                    raise Interrupted(f"interrupted at stage {plan.name!r} step {step}; checkpoint saved")
+                if stop_after_step is not None and step >= stop_after_step:
+                    return StageResult(step, elapsed_before + time.perf_counter() - started, eval_history)
+        if program is not None:
+            program.finalize()
+        final_eval = run_eval(total)
+        save(total, complete=True)
+    return StageResult(total, elapsed_before + time.perf_counter() - started, eval_history, final_eval)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

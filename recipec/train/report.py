@@ -1,0 +1,187 @@
+"""Final artefacts of a run: HF checkpoint with masks, report.json / report.md, PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from recipec.sparsity.selection import component_of
+from recipec.train.checkpoint import write_text_atomic
+
+
+def save_model(out: Path, model: torch.nn.Module, tokenizer: Any, masks: dict[str, torch.Tensor], recipe_text: str) -> Path:
+    """HF folder with exact zeros, its tokenizer, ``masks.safetensors`` (uint8, 1 = keep) and the recipe."""
+    folder = out / "model"
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    save_file({name: mask.to(torch.uint8).cpu().contiguous() for name, mask in masks.items()},
+              str(folder / "masks.safetensors"))
+    write_text_atomic(folder / "recipe.yaml", recipe_text)
+    return folder
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _plots(out: Path, records: list[dict[str, Any]], per_layer: dict[str, float], primary: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    # Global step across stages, for one continuous x axis.
+    offsets: dict[str, int] = {}
+    last_by_stage: dict[str, int] = {}
+    order: list[str] = []
+    for rec in records:
+        stage = rec.get("stage", "main")
+        if stage not in order:
+            order.append(stage)
+        last_by_stage[stage] = max(last_by_stage.get(stage, 0), rec.get("step", 0))
+    running = 0
+    for stage in order:
+        offsets[stage] = running
+        running += last_by_stage[stage]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if f"eval_{primary}" in r]
+
+    if train:
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        xs = [offsets[r["stage"]] + r["step"] for r in train]
+        ax.plot(xs, [r["lr"] for r in train], color="tab:blue")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("learning rate", color="tab:blue")
+        if any("sparsity" in r for r in train):
+            ax2 = ax.twinx()
+            ax2.plot(xs, [100 * r.get("sparsity", 0.0) for r in train], color="tab:red")
+            ax2.set_ylabel("sparsity of targets (%)", color="tab:red")
+            ax2.set_ylim(0, 100)
+        ax.set_title("learning rate and sparsity")
+        fig.tight_layout()
+        fig.savefig(out / "sparsity_lr.png", dpi=110)
+        plt.close(fig)
+        written.append("sparsity_lr.png")
+    if evals:
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        ax.plot([offsets[r["stage"]] + r["step"] for r in evals], [r[f"eval_{primary}"] for r in evals], marker="o")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"eval {primary}")
+        ax.set_title(f"eval {primary}")
+        fig.tight_layout()
+        fig.savefig(out / "eval.png", dpi=110)
+        plt.close(fig)
+        written.append("eval.png")
+    if per_layer:
+        fig, ax = plt.subplots(figsize=(8, max(3.0, 0.18 * len(per_layer))))
+        names = list(per_layer)
+        ax.barh(range(len(names)), [100 * per_layer[n] for n in names], color="tab:red")
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels([n.replace(".weight", "") for n in names], fontsize=6)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("sparsity (%)")
+        ax.set_title("per-tensor sparsity")
+        fig.tight_layout()
+        fig.savefig(out / "layer_sparsity.png", dpi=110)
+        plt.close(fig)
+        written.append("layer_sparsity.png")
+    return written
+
+
+def write_outputs(*, out: Path, model, tokenizer, recipe, recipe_text: str, info, task, results, final_eval,
+                  teacher_report, seconds: float, config) -> dict[str, Any]:
+    """Write the model folder, report.json, report.md and plots; return the report."""
+    program = results[-1][3] if results else None
+    masks = program.masks.masks if program is not None else {}
+    folder = save_model(out, model, tokenizer, masks, recipe_text)
+    params = dict(model.named_parameters())
+    per_tensor = {name: float((params[name] == 0).float().mean()) for name in masks}
+    total = sum(params[n].numel() for n in masks)
+    zeros = sum(int((params[n] == 0).sum()) for n in masks)
+    all_params = sum(p.numel() for p in params.values())
+    by_component: dict[str, list[int]] = {}
+    for name, p in params.items():
+        entry = by_component.setdefault(component_of(name), [0, 0])
+        entry[0] += p.numel()
+        entry[1] += int((p == 0).sum()) if name in masks else 0
+    records = _read_metrics(out / "metrics.jsonl")
+    report = {
+        "recipe": str(config.recipe_path),
+        "overrides": list(config.overrides),
+        "model": config.model or "embedded (all-MiniLM-L6-v2)",
+        "task": info.to_dict(),
+        "train_examples": len(task.train),
+        "eval_examples": len(task.eval),
+        "final_eval": final_eval,
+        "primary_metric": info.primary_metric,
+        "teacher": teacher_report,
+        "sparsity": {
+            "targets": zeros / total if total else 0.0,
+            "model": zeros / all_params if all_params else 0.0,
+            "per_tensor": per_tensor,
+            "per_component": {c: (z / n if n else 0.0) for c, (n, z) in by_component.items()},
+        },
+        "stages": [
+            {"name": name, "steps": result.steps, "steps_per_epoch": plan.steps_per_epoch, "seconds": result.seconds,
+             "final_eval": result.final_eval, "pruning": prog.history()}
+            for name, plan, result, prog in results
+        ],
+        "wall_seconds": seconds,
+        "model_dir": str(folder),
+    }
+    report["plots"] = _plots(out, records, per_tensor, info.primary_metric)
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
+    write_text_atomic(out / "report.md", _markdown(report))
+    return report
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    primary = report["primary_metric"]
+    lines = [
+        "# recipec run report",
+        "",
+        f"- recipe: `{report['recipe']}`" + (f" with `{' '.join('--set ' + o for o in report['overrides'])}`" if report["overrides"] else ""),
+        f"- model: {report['model']}",
+        f"- task: {report['task']['name']} ({report['task']['kind']}), {report['train_examples']} train / {report['eval_examples']} eval",
+        f"- wall time: {report['wall_seconds']:.1f} s",
+        "",
+        "## Final evaluation",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v:.4f} |" for k, v in report["final_eval"].items()]
+    if report.get("teacher"):
+        t = report["teacher"]["eval"]
+        lines += ["", f"Dense teacher: {primary} {t[primary]:.4f}; kept {100 * report['final_eval'][primary] / t[primary]:.2f}% of it."]
+    s = report["sparsity"]
+    lines += [
+        "",
+        "## Sparsity",
+        "",
+        f"Targeted tensors: {100 * s['targets']:.2f}% zeros; whole model: {100 * s['model']:.2f}%.",
+        "",
+        "| component | sparsity |",
+        "|---|---|",
+    ]
+    lines += [f"| {c} | {100 * v:.2f}% |" for c, v in s["per_component"].items()]
+    lines += ["", "| tensor | sparsity |", "|---|---|"]
+    lines += [f"| `{n}` | {100 * v:.2f}% |" for n, v in s["per_tensor"].items()]
+    for stage in report["stages"]:
+        lines += ["", f"## Stage `{stage['name']}`: {stage['steps']} steps, {stage['seconds']:.1f} s", ""]
+        if stage["pruning"]:
+            lines += ["| step | modifier | target | achieved | seconds |", "|---|---|---|---|---|"]
+            lines += [f"| {h['step']} | {h['modifier']} | {100 * h['target']:.2f}% | {100 * h['achieved']:.2f}% | {h['seconds']:.2f} |"
+                      for h in stage["pruning"]]
+    if report.get("plots"):
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
+    return "\n".join(lines) + "\n"
