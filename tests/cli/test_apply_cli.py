@@ -1,0 +1,169 @@
+"""`recipec apply` end to end on a tiny saved BERT and the built-in task (fast), plus faults."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from recipec.cli import main
+
+TINY_RECIPE = """\
+training: {epochs: 3, batch_size: 16, learning_rate: 1e-3, max_seq_length: 32, seed: 1, eval_every_epochs: 1}
+modifiers:
+  - {type: gmp, init_sparsity: 0.3, final_sparsity: 0.8, start_epoch: 1, end_epoch: 2, update_every_steps: 2}
+  - {type: lr, schedule: cyclic_linear, init_lr: 1e-3, final_lr: 1e-4, cycle_steps: 2, start_epoch: 1, end_epoch: 2}
+  - {type: lr, schedule: linear, init_lr: 1e-3, final_lr: 0, start_epoch: 2}
+"""
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_RECIPE)
+    return path
+
+
+def apply(*args):
+    return CliRunner().invoke(main, ["apply", *map(str, args), "--quiet"])
+
+
+def test_apply_writes_a_sparse_checkpoint_and_report(recipe_file, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = apply(recipe_file, "--model", tiny_model_dir, "--max-train", 160, "--max-eval", 64, "--output", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    masks = load_file(str(out / "model" / "masks.safetensors"))
+    weights = load_file(str(out / "model" / "model.safetensors"))
+    assert len(masks) == 12  # 2 layers x (Q, K, V, attn out, FFN in, FFN out)
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    assert total - kept == round(0.8 * total)  # exact count on the targeted tensors
+    for name, mask in masks.items():
+        assert torch.equal(weights[name] == 0, mask == 0), name  # exact zeros where pruned
+    untouched = [n for n in weights if "embeddings" in n or "classifier" in n or "pooler" in n]
+    assert untouched and all(float((weights[n] == 0).float().mean()) < 0.01 for n in untouched)
+    assert report["sparsity"]["targets"] == (total - kept) / total
+    pruning = report["stages"][0]["pruning"]
+    assert [h["step"] for h in pruning] == [10, 12, 14, 16, 18, 20]
+    assert [round(h["achieved"] * total) for h in pruning] == [round(h["target"] * total) for h in pruning]
+    for name in ("report.md", "sparsity_lr.png", "eval.png", "layer_sparsity.png", "recipe.yaml", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 31))
+    # The folder loads as a plain HF model.
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(out / "model")
+
+
+def test_existing_output_is_not_overwritten(recipe_file, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    result = apply(recipe_file, "--model", tiny_model_dir, "--output", out)
+    assert result.exit_code == 2 and "--resume" in result.output
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--task", "no-such-task"], "unknown task"),
+        (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
+        (["--model", "/nonexistent/model"], "/nonexistent/model"),
+        (["--set", "targets=['nomatch']"], "match no parameter"),
+        (["--set", "modifiers.0.structure=block5"], "divisible by 5"),
+        (["--set", "targets=['embeddings']"], "1-D tensor"),
+    ],
+)
+def test_bad_input_gives_one_clear_error(recipe_file, tiny_model_dir, tmp_path, args, message):
+    base = ["--model", tiny_model_dir] if "--model" not in args else []
+    result = apply(recipe_file, *base, *args, "--max-train", 32, "--output", tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    assert message.lower() in result.output.lower()
+    assert "Traceback" not in result.output
+
+
+def test_ill_formed_data_file(recipe_file, tiny_model_dir, tmp_path):
+    train = tmp_path / "train.tsv"
+    train.write_text("sentence\tlabel\ngood stuff\t1\nbad row without label\n")
+    result = apply(recipe_file, "--model", tiny_model_dir, "--data", train, "--data", train, "--output", tmp_path / "r")
+    assert result.exit_code == 2 and "train.tsv:3" in result.output
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    from recipec.train import loop
+
+    real = loop.train_stage
+
+    def poisoned(**kwargs):
+        model = kwargs["model"]
+        calls = {"n": 0}
+        original = model.forward
+
+        def forward(*a, **k):
+            out = original(*a, **k)
+            calls["n"] += 1
+            if calls["n"] > 7:  # from the 8th training forward on (step index 7)
+                out.loss = out.loss * float("nan")
+            return out
+
+        model.forward = forward
+        return real(**kwargs)
+
+    monkeypatch.setattr("recipec.train.loop.train_stage", poisoned)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TINY_RECIPE)
+    result = CliRunner().invoke(main, ["apply", str(recipe), "--model", str(tiny_model_dir), "--max-train", 160,
+                                       "--output", str(tmp_path / "run"), "--checkpoint-every", "5", "--quiet",
+                                       "--set", "training.eval_every_epochs=100"])
+    assert result.exit_code == 1, result.output
+    assert "at step 7" in result.output and "nan" in result.output.lower()
+    latest = (tmp_path / "run" / "checkpoints" / "00-main" / "latest").read_text().strip()
+    assert latest == "main-step-00000005"
+
+
+def _run_cli(args, env):
+    return subprocess.Popen([sys.executable, "-c", "from recipec.cli import main; main()", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+
+
+def test_sigkill_then_resume_is_bit_identical(recipe_file, tiny_model_dir, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    common = [recipe_file, "--model", tiny_model_dir, "--max-train", 160, "--max-eval", 32, "--checkpoint-every", 3, "--quiet"]
+    ref = _run_cli(["apply", *common, "--output", tmp_path / "ref"], env)
+    assert ref.wait(timeout=600) == 0, ref.stdout.read().decode()
+
+    kill_at = random.Random().randint(4, 26)
+    print(f"killing at step >= {kill_at}")
+    proc = _run_cli(["apply", *common, "--output", tmp_path / "cut"], env)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists():
+            steps = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines() if x.strip()]
+            if steps and max(steps) >= kill_at:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = _run_cli(["apply", *common, "--output", tmp_path / "cut", "--resume"], env)
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read().decode()
+
+    a = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    ma = load_file(str(tmp_path / "ref" / "model" / "masks.safetensors"))
+    mb = load_file(str(tmp_path / "cut" / "model" / "masks.safetensors"))
+    assert all(torch.equal(ma[n], mb[n]) for n in ma)
