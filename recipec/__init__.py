@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "compile", "load_recipe"]
+__all__ = ["__version__", "compile", "load_recipe", "load_recipe_text"]
 
 
 def __getattr__(name: str):
@@ -16,8 +16,8 @@ def __getattr__(name: str):
         from recipec.compiler import compile as _compile
 
         return _compile
-    if name == "load_recipe":
-        from recipec.recipe.load import load_recipe
+    if name in ("load_recipe", "load_recipe_text"):
+        from recipec.recipe import load
 
-        return load_recipe
+        return getattr(load, name)
     raise AttributeError(f"module 'recipec' has no attribute {name!r}")

@@ -17,10 +17,8 @@ the train split.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from recipec.train.tasks import Example
+from recipec.train.tasks import Example
 
 __all__ = [
     "CLOSERS",
@@ -178,8 +176,6 @@ def generate(n: int, seed: int = 0, *, exclude: set[str] | None = None) -> list[
     Returns:
         A list of ``Example`` with integer labels (0 negative, 1 positive).
     """
-    from recipec.train.tasks import Example
-
     if n < 1:
         raise ValueError(f"the built-in task needs at least 1 example, got {n}")
     rng = random.Random(f"recipec-builtin-{seed}")

@@ -24,6 +24,7 @@ __all__ = [
     "EMBEDDED_PACKAGE",
     "ModelLoadError",
     "embedded_model_dir",
+    "hub_offline",
     "load_model_and_tokenizer",
     "resolve_model_path",
 ]
