@@ -1,0 +1,210 @@
+"""Accuracy recovered at 80% and 90% sparsity on real data (SST-2, CommonsenseQA), MiniLM-L6.
+
+One `recipec apply` run per configuration; results are appended to a JSON file as each run
+finishes, so the script is resumable (finished configurations are skipped, an interrupted run
+continues with --resume). Writes a markdown table and a PNG of accuracy vs sparsity.
+
+Every configuration gets the same epoch budget (``--epochs``: dense + pruning + fine-tune
+epochs) and the same data subset, stated in the table. The sparse runs distil from the dense
+run's model (the teacher), so the dense configuration runs first.
+
+    python benchmarks/accuracy.py --task sst2 --max-train 4000 --max-eval 872
+    python benchmarks/accuracy.py --task csqa --configs dense,gmp_90,smc_90
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = {"sst2": "sst2", "csqa": "csqa"}
+
+
+@dataclass
+class Config:
+    name: str
+    recipe: str
+    sparsity: float
+    sets: list[str] = field(default_factory=list)
+    distil: bool = True
+    note: str = ""
+
+
+def configurations(task: str, budget: dict[str, float]) -> list[Config]:
+    """The configurations of issue 7, with every schedule scaled to the same epoch budget."""
+    dense, prune, fine = budget["dense"], budget["prune"], budget["finetune"]
+    total = dense + prune + fine
+    paper = [f"dense_epochs={dense}", f"pruning_epochs={prune}", f"finetune_epochs={fine}",
+             f"pruning_steps_per_epoch={budget['steps_per_epoch']}", "init_sparsity=0.3"]
+    configs = [Config("dense", "dense", 0.0, [f"training.epochs={total}"], distil=False, note="dense fine-tuned teacher")]
+    for s in (80, 90):
+        configs += [
+            Config(f"smc_{s}", "smc_baseline.yaml", s / 100, [f"target_sparsity={s / 100}", f"epochs={total}"], distil=False,
+                   note="SMC-style: global GMP from 0% over 10-80%, embeddings+head pruned, no KD, no rewinding"),
+            Config(f"gmp_{s}", f"downstream_gmp_{s}.yaml", s / 100, list(paper),
+                   note="paper GMP: encoder only, 30% first step, cubic, LR rewinding, KD T=2"),
+            Config(f"obert_{s}", f"obert_{s}.yaml", s / 100, list(paper) + [f"num_grads={budget['num_grads']}"],
+                   note=f"paper oBERT (m={budget['num_grads']})"),
+        ]
+    if task == "sst2":
+        configs += [
+            Config("ablate_prune_all_90", "downstream_gmp_90.yaml", 0.9, list(paper) + ["targets=['\\.weight$']", "exclude=['LayerNorm']"],
+                   note="paper GMP 90%, embeddings + head pruned too"),
+            Config("ablate_no_kd_90", "downstream_gmp_90.yaml", 0.9, list(paper) + ["modifiers.4.hardness=0.0"],
+                   note="paper GMP 90%, no KD (hardness 0)"),
+            Config("ablate_kd_t5.5_90", "downstream_gmp_90.yaml", 0.9, list(paper) + ["modifiers.4.temperature=5.5"],
+                   note="paper GMP 90%, KD temperature 5.5"),
+            Config("ablate_no_first_step_no_rewind_90", "downstream_gmp_90.yaml", 0.9,
+                   [s for s in paper if not s.startswith("init_sparsity")] + ["init_sparsity=0.0", f"modifiers.2.cycle_epochs={prune}"],
+                   note="paper GMP 90%, no accelerated first step, no LR rewinding"),
+        ]
+    return configs
+
+
+DENSE_RECIPE = """\
+version: 1
+description: Dense fine-tuning (the teacher for the accuracy benchmark).
+training:
+  epochs: 4
+  batch_size: 32
+  learning_rate: 5e-5
+  max_seq_length: 128
+  eval_every_epochs: 1
+  seed: 42
+modifiers: []
+"""
+
+
+def run_config(cfg: Config, task: str, args, teacher: str | None, workdir: Path) -> dict:
+    from recipec.train.run import Reporter, RunConfig, run
+
+    recipe = cfg.recipe
+    if recipe == "dense":
+        path = workdir / "dense.yaml"
+        path.write_text(DENSE_RECIPE)
+        recipe = str(path)
+    sets = list(cfg.sets) + [f"training.batch_size={args.batch_size}", f"training.max_seq_length={args.max_seq_length}"]
+    if task == "csqa":
+        sets.append("training.learning_rate=3e-5")
+    out = workdir / task / cfg.name
+    resume = (out / "run.json").is_file()
+    config = RunConfig(recipe_path=recipe, overrides=sets, data=[str(Path(args.data_root) / DATA[task])],
+                       teacher=teacher if cfg.distil else None, output=out, resume=resume,
+                       max_train=args.max_train, max_eval=args.max_eval, teacher_cache=workdir / "teachers")
+    started = time.perf_counter()
+    report = run(config, Reporter(quiet=args.quiet))
+    return {
+        "task": task, "config": cfg.name, "note": cfg.note, "recipe": cfg.recipe, "sets": sets,
+        "target_sparsity": cfg.sparsity, "sparsity_targets": report["sparsity"]["targets"],
+        "sparsity_model": report["sparsity"]["model"], "accuracy": report["final_eval"]["accuracy"],
+        "wall_seconds": time.perf_counter() - started, "steps": sum(s["steps"] for s in report["stages"]),
+        "train_examples": report["train_examples"], "eval_examples": report["eval_examples"],
+        "model_dir": report["model_dir"], "device": "cpu (2 cores)",
+    }
+
+
+def write_tables(results: list[dict], out_md: Path, out_png: Path, budget: dict) -> str:
+    lines = [
+        "| task | config | target | achieved (targets) | dev accuracy | kept vs dense | steps | wall (min) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    dense = {r["task"]: r["accuracy"] for r in results if r["config"] == "dense"}
+    for r in results:
+        kept = f"{100 * r['accuracy'] / dense[r['task']]:.1f}%" if r["task"] in dense and r["config"] != "dense" else "-"
+        lines.append(f"| {r['task']} | {r['config']} | {100 * r['target_sparsity']:.0f}% | {100 * r['sparsity_targets']:.1f}% | "
+                     f"{100 * r['accuracy']:.2f} | {kept} | {r['steps']} | {r['wall_seconds'] / 60:.1f} |")
+    lines.append("")
+    lines.append(f"Budget: {budget}")
+    text = "\n".join(lines) + "\n"
+    out_md.write_text(text)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, max(1, len(dense)), figsize=(6 * max(1, len(dense)), 4), squeeze=False)
+        for ax, task in zip(axes[0], sorted(dense)):
+            for family, marker in (("smc", "x"), ("gmp", "o"), ("obert", "s")):
+                pts = sorted((r["target_sparsity"], r["accuracy"]) for r in results
+                             if r["task"] == task and r["config"].startswith(family + "_"))
+                if pts:
+                    ax.plot([100 * p[0] for p in pts], [100 * p[1] for p in pts], marker=marker, label=family)
+            ax.axhline(100 * dense[task], color="gray", linestyle="--", label="dense")
+            ax.set_title(task)
+            ax.set_xlabel("sparsity of encoder linears (%)")
+            ax.set_ylabel("dev accuracy (%)")
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_png, dpi=110)
+        plt.close(fig)
+    except Exception as exc:  # the table matters more than the plot
+        print(f"plot skipped: {exc}")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=["sst2", "csqa", "all"], default="sst2")
+    parser.add_argument("--configs", default=None, help="comma list of configuration names (default: all)")
+    parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--max-train", type=int, default=None)
+    parser.add_argument("--max-eval", type=int, default=None)
+    parser.add_argument("--dense-epochs", type=float, default=1)
+    parser.add_argument("--prune-epochs", type=float, default=2)
+    parser.add_argument("--finetune-epochs", type=float, default=1)
+    parser.add_argument("--pruning-steps-per-epoch", type=int, default=2)
+    parser.add_argument("--num-grads", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-seq-length", type=int, default=128)
+    parser.add_argument("--workdir", default=os.path.join(os.path.expanduser("~"), ".cache", "recipec", "accuracy"))
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "accuracy.json"))
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+
+    data_root = Path(args.data_root)
+    tasks = ["sst2", "csqa"] if args.task == "all" else [args.task]
+    for task in tasks:
+        if not (data_root / DATA[task]).is_dir():
+            parser.error(f"{data_root / DATA[task]} is absent: pass --data-root")
+    budget = {"dense": args.dense_epochs, "prune": args.prune_epochs, "finetune": args.finetune_epochs,
+              "steps_per_epoch": args.pruning_steps_per_epoch, "num_grads": args.num_grads,
+              "max_train": args.max_train, "max_eval": args.max_eval, "batch_size": args.batch_size}
+    results_path = Path(args.results)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(results_path.read_text()) if results_path.is_file() else []
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    wanted = set(args.configs.split(",")) if args.configs else None
+    for task in tasks:
+        teacher = None
+        for cfg in configurations(task, budget):
+            if wanted is not None and cfg.name not in wanted and cfg.name != "dense":
+                continue
+            done = next((r for r in results if r["task"] == task and r["config"] == cfg.name and r.get("budget") == budget), None)
+            if done is not None:
+                print(f"[skip] {task}/{cfg.name}: done ({100 * done['accuracy']:.2f})")
+            else:
+                print(f"[run] {task}/{cfg.name}: {cfg.note}", flush=True)
+                record = run_config(cfg, task, args, teacher, workdir)
+                record["budget"] = budget
+                results.append(record)
+                results_path.write_text(json.dumps(results, indent=2))
+                done = record
+                print(f"[done] {task}/{cfg.name}: accuracy {100 * record['accuracy']:.2f} "
+                      f"sparsity {100 * record['sparsity_targets']:.1f}% in {record['wall_seconds'] / 60:.1f} min", flush=True)
+            if cfg.name == "dense":
+                teacher = done["model_dir"]
+    text = write_tables([r for r in results if r.get("budget") == budget], results_path.with_suffix(".md"),
+                        results_path.with_suffix(".png"), budget)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
