@@ -40,8 +40,13 @@ def command(recipe, model, task, data, teacher, output, overrides, resume, overw
       recipec apply recipes/downstream_gmp_90.yaml --data ../shared/data/sst2 --set init_sparsity=0.3
       recipec apply recipes/downstream_gmp_90.yaml --model roberta-large --task glue/sst2 --device cuda
       recipec apply recipes/quickstart.yaml --resume        # after Ctrl-C or a crash
+      torchrun --nproc_per_node 4 --no-python recipec apply recipes/quickstart.yaml --device cuda
 
-    Exit status: 0 done, 1 training stopped (non-finite loss), 2 bad input, 130 interrupted.
+    Under torchrun / accelerate launch every process trains a shard of each global batch
+    (DDP); only rank 0 prints and writes. See docs/distributed.md.
+
+    Exit status: 0 done, 1 training stopped (non-finite loss, a lost or diverging rank), 2 bad
+    input, 130 interrupted.
     """
     load_or_exit(recipe, overrides)  # every recipe problem at once, before anything heavy
     if device == "cuda":
@@ -51,6 +56,7 @@ def command(recipe, model, task, data, teacher, output, overrides, resume, overw
             fail("error: --device cuda but no CUDA device is available")
 
     from recipec.modifiers.base import CompileError
+    from recipec.train.distributed import DistributedError, is_main
     from recipec.train.loop import Interrupted, TrainingError
     from recipec.train.run import Reporter, RunConfig, RunError, run
 
@@ -61,13 +67,19 @@ def command(recipe, model, task, data, teacher, output, overrides, resume, overw
     try:
         report = run(config, reporter)
     except (RunError, CompileError) as exc:
+        if not is_main() and not str(exc).startswith("rank "):
+            sys.exit(2)  # every rank hit the same error; rank 0 prints it
         fail(f"error: {exc}")
-    except TrainingError as exc:
-        click.echo(f"error: {exc}", err=True)
+    except (TrainingError, DistributedError) as exc:
+        if is_main() or isinstance(exc, DistributedError):
+            click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     except Interrupted as exc:
-        click.echo(f"{exc}; continue with the same command plus --resume", err=True)
+        if is_main():
+            click.echo(f"{exc}; continue with the same command plus --resume", err=True)
         sys.exit(130)
+    if not is_main():
+        return
     primary = report["primary_metric"]
     final = report["final_eval"][primary]
     line = (f"done: {report['model_dir']}  eval {primary} {final:.4f}  "

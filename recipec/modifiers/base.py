@@ -34,6 +34,9 @@ class MaskState:
     def __init__(self, params: Mapping[str, nn.Parameter]):
         self.params = dict(params)  # every parameter of the model, by name
         self.masks: dict[str, torch.Tensor] = {}
+        # Bumped whenever masks are installed or loaded: lets a driver notice pruning steps
+        # (e.g. to check that every rank of a distributed run holds the same masks).
+        self.version = 0
 
     def set(self, new_masks: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer | None) -> None:
         """Install masks (AND-ed with existing ones), zero the weights and optimizer state."""
@@ -42,6 +45,7 @@ class MaskState:
             if name in self.masks:
                 mask = mask & self.masks[name]
             self.masks[name] = mask
+        self.version += 1
         self.apply_(names=new_masks.keys())
         if optimizer is not None:
             self.zero_optimizer_state_(optimizer, names=new_masks.keys())
@@ -87,6 +91,7 @@ class MaskState:
         if unknown:
             raise CompileError(f"saved masks name tensors this model does not have: {', '.join(unknown[:5])}")
         self.masks = {name: mask.to(device=self.params[name].device, dtype=torch.bool) for name, mask in state.items()}
+        self.version += 1
         self.apply_()
 
 

@@ -8,6 +8,10 @@ Layout::
 A checkpoint is written into a temporary folder, flushed, then renamed; ``latest`` is replaced
 atomically afterwards. A crash (even SIGKILL) at any point leaves the previous checkpoint
 intact and ``latest`` pointing at a complete folder.
+
+Distributed runs: only rank 0 calls :func:`save_checkpoint` (the driver gathers every rank's
+RNG state into ``state["rng_ranks"]`` first); every rank calls :func:`load_checkpoint` on the
+same folder, so the run folder must be on a file system all nodes share.
 """
 
 from __future__ import annotations

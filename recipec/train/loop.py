@@ -24,6 +24,7 @@ from recipec.modifiers.training import set_lr
 from recipec.plan import StagePlan
 from recipec.program import Program
 from recipec.train import checkpoint as ckpt
+from recipec.train import distributed as dist_utils
 from recipec.train.data import make_dataloader
 from recipec.train.metrics import compute_metrics
 from recipec.train.tasks import Example, TaskInfo
@@ -55,23 +56,41 @@ def to_device(batch: Mapping[str, torch.Tensor], device: torch.device | str) -> 
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: list[Example], tokenizer: Any, info: TaskInfo, *, batch_size: int,
              max_seq_length: int, device: str, progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
-    """Metrics of ``model`` on ``examples`` (eval mode, no gradients)."""
+    """Metrics of ``model`` on ``examples`` (eval mode, no gradients).
+
+    In a distributed run every rank must call this: each evaluates a contiguous shard of
+    ``examples`` and the logits are gathered, so every rank returns the same metrics.
+    """
+    world = dist_utils.world_size()
+    if world > 1:
+        start, end = dist_utils.shard_bounds(len(examples), dist_utils.rank(), world)
+        local = list(examples[start:end])
+    else:
+        local = examples
     was_training = model.training
     model.eval()
-    loader = make_dataloader(examples, tokenizer, info, batch_size=batch_size, max_seq_length=max_seq_length)
     logits, labels, losses = [], [], []
-    for i, batch in enumerate(loader):
-        batch = to_device(batch, device)
-        out = model(**batch)
-        logits.append(out.logits.float().cpu())
-        labels.append(batch["labels"].cpu())
-        if out.loss is not None:
-            losses.append(float(out.loss) * len(batch["labels"]))
-        if progress:
-            progress(i + 1, len(loader))
+    if local or world == 1:  # (a single process with no examples gets the loader's error)
+        loader = make_dataloader(local, tokenizer, info, batch_size=batch_size, max_seq_length=max_seq_length)
+        for i, batch in enumerate(loader):
+            batch = to_device(batch, device)
+            out = model(**batch)
+            logits.append(out.logits.float().cpu())
+            labels.append(batch["labels"].cpu())
+            if out.loss is not None:
+                losses.append(float(out.loss) * len(batch["labels"]))
+            if progress:
+                progress(i + 1, len(loader))
     model.train(was_training)
-    all_logits = torch.cat(logits).numpy()
-    all_labels = torch.cat(labels).numpy()
+    if world > 1:
+        mine = (torch.cat(logits).numpy() if logits else None, torch.cat(labels).numpy() if labels else None, losses)
+        parts = dist_utils.all_gather_object(mine, what="gathering eval predictions")
+        all_logits = np.concatenate([p[0] for p in parts if p[0] is not None])
+        all_labels = np.concatenate([p[1] for p in parts if p[1] is not None])
+        losses = [x for p in parts for x in p[2]]
+    else:
+        all_logits = torch.cat(logits).numpy()
+        all_labels = torch.cat(labels).numpy()
     metrics = compute_metrics(info, all_logits, all_labels)
     if losses:
         metrics["loss"] = sum(losses) / len(all_labels)
@@ -166,9 +185,20 @@ def train_stage(
     ``resume_state`` (from a checkpoint) restores optimizer, Program, RNG and step; the data
     position follows from the step (every epoch has exactly ``plan.steps_per_epoch`` batches
     in a seeded order). ``stop_after_step`` ends early (tests).
+
+    In a distributed run (an initialised process group of several ranks, see
+    :mod:`recipec.train.distributed`) every rank calls this with the same arguments: the model
+    is wrapped in ``DistributedDataParallel`` for the training forward/backward, each rank
+    trains on its shard of every global batch of ``training.batch_size`` examples with its loss
+    weighted so that gradients equal the global batch's, the logged loss is the global batch's
+    mean, a Ctrl-C stops all ranks at the same step, masks are checked identical across ranks
+    after every change, evaluation is sharded, and only rank 0 writes metrics and checkpoints
+    (which hold every rank's RNG state).
     """
     training = plan.training
-    metrics = metrics or MetricsLog(None)
+    world = dist_utils.world_size()
+    rank = dist_utils.rank()
+    metrics = metrics if metrics is not None and dist_utils.is_main() else MetricsLog(None)
     spe = plan.steps_per_epoch
     total = plan.total_steps
     step = 0
@@ -180,7 +210,7 @@ def train_stage(
         optimizer.load_state_dict(resume_state["optimizer"])
         if program is not None and resume_state.get("program") is not None:
             program.load_state_dict(resume_state["program"])
-        ckpt.set_rng_state(resume_state["rng"])
+        _restore_rng(resume_state, world, rank, training.seed + step)
         eval_history = list(resume_state.get("eval_history", []))
         elapsed_before = float(resume_state.get("seconds", 0.0))
         if step >= total and resume_state.get("complete"):
@@ -188,12 +218,18 @@ def train_stage(
             return StageResult(total, elapsed_before, eval_history, last)
 
     def state(at_step: int) -> dict[str, Any]:
+        rng = ckpt.rng_state()
+        per_rank = {}
+        if world > 1:  # every rank's stream, so a resumed run continues each of them
+            per_rank = {"rng_ranks": dist_utils.all_gather_object(rng, what="gathering RNG states"),
+                        "world_size": world}
         return {
             "stage": plan.name,
             "step": at_step,
             "optimizer": optimizer.state_dict(),
             "program": program.state_dict() if program is not None else None,
-            "rng": ckpt.rng_state(),
+            "rng": rng,
+            **per_rank,
             "eval_history": eval_history,
             "seconds": elapsed_before + time.perf_counter() - started,
             "data": {"epoch": at_step // spe, "batch": at_step % spe},
@@ -203,7 +239,8 @@ def train_stage(
     def save(at_step: int, complete: bool = False) -> None:
         if checkpoint_dir is not None:
             data = dict(state(at_step), complete=complete)
-            ckpt.save_checkpoint(checkpoint_dir, f"{plan.name}-step-{at_step:08d}", model, data)
+            if dist_utils.is_main():
+                ckpt.save_checkpoint(checkpoint_dir, f"{plan.name}-step-{at_step:08d}", model, data)
 
     def run_eval(at_step: int) -> dict[str, float]:
         result = evaluate(model, eval_examples, tokenizer, info, batch_size=max(training.batch_size, 32),
@@ -215,6 +252,13 @@ def train_stage(
         metrics.write(record)
         return result
 
+    def check_masks(where: str) -> None:
+        if program is not None and world > 1:
+            dist_utils.verify_identical(program.masks.masks, program.masks.params, f"stage {plan.name!r} {where}")
+
+    net = dist_utils.wrap_model(model, device)  # the model itself in a single process
+    check_masks(f"start (step {step})")
+    checked_version = program.masks.version if program is not None else 0
     model.train()
     final_eval = None
     with _SigintFlag() as sigint:
@@ -224,25 +268,39 @@ def train_stage(
                 max_seq_length=training.max_seq_length, shuffle=True, seed=training.seed,
                 epoch=step // spe, start_batch=step % spe,
             )
-            for batch in loader:
+            batches = loader if world == 1 else dist_utils.sharded_batches(loader, rank, world)
+            for batch in batches:
                 if step >= total:
                     break
+                weight = getattr(batch, "weight", 1.0)
                 batch = to_device(batch, device)
                 if program is not None:
                     program.step_start(step)
                 if program is None or not program.owns_lr:
                     set_lr(optimizer, plan.lr_at(step))
-                outputs = model(**batch)
+                with dist_utils.collective(f"stage {plan.name!r} step {step}: forward"):
+                    outputs = net(**batch)
                 loss = outputs.loss
                 if program is not None:
                     loss = program.loss(loss, batch=batch, outputs=outputs)
-                loss_value = float(loss.detach())
+                if world == 1:
+                    loss_value = float(loss.detach())
+                else:
+                    loss_value, stop = _reduce_step(loss, weight, sigint.raised, program, world, plan.name, step)
+                    if program is not None and program.masks.version != checked_version:
+                        check_masks(f"step {step} (after pruning)")
+                        checked_version = program.masks.version
                 if not math.isfinite(loss_value):
                     raise TrainingError(
                         f"stage {plan.name!r}: the loss is {loss_value} at step {step}; stopping. "
                         "The last good checkpoint is kept (lower the learning rate, then --resume)."
                     )
-                loss.backward()
+                if world > 1:
+                    scale = weight * world  # DDP averages over ranks: this makes it the global mean
+                    with dist_utils.collective(f"stage {plan.name!r} step {step}: gradient all-reduce"):
+                        (loss * scale if scale != 1.0 else loss).backward()
+                else:
+                    loss.backward()
                 if program is not None:
                     program.before_optimizer_step(step)
                 if training.max_grad_norm is not None:
@@ -263,16 +321,44 @@ def train_stage(
                     run_eval(step)
                 if checkpoint_every and step % checkpoint_every == 0 and step < total:
                     save(step)
-                if sigint.raised:
+                if sigint.raised if world == 1 else stop:
                     save(step)
                     raise Interrupted(f"interrupted at stage {plan.name!r} step {step}; checkpoint saved")
                 if stop_after_step is not None and step >= stop_after_step:
                     return StageResult(step, elapsed_before + time.perf_counter() - started, eval_history)
         if program is not None:
             program.finalize()
+            check_masks("end (after finalize)")
         final_eval = run_eval(total)
         save(total, complete=True)
     return StageResult(total, elapsed_before + time.perf_counter() - started, eval_history, final_eval)
+
+
+def _reduce_step(loss: torch.Tensor, weight: float, interrupted: bool, program: Program | None, world: int,
+                 stage: str, step: int) -> tuple[float, bool]:
+    """One small all-reduce per step: global mean loss, any rank's Ctrl-C, mask-version agreement."""
+    version = float(program.masks.version) if program is not None else 0.0
+    contribution = float(loss.detach()) * weight if weight else 0.0
+    stats = torch.tensor([contribution, float(interrupted), version, version * version], dtype=torch.float64)
+    dist_utils.all_reduce_sum(stats, what=f"stage {stage!r} step {step}: loss all-reduce")
+    total, flags, vsum, vsq = (float(x) for x in stats)
+    if vsq * world != vsum * vsum:  # not every rank has changed its masks the same number of times
+        raise dist_utils.RankMismatchError(
+            f"stage {stage!r} step {step}: ranks disagree on how many times the masks changed "
+            f"(this rank: {int(version)}); every rank must prune at the same steps"
+        )
+    return total, flags > 0
+
+
+def _restore_rng(state: Mapping[str, Any], world: int, rank: int, reseed: int) -> None:
+    """Each rank's own RNG stream when the world size is unchanged; else rank 0's, re-split."""
+    per_rank = state.get("rng_ranks")
+    if per_rank is not None and len(per_rank) == world:
+        ckpt.set_rng_state(per_rank[rank])
+        return
+    ckpt.set_rng_state(state["rng"])
+    if world > 1:
+        dist_utils.seed_rank(reseed)
 
 
 def seed_everything(seed: int) -> None:

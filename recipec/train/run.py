@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,14 @@ class Reporter:
         console.print(message, highlight=False, markup=False)
 
     def start(self, description: str, total: int, completed: int = 0) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.stop()
         self.progress = Progress(
@@ -120,17 +127,58 @@ def _step_info(record: dict[str, Any]) -> str:
 
 
 def run(config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
-    """Execute a run; returns the report dict. Raises RunError / TrainingError / Interrupted."""
+    """Execute a run; returns the report dict. Raises RunError / TrainingError / Interrupted.
+
+    Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1 in the environment) every
+    rank calls this: it joins the process group (gloo on CPU, NCCL on CUDA with one GPU per
+    local rank), trains with DDP over shards of each global batch, and only rank 0 prints and
+    writes files; every rank returns the same report. Also raises
+    :class:`recipec.train.distributed.DistributedError` (launch problems, a lost peer, ranks
+    whose masks differ). See docs/distributed.md.
+    """
+    from recipec.train import distributed as dist_utils
+
+    reporter = reporter or Reporter()
+    with dist_utils.process_group(config.device) as device:
+        if device != config.device:
+            config = replace(config, device=device)
+        if not dist_utils.is_main():
+            reporter = Reporter(quiet=True)
+        elif dist_utils.is_distributed():
+            reporter.log(f"[distributed] {dist_utils.world_size()} ranks "
+                         f"({torch.distributed.get_backend()}), global batch split across them")
+        return _run(config, reporter)
+
+
+def _agree(error: str | None, what: str) -> None:
+    """Rank 0 checked something; raise its RunError (if any) on every rank."""
+    from recipec.train import distributed as dist_utils
+
+    error = dist_utils.broadcast_object(error, what=what)
+    if error is not None:
+        raise RunError(error)
+
+
+def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
     from recipec.compiler import compile as compile_recipe
     from recipec.modifiers.base import CompileError
     from recipec.plan import PlanError, resolve_stage
     from recipec.recipe.load import load_recipe, resolve_recipe_path
     from recipec.train import checkpoint as ckpt
-    from recipec.train.loop import MetricsLog, evaluate, make_optimizer, seed_everything, train_stage
+    from recipec.train import distributed as dist_utils
+    from recipec.train.data import make_dataloader
+    from recipec.train.loop import (
+        MetricsLog,
+        evaluate,
+        make_optimizer,
+        seed_everything,
+        train_stage,
+    )
     from recipec.train.models import ModelLoadError, load_model_and_tokenizer
     from recipec.train.tasks import TaskError, load_task
 
-    reporter = reporter or Reporter()
+    main_rank = dist_utils.is_main()
+    world = dist_utils.world_size()
     started = time.perf_counter()
     _quiet_libraries()
     recipe_path = resolve_recipe_path(config.recipe_path)
@@ -146,24 +194,17 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
         "max_train": config.max_train,
         "max_eval": config.max_eval,
     }
-    if config.resume:
-        if not run_json.is_file():
-            raise RunError(f"nothing to resume in {out} (no run.json); start without --resume")
-        before = json.loads(run_json.read_text())
-        changed = [k for k in asked if before.get(k) != asked[k]]
-        if changed:
-            raise RunError(f"--resume: the run in {out} was started with different {', '.join(changed)}; "
-                           "resume with the same arguments or use another --output")
-    elif out.exists() and any(out.iterdir()):
-        if not config.overwrite:
-            raise RunError(f"output folder {out} exists and is not empty: pass --resume to continue it, "
-                           "--overwrite to replace it, or --output for a new folder")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not config.resume:
-        ckpt.write_text_atomic(run_json, json.dumps(asked, indent=2))
-        ckpt.write_text_atomic(out / "recipe.yaml", _dump_recipe(recipe))
-    metrics = MetricsLog(out / "metrics.jsonl")
+    error = None
+    if main_rank:  # only rank 0 touches the output folder (shared by all ranks)
+        try:
+            _prepare_output(config, recipe, out, run_json, asked)
+        except RunError as exc:
+            if world == 1:
+                raise
+            error = str(exc)
+    if world > 1:
+        _agree(error, "checking the output folder")
+    metrics = MetricsLog(out / "metrics.jsonl" if main_rank else None)
 
     seed = recipe.training.seed
     try:
@@ -209,21 +250,33 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
             teacher_model = teacher_spec
 
     seed_everything(seed)
+    dist_utils.seed_rank(seed)
     ckpt_root = out / "checkpoints"
     resume_stage, resume_folder = 0, None
     if config.resume:
-        for i in range(len(stages) - 1, -1, -1):
-            folder = ckpt.latest_checkpoint(ckpt_root / f"{i:02d}-{stages[i].name}")
-            if folder is not None:
-                resume_stage, resume_folder = i, folder
-                break
-        if resume_folder is None:
+        found = None
+        if main_rank:  # every rank resumes from the checkpoint rank 0 sees
+            for i in range(len(stages) - 1, -1, -1):
+                folder = ckpt.latest_checkpoint(ckpt_root / f"{i:02d}-{stages[i].name}")
+                if folder is not None:
+                    found = (i, str(folder))
+                    break
+        found = dist_utils.broadcast_object(found, what="choosing the checkpoint to resume from")
+        if found is None:
             reporter.log("[resume] no checkpoint yet: starting from the beginning")
         else:
+            resume_stage, resume_folder = found[0], Path(found[1])
+            if not (resume_folder / "state.pt").is_file():
+                raise RunError(f"rank {dist_utils.rank()}: cannot read the checkpoint {resume_folder} "
+                               "(distributed runs need --output on a file system shared by every node)")
             reporter.log(f"[resume] continuing from {resume_folder}")
             metrics_state = torch.load(resume_folder / "state.pt", weights_only=False)
+            saved_world = int(metrics_state.get("world_size", 1))
+            if saved_world != world:
+                reporter.log(f"[resume] the checkpoint was written by {saved_world} rank(s), this run has {world}: "
+                             "the global batches are the same, dropout streams are re-split")
             metrics.truncate_after(metrics_state["stage"], int(metrics_state["step"]))
-    elif (out / "metrics.jsonl").exists():
+    elif main_rank and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
 
     carried_masks = None
@@ -240,13 +293,14 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
             carried_masks = None  # the Program state holds the masks
         grad_counter = {"n": 0}
 
-        def grad_batches(batch_size: int, _plan=plan):
-            from recipec.train.data import make_dataloader
-
-            grad_counter["n"] += 1
+        def grad_batches(batch_size: int, _plan=plan, _counter=grad_counter):
+            _counter["n"] += 1
             loader = make_dataloader(task.train, tokenizer, info, batch_size=batch_size,
                                      max_seq_length=_plan.training.max_seq_length, shuffle=True,
-                                     seed=seed + 7919 * grad_counter["n"])
+                                     seed=seed + 7919 * _counter["n"])
+            if world > 1:  # this rank's share of the same global mini-batches (see OBertModifier)
+                return (dist_utils.ShardBatch({k: v.to(config.device) for k, v in b.items()}, b.weight)
+                        for b in dist_utils.sharded_batches(loader))
             return (dict((k, v.to(config.device)) for k, v in b.items()) for b in loader)
 
         try:
@@ -284,12 +338,37 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
                               max_seq_length=plans[-1].training.max_seq_length, device=config.device)
     from recipec.train.report import write_outputs
 
-    report = write_outputs(
-        out=out, model=model, tokenizer=tokenizer, recipe=recipe, recipe_text=_dump_recipe(recipe), info=info,
-        task=task, results=results, final_eval=final_eval, teacher_report=teacher_report,
-        seconds=time.perf_counter() - started, config=config,
-    )
-    return report
+    report = None
+    if main_rank:
+        report = write_outputs(
+            out=out, model=model, tokenizer=tokenizer, recipe=recipe, recipe_text=_dump_recipe(recipe), info=info,
+            task=task, results=results, final_eval=final_eval, teacher_report=teacher_report,
+            seconds=time.perf_counter() - started, config=config,
+        )
+    return dist_utils.broadcast_object(report, what="sharing the report")
+
+
+def _prepare_output(config: RunConfig, recipe: Recipe, out: Path, run_json: Path, asked: dict[str, Any]) -> None:
+    """Check --resume / --overwrite against the output folder and create it (rank 0 only)."""
+    from recipec.train import checkpoint as ckpt
+
+    if config.resume:
+        if not run_json.is_file():
+            raise RunError(f"nothing to resume in {out} (no run.json); start without --resume")
+        before = json.loads(run_json.read_text())
+        changed = [k for k in asked if before.get(k) != asked[k]]
+        if changed:
+            raise RunError(f"--resume: the run in {out} was started with different {', '.join(changed)}; "
+                           "resume with the same arguments or use another --output")
+    elif out.exists() and any(out.iterdir()):
+        if not config.overwrite:
+            raise RunError(f"output folder {out} exists and is not empty: pass --resume to continue it, "
+                           "--overwrite to replace it, or --output for a new folder")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not config.resume:
+        ckpt.write_text_atomic(run_json, json.dumps(asked, indent=2))
+        ckpt.write_text_atomic(out / "recipe.yaml", _dump_recipe(recipe))
 
 
 def _default_ckpt_every(plan) -> int:
@@ -308,11 +387,16 @@ def _quiet_libraries() -> None:
 
 
 def _auto_teacher(config: RunConfig, recipe: Recipe, distill, task, plan, reporter: Reporter, out: Path):
-    """Fine-tune (or reuse) the dense teacher for ``--teacher auto``."""
+    """Fine-tune (or reuse) the dense teacher for ``--teacher auto``.
+
+    Distributed: every rank trains the teacher (DDP); rank 0 decides whether the cache holds
+    one, writes it, and the others wait for it, then every rank loads it from the shared path.
+    """
     from recipec.plan import StagePlan
+    from recipec.train import distributed as dist_utils
+    from recipec.train.checkpoint import latest_checkpoint, load_checkpoint, write_text_atomic
     from recipec.train.loop import evaluate, make_optimizer, seed_everything, train_stage
     from recipec.train.models import load_model_and_tokenizer
-    from recipec.train.checkpoint import latest_checkpoint, load_checkpoint, write_text_atomic
 
     training = plan.training
     epochs = distill.teacher_epochs or (training.epochs if training.epochs is not None else None)
@@ -324,19 +408,21 @@ def _auto_teacher(config: RunConfig, recipe: Recipe, distill, task, plan, report
     )
     cache = Path(config.teacher_cache or teacher_cache_dir()) / key
     done = cache / "model"
-    if (done / "config.json").is_file():
+    if dist_utils.broadcast_object((done / "config.json").is_file(), what="checking the teacher cache"):
         reporter.log(f"[teacher] reusing the fine-tuned dense teacher at {done}")
         report = json.loads((cache / "teacher.json").read_text()) if (cache / "teacher.json").is_file() else None
         return str(done), report
     reporter.log(f"[teacher] fine-tuning a dense teacher for {total} steps (cached at {cache})")
     seed_everything(training.seed)
+    dist_utils.seed_rank(training.seed)
     teacher, tokenizer = load_model_and_tokenizer(config.model, task.info, device=config.device)
     tplan = StagePlan(name="teacher", training=training, steps_per_epoch=plan.steps_per_epoch, total_steps=total,
                       warmup_steps=plan.warmup_steps, eval_every=None, modifiers=(), targets=plan.targets,
                       exclude=plan.exclude)
     optimizer = make_optimizer(teacher, training.learning_rate, training.weight_decay)
     ckdir = cache / "checkpoints"
-    folder = latest_checkpoint(ckdir)
+    folder = dist_utils.broadcast_object(latest_checkpoint(ckdir) if dist_utils.is_main() else None,
+                                         what="finding the teacher checkpoint")
     resume_state = load_checkpoint(folder, teacher) if folder is not None else None
     reporter.start("teacher", total, int(resume_state["step"]) if resume_state else 0)
     try:
@@ -349,15 +435,17 @@ def _auto_teacher(config: RunConfig, recipe: Recipe, distill, task, plan, report
         reporter.stop()
     final = result.final_eval or evaluate(teacher, task.eval, tokenizer, task.info, batch_size=64,
                                           max_seq_length=training.max_seq_length, device=config.device)
-    tmp = cache / ".model-tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    teacher.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, done)
     report = {"eval": final, "steps": total, "seconds": result.seconds, "path": str(done)}
-    write_text_atomic(cache / "teacher.json", json.dumps(report, indent=2))
-    shutil.rmtree(ckdir, ignore_errors=True)
+    if dist_utils.is_main():
+        tmp = cache / ".model-tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        teacher.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, done)
+        write_text_atomic(cache / "teacher.json", json.dumps(report, indent=2))
+        shutil.rmtree(ckdir, ignore_errors=True)
+    dist_utils.barrier("waiting for rank 0 to save the teacher")
     reporter.log(f"[teacher] dense teacher: {task.info.primary_metric} {final[task.info.primary_metric]:.4f}")
     return str(done), report
 
