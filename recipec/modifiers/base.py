@@ -34,6 +34,8 @@ class MaskState:
     def __init__(self, params: Mapping[str, nn.Parameter]):
         self.params = dict(params)  # every parameter of the model, by name
         self.masks: dict[str, torch.Tensor] = {}
+        # ~mask per tensor, kept so the per-step hooks allocate nothing (they run every step).
+        self._pruned: dict[str, torch.Tensor] = {}
         # Bumped whenever masks are installed or loaded: lets a driver notice pruning steps
         # (e.g. to check that every rank of a distributed run holds the same masks).
         self.version = 0
@@ -45,6 +47,7 @@ class MaskState:
             if name in self.masks:
                 mask = mask & self.masks[name]
             self.masks[name] = mask
+            self._pruned[name] = ~mask
         self.version += 1
         self.apply_(names=new_masks.keys())
         if optimizer is not None:
@@ -54,15 +57,15 @@ class MaskState:
     def apply_(self, names: Any = None) -> None:
         """Zero pruned weights in place (exact zeros)."""
         for name in self.masks if names is None else names:
-            self.params[name].masked_fill_(~self.masks[name], 0)
+            self.params[name].masked_fill_(self._pruned[name], 0)
 
     @torch.no_grad()
     def mask_grads_(self) -> None:
         """Zero the gradients of pruned weights."""
-        for name, mask in self.masks.items():
+        for name, pruned in self._pruned.items():
             grad = self.params[name].grad
             if grad is not None:
-                grad.masked_fill_(~mask, 0)
+                grad.masked_fill_(pruned, 0)
 
     @torch.no_grad()
     def zero_optimizer_state_(self, optimizer: torch.optim.Optimizer, names: Any = None) -> None:
@@ -74,7 +77,7 @@ class MaskState:
                 continue
             for value in state.values():
                 if torch.is_tensor(value) and value.shape == param.shape:
-                    value.masked_fill_(~self.masks[name], 0)
+                    value.masked_fill_(self._pruned[name], 0)
 
     def sparsity(self) -> tuple[float, dict[str, float]]:
         """Overall and per-tensor fraction of zeros in the masked tensors."""
@@ -91,6 +94,7 @@ class MaskState:
         if unknown:
             raise CompileError(f"saved masks name tensors this model does not have: {', '.join(unknown[:5])}")
         self.masks = {name: mask.to(device=self.params[name].device, dtype=torch.bool) for name, mask in state.items()}
+        self._pruned = {name: ~mask for name, mask in self.masks.items()}
         self.version += 1
         self.apply_()
 
