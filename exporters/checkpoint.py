@@ -96,8 +96,9 @@ def load_model(model_dir: Path, task: str) -> torch.nn.Module:
         raise CheckpointError(f"{model_dir}: no model weights (model.safetensors) in this folder")
     try:
         model = cls.from_pretrained(str(model_dir), dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{model_dir}: cannot load as {task}: {exc}") from exc
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{model_dir}: cannot load as {task}: {first}") from exc
     return model.eval()
 
 
@@ -237,3 +238,49 @@ def load_tokenizer(model_dir: Path):
         return transformers.AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError):
         return None
+
+
+@torch.no_grad()
+def magnitude_masks(
+    model: torch.nn.Module, sparsity: float, names: list[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Per-tensor unstructured magnitude masks (True = keep) for tests and benchmarks.
+
+    The real pruning algorithms live in ``recipec.sparsity``; this only makes a checkpoint
+    of a given sparsity to export or time.
+    """
+    params = dict(model.named_parameters())
+    masks = {}
+    for name in names if names is not None else encoder_linear_weights(model):
+        weight = params[name].detach()
+        k = int(round(sparsity * weight.numel()))
+        mask = torch.ones_like(weight, dtype=torch.bool)
+        if k > 0:
+            idx = torch.argsort(weight.abs().flatten())[:k]
+            mask.view(-1)[idx] = False
+        masks[name] = mask
+    return masks
+
+
+def write_checkpoint(
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    masks: dict[str, torch.Tensor] | None = None,
+    tokenizer=None,
+    recipe_text: str | None = None,
+) -> Path:
+    """Save ``model`` as a Hugging Face folder in the run-directory format (squashing masks)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if masks:
+        squash(model, masks)
+    model.save_pretrained(str(out))
+    if masks:
+        save_file({n: m.to(torch.uint8).contiguous() for n, m in masks.items()}, str(out / MASKS_FILE))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    if recipe_text is not None:
+        (out / RECIPE_FILES[0]).write_text(recipe_text)
+    return out

@@ -1,0 +1,474 @@
+"""Latency harness: warm-up, then repeated timed calls alternating between all targets.
+
+Every (runtime, variant) pair is a *target*. Each round times one block of calls per target,
+rotating the order each round, so slow drifts of the machine (thermal, other processes) hit
+sparse and dense alike. Reported: p50/p90 latency and items/s (batch / p50), and the speedup
+of each sparse target over the dense model on onnxruntime measured in the same run.
+
+The dense baseline ("dense twin") is the same model with the pruned weights refilled with
+random nonzero values of the kept weights' scale: identical graph and shapes, no zeros.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from recipec.exporters.checkpoint import MASKS_FILE, load_masks, load_model
+from recipec.exporters.onnx_export import (
+    ONNX_FILE,
+    export,
+    is_deployment_folder,
+    read_sparsity,
+)
+from recipec.exporters.runtimes import (
+    RUNTIMES,
+    OrtRunner,
+    OutputMismatch,
+    Runner,
+    RuntimeUnavailable,
+    TorchRunner,
+    check_outputs,
+    default_threads,
+    ort_session,
+    start_deepsparse,
+    torch_csr_runner,
+)
+
+BASELINE = ("ort", "dense")
+
+
+class BenchError(Exception):
+    """The benchmark cannot run as asked (a user error)."""
+
+
+@dataclass
+class Target:
+    """One thing to time: a runner plus its labels."""
+
+    model: str
+    runtime: str
+    variant: str
+    batch: int
+    seq: int
+    runner: Runner
+    max_abs_diff: float | None = None
+    note: str = ""
+
+    @property
+    def key(self) -> tuple:
+        """Unique key within a run."""
+        return (self.model, self.runtime, self.variant, self.batch, self.seq)
+
+
+@dataclass
+class Measurement:
+    """Summary of one target's timed calls."""
+
+    model: str
+    runtime: str
+    variant: str
+    batch: int
+    seq: int
+    calls: int
+    p50_ms: float
+    p90_ms: float
+    mean_ms: float
+    items_per_s: float
+    max_abs_diff: float | None = None
+    note: str = ""
+
+
+def summarize(target: Target, times: list[float]) -> Measurement:
+    """p50/p90/mean latency in ms and items/s (batch / p50)."""
+    arr = np.asarray(times, dtype=float) * 1e3
+    p50 = float(np.percentile(arr, 50))
+    return Measurement(
+        model=target.model,
+        runtime=target.runtime,
+        variant=target.variant,
+        batch=target.batch,
+        seq=target.seq,
+        calls=len(times),
+        p50_ms=p50,
+        p90_ms=float(np.percentile(arr, 90)),
+        mean_ms=float(arr.mean()),
+        items_per_s=target.batch / (p50 / 1e3) if p50 > 0 else math.inf,
+        max_abs_diff=target.max_abs_diff,
+        note=target.note,
+    )
+
+
+def run_alternating(
+    targets: list[Target],
+    warmup: int = 2,
+    repeats: int = 10,
+    block: int = 1,
+    log: Callable[[str], None] | None = None,
+    clock: str = "wall",
+) -> list[Measurement]:
+    """Warm every target up, then ``repeats`` rounds of ``block`` calls each, rotating order."""
+    log = log or (lambda msg: None)
+    for t in targets:
+        if warmup:
+            t.runner.time(warmup, clock)
+    times: dict[tuple, list[float]] = {t.key: [] for t in targets}
+    n = len(targets)
+    for r in range(repeats):
+        order = targets[r % n :] + targets[: r % n] if n else []
+        for t in order:
+            times[t.key].extend(t.runner.time(block, clock))
+        if repeats >= 5 and (r + 1) % max(1, repeats // 5) == 0:
+            log(f"  round {r + 1}/{repeats}")
+    return [summarize(t, times[t.key]) for t in targets]
+
+
+def speedups(measurements: list[Measurement]) -> list[dict]:
+    """Ratios of each sparse measurement vs dense onnxruntime and vs the same runtime dense."""
+    by_key = {(m.model, m.runtime, m.variant, m.batch, m.seq): m for m in measurements}
+    rows = []
+    for m in measurements:
+        if m.variant == "dense":
+            continue
+        base = by_key.get((m.model, *BASELINE, m.batch, m.seq))
+        same = by_key.get((m.model, m.runtime, "dense", m.batch, m.seq))
+        rows.append(
+            {
+                "model": m.model,
+                "runtime": m.runtime,
+                "batch": m.batch,
+                "seq": m.seq,
+                "vs_dense_ort": base.p50_ms / m.p50_ms if base else None,
+                "vs_dense_same_runtime": same.p50_ms / m.p50_ms if same else None,
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Inputs and dense twins
+# --------------------------------------------------------------------------------------
+
+
+def bench_inputs(
+    input_names: list[str], task: str, vocab_size: int, batch: int, seq: int, choices: int = 4
+) -> dict[str, np.ndarray]:
+    """Random token ids (no padding) of a fixed shape; items = batch."""
+    rng = np.random.default_rng(1234 + batch * 7 + seq)
+    shape = (batch, choices, seq) if task == "multiple-choice" else (batch, seq)
+    low = min(1000, vocab_size // 2)
+    arrays = {
+        "input_ids": rng.integers(low, vocab_size, size=shape, dtype=np.int64),
+        "attention_mask": np.ones(shape, dtype=np.int64),
+        "token_type_ids": np.zeros(shape, dtype=np.int64),
+    }
+    return {n: arrays[n] for n in input_names}
+
+
+def _refill(arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    zeros = arr == 0
+    if not zeros.any():
+        return arr
+    kept = arr[~zeros]
+    scale = float(kept.std()) if kept.size > 1 else 0.02
+    fill = rng.normal(0.0, scale or 0.02, size=int(zeros.sum())).astype(arr.dtype)
+    fill[fill == 0] = scale or 0.02
+    out = arr.copy()
+    out[zeros] = fill
+    return out
+
+
+def dense_twin_onnx(folder: str | Path, out_path: str | Path, seed: int = 0) -> Path:
+    """Write ``folder``'s model.onnx with every pruned initializer refilled (no zeros)."""
+    import onnx
+    from onnx import numpy_helper
+
+    info = read_sparsity(folder)
+    model = onnx.load(str(Path(folder) / ONNX_FILE))
+    targets = {t["onnx_initializer"] for t in info["tensors"].values() if "onnx_initializer" in t}
+    rng = np.random.default_rng(seed)
+    for init in model.graph.initializer:
+        if init.name in targets:
+            arr = _refill(numpy_helper.to_array(init), rng)
+            init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    out_path = Path(out_path)
+    onnx.save(model, str(out_path))
+    return out_path
+
+
+@torch.no_grad()
+def dense_twin_torch(
+    model: torch.nn.Module, tensors: dict[str, dict], dense_onnx: str | Path
+) -> torch.nn.Module:
+    """A copy of ``model`` whose masked tensors take the dense twin ONNX's values.
+
+    ``tensors`` is sparsity.json's table (it names each tensor's initializer), so torch and
+    onnxruntime time exactly the same dense model.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    arrays = {i.name: i for i in onnx.load(str(dense_onnx)).graph.initializer}
+    twin = copy.deepcopy(model)
+    params = dict(twin.named_parameters())
+    for name, t in tensors.items():
+        arr = numpy_helper.to_array(arrays[t["onnx_initializer"]])
+        arr = np.ascontiguousarray(arr.T if t["transposed"] else arr)
+        params[name].copy_(torch.from_numpy(arr))
+    return twin
+
+
+# --------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------
+
+
+def resolve_folder(path: str | Path, workdir: Path, log) -> Path:
+    """A deployment folder for ``path``: itself, ``path/onnx``, or a fresh verified export."""
+    path = Path(path)
+    if not path.exists():
+        raise BenchError(f"{path}: no such file or directory")
+    if is_deployment_folder(path):
+        return path
+    if is_deployment_folder(path / "onnx"):
+        return path / "onnx"
+    if path.is_file():
+        raise BenchError(f"{path}: expected a deployment folder (recipec export) or a checkpoint")
+    log(f"{path} is not an exported folder: exporting it first")
+    return export(path, workdir / "onnx", log=log).output_dir
+
+
+def parse_runtimes(spec: str) -> list[str]:
+    """``"ort,deepsparse"`` -> list; ``"all"`` -> every runtime."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if names == ["all"]:
+        return list(RUNTIMES)
+    bad = [n for n in names if n not in RUNTIMES]
+    if bad or not names:
+        raise BenchError(
+            f"unknown runtime(s) {', '.join(bad) or spec!r}; choose from {', '.join(RUNTIMES)}"
+        )
+    if "ort" not in names:
+        names.insert(0, "ort")  # the reference for output checks and the baseline
+    return list(dict.fromkeys(names))
+
+
+def bench(
+    path: str | Path,
+    runtimes: list[str] | tuple[str, ...] = ("ort",),
+    batch_sizes: list[int] | tuple[int, ...] = (1, 16),
+    seq_len: int = 128,
+    *,
+    dense_baseline: bool = False,
+    warmup: int = 2,
+    repeats: int = 10,
+    threads: int | None = None,
+    choices: int = 4,
+    deepsparse_python: str | Path | None = None,
+    kernels: list[str] | None = None,
+    atol: float = 1e-3,
+    rtol: float = 1e-3,
+    clock: str = "wall",
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Benchmark a deployment folder (or a checkpoint, exported first) and return a report."""
+    log = log or (lambda msg: None)
+    threads = threads or default_threads()
+    torch.set_num_threads(threads)
+    if "ort" not in runtimes:
+        runtimes = ["ort", *runtimes]
+    if seq_len < 1 or any(b < 1 for b in batch_sizes):
+        raise BenchError("batch sizes and --seq-len must be positive")
+    report: dict = {
+        "threads": threads,
+        "clock": clock,
+        "seq_len": seq_len,
+        "batch_sizes": list(batch_sizes),
+        "warmup": warmup,
+        "repeats": repeats,
+        "dense_baseline": dense_baseline,
+        "runtimes": list(runtimes),
+        "skipped": {},
+        "refused": [],
+        "torch_csr_layers": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="recipec-bench-") as tmp:
+        workdir = Path(tmp)
+        folder = resolve_folder(path, workdir, log)
+        info = read_sparsity(folder)
+        task, names = info["task"], info["inputs"]
+        report.update(model=str(path), folder=str(folder), task=task,
+                      sparsity=info["overall"]["sparsity"])
+        onnx_sparse = folder / ONNX_FILE
+        onnx_dense = dense_twin_onnx(folder, workdir / "dense.onnx") if dense_baseline else None
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(str(folder))
+        active = list(runtimes)
+
+        worker = None
+        if "deepsparse" in active:
+            try:
+                worker = start_deepsparse(deepsparse_python, num_cores=threads)
+                report["deepsparse"] = {k: v for k, v in worker.info.items() if k != "ok"}
+                report["deepsparse"]["python"] = str(worker.python)
+            except RuntimeUnavailable as exc:
+                report["skipped"]["deepsparse"] = str(exc)
+                log(f"deepsparse: skipped: {exc}")
+                active.remove("deepsparse")
+
+        torch_model = masks = torch_dense = None
+        if "torch-csr" in active:
+            if not (folder / MASKS_FILE).is_file():
+                msg = f"{folder} has no torch weights/masks (exported with --no-torch-weights)"
+                report["skipped"]["torch-csr"] = msg
+                log(f"torch-csr: skipped: {msg}")
+                active.remove("torch-csr")
+            else:
+                torch_model = load_model(folder, task)
+                masks = load_masks(folder / MASKS_FILE, torch_model)
+                if dense_baseline:
+                    torch_dense = dense_twin_torch(torch_model, info["tensors"], onnx_dense)
+
+        sess_sparse = ort_session(onnx_sparse, threads)
+        sess_dense = ort_session(onnx_dense, threads) if onnx_dense else None
+        measurements: list[Measurement] = []
+        try:
+            for batch in batch_sizes:
+                inputs = bench_inputs(names, task, int(config.vocab_size), batch, seq_len, choices)
+                label = Path(path).name or str(path)
+                targets = _targets_for_batch(
+                    label, active, inputs, batch, seq_len, sess_sparse, sess_dense,
+                    onnx_sparse, onnx_dense, worker, torch_model, torch_dense, masks,
+                    kernels, atol, rtol, report, log,
+                )
+                log(f"batch {batch}: timing {len(targets)} target(s), {warmup} warm-up + "
+                    f"{repeats} alternating rounds")
+                try:
+                    measurements += run_alternating(targets, warmup, repeats, log=log, clock=clock)
+                finally:
+                    for t in targets:
+                        t.runner.close()
+        finally:
+            if worker is not None:
+                worker.close()
+    report["results"] = [asdict(m) for m in measurements]
+    report["speedups"] = speedups(measurements)
+    return report
+
+
+def _targets_for_batch(
+    label, active, inputs, batch, seq, sess_sparse, sess_dense, onnx_sparse, onnx_dense,
+    worker, torch_model, torch_dense, masks, kernels, atol, rtol, report, log,
+) -> list[Target]:
+    targets = []
+    ort_sparse = OrtRunner(sess_sparse, inputs)
+    ref = {"sparse": ort_sparse.outputs()}
+    targets.append(Target(label, "ort", "sparse", batch, seq, ort_sparse, 0.0))
+    if sess_dense is not None:
+        ort_dense = OrtRunner(sess_dense, inputs)
+        ref["dense"] = ort_dense.outputs()
+        targets.append(Target(label, "ort", "dense", batch, seq, ort_dense, 0.0))
+    variants = ["sparse"] + (["dense"] if sess_dense is not None else [])
+    for variant in variants:
+        if "deepsparse" in active:
+            path = onnx_sparse if variant == "sparse" else onnx_dense
+            try:
+                runner = worker.runner(path, inputs, ref[variant], atol=atol, rtol=rtol)
+                diff = runner.load_info["max_abs_diff"]
+                targets.append(Target(label, "deepsparse", variant, batch, seq, runner, diff))
+                log(f"deepsparse {variant} b{batch}: compiled in "
+                    f"{runner.load_info['compile_s']:.1f}s, max |diff| vs ort {diff:.2e}")
+            except (OutputMismatch, RuntimeUnavailable) as exc:
+                report["refused"].append(str(exc))
+                log(f"deepsparse {variant} b{batch}: REFUSED: {exc}")
+        if "torch-csr" in active:
+            if variant == "sparse":
+                runner = torch_csr_runner(torch_model, masks, inputs, kernels=kernels)
+                report["torch_csr_layers"][str(batch)] = runner.summary()
+                log(f"torch-csr b{batch}: layers -> {runner.summary()}")
+            else:
+                runner = TorchRunner(torch_dense, inputs)
+            try:
+                diff = check_outputs(f"torch-csr {variant}", runner.outputs(), ref[variant],
+                                     atol, rtol)
+                targets.append(Target(label, "torch-csr", variant, batch, seq, runner, diff))
+            except OutputMismatch as exc:
+                report["refused"].append(str(exc))
+                log(f"torch-csr {variant} b{batch}: REFUSED: {exc}")
+    return targets
+
+
+# --------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------
+
+
+def format_table(report: dict) -> str:
+    """A plain-text table of the measurements with speedups vs dense onnxruntime."""
+    ratios = {
+        (s["model"], s["runtime"], s["batch"], s["seq"]): s for s in report.get("speedups", [])
+    }
+    header = f"{'batch':>5}  {'runtime':<11} {'variant':<7} {'p50 ms':>9} {'p90 ms':>9} " \
+             f"{'items/s':>9}  {'vs dense ort':>12}  {'vs same dense':>13}"
+    lines = [header, "-" * len(header)]
+    for m in report.get("results", []):
+        r = ratios.get((m["model"], m["runtime"], m["batch"], m["seq"])) if m["variant"] == "sparse" else None
+        vs_ort = f"{r['vs_dense_ort']:.2f}x" if r and r["vs_dense_ort"] else ""
+        vs_same = f"{r['vs_dense_same_runtime']:.2f}x" if r and r["vs_dense_same_runtime"] else ""
+        lines.append(
+            f"{m['batch']:>5}  {m['runtime']:<11} {m['variant']:<7} {m['p50_ms']:>9.2f} "
+            f"{m['p90_ms']:>9.2f} {m['items_per_s']:>9.1f}  {vs_ort:>12}  {vs_same:>13}"
+        )
+    return "\n".join(lines)
+
+
+def save_json(report: dict, path: str | Path) -> None:
+    """Write the report as JSON."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def plot(report: dict, path: str | Path) -> None:
+    """Bar chart of items/s per runtime and variant, one group per batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report.get("results", [])
+    batches = sorted({m["batch"] for m in results})
+    order = {name: i for i, name in enumerate(RUNTIMES)}
+    series = sorted(
+        dict.fromkeys((m["runtime"], m["variant"]) for m in results),
+        key=lambda s: (order.get(s[0], len(order)), s[1] != "dense"),
+    )
+    width = max(4.5, 0.9 * len(series) + 1)
+    fig, axes = plt.subplots(1, max(1, len(batches)), figsize=(width * max(1, len(batches)), 4))
+    axes = np.atleast_1d(axes)
+    for ax, batch in zip(axes, batches):
+        rows = {(m["runtime"], m["variant"]): m for m in results if m["batch"] == batch}
+        labels = [f"{rt}\n{var}" for rt, var in series]
+        values = [rows[s]["items_per_s"] if s in rows else 0.0 for s in series]
+        colors = ["#4c72b0" if var == "dense" else "#dd8452" for _, var in series]
+        bars = ax.bar(range(len(series)), values, color=colors)
+        ax.set_xticks(range(len(series)), labels, fontsize=7)
+        ax.set_title(f"batch {batch}, seq {report.get('seq_len')}")
+        ax.set_ylabel("items/s (higher is better)")
+        for bar, val in zip(bars, values):
+            ax.annotate(f"{val:.1f}", (bar.get_x() + bar.get_width() / 2, val),
+                        ha="center", va="bottom", fontsize=7)
+    sparsity = report.get("sparsity")
+    title = f"{report.get('model', '')}" + (f" ({sparsity:.0%} sparse)" if sparsity else "")
+    fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(str(path), dpi=120)
+    plt.close(fig)
