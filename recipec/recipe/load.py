@@ -348,7 +348,7 @@ def load_recipe_text(text: str, source: str = "<recipe>", overrides: Iterable[st
     """Validate recipe text; raises :class:`RecipeError` listing every problem."""
     data, positions, problems = _parse_yaml(text, source)
     if data is None:
-        raise RecipeError(problems)
+        raise RecipeError(problems or [Problem(positions.at(()), "", "the recipe is empty (null)")])
     if not isinstance(data, dict):
         raise RecipeError([Problem(positions.at(()), "", "a recipe must be a mapping of keys (version, training, modifiers, ...)")])
     problems += _apply_sets(data, list(overrides), positions)

@@ -103,6 +103,11 @@ def test_arbitrary_text_fails_cleanly(text):
     _check(text, [])
 
 
+def test_null_and_scalar_documents():
+    for text in ("Null", "~", "null\n", "3", "'text'"):
+        _check(text, [])
+
+
 def test_huge_and_deep_inputs():
     _check("a: " + "[" * 5000 + "]" * 5000, [])
     _check("training:\n  steps: " + "9" * 5000 + "\n", [])
