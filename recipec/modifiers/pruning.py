@@ -13,6 +13,7 @@ from recipec.modifiers.base import CompileContext, CompileError, Modifier
 from recipec.plan import ResolvedModifier
 from recipec.sparsity.masks import compute_masks, magnitude_scores
 from recipec.sparsity.selection import SelectionError, require_parameters
+from recipec.train import distributed as dist_utils
 
 
 def target_parameters(resolved: ResolvedModifier, ctx: CompileContext) -> dict[str, nn.Parameter]:
@@ -93,6 +94,25 @@ class OBertModifier(_ScheduledPruner):
     of ``grad_batch_size``) using the task loss — or the distillation loss when the stage
     distils. ``recomputations`` splits each pruning step into sub-steps between the previous and
     the target sparsity, re-estimating the Fisher in between.
+
+    ``ctx.extra["obert_grad_batch"] = k`` (e.g. ``program.ctx.extra[...]`` after compiling;
+    default 1) buffers ``k`` gradients per rank-k Woodbury update of the inverse Fisher: the
+    same Fisher up to float rounding, several times faster per gradient at B=50
+    (``benchmarks/obert_cost.py``), for ``k * numel * 4`` more bytes of buffered gradients.
+    The default is the exact rank-1 recursion.
+
+    Distributed runs (see docs/distributed.md): every one of the ``m`` gradients is all-reduced,
+    so every rank builds the same Fisher from the same global mini-batches and takes the same,
+    deterministic decision (masks and OBS weight updates). Each rank computes the gradient of
+    its shard of a mini-batch, scaled by its share ``n_rank / n_global`` (the ``weight`` of a
+    :class:`recipec.train.distributed.ShardBatch`), and the sum over ranks is the gradient of
+    the whole mini-batch's mean loss; plain batches (no ``weight``) are averaged instead. We
+    chose this over "rank 0 computes and broadcasts" because the ``m`` forward/backward passes
+    (the larger part of a pruning step) are split across ranks, no rank idles for minutes
+    inside a collective (which would race the process-group timeout), and the Fisher code runs
+    unchanged. The price is that every rank holds the inverse Fisher (``max_memory_gb`` is per
+    rank) and does the same Woodbury updates; the driver verifies with a checksum that all
+    ranks ended with bit-identical masks and weights.
     """
 
     def __init__(self, resolved: ResolvedModifier, ctx: CompileContext):
@@ -109,6 +129,7 @@ class OBertModifier(_ScheduledPruner):
         names = list(self.targets)
         distill = self.ctx.extra.get("distill_loss")
         batches = self.ctx.grad_batches(spec.grad_batch_size)
+        distributed = dist_utils.is_distributed()
 
         def grad() -> dict[str, torch.Tensor]:
             nonlocal batches
@@ -117,15 +138,20 @@ class OBertModifier(_ScheduledPruner):
             except StopIteration:
                 batches = self.ctx.grad_batches(spec.grad_batch_size)
                 batch = next(batches)
+            weight = getattr(batch, "weight", None)
             model.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 outputs = model(**batch)
                 loss = outputs.loss
                 if distill is not None:
                     loss = distill(loss, batch, outputs)
+                if distributed and weight is not None:
+                    loss = loss * weight  # this rank's share of the global mini-batch mean
                 loss.backward()
             out = {n: self.targets[n].grad.detach().float().clone() for n in names}
             model.zero_grad(set_to_none=True)
+            if distributed:
+                out = _reduce_grads(out, mean=weight is None)
             return out
 
         return grad
@@ -155,10 +181,28 @@ class OBertModifier(_ScheduledPruner):
                     fisher=spec.fisher,
                     max_memory_gb=spec.max_memory_gb,
                     progress=self.ctx.progress,
+                    # Opt-in rank-k Woodbury (see the class docstring); default: exact rank-1.
+                    grad_batch=int(self.ctx.extra.get("obert_grad_batch", 1)),
                 )
         finally:
             model.train(was_training)
         return masks
+
+
+def _reduce_grads(grads: dict[str, torch.Tensor], mean: bool) -> dict[str, torch.Tensor]:
+    """Sum (or average) a gradient dict over ranks with one collective on a flat buffer."""
+    names = list(grads)
+    flat = torch.cat([grads[n].reshape(-1) for n in names])
+    if mean:
+        dist_utils.all_reduce_mean(flat, what="oBERT gradient all-reduce")
+    else:
+        dist_utils.all_reduce_sum(flat, what="oBERT gradient all-reduce")
+    out, offset = {}, 0
+    for n in names:
+        k = grads[n].numel()
+        out[n] = flat[offset:offset + k].view_as(grads[n])
+        offset += k
+    return out
 
 
 class ConstantModifier(Modifier):

@@ -21,11 +21,32 @@ Padding never affects results: padded gradient entries are zero, so padded rows/
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
 __all__ = ["BlockFisherInverse", "MFACInverse"]
+
+
+@contextlib.contextmanager
+def _single_thread():
+    """Run the enclosed torch ops with one intra-op thread (restored afterwards).
+
+    Batched ``linalg`` calls on CPU (``cholesky_ex``, ``solve_triangular``) make one small
+    LAPACK call per matrix; with MKL/OpenMP using several threads for each of those calls,
+    tens of thousands of k x k systems took 10-60 s instead of 0.2-0.5 s on 2 busy cores
+    (oversubscription), which made the rank-k update slower than k rank-1 steps.
+    """
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 class _BlockedInverse:
@@ -182,10 +203,14 @@ class BlockFisherInverse(_BlockedInverse):
             s = torch.bmm(g, v)  # [nb, k, k] = G A G^T
             s = 0.5 * (s + s.transpose(1, 2))
             s.diagonal(dim1=1, dim2=2).add_(self.num_grads)
-            chol, info = torch.linalg.cholesky_ex(s)  # lower; s is SPD (eigenvalues >= m)
-            if not bool(info.any()):
-                # U^T = L^-1 V^T  ->  U = V L^-T
-                ut = torch.linalg.solve_triangular(chol, v.transpose(1, 2), upper=False)
+            # One tiny LAPACK call per block: run them single-threaded (see _single_thread).
+            with _single_thread():
+                chol, info = torch.linalg.cholesky_ex(s)  # lower; s is SPD (eigenvalues >= m)
+                ok = not bool(info.any())
+                if ok:
+                    # U^T = L^-1 V^T  ->  U = V L^-T
+                    ut = torch.linalg.solve_triangular(chol, v.transpose(1, 2), upper=False)
+            if ok:
                 self.F_inv.baddbmm_(ut.transpose(1, 2), ut, alpha=-1.0)
                 return
             # Numerically indefinite in this dtype: fall back to exact rank-1 steps.
