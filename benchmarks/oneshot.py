@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-grads", type=int, default=128, help="oBERT m")
     p.add_argument("--grad-batch-size", type=int, default=16, help="sentences per oBERT gradient")
     p.add_argument("--block-size", type=int, default=50, help="oBERT Fisher block B")
-    p.add_argument("--damps", type=float, nargs="+", default=[1e-8, 1e-7, 1e-6, 1e-5],
+    p.add_argument("--damps", type=float, nargs="+", default=[1e-9, 1e-8, 1e-7, 1e-6, 1e-5],
                    help="oBERT dampening candidates (chosen on held-out train examples)")
     p.add_argument("--recomputations", type=int, default=1)
     p.add_argument("--grad-batch", type=int, default=16,
