@@ -10,6 +10,10 @@ run's model (the teacher), so the dense configuration runs first.
 
     python benchmarks/accuracy.py --task sst2 --max-train 4000 --max-eval 872
     python benchmarks/accuracy.py --task csqa --configs dense,gmp_90,smc_90
+    python benchmarks/accuracy.py --task all --device cuda --jobs 8   # one GPU, 8 runs at a time
+
+With ``--jobs N`` the dense teachers run first, then the other configurations run N at a time,
+each in its own process (log in WORKDIR/logs/), and the results file is updated as each ends.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +101,8 @@ def run_config(cfg: Config, task: str, args, teacher: str | None, workdir: Path)
     resume = (out / "run.json").is_file()
     config = RunConfig(recipe_path=recipe, overrides=sets, data=[str(Path(args.data_root) / DATA[task])],
                        teacher=teacher if cfg.distil else None, output=out, resume=resume,
-                       max_train=args.max_train, max_eval=args.max_eval, teacher_cache=workdir / "teachers")
+                       max_train=args.max_train, max_eval=args.max_eval, teacher_cache=workdir / "teachers",
+                       device=args.device)
     started = time.perf_counter()
     report = run(config, Reporter(quiet=args.quiet))
     return {
@@ -104,23 +111,57 @@ def run_config(cfg: Config, task: str, args, teacher: str | None, workdir: Path)
         "sparsity_model": report["sparsity"]["model"], "accuracy": report["final_eval"]["accuracy"],
         "wall_seconds": time.perf_counter() - started, "steps": sum(s["steps"] for s in report["stages"]),
         "train_examples": report["train_examples"], "eval_examples": report["eval_examples"],
-        "model_dir": report["model_dir"], "device": "cpu (2 cores)",
+        "model_dir": report["model_dir"], "device": describe_device(args.device),
     }
 
 
-def write_tables(results: list[dict], out_md: Path, out_png: Path, budget: dict) -> str:
-    lines = [
-        "| task | config | target | achieved (targets) | dev accuracy | kept vs dense | steps | wall (min) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    dense = {r["task"]: r["accuracy"] for r in results if r["config"] == "dense"}
+def describe_device(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(device)} (GPU)"
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _budget_text(budget: dict) -> str:
+    data = "all" if budget.get("max_train") is None else f"first {budget['max_train']}"
+    return (f"{budget['dense']} dense + {budget['prune']} pruning + {budget['finetune']} fine-tuning epochs, "
+            f"{budget['steps_per_epoch']} pruning steps per epoch, batch {budget['batch_size']}, "
+            f"{data} training examples, oBERT m={budget['num_grads']}")
+
+
+def write_tables(results: list[dict], out_md: Path, out_png: Path, budget: dict | None = None) -> str:
+    """One table per (budget, device kind): every configuration's accuracy, sparsity and wall time.
+
+    ``budget`` (the current run's) comes first; runs under other budgets follow in their own
+    tables, so a partial GPU run and a CPU run on a smaller budget sit side by side, each
+    "kept vs dense" computed against the dense teacher of its own budget.
+    """
+    groups: dict[str, list[dict]] = {}
     for r in results:
-        kept = f"{100 * r['accuracy'] / dense[r['task']]:.1f}%" if r["task"] in dense and r["config"] != "dense" else "-"
-        lines.append(f"| {r['task']} | {r['config']} | {100 * r['target_sparsity']:.0f}% | {100 * r['sparsity_targets']:.1f}% | "
-                     f"{100 * r['accuracy']:.2f} | {kept} | {r['steps']} | {r['wall_seconds'] / 60:.1f} |")
-    lines.append("")
-    lines.append(f"Budget: {budget}")
-    text = "\n".join(lines) + "\n"
+        key = json.dumps(r.get("budget"), sort_keys=True) + "|" + ("GPU" if "GPU" in r.get("device", "") else "CPU")
+        groups.setdefault(key, []).append(r)
+    current = json.dumps(budget, sort_keys=True) if budget is not None else None
+    order = sorted(groups, key=lambda k: (k.split("|")[0] != current, k))
+    lines: list[str] = []
+    panels = []
+    for key in order:
+        rows = groups[key]
+        b = rows[0].get("budget") or {}
+        devices = sorted({r.get("device", "-") for r in rows})
+        lines += [f"Budget: {_budget_text(b) if b else '?'}; device: {', '.join(devices)}", "",
+                  "| task | config | target | achieved (targets) | dev accuracy | kept vs dense | steps | wall (min) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        dense = {r["task"]: r["accuracy"] for r in rows if r["config"] == "dense"}
+        for r in rows:
+            kept = f"{100 * r['accuracy'] / dense[r['task']]:.1f}%" if r["task"] in dense and r["config"] != "dense" else "-"
+            lines.append(f"| {r['task']} | {r['config']} | {100 * r['target_sparsity']:.0f}% | "
+                         f"{100 * r['sparsity_targets']:.1f}% | {100 * r['accuracy']:.2f} | {kept} | {r['steps']} | "
+                         f"{r['wall_seconds'] / 60:.1f} |")
+        lines.append("")
+        for task in sorted(dense):
+            panels.append((task, "GPU" if key.endswith("GPU") else "CPU", b, rows, dense[task]))
+    text = "\n".join(lines)
     out_md.write_text(text)
     try:
         import matplotlib
@@ -128,18 +169,23 @@ def write_tables(results: list[dict], out_md: Path, out_png: Path, budget: dict)
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, max(1, len(dense)), figsize=(6 * max(1, len(dense)), 4), squeeze=False)
-        for ax, task in zip(axes[0], sorted(dense)):
+        n = max(1, len(panels))
+        fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4), squeeze=False)
+        for ax, (task, kind, b, rows, dense_acc) in zip(axes[0], panels):
             for family, marker in (("smc", "x"), ("gmp", "o"), ("obert", "s")):
-                pts = sorted((r["target_sparsity"], r["accuracy"]) for r in results
+                pts = sorted((r["target_sparsity"], r["accuracy"]) for r in rows
                              if r["task"] == task and r["config"].startswith(family + "_"))
                 if pts:
                     ax.plot([100 * p[0] for p in pts], [100 * p[1] for p in pts], marker=marker, label=family)
-            ax.axhline(100 * dense[task], color="gray", linestyle="--", label="dense")
-            ax.set_title(task)
+            for r in rows:
+                if r["task"] == task and r["config"].startswith("ablate"):
+                    ax.scatter([100 * r["target_sparsity"]], [100 * r["accuracy"]], marker="^", s=18, color="gray")
+            ax.axhline(100 * dense_acc, color="gray", linestyle="--", label="dense")
+            data = "all" if b.get("max_train") is None else str(b.get("max_train"))
+            ax.set_title(f"{task} ({kind}, {b.get('dense', 0) + b.get('prune', 0) + b.get('finetune', 0)} epochs, {data} train)")
             ax.set_xlabel("sparsity of encoder linears (%)")
             ax.set_ylabel("dev accuracy (%)")
-            ax.legend()
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out_png, dpi=110)
         plt.close(fig)
@@ -164,8 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("--workdir", default=os.path.join(os.path.expanduser("~"), ".cache", "recipec", "accuracy"))
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "accuracy.json"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="configurations run at once, each in its own process (dense teachers first)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
 
     data_root = Path(args.data_root)
     tasks = ["sst2", "csqa"] if args.task == "all" else [args.task]
@@ -181,29 +232,109 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     wanted = set(args.configs.split(",")) if args.configs else None
-    for task in tasks:
-        teacher = None
-        for cfg in configurations(task, budget):
-            if wanted is not None and cfg.name not in wanted and cfg.name != "dense":
-                continue
-            done = next((r for r in results if r["task"] == task and r["config"] == cfg.name and r.get("budget") == budget), None)
-            if done is not None:
-                print(f"[skip] {task}/{cfg.name}: done ({100 * done['accuracy']:.2f})")
-            else:
-                print(f"[run] {task}/{cfg.name}: {cfg.note}", flush=True)
-                record = run_config(cfg, task, args, teacher, workdir)
-                record["budget"] = budget
-                results.append(record)
-                results_path.write_text(json.dumps(results, indent=2))
-                done = record
-                print(f"[done] {task}/{cfg.name}: accuracy {100 * record['accuracy']:.2f} "
-                      f"sparsity {100 * record['sparsity_targets']:.1f}% in {record['wall_seconds'] / 60:.1f} min", flush=True)
-            if cfg.name == "dense":
-                teacher = done["model_dir"]
-    text = write_tables([r for r in results if r.get("budget") == budget], results_path.with_suffix(".md"),
-                        results_path.with_suffix(".png"), budget)
+
+    def find(task: str, name: str) -> dict | None:
+        return next((r for r in results if r["task"] == task and r["config"] == name and r.get("budget") == budget), None)
+
+    def selected(task: str) -> list[Config]:
+        return [c for c in configurations(task, budget) if wanted is None or c.name in wanted or c.name == "dense"]
+
+    if args.jobs > 1:
+        run_parallel(args, sys.argv[1:] if argv is None else argv, tasks, selected, find, results, results_path, workdir, budget)
+    else:
+        for task in tasks:
+            teacher = None
+            for _, cfg in priority_order([(task, c) for c in selected(task)], tasks):
+                done = find(task, cfg.name)
+                if done is not None:
+                    print(f"[skip] {task}/{cfg.name}: done ({100 * done['accuracy']:.2f})")
+                else:
+                    print(f"[run] {task}/{cfg.name}: {cfg.note}", flush=True)
+                    record = run_config(cfg, task, args, teacher, workdir)
+                    record["budget"] = budget
+                    results.append(record)
+                    results_path.write_text(json.dumps(results, indent=2))
+                    done = record
+                    print(f"[done] {task}/{cfg.name}: accuracy {100 * record['accuracy']:.2f} "
+                          f"sparsity {100 * record['sparsity_targets']:.1f}% in {record['wall_seconds'] / 60:.1f} min", flush=True)
+                if cfg.name == "dense":
+                    teacher = done["model_dir"]
+    text = write_tables(results, results_path.with_suffix(".md"), results_path.with_suffix(".png"), budget)
     print(text)
     return 0
+
+
+def priority_order(items: list[tuple[str, Config]], tasks: list[str]) -> list[tuple[str, Config]]:
+    """Dense first, then the goals' configurations (90% before 80%, the paper recipes before the
+    baseline), the ablations last: a benchmark cut short has the numbers that matter."""
+    family = {"dense": -1, "gmp": 0, "smc": 1, "obert": 2}
+    return sorted(items, key=lambda tc: (tc[1].name != "dense", tc[1].name.startswith("ablate"), -tc[1].sparsity,
+                                         family.get(tc[1].name.split("_")[0], 3), tasks.index(tc[0])))
+
+
+def _child_argv(argv: list[str]) -> list[str]:
+    """The parent's arguments minus those the parent sets per child."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--jobs", "--configs", "--results", "--task"):
+            skip = True
+            continue
+        if a.startswith(("--jobs=", "--configs=", "--results=", "--task=")):
+            continue
+        out.append(a)
+    return out
+
+
+def run_parallel(args, argv, tasks, selected, find, results, results_path: Path, workdir: Path, budget) -> None:
+    """Dense teachers first, then every other configuration, ``args.jobs`` processes at a time.
+
+    Each child is this script with one task and one configuration and its own results file,
+    seeded with the dense record so that it distils from the finished teacher; the parent
+    appends each child's record to the shared results file when the child ends.
+    """
+    parts, logs = workdir / "parts", workdir / "logs"
+    parts.mkdir(exist_ok=True)
+    logs.mkdir(exist_ok=True)
+    base = [sys.executable, str(Path(__file__).resolve())] + _child_argv(argv) + ["--jobs", "1", "--quiet"]
+
+    def waves():
+        yield [(t, c) for t in tasks for c in selected(t) if c.name == "dense"]
+        yield priority_order([(t, c) for t in tasks for c in selected(t) if c.name != "dense"], tasks)
+
+    for wave in waves():
+        todo = [(t, c) for t, c in wave if find(t, c.name) is None]
+        for t, c in wave:
+            if (t, c) not in todo:
+                print(f"[skip] {t}/{c.name}: done")
+        running: list[tuple[str, Config, subprocess.Popen, Path, object]] = []
+        while todo or running:
+            while todo and len(running) < args.jobs:
+                task, cfg = todo.pop(0)
+                part = parts / f"{task}_{cfg.name}.json"
+                dense = find(task, "dense")
+                part.write_text(json.dumps([dense] if dense is not None and cfg.name != "dense" else []))
+                log = open(logs / f"{task}_{cfg.name}.log", "w")
+                cmd = base + ["--task", task, "--configs", cfg.name, "--results", str(part)]
+                print(f"[run] {task}/{cfg.name}: {cfg.note} (log {log.name})", flush=True)
+                running.append((task, cfg, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), part, log))
+            time.sleep(2)
+            for item in list(running):
+                task, cfg, proc, part, log = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                log.close()
+                record = next((r for r in json.loads(part.read_text()) if r["config"] == cfg.name), None)
+                if proc.returncode != 0 or record is None:
+                    print(f"[failed] {task}/{cfg.name}: exit {proc.returncode}; see {log.name}", flush=True)
+                    continue
+                results.append(record)
+                results_path.write_text(json.dumps(results, indent=2))
+                print(f"[done] {task}/{cfg.name}: accuracy {100 * record['accuracy']:.2f} sparsity "
+                      f"{100 * record['sparsity_targets']:.1f}% in {record['wall_seconds'] / 60:.1f} min", flush=True)
 
 
 if __name__ == "__main__":

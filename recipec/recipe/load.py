@@ -192,6 +192,19 @@ def _apply_sets(data: dict[str, Any], overrides: Sequence[str], positions: _Posi
         except ValueError as exc:
             problems.append(Problem(where, "", str(exc)))
             continue
+        if parts[0] == "variables" and len(parts) == 2 and "." not in override.partition("=")[0]:
+            known = data.get("variables") or {}
+            if not isinstance(known, dict) or parts[1] not in known:
+                names = sorted(known) if isinstance(known, dict) else []
+                hint = difflib.get_close_matches(str(parts[1]), names, n=1)
+                problems.append(Problem(
+                    where, str(parts[1]),
+                    f"the recipe has no variable {parts[1]!r}"
+                    + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                    + (f"; its variables: {', '.join(names)}" if names else "; it defines no variables")
+                    + f" (set variables.{parts[1]}=... to add one on purpose)",
+                ))
+                continue
         node: Any = data
         ok = True
         for i, part in enumerate(parts[:-1]):

@@ -116,3 +116,14 @@ stages:
 def test_missing_file(tmp_path):
     with pytest.raises(RecipeError, match="no such file"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_set_of_an_undefined_variable_is_an_error_not_a_silent_new_variable():
+    # A typo in --set used to add an unused variable and leave the schedule unchanged.
+    found = problems(GOOD, ["targt=0.8"])
+    assert len(found) == 1
+    assert found[0].startswith("--set targt=0.8: targt: the recipe has no variable 'targt' (did you mean 'target'?)")
+    assert "its variables: start, target" in found[0]
+    # The explicit path adds one on purpose.
+    recipe = load_recipe_text(GOOD, overrides=["variables.extra=3", "target=0.8"])
+    assert recipe.modifiers[0].final_sparsity == 0.8

@@ -1,0 +1,65 @@
+"""The accuracy benchmark's configurations give what their names say, on every bundled recipe.
+
+The benchmark scales every recipe to one epoch budget through ``--set``; a variable a recipe
+does not define used to be added silently and leave its schedule unscaled (the oBERT recipes
+once ran 30 epochs in a 4-epoch table). Each configuration is resolved here to optimizer steps
+and checked against the budget.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from recipec.plan import resolve_stage
+from recipec.recipe.load import load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import accuracy  # noqa: E402
+
+BUDGET = {"dense": 1, "prune": 2, "finetune": 1, "steps_per_epoch": 2, "num_grads": 8}
+SPE = 100  # steps per epoch
+
+
+def _configs():
+    for task in ("sst2", "csqa"):
+        for cfg in accuracy.configurations(task, BUDGET):
+            if cfg.recipe != "dense":
+                yield pytest.param(task, cfg, id=f"{task}-{cfg.name}")
+
+
+@pytest.mark.parametrize(("task", "cfg"), list(_configs()))
+def test_configuration_resolves_to_the_budget(task, cfg):
+    recipe = load_recipe(ROOT / "recipes" / cfg.recipe, cfg.sets)
+    (stage,) = recipe.resolved_stages()
+    plan = resolve_stage(recipe, stage, SPE)
+    total = BUDGET["dense"] + BUDGET["prune"] + BUDGET["finetune"]
+    assert plan.total_steps == total * SPE
+    (pruner,) = plan.by_type("gmp", "obert")
+    assert pruner.sparsities[-1] == pytest.approx(cfg.sparsity)
+    if cfg.name.startswith("smc"):
+        return  # its own schedule: from 0% over 10-80% of training
+    assert pruner.window.start == BUDGET["dense"] * SPE
+    assert pruner.window.end == (BUDGET["dense"] + BUDGET["prune"]) * SPE
+    steps = pruner.pruning_steps
+    assert len(steps) == BUDGET["prune"] * BUDGET["steps_per_epoch"] + 1
+    if "no_first_step" in cfg.name:
+        assert pruner.sparsities[0] == pytest.approx(0.0)
+        (cyclic,) = [m for m in plan.by_type("lr") if m.spec.schedule == "cyclic_linear"]
+        assert cyclic.cycle == BUDGET["prune"] * SPE  # one cycle: no rewinding
+    else:
+        assert pruner.sparsities[0] == pytest.approx(0.3)
+    if cfg.name.startswith("obert"):
+        assert pruner.spec.num_grads == BUDGET["num_grads"]
+
+
+@pytest.mark.parametrize("name", ["downstream_gmp_80", "downstream_gmp_90", "obert_80", "obert_90",
+                                  "obert_block4_80", "obert_block4_90"])
+def test_paper_recipes_share_the_schedule_variables(name):
+    import yaml
+
+    variables = yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text())["variables"]
+    for var in ("target_sparsity", "init_sparsity", "dense_epochs", "pruning_epochs", "pruning_steps_per_epoch",
+                "finetune_epochs"):
+        assert var in variables, var
