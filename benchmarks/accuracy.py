@@ -160,7 +160,8 @@ def write_tables(results: list[dict], out_md: Path, out_png: Path, budget: dict 
                          f"{r['wall_seconds'] / 60:.1f} |")
         lines.append("")
         for task in sorted(dense):
-            panels.append((task, "GPU" if key.endswith("GPU") else "CPU", b, rows, dense[task]))
+            if any(r["task"] == task and r["config"] != "dense" for r in rows):  # a plot needs sparse points
+                panels.append((task, "GPU" if key.endswith("GPU") else "CPU", b, rows, dense[task]))
     text = "\n".join(lines)
     out_md.write_text(text)
     try:
@@ -181,6 +182,9 @@ def write_tables(results: list[dict], out_md: Path, out_png: Path, budget: dict 
                 if r["task"] == task and r["config"].startswith("ablate"):
                     ax.scatter([100 * r["target_sparsity"]], [100 * r["accuracy"]], marker="^", s=18, color="gray")
             ax.axhline(100 * dense_acc, color="gray", linestyle="--", label="dense")
+            chance = {"sst2": 50.0, "csqa": 20.0}.get(task)
+            if chance is not None:
+                ax.axhline(chance, color="red", linestyle=":", linewidth=1, label="chance")
             data = "all" if b.get("max_train") is None else str(b.get("max_train"))
             ax.set_title(f"{task} ({kind}, {b.get('dense', 0) + b.get('prune', 0) + b.get('finetune', 0)} epochs, {data} train)")
             ax.set_xlabel("sparsity of encoder linears (%)")
@@ -214,7 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1,
                         help="configurations run at once, each in its own process (dense teachers first)")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md and .png from --results")
     args = parser.parse_args(argv)
+    if args.render:
+        results_path = Path(args.results)
+        print(write_tables(json.loads(results_path.read_text()), results_path.with_suffix(".md"),
+                           results_path.with_suffix(".png")))
+        return 0
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
 
@@ -232,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     wanted = set(args.configs.split(",")) if args.configs else None
+    if wanted is not None:
+        known = {c.name for t in tasks for c in configurations(t, budget)}
+        if wanted - known:
+            parser.error(f"unknown configuration(s) {', '.join(sorted(wanted - known))}; "
+                         f"known for {args.task}: {', '.join(sorted(known))}")
 
     def find(task: str, name: str) -> dict | None:
         return next((r for r in results if r["task"] == task and r["config"] == name and r.get("budget") == budget), None)
