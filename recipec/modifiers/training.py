@@ -91,6 +91,8 @@ class DistillModifier(Modifier):
     def _loss(self, loss: torch.Tensor, batch: Mapping[str, Any] | None, outputs: Any) -> torch.Tensor:
         if batch is None or outputs is None:
             raise ValueError("distillation needs Program.loss(loss, batch=..., outputs=...)")
+        if self.spec.hardness == 0.0:
+            return loss  # the task loss alone: no teacher forward to pay for
         student = outputs.logits if hasattr(outputs, "logits") else outputs
         teacher = self.teacher_logits(batch)
         if teacher.shape != student.shape:

@@ -135,6 +135,20 @@ def test_teacher_runs_in_eval_mode_without_grad_on_the_students_device():
     assert any(p.grad is not None and bool((p.grad != 0).any()) for p in student.parameters())
 
 
+def test_hardness_zero_does_not_run_the_teacher():
+    torch.manual_seed(0)
+    student = BertForSequenceClassification(_config())
+    teacher = BertForSequenceClassification(_config())
+    calls = []
+    teacher.register_forward_hook(lambda mod, inp, out: calls.append(1))
+    program = recipec.compile(_distill_recipe(hardness=0.0), student, None, steps_per_epoch=4, teacher=teacher)
+    batch = _batch()
+    out = student(**batch)
+    program.step_start(0)
+    assert program.loss(out.loss, batch=batch, outputs=out) is out.loss
+    assert calls == []
+
+
 def test_distill_window_and_missing_batch():
     torch.manual_seed(0)
     student = BertForSequenceClassification(_config())
