@@ -14,7 +14,6 @@ Writes ``benchmarks/results/latency.json`` and ``latency.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -22,6 +21,8 @@ import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+
+from _common import cpu_name, save_report  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -224,17 +225,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
-def cpu_name() -> str:
-    """The CPU model string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write the JSON and markdown files."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -322,10 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         "problems": problems,
         "torch_csr_layers": layers,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latency.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "latency.md").write_text(markdown(report))
-    print(markdown(report))
+    text = markdown(report)
+    save_report(args.out, "latency", report, text)
+    print(text)
     log(f"wrote {args.out / 'latency.json'} and {args.out / 'latency.md'}")
     return 0
 

@@ -45,6 +45,8 @@ import threading
 import time
 from pathlib import Path
 
+from _common import loadavg, save_report  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -276,13 +278,6 @@ modifiers:
 # ------------------------------------------------------------------------------- driver
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # pragma: no cover
-        return None
-
-
 def _gb(x: float) -> str:
     return f"{x / 2**30:.2f}"
 
@@ -392,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"global unstructured one-shot to {args.sparsity:.0%} of the encoder linears; "
                     f"B={args.block_size}, damp={args.damp:g}; data "
                     f"{'SST-2 train' if Path(args.data).is_dir() else 'built-in synthetic'}"),
-        "loadavg_start": _loadavg(),
+        "loadavg_start": loadavg(),
         "goal": GOAL,
         "sparseml_ratio": SPARSEML,
         "results": [],
@@ -425,13 +420,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{res['fisher_update_seconds']:.1f} s, score+mask+OBS {res['score_mask_update_seconds']:.1f} s; "
                 f"peak RSS +{_gb(res['rss_delta_bytes'])} GiB vs estimate {_gb(res['estimate_total_bytes'])} GiB")
             # Write after every configuration: a long run leaves partial results behind.
-            report["loadavg_end"] = _loadavg()
-            (args.out / "obert_cost.json").write_text(json.dumps(report, indent=2) + "\n")
-            (args.out / "obert_cost.md").write_text(render_md(report))
-    report["loadavg_end"] = _loadavg()
+            report["loadavg_end"] = loadavg()
+            save_report(args.out, "obert_cost", report, render_md(report))
+    report["loadavg_end"] = loadavg()
     text = render_md(report)
-    (args.out / "obert_cost.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "obert_cost.md").write_text(text)
+    save_report(args.out, "obert_cost", report, text)
     print(text)
     return 0
 

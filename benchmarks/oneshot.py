@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import save_report  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -326,10 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     report.update(run(args))
     report["wall_seconds"] = time.perf_counter() - started
     report["machine"] = f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), {platform.machine()}"
-    args.out.mkdir(parents=True, exist_ok=True)
     text = render_md(report)
-    (args.out / "oneshot.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "oneshot.md").write_text(text)
+    save_report(args.out, "oneshot", report, text)
     print(text)
     return 0
 

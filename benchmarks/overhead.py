@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from _common import cpu_name, save_report  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -166,16 +167,6 @@ def _mask_grads_ms(masks) -> float:
     finally:
         for name in masks.masks:
             masks.params[name].grad = None
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def markdown(report: dict) -> str:
@@ -340,10 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         "pruning_history": history,
         "step_times": {"plain": plain_times, "recipe": recipe_times},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "overhead.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
-    (args.out / "overhead.md").write_text(text)
+    save_report(args.out, "overhead", report, text)
     print(text)
     log(f"wrote {args.out / 'overhead.json'} and {args.out / 'overhead.md'}")
     return 0
