@@ -1,19 +1,25 @@
 """Accuracy recovered at 80% and 90% sparsity on real data (SST-2, CommonsenseQA), MiniLM-L6.
 
 One `recipec apply` run per configuration; results are appended to a JSON file as each run
-finishes, so the script is resumable (finished configurations are skipped, an interrupted run
-continues with --resume). Writes a markdown table and a PNG of accuracy vs sparsity.
+finishes, so the script is resumable: finished configurations are skipped, and an interrupted
+run resumes from its last checkpoint in WORKDIR. Writes a markdown table and a PNG of accuracy
+vs sparsity.
 
-Every configuration gets the same epoch budget (``--epochs``: dense + pruning + fine-tune
-epochs) and the same data subset, stated in the table. The sparse runs distil from the dense
-run's model (the teacher), so the dense configuration runs first.
+Every configuration gets the same epoch budget (``--dense-epochs`` + ``--prune-epochs`` +
+``--finetune-epochs``) and the same data subset, stated in the table. The sparse runs distil
+from the dense run's model (the teacher), so the dense configuration runs first.
 
-    python benchmarks/accuracy.py --task sst2 --max-train 4000 --max-eval 872
+    python benchmarks/accuracy.py --task sst2 --max-train 4000 --max-seq-length 64   # 2 CPU cores
     python benchmarks/accuracy.py --task csqa --configs dense,gmp_90,smc_90
     python benchmarks/accuracy.py --task all --device cuda --jobs 8   # one GPU, 8 runs at a time
 
 With ``--jobs N`` the dense teachers run first, then the other configurations run N at a time,
 each in its own process (log in WORKDIR/logs/), and the results file is updated as each ends.
+On CPU each run then gets the CPU count / N torch threads (``--threads`` sets it): more threads
+than cores in total slows every run down several times.
+
+The budget (epochs, data, batch, sequence length, oBERT m) is stored with every record; a table
+holds the records of one budget, each "kept vs dense" against the dense teacher of its budget.
 """
 
 from __future__ import annotations
@@ -129,7 +135,29 @@ def _budget_text(budget: dict) -> str:
     data = "all" if budget.get("max_train") is None else f"first {budget['max_train']}"
     return (f"{budget['dense']} dense + {budget['prune']} pruning + {budget['finetune']} fine-tuning epochs, "
             f"{budget['steps_per_epoch']} pruning steps per epoch, batch {budget['batch_size']}, "
+            f"sequences of at most {budget.get('max_seq_length', '?')} tokens, "
             f"{data} training examples, oBERT m={budget['num_grads']}")
+
+
+def _record_budget(record: dict) -> dict | None:
+    """A record's budget; records written before ``max_seq_length`` joined the budget get it
+    from their own ``training.max_seq_length=`` override (every run passes one)."""
+    budget = record.get("budget")
+    if budget is None or "max_seq_length" in budget:
+        return budget
+    seq = next((int(s.split("=", 1)[1]) for s in record.get("sets", []) if s.startswith("training.max_seq_length=")), None)
+    return {**budget, "max_seq_length": seq}
+
+
+def load_results(path: Path) -> list[dict]:
+    """The results file's records (none if it does not exist yet), each budget complete."""
+    if not path.is_file():
+        return []
+    records = json.loads(path.read_text())
+    for r in records:
+        if r.get("budget") is not None:
+            r["budget"] = _record_budget(r)
+    return records
 
 
 def write_tables(results: list[dict], out_md: Path, out_png: Path, budget: dict | None = None) -> str:
@@ -200,7 +228,7 @@ def write_tables(results: list[dict], out_md: Path, out_png: Path, budget: dict 
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=["sst2", "csqa", "all"], default="sst2")
     parser.add_argument("--configs", default=None, help="comma list of configuration names (default: all)")
@@ -219,16 +247,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--jobs", type=int, default=1,
                         help="configurations run at once, each in its own process (dense teachers first)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads per run (0: the CPU count divided by --jobs when "
+                             "several runs share the CPU, else torch's default); runs sharing cores "
+                             "with more threads than cores slow each other down several times")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md and .png from --results")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.render:
         results_path = Path(args.results)
-        print(write_tables(json.loads(results_path.read_text()), results_path.with_suffix(".md"),
+        print(write_tables(load_results(results_path), results_path.with_suffix(".md"),
                            results_path.with_suffix(".png")))
         return 0
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
+    if args.threads < 0:
+        parser.error("--threads must be >= 0")
+    threads = args.threads or (max(1, (os.cpu_count() or 1) // args.jobs) if args.device == "cpu" and args.jobs > 1 else 0)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+        args.threads = threads  # the children get the resolved count
 
     data_root = Path(args.data_root)
     tasks = ["sst2", "csqa"] if args.task == "all" else [args.task]
@@ -237,10 +282,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{data_root / DATA[task]} is absent: pass --data-root")
     budget = {"dense": args.dense_epochs, "prune": args.prune_epochs, "finetune": args.finetune_epochs,
               "steps_per_epoch": args.pruning_steps_per_epoch, "num_grads": args.num_grads,
-              "max_train": args.max_train, "max_eval": args.max_eval, "batch_size": args.batch_size}
+              "max_train": args.max_train, "max_eval": args.max_eval, "batch_size": args.batch_size,
+              "max_seq_length": args.max_seq_length}
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    results = json.loads(results_path.read_text()) if results_path.is_file() else []
+    results = load_results(results_path)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     wanted = set(args.configs.split(",")) if args.configs else None
@@ -257,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         return [c for c in configurations(task, budget) if wanted is None or c.name in wanted or c.name == "dense"]
 
     if args.jobs > 1:
-        run_parallel(args, sys.argv[1:] if argv is None else argv, tasks, selected, find, results, results_path, workdir, budget)
+        run_parallel(args, tasks, selected, find, results, results_path, workdir, budget)
     else:
         for task in tasks:
             teacher = None
@@ -289,23 +335,25 @@ def priority_order(items: list[tuple[str, Config]], tasks: list[str]) -> list[tu
                                          family.get(tc[1].name.split("_")[0], 3), tasks.index(tc[0])))
 
 
-def _child_argv(argv: list[str]) -> list[str]:
-    """The parent's arguments minus those the parent sets per child."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in ("--jobs", "--configs", "--results", "--task"):
-            skip = True
-            continue
-        if a.startswith(("--jobs=", "--configs=", "--results=", "--task=")):
-            continue
-        out.append(a)
+# Options a child run gets from its parent unchanged; --task, --configs and --results are set per
+# child, --jobs is 1 and --quiet is on. tests/recipes/test_benchmark_configs.py checks that every
+# option of build_parser() is in one of these groups.
+FORWARDED = ("data_root", "max_train", "max_eval", "dense_epochs", "prune_epochs", "finetune_epochs",
+             "pruning_steps_per_epoch", "num_grads", "batch_size", "max_seq_length", "workdir", "device", "threads")
+PER_CHILD = ("task", "configs", "results", "jobs", "quiet", "render", "help")
+
+
+def _child_argv(args: argparse.Namespace) -> list[str]:
+    """The options that a child run inherits, rebuilt from the parent's parsed arguments."""
+    out: list[str] = []
+    for dest in FORWARDED:
+        value = getattr(args, dest)
+        if value is not None:
+            out += ["--" + dest.replace("_", "-"), str(value)]
     return out
 
 
-def run_parallel(args, argv, tasks, selected, find, results, results_path: Path, workdir: Path, budget) -> None:
+def run_parallel(args, tasks, selected, find, results, results_path: Path, workdir: Path, budget) -> None:
     """Dense teachers first, then every other configuration, ``args.jobs`` processes at a time.
 
     Each child is this script with one task and one configuration and its own results file,
@@ -315,7 +363,7 @@ def run_parallel(args, argv, tasks, selected, find, results, results_path: Path,
     parts, logs = workdir / "parts", workdir / "logs"
     parts.mkdir(exist_ok=True)
     logs.mkdir(exist_ok=True)
-    base = [sys.executable, str(Path(__file__).resolve())] + _child_argv(argv) + ["--jobs", "1", "--quiet"]
+    base = [sys.executable, str(Path(__file__).resolve())] + _child_argv(args) + ["--jobs", "1", "--quiet"]
 
     def waves():
         yield [(t, c) for t in tasks for c in selected(t) if c.name == "dense"]

@@ -25,7 +25,7 @@ k > 1 = rank-k Woodbury updates of k buffered gradients):
 Each configuration runs in a fresh subprocess so peaks do not mix.
 
     python benchmarks/obert_cost.py --num-grads 64 256 --grad-batch 16 1 --threads 1  # what we ran
-    python benchmarks/obert_cost.py --num-grads 1024 --grad-batch 16       # published m
+    python benchmarks/obert_cost.py --num-grads 1024 --grad-batch 16 1 --threads 1 --append  # published m
     python benchmarks/obert_cost.py --quick       # smoke run: m=8, 4 standalone gradients
     python benchmarks/obert_cost.py --render      # rewrite the .md from the saved .json
 
@@ -282,30 +282,66 @@ def _gb(x: float) -> str:
     return f"{x / 2**30:.2f}"
 
 
+_RUN_KEYS = ("command", "machine", "setting", "loadavg_start", "loadavg_end")
+
+
+def normalise(report: dict) -> dict:
+    """The report with its runs listed under ``runs`` and each result naming its run.
+
+    A report from one invocation may keep the run's fields at the top level (the older layout);
+    ``--append`` and ``merge_reports`` need the list form."""
+    if "runs" in report:
+        return report
+    out = {k: v for k, v in report.items() if k not in _RUN_KEYS}
+    out["runs"] = [{k: report.get(k) for k in _RUN_KEYS}]
+    out["results"] = [{**r, "run": 0} for r in report["results"]]
+    return out
+
+
+def merge_reports(old: dict, new: dict) -> dict:
+    """``old``'s runs and results followed by ``new``'s (each result keeps its own run's command
+    and load); a configuration measured again (same m, grad_batch and setting) keeps only the
+    newer row."""
+    old, new = normalise(old), normalise(new)
+    shift = len(old["runs"])
+    added = [{**r, "run": r["run"] + shift} for r in new["results"]]
+    runs = old["runs"] + new["runs"]
+
+    def key(r: dict) -> tuple:
+        return r["num_grads"], r["grad_batch"], runs[r["run"]]["setting"]
+
+    fresh = {key(r) for r in added}
+    kept = [r for r in old["results"] if key(r) not in fresh]
+    return {**old, "runs": runs, "results": kept + added}
+
+
 def render_md(report: dict) -> str:
-    lines = [
-        "# oBERT pruning-step cost (MiniLM-L6, encoder linears)",
+    report = normalise(report)
+    runs = report["runs"]
+    lines = ["# oBERT pruning-step cost (MiniLM-L6, encoder linears)", ""]
+    for i, run in enumerate(runs, 1):
+        m = run["machine"]
+        lines.append(f"{i}. `{run['command']}`: {m['cpus']} CPUs, torch {m['torch']}, {m['threads']} thread(s); "
+                     f"load average at start {run['loadavg_start']}, at end {run.get('loadavg_end')}.")
+    settings = sorted({run["setting"] for run in runs})
+    lines += [
         "",
-        f"Command: `{report['command']}`",
+        "The machine may be shared with other jobs; absolute times then run 2-4x those of an idle "
+        "machine and drift within a run, which the in-step ratio is robust to.",
         "",
-        f"Machine: {report['machine']['cpus']} CPUs, torch {report['machine']['torch']}, "
-        f"{report['machine']['threads']} thread(s); load average at start {report['loadavg_start']}, "
-        f"at end {report['loadavg_end']}. The machine is shared with other jobs, so absolute times "
-        "are 2-4x those of an idle machine and drift within a run.",
+        *(f"Setting: {setting}" for setting in settings),
         "",
-        f"Setting: {report['setting']}",
-        "",
-        "| m | grad_batch | step s | gradients in step s | Fisher updates s | score+mask+OBS s "
+        "| run | m | grad_batch | step s | gradients in step s | Fisher updates s | score+mask+OBS s "
         "| **ratio** (step / its gradients) | gradients alone s | ratio vs gradients alone "
         "| peak RSS - before GiB | estimate GiB (Fisher + buffer) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         if "error" in r:
-            lines.append(f"| {r['num_grads']} | {r['grad_batch']} | failed: {r['error']} |")
+            lines.append(f"| {r['run'] + 1} | {r['num_grads']} | {r['grad_batch']} | failed: {r['error']} |")
             continue
         lines.append(
-            f"| {r['num_grads']} | {r['grad_batch']} | {r['step_seconds']:.1f} | "
+            f"| {r['run'] + 1} | {r['num_grads']} | {r['grad_batch']} | {r['step_seconds']:.1f} | "
             f"{r['grad_seconds_in_step']:.1f} | {r['fisher_update_seconds']:.1f} | "
             f"{r['score_mask_update_seconds']:.1f} | **{r['ratio_in_step']:.2f}** | "
             f"{r['grads_alone_seconds']:.1f} | {r['ratio']:.2f} | {_gb(r['rss_delta_bytes'])} | "
@@ -359,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: m=8, k in {1, 4}, 4 standalone")
     parser.add_argument("--render", action="store_true",
                         help="only rewrite obert_cost.md from an existing obert_cost.json in --out")
+    parser.add_argument("--append", action="store_true",
+                        help="add this run's rows to the existing obert_cost.json in --out (a row "
+                             "measured again replaces the old one) instead of starting a new report")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -370,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.render:
+        if not (args.out / "obert_cost.json").is_file():
+            parser.error(f"--render: {args.out / 'obert_cost.json'} does not exist (run the benchmark first)")
         report = json.loads((args.out / "obert_cost.json").read_text())
         (args.out / "obert_cost.md").write_text(render_md(report))
         print(render_md(report))
@@ -393,6 +434,16 @@ def main(argv: list[str] | None = None) -> int:
         "results": [],
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    previous = None
+    if args.append and (args.out / "obert_cost.json").is_file():
+        previous = json.loads((args.out / "obert_cost.json").read_text())
+
+    def save() -> str:
+        full = report if previous is None else merge_reports(previous, report)
+        text = render_md(full)
+        save_report(args.out, "obert_cost", full, text)
+        return text
+
     for m in args.num_grads:
         for k in args.grad_batch:
             log(f"m={m} grad_batch={k} ...")
@@ -421,11 +472,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"peak RSS +{_gb(res['rss_delta_bytes'])} GiB vs estimate {_gb(res['estimate_total_bytes'])} GiB")
             # Write after every configuration: a long run leaves partial results behind.
             report["loadavg_end"] = loadavg()
-            save_report(args.out, "obert_cost", report, render_md(report))
+            save()
     report["loadavg_end"] = loadavg()
-    text = render_md(report)
-    save_report(args.out, "obert_cost", report, text)
-    print(text)
+    print(save())
     return 0
 
 
