@@ -299,6 +299,9 @@ def plan_to_dict(plans: Sequence[StagePlan], lr_points: int = 200) -> dict[str, 
                              init_lr=mod.spec.init_lr, final_lr=mod.spec.final_lr)
             if isinstance(mod.spec, DistillSpec):
                 entry.update(teacher=mod.spec.teacher, hardness=mod.spec.hardness, temperature=mod.spec.temperature)
+            if mod.type == "cram":
+                entry.update(variant=mod.spec.variant, rho=mod.spec.rho, sparsities=list(mod.spec.sparsities),
+                             structure=mod.spec.structure, scope=mod.spec.scope)
             mods.append(entry)
         stride = max(1, plan.total_steps // lr_points)
         lr_curve = [[s, plan.lr_at(s)] for s in range(0, plan.total_steps, stride)]

@@ -33,6 +33,11 @@ def _format_plan(plans) -> list[str]:
             elif mod.type == "distill":
                 spec = mod.spec
                 lines.append(f"{head}  teacher {spec.teacher}, hardness {spec.hardness:g}, temperature {spec.temperature:g}")
+            elif mod.type == "cram":
+                spec = mod.spec
+                lines.append(f"{head}  {spec.variant}, rho {spec.rho:g}, sparsities "
+                             f"{'/'.join(f'{s:g}' for s in spec.sparsities)} ({spec.structure}, {spec.scope}); "
+                             "2 forward+backward passes per step, the model stays dense")
             else:
                 lines.append(head)
         marks = sorted({0, plan.total_steps - 1, *[m.window.start for m in plan.modifiers if m.window.start < plan.total_steps]})

@@ -5,22 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from recipec.modifiers.base import CompileContext, CompileError, MaskState, Modifier
+from recipec.modifiers.cram import CrAMModifier
 from recipec.modifiers.pruning import ConstantModifier, GMPModifier, OBertModifier
 from recipec.modifiers.training import DistillModifier, LRModifier
 from recipec.plan import ResolvedModifier
 
 Builder = Callable[[ResolvedModifier, CompileContext], Modifier]
-
-
-def _not_implemented(kind: str, issue: str) -> Builder:
-    def build(resolved: ResolvedModifier, ctx: CompileContext) -> Modifier:
-        raise CompileError(
-            f"modifier [{resolved.index}] type {kind!r} validates, but its runtime is not implemented yet ({issue}); "
-            "remove it from the recipe to run"
-        )
-
-    return build
-
 
 BUILDERS: dict[str, Builder] = {
     "gmp": GMPModifier,
@@ -28,7 +18,7 @@ BUILDERS: dict[str, Builder] = {
     "constant": ConstantModifier,
     "lr": LRModifier,
     "distill": DistillModifier,
-    "cram": _not_implemented("cram", "CrAM training is planned; see the README's roadmap"),
+    "cram": CrAMModifier,
 }
 
 

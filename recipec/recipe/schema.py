@@ -123,15 +123,7 @@ class _Targets(Spec):
     _regexes = field_validator("targets", "exclude")(_check_regexes)
 
 
-class _Pruning(_Window, _Targets):
-    init_sparsity: Fraction = Field(
-        0.0, description="Sparsity applied at the first pruning step (the paper's large first step)."
-    )
-    final_sparsity: Fraction = Field(..., description="Sparsity reached at the last pruning step.")
-    update_every_steps: PositiveInt | None = None
-    update_every_epochs: PositiveEpoch | None = None
-    schedule: Literal["cubic", "linear"] = "cubic"
-    scope: Literal["global", "per_layer"] = "global"
+class _Structured(Spec):
     structure: str = Field("unstructured", description="unstructured | block4 | N:M (e.g. 2:4)")
 
     _structure = field_validator("structure")(_validate_structure)
@@ -151,6 +143,24 @@ class _Pruning(_Window, _Targets):
     def is_nm(self) -> bool:
         return ":" in self.structure
 
+    def nm_sparsity(self) -> float | None:
+        """The only sparsity an N:M structure allows (1 - N/M); None for other structures."""
+        if not self.is_nm:
+            return None
+        n, m = (int(x) for x in self.structure.split(":"))
+        return (m - n) / m
+
+
+class _Pruning(_Window, _Targets, _Structured):
+    init_sparsity: Fraction = Field(
+        0.0, description="Sparsity applied at the first pruning step (the paper's large first step)."
+    )
+    final_sparsity: Fraction = Field(..., description="Sparsity reached at the last pruning step.")
+    update_every_steps: PositiveInt | None = None
+    update_every_epochs: PositiveEpoch | None = None
+    schedule: Literal["cubic", "linear"] = "cubic"
+    scope: Literal["global", "per_layer"] = "global"
+
     @model_validator(mode="after")
     def _pruning(self) -> _Pruning:
         _one_of(self, "update_every_steps", "update_every_epochs", required=False)
@@ -158,9 +168,8 @@ class _Pruning(_Window, _Targets):
             raise ValueError(
                 f"init_sparsity ({self.init_sparsity}) must not exceed final_sparsity ({self.final_sparsity})"
             )
-        if self.is_nm:
-            n, m = (int(x) for x in self.structure.split(":"))
-            expected = (m - n) / m
+        expected = self.nm_sparsity()
+        if expected is not None:
             if abs(self.final_sparsity - expected) > 1e-9:
                 raise ValueError(
                     f"structure {self.structure} prunes exactly {expected:g} of the weights: "
@@ -236,16 +245,29 @@ class LRSpec(_Window):
         return self
 
 
-class CrAMSpec(_Window, _Targets):
-    """CrAM: compression-aware training (sharpness-style step at a sampled sparsity)."""
+class CrAMSpec(_Window, _Targets, _Structured):
+    """CrAM: compression-aware training (sharpness-style step at a sampled sparsity).
+
+    Trains the model dense so that it keeps its accuracy when pruned one-shot afterwards to any
+    of ``sparsities``; it sets no masks itself."""
 
     type: Literal["cram"]
-    rho: Annotated[float, Field(gt=0.0, le=10.0)] = 0.05
-    sparsities: list[Fraction] = Field(default_factory=lambda: [0.5, 0.7, 0.9], min_length=1, max_length=64)
-    variant: Literal["cram", "cram_plus"] = "cram_plus"
-    structure: str = "unstructured"
+    rho: Annotated[float, Field(gt=0.0, le=10.0)] = Field(0.05, description="Perturbation size: w' = w + rho * g.")
+    sparsities: list[Fraction] = Field(
+        default_factory=lambda: [0.5, 0.7, 0.9], min_length=1, max_length=64,
+        description="Sparsities sampled (uniformly, one per step) for the compressed point.",
+    )
+    variant: Literal["cram", "cram_plus"] = Field(
+        "cram_plus", description="cram: step with the compressed point's gradient; cram_plus: plus the dense one."
+    )
+    scope: Literal["global", "per_layer"] = "per_layer"
 
-    _structure = field_validator("structure")(_validate_structure)
+    @model_validator(mode="after")
+    def _cram(self) -> CrAMSpec:
+        expected = self.nm_sparsity()
+        if expected is not None and any(abs(s - expected) > 1e-9 for s in self.sparsities):
+            raise ValueError(f"structure {self.structure} prunes exactly {expected:g} of the weights: set sparsities to [{expected:g}]")
+        return self
 
 
 Modifier = Annotated[

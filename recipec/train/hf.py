@@ -15,8 +15,9 @@ Event mapping in transformers 5.x (``Trainer._inner_training_loop``), for optimi
     training_step (each micro-batch, RecipecTrainer only):
         compute_loss              program.loss(loss, batch, outputs)   e.g. distillation
         backward, then            program.masks.mask_grads_()      before clipping sees them
+        (last micro-batch)        program.before_optimizer_step(k) instead: masks, CrAM's gradient
     clip to args.max_grad_norm    (the Trainer; gradients of pruned weights already zero)
-    on_pre_optimizer_step         program.before_optimizer_step(k)
+    on_pre_optimizer_step         program.before_optimizer_step(k) unless RecipecTrainer ran it
     optimizer.step()
     on_optimizer_step             program.after_optimizer_step(k)  masks re-applied
     lr_scheduler.step(); global_step = k + 1; on_step_end
@@ -90,6 +91,14 @@ class RecipecCallback(TrainerCallback):
         self.program = program
         self.loss_hooked = False  # set by RecipecTrainer, which applies program.loss
         self._loaded = False
+        self._before_done: int | None = None  # the step whose before_optimizer_step already ran
+
+    def before_optimizer_step(self, step: int) -> None:
+        """``program.before_optimizer_step(step)`` once per optimizer step (whichever comes first:
+        RecipecTrainer after the last micro-batch's backward, or ``on_pre_optimizer_step``)."""
+        if self._before_done != step:
+            self._before_done = step
+            self.program.before_optimizer_step(step)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         program = self.program
@@ -102,10 +111,11 @@ class RecipecCallback(TrainerCallback):
                 "the Trainer uses a different optimizer than the one the recipe was compiled with: pass "
                 "optimizers=(optimizer, None) to the Trainer (RecipecTrainer does this for you)"
             )
-        if program.plan.by_type("distill") and not self.loss_hooked:
+        if program.plan.by_type("distill", "cram") and not self.loss_hooked:
             raise ValueError(
-                "this recipe distils, which changes the loss; a callback cannot do that: use "
-                "recipec.train.hf.RecipecTrainer(program=...) instead of Trainer + RecipecCallback"
+                "this recipe distils or uses CrAM, which needs the loss and its mini-batch; a callback "
+                "cannot see them: use recipec.train.hf.RecipecTrainer(program=...) instead of Trainer + "
+                "RecipecCallback"
             )
         if state.global_step > 0 and not self._loaded:
             self._resume(args, state)
@@ -121,10 +131,11 @@ class RecipecCallback(TrainerCallback):
         self.program.step_start(state.global_step)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        self.program.before_optimizer_step(state.global_step)
+        self.before_optimizer_step(state.global_step)
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.program.after_optimizer_step(state.global_step)
+        self._before_done = None
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.program.finalize()
@@ -214,6 +225,11 @@ class RecipecTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
-        # Before the Trainer clips: the clipping norm must not count pruned weights.
-        self.program.masks.mask_grads_()
+        if self.accelerator.sync_gradients:
+            # The optimizer step's last micro-batch: its hooks run now, before the Trainer clips,
+            # in the plain loop's order (masked gradients; CrAM's replaced gradient is clipped).
+            self.recipec_callback.before_optimizer_step(self.state.global_step)
+        else:
+            # Before the Trainer clips: the clipping norm must not count pruned weights.
+            self.program.masks.mask_grads_()
         return loss

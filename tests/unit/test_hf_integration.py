@@ -320,3 +320,43 @@ def test_trainer_checkpoint_resume_restores_the_program(tmp_path):
     trainer = RecipecTrainer(model=model, args=_args(tmp_path), train_dataset=data, program=program)
     with pytest.raises(FileNotFoundError, match="pruned weights would grow back"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+CRAM_LR = [{"type": "cram", "sparsities": [0.5, 0.7], "rho": 0.05},
+           {"type": "lr", "schedule": "linear", "init_lr": 1e-3, "final_lr": 0.0}]
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.05, 0.0], ids=["clip", "noclip"])
+def test_cram_through_the_trainer_equals_the_plain_loop(tmp_path, max_grad_norm):
+    """CrAM's second forward/backward runs inside Trainer's step as in the plain loop, and the
+    Trainer clips CrAM's gradient (not the ordinary one it replaces)."""
+    data = _dataset()
+    recipe = _recipe(CRAM_LR)
+    base = _model()
+    plain_model, hf_model = copy.deepcopy(base), copy.deepcopy(base)
+    plain_opt, hf_opt = _optimizer(plain_model), _optimizer(hf_model)
+    plain_program = recipec.compile(recipe, plain_model, plain_opt, steps_per_epoch=STEPS_PER_EPOCH)
+    _plain_loop(plain_model, plain_program, plain_opt, data, max_grad_norm=max_grad_norm)
+    hf_program = recipec.compile(recipe, hf_model, hf_opt, steps_per_epoch=STEPS_PER_EPOCH)
+    RecipecTrainer(model=hf_model, args=_args(tmp_path, max_grad_norm=max_grad_norm), train_dataset=data,
+                   program=hf_program).train()
+    assert sum(plain_program.modifiers[0].counts.values()) == sum(hf_program.modifiers[0].counts.values()) == TOTAL
+    plain_params = dict(plain_model.named_parameters())
+    for name, p in hf_model.named_parameters():
+        torch.testing.assert_close(p.detach(), plain_params[name].detach(), rtol=1e-5, atol=1e-7, msg=name)
+    # ... and it is not plain training.
+    other = copy.deepcopy(base)
+    other_opt = _optimizer(other)
+    _plain_loop(other, recipec.compile(_recipe(CRAM_LR[1:]), other, other_opt, steps_per_epoch=STEPS_PER_EPOCH),
+                other_opt, data, max_grad_norm=max_grad_norm)
+    assert not torch.allclose(other.classifier.weight, hf_model.classifier.weight)
+
+
+def test_a_plain_trainer_with_the_callback_refuses_a_cram_recipe(tmp_path):
+    model = _model()
+    optimizer = _optimizer(model)
+    program = recipec.compile(_recipe(CRAM_LR), model, optimizer, steps_per_epoch=STEPS_PER_EPOCH)
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_dataset(), optimizers=(optimizer, None),
+                      callbacks=[RecipecCallback(program)])
+    with pytest.raises(ValueError, match="CrAM"):
+        trainer.train()

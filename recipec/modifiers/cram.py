@@ -1,0 +1,119 @@
+"""CrAM: compression-aware training, so that the trained dense model prunes one-shot.
+
+CrAM / CrAM+ (Peste et al., ICLR 2023). At every optimizer step inside the modifier's window,
+after the ordinary backward pass has left the gradient ``g`` of the loss at the weights ``w``:
+
+1. ``w' = w + rho * g`` (every parameter that has a gradient: a sharpness-style ascent step);
+2. a sparsity ``k`` is drawn from ``sparsities`` (uniformly; a pure function of the stage seed,
+   the modifier's index and the step, so a resumed run draws the same ones);
+3. ``w~ = TopK_k(w')`` on the modifier's targets: magnitude masks of ``structure`` and ``scope``
+   at sparsity ``k`` (other parameters stay at ``w'``);
+4. ``g~`` = the gradient of the same loss (the recipe's distillation loss when it distils) on
+   the same mini-batch at ``w~``, masked to the weights kept in step 3;
+5. the weights go back to ``w`` and the optimizer steps with ``g~`` (``cram``) or ``g~ + g``
+   (``cram_plus``, the default: it also keeps the dense model accurate).
+
+It costs one more forward and backward pass per step. CrAM sets no masks: the model stays
+dense, and masks other modifiers set stay applied (their gradients are zeroed again after step
+5). Prune it afterwards one-shot, e.g. with a ``gmp`` or ``obert`` modifier in a later stage.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from recipec.modifiers.base import CompileContext, CompileError, Modifier
+from recipec.modifiers.pruning import target_parameters
+from recipec.plan import ResolvedModifier
+from recipec.sparsity.masks import compute_masks
+from recipec.train import distributed as dist_utils
+
+
+def sampled_sparsity(sparsities: list[float], seed: int, index: int, step: int) -> float:
+    """The sparsity CrAM compresses to at ``step``: uniform over ``sparsities``, reproducible."""
+    return random.Random(f"cram:{seed}:{index}:{step}").choice(list(sparsities))
+
+
+class CrAMModifier(Modifier):
+    """Replaces each step's gradient by CrAM's (see the module docstring)."""
+
+    def __init__(self, resolved: ResolvedModifier, ctx: CompileContext):
+        super().__init__(resolved, ctx)
+        if dist_utils.is_distributed():
+            raise CompileError(
+                f"cram modifier [{resolved.index}] does not support distributed training yet (its second "
+                "backward pass is not synchronised across ranks): run it in one process"
+            )
+        self.targets = target_parameters(resolved, ctx)
+        self.seed = int(ctx.plan.training.seed)
+        self._batches: list[Mapping[str, Any]] = []
+        self.counts: dict[float, int] = {}  # how often each sparsity was drawn (for the log)
+        self._announced = False
+
+    def sparsity_at(self, step: int) -> float:
+        return sampled_sparsity(self.spec.sparsities, self.seed, self.resolved.index, step)
+
+    def on_loss(self, loss: torch.Tensor, batch: Mapping[str, Any] | None, outputs: Any, step: int) -> torch.Tensor:
+        if self.active(step):
+            if batch is None:
+                raise ValueError("cram needs the mini-batch: call Program.loss(loss, batch=..., outputs=...)")
+            self._batches.append(batch)  # gradient accumulation: every micro-batch of the step
+        return loss
+
+    def on_before_optimizer_step(self, step: int) -> None:
+        batches, self._batches = self._batches, []
+        if not self.active(step) or not batches:
+            return
+        if not self._announced:
+            self._announced = True
+            self.ctx.log(f"{self.name}: {self.spec.variant} from step {self.resolved.window.start} to "
+                         f"{self.resolved.window.end}, rho {self.spec.rho:g}, sparsities "
+                         f"{', '.join(f'{s:g}' for s in self.spec.sparsities)} ({self.spec.scope}, {self.spec.structure})")
+        model = self.ctx.model
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        sparsity = self.sparsity_at(step)
+        self.counts[sparsity] = self.counts.get(sparsity, 0) + 1
+        with torch.no_grad():
+            saved = {n: p.detach().clone() for n, p in {**params, **self.targets}.items()}
+            dense_grads = {n: p.grad.detach().clone() for n, p in params.items()}
+            for n, p in params.items():
+                p.add_(dense_grads[n], alpha=self.spec.rho)
+            keep = compute_masks({n: p.detach().abs() for n, p in self.targets.items()}, sparsity,
+                                 self.spec.structure, self.spec.scope)
+            for n, p in self.targets.items():
+                p.mul_(keep[n])
+        distill = self.ctx.extra.get("distill_loss")
+        model.zero_grad(set_to_none=True)
+        try:
+            with torch.enable_grad():
+                for batch in batches:
+                    outputs = model(**batch)
+                    loss = outputs.loss
+                    if distill is not None:
+                        loss = distill(loss, batch, outputs)
+                    (loss / len(batches)).backward()
+        finally:
+            with torch.no_grad():
+                for n, p in {**params, **self.targets}.items():
+                    p.copy_(saved[n])
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n not in params:
+                    p.grad = None  # no gradient in the ordinary pass: none now either
+            for n, p in params.items():
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                if n in keep:
+                    grad.mul_(keep[n])
+                if self.spec.variant == "cram_plus":
+                    grad.add_(dense_grads[n])
+                p.grad = grad
+        self.ctx.masks.mask_grads_()
+
+    def on_finalize(self) -> None:
+        if self.counts:
+            drawn = ", ".join(f"{s:g}: {c}" for s, c in sorted(self.counts.items()))
+            self.ctx.log(f"{self.name}: {sum(self.counts.values())} CrAM steps (sparsity drawn: {drawn})")
