@@ -104,12 +104,14 @@ def load_splits(args):
 # ------------------------------------------------------------------------------- dense model
 
 
-def _key(args) -> str:
+def _key(args, modifiers: str = "") -> str:
     from recipec.train.models import resolve_model_path
 
     parts = ["oneshot-dense-v1", str(resolve_model_path(args.model)), str(Path(args.data).resolve()),
              args.train_examples, args.tune_examples, args.steps, args.batch_size, args.lr,
              _warmup(args), args.max_seq_length, args.seed]
+    if modifiers:
+        parts.append(modifiers)
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
@@ -117,14 +119,17 @@ def _warmup(args) -> int:
     return args.warmup_steps if args.warmup_steps is not None else args.steps // 10
 
 
-def dense_model(args, info, train, dev):
-    """Fine-tune (or reuse from the cache) the dense model; returns (model, tokenizer, record)."""
+def dense_model(args, info, train, dev, modifiers: str = ""):
+    """Fine-tune (or reuse from the cache) the dense model; returns (model, tokenizer, record).
+
+    ``modifiers``: YAML list items added to the fine-tuning recipe (e.g. a ``cram`` modifier,
+    benchmarks/cram.py); they are part of the cache key."""
     from recipec.plan import resolve_stage
     from recipec.recipe.load import load_recipe_text
     from recipec.train.loop import evaluate, make_optimizer, seed_everything, train_stage
     from recipec.train.models import load_model_and_tokenizer
 
-    cache = Path(args.cache or default_cache()) / _key(args)
+    cache = Path(args.cache or default_cache()) / _key(args, modifiers)
     done = cache / "model"
     if (done / "config.json").is_file() and (cache / "dense.json").is_file():
         log(f"reusing the fine-tuned dense model at {done}")
@@ -142,7 +147,7 @@ training:
   max_seq_length: {args.max_seq_length}
   weight_decay: 0.01
   seed: {args.seed}
-modifiers: []
+modifiers: {"[]" if not modifiers else chr(10) + modifiers}
 """,
         "<oneshot dense>",
     )
@@ -152,6 +157,11 @@ modifiers: []
     seed_everything(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model, info)
     optimizer = make_optimizer(model, args.lr, 0.01)
+    program = None
+    if modifiers:
+        import recipec
+
+        program = recipec.compile(recipe, model, optimizer, spe, progress=log)
     log(f"fine-tuning dense: {args.steps} steps x {args.batch_size} of {len(train)} SST-2 train examples "
         f"(lr {args.lr:g}, warm-up {_warmup(args)}, dynamic padding, max {args.max_seq_length} tokens)")
     last = [time.perf_counter()]
@@ -162,7 +172,7 @@ modifiers: []
             log(f"  step {step}/{args.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e}")
 
     result = train_stage(model=model, tokenizer=tokenizer, info=info, train_examples=train, eval_examples=dev,
-                         plan=plan, optimizer=optimizer, program=None, on_step=on_step)
+                         plan=plan, optimizer=optimizer, program=program, on_step=on_step)
     final = result.final_eval or evaluate(model, dev, tokenizer, info, batch_size=64,
                                           max_seq_length=args.max_seq_length, device="cpu")
     record = {"dev": final, "train_seconds": result.seconds, "steps": args.steps,
@@ -314,8 +324,9 @@ def render_md(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_benchmark(name: str, args, run_fn, render_fn, argv: list[str] | None) -> int:
+    """Shared by the SST-2 benchmarks on this model (oneshot, cram): check the data, set the
+    threads, time ``run_fn(args)``, write ``<name>.json`` / ``<name>.md`` and print the table."""
     if not (Path(args.data) / "train.tsv").is_file():
         log(f"no SST-2 data at {args.data} (expected train.tsv and dev.tsv)")
         return 2
@@ -324,14 +335,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    report = {"command": "python benchmarks/oneshot.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    report.update(run(args))
+    report = {"command": f"python benchmarks/{name}.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    report.update(run_fn(args))
     report["wall_seconds"] = time.perf_counter() - started
     report["machine"] = f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), {platform.machine()}"
-    text = render_md(report)
-    save_report(args.out, "oneshot", report, text)
+    text = render_fn(report)
+    save_report(args.out, name, report, text)
     print(text)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_benchmark("oneshot", build_parser().parse_args(argv), run, render_md, argv)
 
 
 if __name__ == "__main__":

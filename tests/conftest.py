@@ -11,6 +11,7 @@ Fixtures (all documented below, usable from any test module):
 - ``tiny_bert``: a fresh, seeded, tiny random ``BertForSequenceClassification`` (2 labels).
 - ``make_tiny_bert``: a factory ``make_tiny_bert(kind="classification", num_labels=2, seed=0)``
   for regression (``kind="regression"``) or multiple-choice (``kind="multiple_choice"``) heads.
+- ``load_benchmark``: ``load_benchmark("oneshot")`` imports a script under ``benchmarks/``.
 
 Tests never touch the network: HF_HUB_OFFLINE=1 is set here (unless already set) before any
 test imports transformers / huggingface_hub, so a hub lookup fails fast instead of retrying.
@@ -126,3 +127,20 @@ def tiny_model_dir(tmp_path_factory, embedded_tokenizer):
     model.save_pretrained(folder)
     embedded_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def load_benchmark(monkeypatch):
+    """``load_benchmark("oneshot")``: a script under benchmarks/ imported as a module, with
+    benchmarks/ on the path for its shared helpers (``_common``, ``oneshot``)."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO_ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

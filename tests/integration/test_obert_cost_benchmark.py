@@ -1,20 +1,8 @@
 """benchmarks/obert_cost.py: merging reports (fast) and its own code path end to end (marked)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # its shared helpers (_common)
-    spec = importlib.util.spec_from_file_location("obert_cost_benchmark", ROOT / "benchmarks" / "obert_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _row(m, k, ratio):
@@ -29,8 +17,8 @@ def _report(command, rows, setting="S"):
             "loadavg_start": [0.1], "loadavg_end": [0.2], "goal": 1.25, "results": rows}
 
 
-def test_append_keeps_earlier_rows_with_their_own_run_and_replaces_a_remeasured_one(monkeypatch):
-    oc = _load(monkeypatch)
+def test_append_keeps_earlier_rows_with_their_own_run_and_replaces_a_remeasured_one(load_benchmark):
+    oc = load_benchmark("obert_cost")
     old = _report("run A", [_row(64, 1, 1.2), _row(256, 1, 1.3)])
     new = _report("run B", [_row(256, 1, 1.1), _row(1024, 1, 1.15)])
     merged = oc.merge_reports(old, new)
@@ -46,8 +34,8 @@ def test_append_keeps_earlier_rows_with_their_own_run_and_replaces_a_remeasured_
 
 
 @pytest.mark.integration
-def test_quick_run_appends_to_an_existing_report(tmp_path, monkeypatch):
-    oc = _load(monkeypatch)
+def test_quick_run_appends_to_an_existing_report(tmp_path, load_benchmark):
+    oc = load_benchmark("obert_cost")
     (tmp_path / "obert_cost.json").write_text(json.dumps(_report("earlier", [_row(64, 1, 1.2)], setting="other")))
     assert oc.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--append"]) == 0
     report = json.loads((tmp_path / "obert_cost.json").read_text())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -201,16 +200,8 @@ def test_block4_needs_a_divisible_fisher_block():
 # ------------------------------------------------------------------------------- integration
 
 
-def _load_oneshot(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # its shared helpers (_common)
-    spec = importlib.util.spec_from_file_location("oneshot_benchmark", REPO / "benchmarks" / "oneshot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.integration
-def test_oneshot_benchmark_end_to_end_on_a_tiny_slice(shared_data_dir, tmp_path, monkeypatch):
+def test_oneshot_benchmark_end_to_end_on_a_tiny_slice(shared_data_dir, tmp_path, load_benchmark):
     sst2 = shared_data_dir / "sst2"
     if not (sst2 / "train.tsv").is_file() or not (sst2 / "dev.tsv").is_file():
         pytest.skip(f"SST-2 is absent: expected {sst2}/train.tsv and dev.tsv")
@@ -220,7 +211,7 @@ def test_oneshot_benchmark_end_to_end_on_a_tiny_slice(shared_data_dir, tmp_path,
         embedded_model_dir()
     except ModelLoadError as exc:
         pytest.skip(str(exc))
-    oneshot = _load_oneshot(monkeypatch)
+    oneshot = load_benchmark("oneshot")
     out, cache = tmp_path / "out", tmp_path / "cache"
     argv = ["--data", str(sst2), "--train-examples", "48", "--tune-examples", "16", "--steps", "3",
             "--batch-size", "16", "--num-grads", "4", "--grad-batch-size", "4", "--grad-batch", "2",

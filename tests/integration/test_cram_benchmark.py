@@ -1,0 +1,26 @@
+"""benchmarks/cram.py end to end on a tiny slice of SST-2 (marked integration)."""
+
+import json
+
+import pytest
+
+
+@pytest.mark.integration
+def test_cram_benchmark_small_slice(shared_data_dir, tmp_path, load_benchmark):
+    cram = load_benchmark("cram")
+    out = tmp_path / "out"
+    argv = ["--data", str(shared_data_dir / "sst2"), "--train-examples", "64", "--steps", "4", "--max-eval", "32",
+            "--sparsities", "0.5", "0.7", "--out", str(out), "--cache", str(tmp_path / "cache"), "--quiet"]
+    assert cram.main(argv) == 0
+    report = json.loads((out / "cram.json").read_text())
+    plain, crammed = report["arms"]["plain"], report["arms"]["cram_plus"]
+    assert [r["sparsity"] for r in plain["pruned"]] == [r["sparsity"] for r in crammed["pruned"]] == [0.5, 0.7]
+    for r in plain["pruned"] + crammed["pruned"]:
+        assert r["achieved_sparsity"] == pytest.approx(r["sparsity"], abs=1e-6)
+        assert 0.0 <= r["dev"] <= 1.0
+    # CrAM+ runs a second forward and backward per step: it is the slower fine-tuning.
+    assert crammed["train_seconds"] > 1.3 * plain["train_seconds"]
+    assert "| 70% |" in (out / "cram.md").read_text()
+    # Cached: a second run reuses both fine-tuned models.
+    assert cram.main(argv) == 0
+    assert json.loads((out / "cram.json").read_text())["arms"]["cram_plus"]["train_seconds"] == crammed["train_seconds"]
