@@ -311,8 +311,11 @@ def merge_reports(old: dict, new: dict) -> dict:
         return r["num_grads"], r["grad_batch"], runs[r["run"]]["setting"]
 
     fresh = {key(r) for r in added}
-    kept = [r for r in old["results"] if key(r) not in fresh]
-    return {**old, "runs": runs, "results": kept + added}
+    results = [r for r in old["results"] if key(r) not in fresh] + added
+    # Drop runs none of whose rows is left, and number the rest again.
+    used = sorted({r["run"] for r in results})
+    number = {old_index: i for i, old_index in enumerate(used)}
+    return {**old, "runs": [runs[i] for i in used], "results": [{**r, "run": number[r["run"]]} for r in results]}
 
 
 def render_md(report: dict) -> str:

@@ -72,7 +72,11 @@ def compile(  # noqa: A001 - the public verb of the package
     # Distillation first: oBERT collects gradients with the distillation loss when present.
     order = sorted(plan.modifiers, key=lambda m: (m.type != "distill", m.index))
     built = {m.index: registry.build(m, ctx) for m in order}
-    return Program(plan, ctx, [built[m.index] for m in plan.modifiers])
+    program = Program(plan, ctx, [built[m.index] for m in plan.modifiers])
+    # The loss the driver backpropagates (e.g. with distillation, inside its window): modifiers
+    # that recompute it (cram) call this, so both passes use the same loss at the same step.
+    ctx.extra["program_loss"] = program.loss
+    return program
 
 
 def _check_tensor_overlaps(ctx: CompileContext) -> None:

@@ -8,14 +8,17 @@ after the ordinary backward pass has left the gradient ``g`` of the loss at the 
    the modifier's index and the step, so a resumed run draws the same ones);
 3. ``w~ = TopK_k(w')`` on the modifier's targets: magnitude masks of ``structure`` and ``scope``
    at sparsity ``k`` (other parameters stay at ``w'``);
-4. ``g~`` = the gradient of the same loss (the recipe's distillation loss when it distils) on
-   the same mini-batch at ``w~``, masked to the weights kept in step 3;
+4. ``g~`` = the gradient of the same loss (``Program.loss`` at this step: with distillation
+   when a ``distill`` modifier is active) on the same mini-batch(es) at ``w~``, masked to the
+   weights kept in step 3; the second forward draws its own dropout masks;
 5. the weights go back to ``w`` and the optimizer steps with ``g~`` (``cram``) or ``g~ + g``
    (``cram_plus``, the default: it also keeps the dense model accurate).
 
-It costs one more forward and backward pass per step. CrAM sets no masks: the model stays
-dense, and masks other modifiers set stay applied (their gradients are zeroed again after step
-5). Prune it afterwards one-shot, e.g. with a ``gmp`` or ``obert`` modifier in a later stage.
+It costs one more forward and backward pass per step, and one copy of the weights and of the
+gradients. CrAM sets no masks: the model stays dense, and masks set before (an earlier stage)
+stay applied (their gradients are zeroed again after step 5). Prune it afterwards one-shot, e.g.
+with a ``gmp`` or ``obert`` modifier in a later stage. One process only, in float32 (no loss
+scaling): its second backward pass is not synchronised across ranks.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class CrAMModifier(Modifier):
 
     def __init__(self, resolved: ResolvedModifier, ctx: CompileContext):
         super().__init__(resolved, ctx)
-        if dist_utils.is_distributed():
+        if dist_utils.is_distributed() or dist_utils.env_world_size() > 1:
             raise CompileError(
                 f"cram modifier [{resolved.index}] does not support distributed training yet (its second "
                 "backward pass is not synchronised across ranks): run it in one process"
@@ -51,6 +54,7 @@ class CrAMModifier(Modifier):
         self.targets = target_parameters(resolved, ctx)
         self.seed = int(ctx.plan.training.seed)
         self._batches: list[Mapping[str, Any]] = []
+        self._recomputing = False  # inside the second pass: Program.loss must not record batches
         self.counts: dict[float, int] = {}  # how often each sparsity was drawn (for the log)
         self._announced = False
 
@@ -58,7 +62,7 @@ class CrAMModifier(Modifier):
         return sampled_sparsity(self.spec.sparsities, self.seed, self.resolved.index, step)
 
     def on_loss(self, loss: torch.Tensor, batch: Mapping[str, Any] | None, outputs: Any, step: int) -> torch.Tensor:
-        if self.active(step):
+        if self.active(step) and not self._recomputing:
             if batch is None:
                 raise ValueError("cram needs the mini-batch: call Program.loss(loss, batch=..., outputs=...)")
             self._batches.append(batch)  # gradient accumulation: every micro-batch of the step
@@ -75,32 +79,23 @@ class CrAMModifier(Modifier):
                          f"{', '.join(f'{s:g}' for s in self.spec.sparsities)} ({self.spec.scope}, {self.spec.structure})")
         model = self.ctx.model
         params = {n: p for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        moved = {**params, **self.targets}
         sparsity = self.sparsity_at(step)
-        self.counts[sparsity] = self.counts.get(sparsity, 0) + 1
         with torch.no_grad():
-            saved = {n: p.detach().clone() for n, p in {**params, **self.targets}.items()}
+            saved = {n: p.detach().clone() for n, p in moved.items()}
             dense_grads = {n: p.grad.detach().clone() for n, p in params.items()}
-            for n, p in params.items():
-                p.add_(dense_grads[n], alpha=self.spec.rho)
-            keep = compute_masks({n: p.detach().abs() for n, p in self.targets.items()}, sparsity,
-                                 self.spec.structure, self.spec.scope)
-            for n, p in self.targets.items():
-                p.mul_(keep[n])
-        distill = self.ctx.extra.get("distill_loss")
-        model.zero_grad(set_to_none=True)
         try:
-            with torch.enable_grad():
-                for batch in batches:
-                    outputs = model(**batch)
-                    loss = outputs.loss
-                    if distill is not None:
-                        loss = distill(loss, batch, outputs)
-                    (loss / len(batches)).backward()
-        finally:
-            with torch.no_grad():
-                for n, p in {**params, **self.targets}.items():
+            keep = self._compressed_gradients(model, params, dense_grads, sparsity, batches)
+        except BaseException:
+            with torch.no_grad():  # leave the step as the ordinary one: weights and gradient g
+                for n, p in moved.items():
                     p.copy_(saved[n])
+                for n, p in params.items():
+                    p.grad = dense_grads[n]
+            raise
         with torch.no_grad():
+            for n, p in moved.items():
+                p.copy_(saved[n])
             for n, p in model.named_parameters():
                 if n not in params:
                     p.grad = None  # no gradient in the ordinary pass: none now either
@@ -111,7 +106,35 @@ class CrAMModifier(Modifier):
                 if self.spec.variant == "cram_plus":
                     grad.add_(dense_grads[n])
                 p.grad = grad
+        self.counts[sparsity] = self.counts.get(sparsity, 0) + 1
         self.ctx.masks.mask_grads_()
+
+    def _compressed_gradients(self, model, params, dense_grads, sparsity, batches) -> dict[str, torch.Tensor]:
+        """Move the weights to ``w~`` and leave the gradient there in ``.grad``; returns the top-k masks."""
+        with torch.no_grad():
+            for n, p in params.items():
+                p.add_(dense_grads[n], alpha=self.spec.rho)
+            keep = compute_masks({n: p.detach().abs() for n, p in self.targets.items()}, sparsity,
+                                 self.spec.structure, self.spec.scope)
+            for n, p in self.targets.items():
+                p.mul_(keep[n])
+        program_loss = self.ctx.extra.get("program_loss")
+        model.zero_grad(set_to_none=True)
+        self._recomputing = True
+        try:
+            with torch.enable_grad():
+                for batch in batches:
+                    outputs = model(**batch)
+                    loss = outputs.loss
+                    if loss is None:
+                        raise ValueError(f"{self.name}: the model returned no loss for the stored batch "
+                                         "(CrAM needs the labels in it)")
+                    if program_loss is not None:
+                        loss = program_loss(loss, batch=batch, outputs=outputs)
+                    (loss / len(batches)).backward()
+        finally:
+            self._recomputing = False
+        return keep
 
     def on_finalize(self) -> None:
         if self.counts:

@@ -264,6 +264,8 @@ class CrAMSpec(_Window, _Targets, _Structured):
 
     @model_validator(mode="after")
     def _cram(self) -> CrAMSpec:
+        if len(set(self.sparsities)) != len(self.sparsities):
+            raise ValueError("sparsities must not repeat (each is drawn with equal probability)")
         expected = self.nm_sparsity()
         if expected is not None and any(abs(s - expected) > 1e-9 for s in self.sparsities):
             raise ValueError(f"structure {self.structure} prunes exactly {expected:g} of the weights: set sparsities to [{expected:g}]")

@@ -117,6 +117,13 @@ class RecipecCallback(TrainerCallback):
                 "cannot see them: use recipec.train.hf.RecipecTrainer(program=...) instead of Trainer + "
                 "RecipecCallback"
             )
+        if program.plan.by_type("cram"):
+            if args.fp16 or args.world_size > 1 or args.n_gpu > 1:
+                raise ValueError(
+                    "a cram modifier runs a second forward/backward pass that is neither loss-scaled nor "
+                    "synchronised across devices: train it in float32 (or bf16) on one device"
+                )
+        self._before_done = None
         if state.global_step > 0 and not self._loaded:
             self._resume(args, state)
         if state.max_steps != program.plan.total_steps:
@@ -128,6 +135,7 @@ class RecipecCallback(TrainerCallback):
             )
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._before_done = None
         self.program.step_start(state.global_step)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -213,9 +221,10 @@ class RecipecTrainer(Trainer):
         """The model's loss, transformed by ``program.loss`` in training (e.g. distillation)."""
         # num_items_in_batch is dropped on purpose: BERT-family heads return batch means, and
         # the distillation term is a batch mean too (see loss_is_scaled_for_ga).
+        batch = dict(inputs)  # as given: the Trainer may pop "labels" (label smoothing); cram reuses it
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=None)
         if model.training:
-            loss = self.program.loss(loss, batch=inputs, outputs=outputs)
+            loss = self.program.loss(loss, batch=batch, outputs=outputs)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(

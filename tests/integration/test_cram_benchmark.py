@@ -18,8 +18,9 @@ def test_cram_benchmark_small_slice(shared_data_dir, tmp_path, load_benchmark):
     for r in plain["pruned"] + crammed["pruned"]:
         assert r["achieved_sparsity"] == pytest.approx(r["sparsity"], abs=1e-6)
         assert 0.0 <= r["dev"] <= 1.0
-    # CrAM+ runs a second forward and backward per step: it is the slower fine-tuning.
-    assert crammed["train_seconds"] > 1.3 * plain["train_seconds"]
+    # Two different fine-tunings, each cached under its own key.
+    models = sorted((tmp_path / "cache").glob("*/model/model.safetensors"))
+    assert len(models) == 2 and models[0].read_bytes() != models[1].read_bytes()
     assert "| 70% |" in (out / "cram.md").read_text()
     # Cached: a second run reuses both fine-tuned models.
     assert cram.main(argv) == 0

@@ -31,6 +31,11 @@ def test_append_keeps_earlier_rows_with_their_own_run_and_replaces_a_remeasured_
     assert "1. `run A`" in md and "3. `run C`" in md
     assert "| 2 | 1024 | 1 |" in md and "| 3 | 64 | 1 |" in md
     assert "Setting: S" in md and "Setting: T" in md
+    # A run all of whose rows are measured again disappears from the report.
+    redo = oc.merge_reports(again, _report("run D", [_row(64, 1, 0.9)]))
+    assert [run["command"] for run in redo["runs"]] == ["run B", "run C", "run D"]
+    assert [(redo["runs"][r["run"]]["command"], r["num_grads"]) for r in redo["results"]] == [
+        ("run B", 256), ("run B", 1024), ("run C", 64), ("run D", 64)]
 
 
 @pytest.mark.integration

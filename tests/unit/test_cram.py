@@ -26,28 +26,37 @@ class TinyClassifier(nn.Module):
         self.a = nn.Linear(8, 12)
         self.b = nn.Linear(12, 3)
 
-    def forward(self, x, labels):
-        logits = self.b(torch.tanh(self.a(x)))
-        return SimpleNamespace(loss=F.cross_entropy(logits, labels), logits=logits)
+    def forward(self, input_ids, labels=None):
+        logits = self.b(torch.tanh(self.a(input_ids)))
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return SimpleNamespace(loss=loss, logits=logits)
 
 
-def _setup(cram: dict, seed: int = 0, steps: int = 10, extra: list | None = None):
+def _setup(cram: dict, seed: int = 0, steps: int = 10, extra: list | None = None, teacher=None):
     torch.manual_seed(seed)
     model = TinyClassifier()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     recipe = load_recipe_text(yaml.safe_dump({"training": {"steps": steps, "seed": 3}, "targets": TARGETS,
                                               "modifiers": [{"type": "cram", **cram}] + (extra or [])}))
-    program = recipec.compile(recipe, model, opt, steps_per_epoch=steps)
-    g = torch.Generator().manual_seed(seed + 1)
-    batch = {"x": torch.randn(16, 8, generator=g), "labels": torch.randint(0, 3, (16,), generator=g)}
-    return model, opt, program, batch
+    program = recipec.compile(recipe, model, opt, steps_per_epoch=steps, teacher=teacher)
+    return model, opt, program, _batch(seed + 1)
 
 
-def _grads_through_program(model, program, batch, step):
+def _batch(seed: int, n: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randn(n, 8, generator=g), "labels": torch.randint(0, 3, (n,), generator=g)}
+
+
+def _grads_through_program(model, program, batch, step, micro_batches: int = 1):
+    """The driver's step; with ``micro_batches`` > 1 the batch is split and the loss averaged
+    (gradient accumulation)."""
     program.step_start(step)
-    out = model(**batch)
-    loss = program.loss(out.loss, batch=batch, outputs=out)
-    loss.backward()
+    n = len(batch["labels"]) // micro_batches
+    for i in range(micro_batches):
+        micro = {k: v[i * n:(i + 1) * n] for k, v in batch.items()}
+        out = model(**micro)
+        loss = program.loss(out.loss, batch=micro, outputs=out)
+        (loss / micro_batches).backward()
     program.before_optimizer_step(step)
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
@@ -62,11 +71,12 @@ def _keep_lowest_pruned(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep.view_as(w)
 
 
-def _reference(model, batch, rho, sparsity, variant, scope="per_layer"):
+def _reference(model, batch, rho, sparsity, variant, scope="per_layer", loss_fn=None):
     ref = copy.deepcopy(model).double()
-    batch = {"x": batch["x"].double(), "labels": batch["labels"]}
+    batch = {"input_ids": batch["input_ids"].double(), "labels": batch["labels"]}
+    loss_fn = loss_fn or (lambda out, b: out.loss)
     params = dict(ref.named_parameters())
-    dense = torch.autograd.grad(ref(**batch).loss, list(params.values()))
+    dense = torch.autograd.grad(loss_fn(ref(**batch), batch), list(params.values()))
     dense = dict(zip(params, dense))
     with torch.no_grad():
         for n, p in params.items():
@@ -79,7 +89,7 @@ def _reference(model, batch, rho, sparsity, variant, scope="per_layer"):
             keep = {n: _keep_lowest_pruned(params[n], sparsity) for n in names}
         for n in names:
             params[n].mul_(keep[n])
-    compressed = dict(zip(params, torch.autograd.grad(ref(**batch).loss, list(params.values()))))
+    compressed = dict(zip(params, torch.autograd.grad(loss_fn(ref(**batch), batch), list(params.values()))))
     out = {}
     for n in params:
         g = compressed[n] * keep[n] if n in keep else compressed[n]
@@ -200,3 +210,57 @@ def test_an_nm_structure_allows_only_its_own_sparsity():
     ok = yaml.safe_dump({"training": {"steps": 4}, "modifiers": [
         {"type": "cram", "structure": "2:4", "sparsities": [0.5]}]})
     assert load_recipe_text(ok).modifiers[0].sparsities == [0.5]
+
+
+def test_gradient_accumulation_recomputes_every_micro_batch():
+    """Two micro-batches of 8 with averaged losses equal one batch of 16 (mean losses)."""
+    model, _, program, batch = _setup({"variant": "cram_plus", "sparsities": [0.7], "rho": 0.3})
+    got = _grads_through_program(model, program, batch, step=0, micro_batches=2)
+    want = _reference(model, batch, 0.3, 0.7, "cram_plus")
+    for n in want:
+        torch.testing.assert_close(got[n].double(), want[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_the_second_pass_uses_the_programs_loss_at_that_step():
+    """With distillation active, both passes distil; after the distill window, neither does."""
+    from recipec.modifiers.training import distillation_loss
+
+    torch.manual_seed(7)
+    teacher = TinyClassifier()
+    distill = {"type": "distill", "teacher": "given", "hardness": 0.7, "temperature": 2.0, "end_step": 2}
+    model, _, program, batch = _setup({"variant": "cram_plus", "sparsities": [0.5], "rho": 0.3},
+                                      extra=[distill], teacher=teacher)
+    ref_teacher = copy.deepcopy(teacher).double()
+
+    def distilled(out, b):
+        return distillation_loss(out.loss, out.logits, ref_teacher(input_ids=b["input_ids"]).logits, 0.7, 2.0)
+
+    for step, loss_fn in ((0, distilled), (5, None)):
+        got = _grads_through_program(model, program, batch, step=step)
+        want = _reference(model, batch, 0.3, 0.5, "cram_plus", loss_fn=loss_fn)
+        for n in want:
+            torch.testing.assert_close(got[n].double(), want[n], rtol=1e-4, atol=1e-6, msg=f"step {step} {n}")
+        model.zero_grad(set_to_none=True)
+
+
+def test_a_failing_second_pass_leaves_the_ordinary_step():
+    model, _, program, batch = _setup({"sparsities": [0.5]})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    program.step_start(0)
+    out = model(**batch)
+    program.loss(out.loss, batch=batch, outputs=out).backward()
+    ordinary = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    program.modifiers[0]._batches[0] = {"input_ids": batch["input_ids"]}  # no labels: no loss
+    with pytest.raises(ValueError, match="returned no loss"):
+        program.before_optimizer_step(0)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+        assert torch.equal(p.grad, ordinary[n]), n
+
+
+def test_repeated_sparsities_are_refused():
+    from recipec.recipe.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="must not repeat"):
+        load_recipe_text(yaml.safe_dump({"training": {"steps": 4}, "modifiers": [
+            {"type": "cram", "sparsities": [0.5, 0.5, 0.9]}]}))
