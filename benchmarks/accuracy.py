@@ -179,15 +179,18 @@ def write_tables(results: list[dict], out_md: Path, out_png: Path, budget: dict 
         rows = groups[key]
         b = rows[0].get("budget") or {}
         devices = sorted({r.get("device", "-") for r in rows})
+        mixed = len(devices) > 1  # e.g. runs with different thread counts: their times differ
         lines += [f"Budget: {_budget_text(b) if b else '?'}; device: {', '.join(devices)}", "",
-                  "| task | config | target | achieved (targets) | dev accuracy | kept vs dense | steps | train time (min) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| task | config | target | achieved (targets) | dev accuracy | kept vs dense | steps | train time (min) |"
+                  + (" device |" if mixed else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if mixed else "")]
         dense = {r["task"]: r["accuracy"] for r in rows if r["config"] == "dense"}
         for r in rows:
             kept = f"{100 * r['accuracy'] / dense[r['task']]:.1f}%" if r["task"] in dense and r["config"] != "dense" else "-"
             lines.append(f"| {r['task']} | {r['config']} | {100 * r['target_sparsity']:.0f}% | "
                          f"{100 * r['sparsity_targets']:.1f}% | {100 * r['accuracy']:.2f} | {kept} | {r['steps']} | "
-                         f"{r.get('train_seconds', r['wall_seconds']) / 60:.1f} |")
+                         f"{r.get('train_seconds', r['wall_seconds']) / 60:.1f} |"
+                         + (f" {r.get('device', '-')} |" if mixed else ""))
         lines.append("")
         for task in sorted(dense):
             if any(r["task"] == task and r["config"] != "dense" for r in rows):  # a plot needs sparse points
