@@ -83,7 +83,7 @@ def render_md(report: dict) -> str:
     lines.append(f"| 0% (dense) | {100 * plain['dense']:.2f} | {100 * cram['dense']:.2f} | "
                  f"{100 * (cram['dense'] - plain['dense']):+.2f} |")
     for a, b in zip(plain["pruned"], cram["pruned"]):
-        lines.append(f"| {100 * a['sparsity']:.0f}% | {100 * a['dev']:.2f} | **{100 * b['dev']:.2f}** | "
+        lines.append(f"| {100 * a['sparsity']:.0f}% | {100 * a['dev']:.2f} | {100 * b['dev']:.2f} | "
                      f"{100 * (b['dev'] - a['dev']):+.2f} |")
     lines += ["", f"Fine-tuning time: plain {plain['train_seconds'] / 60:.1f} min, {st['variant']} "
               f"{cram['train_seconds'] / 60:.1f} min (one extra forward and backward per step). "
