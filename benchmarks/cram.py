@@ -6,7 +6,7 @@ settings (benchmarks/oneshot.py's dense fine-tuning, cached the same way): plain
 Each dense model is then pruned one-shot with global magnitude (no retraining) to every
 sparsity, and SST-2 dev accuracy is reported side by side, with both fine-tuning times.
 
-    python benchmarks/cram.py --threads 2        # what we ran; see benchmarks/results/cram.md
+    python benchmarks/cram.py --threads 1        # what we ran; see benchmarks/results/cram.md
     python benchmarks/cram.py --train-examples 64 --steps 4 --max-eval 32 --out /tmp/cram  # smoke
 
 Writes ``cram.json`` and ``cram.md`` to ``--out`` (default ``benchmarks/results``).

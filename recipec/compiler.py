@@ -69,13 +69,8 @@ def compile(  # noqa: A001 - the public verb of the package
         teacher=teacher, grad_batches=grad_batches, progress=progress,
     )
     _check_tensor_overlaps(ctx)
-    # Distillation first: oBERT collects gradients with the distillation loss when present.
-    order = sorted(plan.modifiers, key=lambda m: (m.type != "distill", m.index))
-    built = {m.index: registry.build(m, ctx) for m in order}
-    program = Program(plan, ctx, [built[m.index] for m in plan.modifiers])
-    # The loss the driver backpropagates (e.g. with distillation, inside its window): modifiers
-    # that recompute it (cram) call this, so both passes use the same loss at the same step.
-    ctx.extra["program_loss"] = program.loss
+    program = Program(plan, ctx, [registry.build(m, ctx) for m in plan.modifiers])
+    ctx.loss_fn = program.recompute_loss
     return program
 
 

@@ -56,6 +56,14 @@ class Program:
             loss = mod.on_loss(loss, batch, outputs, self.step)
         return loss
 
+    def recompute_loss(self, loss: torch.Tensor, batch: Mapping[str, Any] | None = None,
+                       outputs: Any = None) -> torch.Tensor:
+        """The same transform as :meth:`loss` at the current step, for gradients a modifier
+        computes itself (oBERT's collection, CrAM's second pass): nothing is recorded."""
+        for mod in self.modifiers:
+            loss = mod.transform_loss(loss, batch, outputs, self.step)
+        return loss
+
     def before_optimizer_step(self, step: int) -> None:
         self.ctx.masks.mask_grads_()
         for mod in self.modifiers:

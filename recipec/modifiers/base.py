@@ -112,6 +112,9 @@ class CompileContext:
     # Returns an iterator over fresh mini-batches (dicts of tensors) for gradient collection.
     grad_batches: Callable[[int], Iterator[Mapping[str, torch.Tensor]]] | None = None
     progress: Callable[[str], None] | None = None
+    # Set by compile(): the stage's loss transform at the current step (Program.recompute_loss),
+    # for modifiers that compute gradients themselves (obert's collection, cram's second pass).
+    loss_fn: Callable[..., torch.Tensor] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def log(self, message: str) -> None:
@@ -138,9 +141,14 @@ class Modifier:
     def on_step_start(self, step: int) -> None:
         """Before the forward pass of optimizer step ``step``."""
 
-    def on_loss(self, loss: torch.Tensor, batch: Mapping[str, Any] | None, outputs: Any, step: int) -> torch.Tensor:
-        """Transform the loss to backpropagate."""
+    def transform_loss(self, loss: torch.Tensor, batch: Mapping[str, Any] | None, outputs: Any,
+                       step: int) -> torch.Tensor:
+        """The loss to backpropagate at ``step`` (e.g. with distillation); pure, no side effects."""
         return loss
+
+    def on_loss(self, loss: torch.Tensor, batch: Mapping[str, Any] | None, outputs: Any, step: int) -> torch.Tensor:
+        """The driver's loss of ``step``: ``transform_loss``, plus whatever a modifier records."""
+        return self.transform_loss(loss, batch, outputs, step)
 
     def on_before_optimizer_step(self, step: int) -> None:
         """After backward, before ``optimizer.step()``."""

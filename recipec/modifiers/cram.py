@@ -8,8 +8,8 @@ after the ordinary backward pass has left the gradient ``g`` of the loss at the 
    the modifier's index and the step, so a resumed run draws the same ones);
 3. ``w~ = TopK_k(w')`` on the modifier's targets: magnitude masks of ``structure`` and ``scope``
    at sparsity ``k`` (other parameters stay at ``w'``);
-4. ``g~`` = the gradient of the same loss (``Program.loss`` at this step: with distillation
-   when a ``distill`` modifier is active) on the same mini-batch(es) at ``w~``, masked to the
+4. ``g~`` = the gradient of the same loss (``Program.recompute_loss`` at this step: with
+   distillation when a ``distill`` modifier is active) on the same mini-batch(es) at ``w~``, masked to the
    weights kept in step 3; the second forward draws its own dropout masks;
 5. the weights go back to ``w`` and the optimizer steps with ``g~`` (``cram``) or ``g~ + g``
    (``cram_plus``, the default: it also keeps the dense model accurate).
@@ -54,7 +54,6 @@ class CrAMModifier(Modifier):
         self.targets = target_parameters(resolved, ctx)
         self.seed = int(ctx.plan.training.seed)
         self._batches: list[Mapping[str, Any]] = []
-        self._recomputing = False  # inside the second pass: Program.loss must not record batches
         self.counts: dict[float, int] = {}  # how often each sparsity was drawn (for the log)
         self._announced = False
 
@@ -62,7 +61,7 @@ class CrAMModifier(Modifier):
         return sampled_sparsity(self.spec.sparsities, self.seed, self.resolved.index, step)
 
     def on_loss(self, loss: torch.Tensor, batch: Mapping[str, Any] | None, outputs: Any, step: int) -> torch.Tensor:
-        if self.active(step) and not self._recomputing:
+        if self.active(step):
             if batch is None:
                 raise ValueError("cram needs the mini-batch: call Program.loss(loss, batch=..., outputs=...)")
             self._batches.append(batch)  # gradient accumulation: every micro-batch of the step
@@ -87,15 +86,14 @@ class CrAMModifier(Modifier):
         try:
             keep = self._compressed_gradients(model, params, dense_grads, sparsity, batches)
         except BaseException:
-            with torch.no_grad():  # leave the step as the ordinary one: weights and gradient g
+            for n, p in params.items():  # leave the step as the ordinary one: gradient g
+                p.grad = dense_grads[n]
+            raise
+        finally:
+            with torch.no_grad():  # the weights go back to w either way
                 for n, p in moved.items():
                     p.copy_(saved[n])
-                for n, p in params.items():
-                    p.grad = dense_grads[n]
-            raise
         with torch.no_grad():
-            for n, p in moved.items():
-                p.copy_(saved[n])
             for n, p in model.named_parameters():
                 if n not in params:
                     p.grad = None  # no gradient in the ordinary pass: none now either
@@ -118,22 +116,18 @@ class CrAMModifier(Modifier):
                                  self.spec.structure, self.spec.scope)
             for n, p in self.targets.items():
                 p.mul_(keep[n])
-        program_loss = self.ctx.extra.get("program_loss")
+        loss_fn = self.ctx.loss_fn
         model.zero_grad(set_to_none=True)
-        self._recomputing = True
-        try:
-            with torch.enable_grad():
-                for batch in batches:
-                    outputs = model(**batch)
-                    loss = outputs.loss
-                    if loss is None:
-                        raise ValueError(f"{self.name}: the model returned no loss for the stored batch "
-                                         "(CrAM needs the labels in it)")
-                    if program_loss is not None:
-                        loss = program_loss(loss, batch=batch, outputs=outputs)
-                    (loss / len(batches)).backward()
-        finally:
-            self._recomputing = False
+        with torch.enable_grad():
+            for batch in batches:
+                outputs = model(**batch)
+                loss = outputs.loss
+                if loss is None:
+                    raise ValueError(f"{self.name}: the model returned no loss for the stored batch "
+                                     "(CrAM needs the labels in it)")
+                if loss_fn is not None:
+                    loss = loss_fn(loss, batch=batch, outputs=outputs)
+                (loss / len(batches)).backward()
         return keep
 
     def on_finalize(self) -> None:

@@ -127,7 +127,7 @@ class OBertModifier(_ScheduledPruner):
         spec = self.spec
         model = self.ctx.model
         names = list(self.targets)
-        distill = self.ctx.extra.get("distill_loss")
+        loss_fn = self.ctx.loss_fn
         batches = self.ctx.grad_batches(spec.grad_batch_size)
         distributed = dist_utils.is_distributed()
 
@@ -143,8 +143,8 @@ class OBertModifier(_ScheduledPruner):
             with torch.enable_grad():
                 outputs = model(**batch)
                 loss = outputs.loss
-                if distill is not None:
-                    loss = distill(loss, batch, outputs)
+                if loss_fn is not None:
+                    loss = loss_fn(loss, batch=batch, outputs=outputs)
                 if distributed and weight is not None:
                     loss = loss * weight  # this rank's share of the global mini-batch mean
                 loss.backward()

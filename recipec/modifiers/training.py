@@ -80,7 +80,6 @@ class DistillModifier(Modifier):
         self.teacher = teacher.to(device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        ctx.extra["distill_loss"] = self._loss
 
     def teacher_logits(self, batch: Mapping[str, Any]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
@@ -88,7 +87,10 @@ class DistillModifier(Modifier):
         with torch.no_grad():
             return self.teacher(**inputs).logits
 
-    def _loss(self, loss: torch.Tensor, batch: Mapping[str, Any] | None, outputs: Any) -> torch.Tensor:
+    def transform_loss(self, loss: torch.Tensor, batch: Mapping[str, Any] | None, outputs: Any,
+                       step: int) -> torch.Tensor:
+        if not self.active(step):
+            return loss
         if batch is None or outputs is None:
             raise ValueError("distillation needs Program.loss(loss, batch=..., outputs=...)")
         if self.spec.hardness == 0.0:
@@ -98,11 +100,6 @@ class DistillModifier(Modifier):
         if teacher.shape != student.shape:
             raise ValueError(f"teacher logits {tuple(teacher.shape)} do not match student logits {tuple(student.shape)}")
         return distillation_loss(loss, student, teacher, self.spec.hardness, self.spec.temperature)
-
-    def on_loss(self, loss: torch.Tensor, batch: Mapping[str, Any] | None, outputs: Any, step: int) -> torch.Tensor:
-        if not self.active(step):
-            return loss
-        return self._loss(loss, batch, outputs)
 
 
 def _load_teacher(path: str, student: nn.Module) -> nn.Module:

@@ -143,7 +143,6 @@ class RecipecCallback(TrainerCallback):
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.program.after_optimizer_step(state.global_step)
-        self._before_done = None
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.program.finalize()

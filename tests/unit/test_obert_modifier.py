@@ -271,3 +271,45 @@ def test_target_sparsity_rescales_the_obert_recipes():
     assert [p.total_steps for p in plans] == [260, 300, 340]  # 26, 30 (published), 34 epochs
     sparsities = plans[1].by_type("obert")[0].sparsities
     assert [round(100 * s, 1) for s in sparsities] == [70.0, 78.4, 84.1, 87.5, 89.3, 89.9, 90.0]
+
+
+def test_gradients_are_collected_with_the_stage_loss_at_that_step(make_tiny_bert):
+    """Inside the distill window the collected gradient is the distillation loss's; after it,
+    the task loss's (the same transform the driver's loss gets at that step)."""
+    from recipec.modifiers.training import distillation_loss
+
+    model, teacher = make_tiny_bert(seed=0), make_tiny_bert(seed=1)
+    recipe = load_recipe_text(
+        """
+training: {steps: 10, batch_size: 4}
+modifiers:
+  - {type: obert, init_sparsity: 0.3, final_sparsity: 0.8, start_step: 2, end_step: 8, update_every_steps: 2,
+     num_grads: 2, fisher_block_size: 16, grad_batch_size: 4}
+  - {type: distill, teacher: given, hardness: 0.6, temperature: 2.0, end_step: 4}
+""",
+        "<test>",
+    )
+    program = recipec.compile(recipe, model, None, steps_per_epoch=10, grad_batches=_Batches(), teacher=teacher)
+    (mod,) = [m for m in program.modifiers if isinstance(m, OBertModifier)]
+    batch = next(_Batches()(4))
+    model.eval()
+
+    def by_hand(distil: bool) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        out = model(**batch)
+        loss = out.loss
+        if distil:
+            with torch.no_grad():
+                t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = distillation_loss(loss, out.logits, t, 0.6, 2.0)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in mod.targets.values()])
+
+    for step, distil in ((2, True), (6, False)):
+        program.step = step
+        grads = mod._grad_fn()()
+        got = torch.cat([grads[n].flatten() for n in mod.targets])
+        want = by_hand(distil)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()), msg=f"step {step}")
+    with_kd, without = by_hand(True), by_hand(False)
+    assert float((with_kd - without).abs().max()) > 0.1 * float(without.abs().max())  # the two losses differ
