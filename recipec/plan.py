@@ -196,6 +196,29 @@ def overlap_problems(
     return problems
 
 
+TRAINING_ONLY_TYPES = ("lr", "distill", "cram")
+
+
+def prune_only_problems(modifiers: Sequence[Any]) -> list[tuple[int, str, str]]:
+    """``(index, field, message)`` for modifiers a prune-only stage (``steps: 0``) cannot run.
+
+    Such a stage prunes once at step 0 and takes no optimizer step: modifiers that act on
+    training steps have nothing to act on, and pruning windows must be at step 0.
+    """
+    problems: list[tuple[int, str, str]] = []
+    for index, spec in enumerate(modifiers):
+        if spec.type in TRAINING_ONLY_TYPES:
+            problems.append((index, "type", f"a prune-only stage (training.steps: 0) takes no training step for the "
+                                            f"{spec.type} modifier to act on; put it in a stage that trains"))
+            continue
+        for name in ("start_step", "start_epoch", "end_step", "end_epoch"):
+            value = getattr(spec, name, None)
+            if value:  # not None and not 0
+                problems.append((index, name, f"a prune-only stage (training.steps: 0) prunes at step 0 only: "
+                                              f"leave {name} out or set it to 0"))
+    return problems
+
+
 def _scale(value: float, unit: str | None, steps_per_epoch: int) -> float:
     return value * steps_per_epoch if unit == "epoch" else value
 
@@ -207,7 +230,13 @@ def resolve_stage(recipe: Recipe, stage: StageSpec, steps_per_epoch: int) -> Sta
     training = recipe.stage_training(stage)
     total = to_steps(training.steps, training.epochs, steps_per_epoch, None)
     assert total is not None  # the schema requires epochs or steps
-    total = max(total, 1)
+    if training.prune_only:
+        problems = [f"stage {stage.name!r} modifiers.{i}.{name}: {message}"
+                    for i, name, message in prune_only_problems(stage.modifiers)]
+        if problems:
+            raise PlanError("\n".join(problems))
+    else:
+        total = max(total, 1)  # epochs that round to 0 steps still train one
     warmup = to_steps(training.warmup_steps, training.warmup_epochs, steps_per_epoch, 0) or 0
     eval_every = to_steps(training.eval_every_steps, training.eval_every_epochs, steps_per_epoch, None)
     problems: list[str] = []
@@ -305,13 +334,14 @@ def plan_to_dict(plans: Sequence[StagePlan], lr_points: int = 200) -> dict[str, 
             mods.append(entry)
         stride = max(1, plan.total_steps // lr_points)
         lr_curve = [[s, plan.lr_at(s)] for s in range(0, plan.total_steps, stride)]
-        if lr_curve[-1][0] != plan.total_steps - 1:
+        if lr_curve and lr_curve[-1][0] != plan.total_steps - 1:
             lr_curve.append([plan.total_steps - 1, plan.lr_at(plan.total_steps - 1)])
         out["stages"].append(
             {
                 "name": plan.name,
                 "steps_per_epoch": plan.steps_per_epoch,
                 "total_steps": plan.total_steps,
+                "prune_only": plan.training.prune_only,
                 "warmup_steps": plan.warmup_steps,
                 "eval_every_steps": plan.eval_every,
                 "modifiers": mods,

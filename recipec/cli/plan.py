@@ -13,10 +13,15 @@ from recipec.cli._common import fail, load_or_exit, set_option
 def _format_plan(plans) -> list[str]:
     lines: list[str] = []
     for plan in plans:
-        lines.append(
-            f"stage {plan.name!r}: {plan.total_steps} steps ({plan.steps_per_epoch} steps/epoch), "
-            f"warm-up {plan.warmup_steps}, eval every {plan.eval_every or 'end'}"
-        )
+        prune_only = plan.training.prune_only
+        if prune_only:
+            lines.append(f"stage {plan.name!r}: prune-only (training.steps: 0): one-shot pruning at step 0, "
+                         "no optimizer step, then evaluation")
+        else:
+            lines.append(
+                f"stage {plan.name!r}: {plan.total_steps} steps ({plan.steps_per_epoch} steps/epoch), "
+                f"warm-up {plan.warmup_steps}, eval every {plan.eval_every or 'end'}"
+            )
         for mod in plan.modifiers:
             head = f"  [{mod.index}] {mod.type:<8} steps {mod.window.start}..{mod.window.end}"
             if mod.pruning_steps:
@@ -25,7 +30,8 @@ def _format_plan(plans) -> list[str]:
                     f"{head}  {spec.structure}, {spec.scope}, {spec.schedule}, every {mod.update_every or '-'} steps"
                 )
                 for step, sparsity in zip(mod.pruning_steps, mod.sparsities):
-                    lines.append(f"        step {step:>7}: sparsity {100 * sparsity:6.2f}%   lr {plan.lr_at(step):.3g}")
+                    lr = "" if prune_only else f"   lr {plan.lr_at(step):.3g}"
+                    lines.append(f"        step {step:>7}: sparsity {100 * sparsity:6.2f}%{lr}")
             elif mod.type == "lr":
                 spec = mod.spec
                 extra = f", cycle {mod.cycle} steps" if mod.cycle else ""
@@ -40,8 +46,10 @@ def _format_plan(plans) -> list[str]:
                              "2 forward+backward passes per step, the model stays dense")
             else:
                 lines.append(head)
-        marks = sorted({0, plan.total_steps - 1, *[m.window.start for m in plan.modifiers if m.window.start < plan.total_steps]})
-        lines.append("  lr: " + ", ".join(f"step {s}: {plan.lr_at(s):.3g}" for s in marks))
+        if not prune_only:
+            marks = sorted({0, plan.total_steps - 1,
+                            *[m.window.start for m in plan.modifiers if m.window.start < plan.total_steps]})
+            lines.append("  lr: " + ", ".join(f"step {s}: {plan.lr_at(s):.3g}" for s in marks))
     return lines
 
 
@@ -65,12 +73,12 @@ def _plot(plans, path: str) -> None:
                 xs += [step, step]
                 ys += [current, sparsity]
                 current = sparsity
-            xs.append(plan.total_steps)
+            xs.append(max(plan.total_steps, 1))
             ys.append(current)
             ax2.plot(xs, [100 * y for y in ys], color="tab:red", label="target sparsity")
         ax2.set_ylabel("sparsity (%)", color="tab:red")
         ax2.set_ylim(0, 100)
-        ax.set_title(f"stage {plan.name}")
+        ax.set_title(f"stage {plan.name}" + (" (prune-only)" if plan.training.prune_only else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -12,7 +12,10 @@ def summary(recipe) -> str:
     parts = []
     for stage in recipe.resolved_stages():
         training = recipe.stage_training(stage)
-        length = f"{training.epochs:g} epochs" if training.epochs is not None else f"{training.steps} steps"
+        if training.prune_only:
+            length = "prune-only"
+        else:
+            length = f"{training.epochs:g} epochs" if training.epochs is not None else f"{training.steps} steps"
         kinds = ", ".join(m.type for m in stage.modifiers) or "no modifiers"
         parts.append(f"{stage.name}: {length}, {kinds}")
     return "; ".join(parts)

@@ -94,7 +94,8 @@ class Conversion:
         for stage in self.recipe.resolved_stages():
             training = self.recipe.stage_training(stage)
             kinds = ", ".join(m.type for m in stage.modifiers) or "no modifiers"
-            parts.append(f"{stage.name}: {training.epochs:g} epochs, {kinds}")
+            length = "prune-only" if training.prune_only else f"{training.epochs:g} epochs"
+            parts.append(f"{stage.name}: {length}, {kinds}")
         n = len(self.recipe.variables)
         return f"{'; '.join(parts)}; {n} variable{'s' if n != 1 else ''}"
 
@@ -352,6 +353,7 @@ class _Stage:
     range_starts: list[tuple[Val, int]] = field(default_factory=list)
     offset: Val = Val(0)
     end: Val = Val(0)
+    prune_only: bool = False  # no training: one-shot pruning at the stage's start (steps: 0)
 
 
 _WINDOW = ("start_epoch", "end_epoch")
@@ -1007,20 +1009,39 @@ class _Converter:
                 if start.value > offset.value + _EPS:
                     self._note(line, "!EpochRangeModifier.start_epoch",
                                f"training starts at epoch {offset.value:g} in recipec, not {start.value:g}")
-            if stage.range_end is not None:
+            last = max(points, key=lambda v: v.value) if points else offset
+            if (self._one_shot_only(stage, offset) and last.value <= offset.value + _EPS
+                    and (stage.range_end is None or stage.range_end.value <= offset.value + _EPS)):
+                stage.prune_only = True
+                end = offset
+                self._note(stage.line, "one-shot", f"{'stage ' + repr(stage.key) if stage.key else 'the recipe'} only prunes "
+                           f"once, at epoch {offset.value:g}, and trains for 0 epochs: written as a prune-only stage "
+                           "(training.steps: 0)")
+            elif stage.range_end is not None:
                 end = stage.range_end
             elif points:
-                end = max(points, key=lambda v: v.value)
+                end = last
                 self._note(stage.line, "!EpochRangeModifier", f"none in {stage.key and repr(stage.key) or 'the recipe'}: "
                            f"training.epochs set from the last modifier epoch ({end.value:g})")
             else:
                 end = offset
-            if end.value <= offset.value + _EPS:
+            if end.value <= offset.value + _EPS and not stage.prune_only:
                 self._error(stage.line, f"cannot tell how long {'stage ' + repr(stage.key) if stage.key else 'training'} "
                             "is: add an !EpochRangeModifier with end_epoch")
             stage.end = end
             offset = end
         self._raise_errors()
+
+    @staticmethod
+    def _one_shot_only(stage: _Stage, offset: Val) -> bool:
+        """Only pruning (at least one gmp/obert), all of it one-shot at ``offset``: no training to run."""
+        pruners = [o for o in stage.outs if o.kind in ("gmp", "obert")]
+        if not pruners or any(o.kind not in ("gmp", "obert", "constant") for o in stage.outs):
+            return False
+        def at_offset(v: Val | None) -> bool:
+            return v is None or abs(v.value - offset.value) <= _EPS  # None: start at once
+
+        return all(at_offset(o.start) and o.end is not None and at_offset(o.end) for o in pruners)
 
     def drop_redundant_constants(self, stage: _Stage) -> None:
         """A constant right after a pruning window on the same weights repeats recipec's persistence."""
@@ -1053,7 +1074,7 @@ class _Converter:
             out.kind = "lr"
         lrs = [o for o in lrs if o in stage.outs]
         if not any_lr:
-            if index == 0:
+            if index == 0 and not stage.prune_only:
                 self._note(1, "learning rate", "no learning-rate modifiers: SparseML leaves the LR to the training "
                            "script; recipec uses training.learning_rate (5e-05) with linear decay")
             return None
@@ -1122,7 +1143,7 @@ class _Converter:
         if not staged:
             stage = stages[0]
             lines.append("training:")
-            lines.append(f"  epochs: {_scalar(stage.end.minus(stage.offset))}")
+            lines.append("  steps: 0" if stage.prune_only else f"  epochs: {_scalar(stage.end.minus(stage.offset))}")
             lines.append("modifiers:" if stage.outs else "modifiers: []")
             lines.extend(self._emit_modifiers(stage, hoisted, "  ", None, origin))
         else:
@@ -1131,7 +1152,7 @@ class _Converter:
                 lines.append(f"  # SparseML stage {stage.key!r} (line {stage.line}); its epochs start at {stage.offset.value:g}")
                 lines.append(f"  - name: {_scalar(stage.name)}")
                 lines.append("    training:")
-                lines.append(f"      epochs: {_scalar(stage.end.minus(stage.offset))}")
+                lines.append("      steps: 0" if stage.prune_only else f"      epochs: {_scalar(stage.end.minus(stage.offset))}")
                 lines.append("    modifiers:" if stage.outs else "    modifiers: []")
                 lines.extend(self._emit_modifiers(stage, hoisted, "      ", index, origin))
         text = "\n".join(lines) + "\n"

@@ -17,7 +17,8 @@ after the ordinary backward pass has left the gradient ``g`` of the loss at the 
 It costs one more forward and backward pass per step, and one copy of the weights and of the
 gradients. CrAM sets no masks: the model stays dense, and masks set before (an earlier stage)
 stay applied (their gradients are zeroed again after step 5). Prune it afterwards one-shot, e.g.
-with a ``gmp`` or ``obert`` modifier in a later stage. One process only, in float32 (no loss
+with a ``gmp`` or ``obert`` modifier in a later prune-only stage (``training.steps: 0``; the
+bundled ``cram_plus.yaml``). One process only, in float32 (no loss
 scaling): its second backward pass is not synchronised across ranks.
 """
 

@@ -357,6 +357,19 @@ def _check_overlaps(recipe: Recipe, data: Any, positions: _Positions) -> list[Pr
     return problems
 
 
+def _check_prune_only(recipe: Recipe) -> list[tuple[Path_, str]]:
+    """Modifiers that a prune-only stage (``training.steps: 0``) cannot run, as (path, message)."""
+    from recipec.plan import prune_only_problems
+
+    problems: list[tuple[Path_, str]] = []
+    for stage_index, stage in enumerate(recipe.resolved_stages()):
+        if not recipe.stage_training(stage).prune_only:
+            continue
+        base: Path_ = ("stages", stage_index, "modifiers") if recipe.stages is not None else ("modifiers",)
+        problems += [((*base, index, name), message) for index, name, message in prune_only_problems(stage.modifiers)]
+    return problems
+
+
 def load_recipe_text(text: str, source: str = "<recipe>", overrides: Iterable[str] = ()) -> Recipe:
     """Validate recipe text; raises :class:`RecipeError` listing every problem."""
     data, positions, problems = _parse_yaml(text, source)
@@ -384,6 +397,7 @@ def load_recipe_text(text: str, source: str = "<recipe>", overrides: Iterable[st
         problems += _problems_from_validation(exc, body, positions)
         raise RecipeError(problems) from None
     problems += _check_overlaps(recipe, body, positions)
+    problems += [Problem(positions.at(path), format_path(path), message) for path, message in _check_prune_only(recipe)]
     if problems:
         raise RecipeError(problems)
     return recipe

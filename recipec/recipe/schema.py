@@ -74,7 +74,9 @@ class TrainingSpec(Spec):
     """Training-loop settings (the driver's defaults; modifiers may override the LR)."""
 
     epochs: PositiveEpoch | None = Field(None, description="Training length in epochs.")
-    steps: PositiveInt | None = Field(None, description="Training length in optimizer steps.")
+    steps: NonNegInt | None = Field(
+        None, description="Training length in optimizer steps; 0 makes a prune-only stage (see PRUNE_ONLY)."
+    )
     batch_size: Annotated[int, Field(gt=0, le=65536)] = 16
     learning_rate: LearningRate = 5e-5
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
@@ -87,12 +89,22 @@ class TrainingSpec(Spec):
     max_grad_norm: Annotated[float, Field(gt=0.0)] | None = 1.0
     checkpoint_every_steps: PositiveInt | None = None
 
+    @property
+    def prune_only(self) -> bool:
+        """``steps: 0``: a stage that only prunes, once, at step 0 (see ``PRUNE_ONLY``)."""
+        return self.steps == 0
+
     @model_validator(mode="after")
     def _exclusive(self) -> TrainingSpec:
         _one_of(self, "epochs", "steps", required=False)
         _one_of(self, "warmup_steps", "warmup_epochs", required=False)
         _one_of(self, "eval_every_steps", "eval_every_epochs", required=False)
         return self
+
+
+PRUNE_ONLY = """A stage with ``training.steps: 0`` trains nothing: its pruning modifiers (gmp, obert,
+constant) prune once, at step 0 (one-shot), oBERT with its own gradients of the training data;
+then the stage evaluates. Modifiers that act on training steps (lr, distill, cram) are errors."""
 
 
 class _Window(Spec):

@@ -117,6 +117,11 @@ class RecipecCallback(TrainerCallback):
                 "cannot see them: use recipec.train.hf.RecipecTrainer(program=...) instead of Trainer + "
                 "RecipecCallback"
             )
+        if program.plan.training.prune_only:
+            raise ValueError(
+                f"stage {program.plan.name!r} is prune-only (training.steps: 0): it takes no Trainer step; "
+                "run its one-shot pruning with program.step_start(0) instead of trainer.train()"
+            )
         if program.plan.by_type("cram"):
             if args.fp16 or args.world_size > 1 or args.n_gpu > 1:
                 raise ValueError(

@@ -180,7 +180,8 @@ def train_stage(
     on_eval_progress: Callable[[int, int], None] | None = None,
     stop_after_step: int | None = None,
 ) -> StageResult:
-    """Train one stage to ``plan.total_steps`` optimizer steps.
+    """Train one stage to ``plan.total_steps`` optimizer steps (0: a prune-only stage, which
+    evaluates, runs the Program's step 0, its one-shot pruning, and evaluates again).
 
     ``resume_state`` (from a checkpoint) restores optimizer, Program, RNG and step; the data
     position follows from the step (every epoch has exactly ``plan.steps_per_epoch`` batches
@@ -261,6 +262,10 @@ def train_stage(
     checked_version = program.masks.version if program is not None else 0
     model.train()
     final_eval = None
+    if total == 0 and program is not None:  # a prune-only stage: one-shot pruning, no optimizer step
+        run_eval(0)  # the model as it came, to compare with after pruning
+        program.step_start(0)
+        metrics.write({"stage": plan.name, "step": 0, "sparsity": program.sparsity()[0]})
     with _SigintFlag() as sigint:
         while step < total:
             loader = make_dataloader(

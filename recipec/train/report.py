@@ -132,7 +132,8 @@ def write_outputs(*, out: Path, model, tokenizer, recipe, recipe_text: str, info
         },
         "stages": [
             {"name": name, "steps": result.steps, "steps_per_epoch": plan.steps_per_epoch, "seconds": result.seconds,
-             "final_eval": result.final_eval, "pruning": prog.history()}
+             "final_eval": result.final_eval, "pruning": prog.history(),
+             **({"prune_only": True, "eval_before_pruning": _eval_before_pruning(result)} if plan.training.prune_only else {})}
             for name, plan, result, prog in results
         ],
         "wall_seconds": seconds,
@@ -142,6 +143,13 @@ def write_outputs(*, out: Path, model, tokenizer, recipe, recipe_text: str, info
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     write_text_atomic(out / "report.md", _markdown(report))
     return report
+
+
+def _eval_before_pruning(result) -> dict[str, float] | None:
+    """A prune-only stage's first evaluation, taken before its one-shot pruning."""
+    if not result.eval_history:
+        return None
+    return {k[5:]: v for k, v in result.eval_history[0].items() if k.startswith("eval_")}
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -177,7 +185,13 @@ def _markdown(report: dict[str, Any]) -> str:
     lines += ["", "| tensor | sparsity |", "|---|---|"]
     lines += [f"| `{n}` | {100 * v:.2f}% |" for n, v in s["per_tensor"].items()]
     for stage in report["stages"]:
-        lines += ["", f"## Stage `{stage['name']}`: {stage['steps']} steps, {stage['seconds']:.1f} s", ""]
+        if stage.get("prune_only"):
+            lines += ["", f"## Stage `{stage['name']}`: prune-only (one-shot), {stage['seconds']:.1f} s", ""]
+            before, after = stage.get("eval_before_pruning") or {}, stage.get("final_eval") or {}
+            if primary in before and primary in after:
+                lines += [f"{primary}: {before[primary]:.4f} before pruning, {after[primary]:.4f} after.", ""]
+        else:
+            lines += ["", f"## Stage `{stage['name']}`: {stage['steps']} steps, {stage['seconds']:.1f} s", ""]
         if stage["pruning"]:
             lines += ["| step | modifier | target | achieved | seconds |", "|---|---|---|---|---|"]
             lines += [f"| {h['step']} | {h['modifier']} | {100 * h['target']:.2f}% | {100 * h['achieved']:.2f}% | {h['seconds']:.2f} |"

@@ -245,7 +245,9 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
     teacher_report = None
     if teacher_spec is not None:
         if teacher_spec == "auto":
-            teacher_model, teacher_report = _auto_teacher(config, recipe, distills[0], task, plans[0], reporter, out)
+            # the teacher trains like the first stage that distils (not a prune-only stage before it)
+            first = next(i for i, stage in enumerate(stages) if any(m is distills[0] for m in stage.modifiers))
+            teacher_model, teacher_report = _auto_teacher(config, recipe, distills[0], task, plans[first], reporter, out)
         else:
             teacher_model = teacher_spec
 
@@ -309,10 +311,14 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
                                      grad_batches=grad_batches, masks=carried_masks, progress=reporter.log)
         except CompileError as exc:
             raise RunError(f"stage {stage.name!r}: {exc}") from None
-        reporter.log(f"stage {stage.name!r}: {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), "
-                     f"{len(program.masks.params)} tensors in the model")
-        completed = int(resume_state["step"]) if resume_state else 0
-        reporter.start(f"{stage.name}", plan.total_steps, completed)
+        if plan.training.prune_only:
+            reporter.log(f"stage {stage.name!r}: prune-only: evaluate, prune once (one-shot), evaluate; "
+                         f"{len(program.masks.params)} tensors in the model")
+        else:
+            reporter.log(f"stage {stage.name!r}: {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), "
+                         f"{len(program.masks.params)} tensors in the model")
+            completed = int(resume_state["step"]) if resume_state else 0
+            reporter.start(f"{stage.name}", plan.total_steps, completed)
         is_last = i == len(stages) - 1
         try:
             result = train_stage(
@@ -326,6 +332,11 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
             )
         finally:
             reporter.stop()
+        if plan.training.prune_only and len(result.eval_history) >= 2 and result.final_eval is not None:
+            key = f"eval_{info.primary_metric}"
+            before, after = result.eval_history[0].get(key), result.eval_history[-1].get(key)
+            if before is not None and after is not None:
+                reporter.log(f"stage {stage.name!r}: {info.primary_metric} {before:.4f} before pruning, {after:.4f} after")
         results.append((stage.name, plan, result, program))
         carried_masks = program.masks.state_dict()
         if result.final_eval is None:  # stopped early (tests)

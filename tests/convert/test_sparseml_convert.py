@@ -331,3 +331,40 @@ def test_stages_are_ordered_by_their_epochs_like_sparseml():
     swapped = convert_text(head + "transfer_stage:\n" + transfer + "\nprune_stage:\n" + prune, "swapped.yaml")
     assert [s.name for s in swapped.recipe.stages] == ["prune_stage", "transfer_stage"]
     assert swapped.recipe.stages == convert_file(DATA / "staged_transfer.yaml").recipe.stages
+
+
+ONE_SHOT = """\
+version: 1.1.0
+pruning_modifiers:
+  - !OBSPruningModifier
+    params: ["re:bert.encoder.layer.*.attention.self.query.weight"]
+    init_sparsity: 0.6
+    final_sparsity: 0.6
+    start_epoch: 0.0
+    end_epoch: 0.0
+    update_frequency: 1.0
+    num_grads: 64
+    mask_type: unstructured
+    global_sparsity: true
+"""
+
+
+def test_a_one_shot_recipe_becomes_a_prune_only_stage():
+    result = convert_text(ONE_SHOT, "oneshot.yaml")
+    assert result.recipe.training.prune_only
+    (plan,) = resolve(result.recipe, 10)
+    assert plan.total_steps == 0 and plan.pruning_events() == [(0, 0, 0.6)]
+    assert "prune-only" in result.summary()
+    assert [n.message for n in result.notes if "prune-only" in n.message]
+    assert not [n for n in result.notes if "EpochRangeModifier" in n.name or "learning rate" in n.name]
+
+
+def test_a_one_shot_prune_beside_an_lr_or_in_a_training_run_is_not_prune_only():
+    with_lr = ONE_SHOT.replace("    end_epoch: 0.0\n", "    end_epoch: 0.0\n  - !SetLearningRateModifier\n"
+                               "    start_epoch: 0.0\n    learning_rate: 1e-4\n", 1)
+    with pytest.raises(ConvertError, match="cannot tell how long training is"):
+        convert_text(with_lr, "r.yaml")
+    with_range = ONE_SHOT.replace("pruning_modifiers:\n", "training_modifiers:\n  - !EpochRangeModifier\n"
+                                  "    start_epoch: 0.0\n    end_epoch: 3.0\npruning_modifiers:\n", 1)
+    result = convert_text(with_range, "r.yaml")
+    assert not result.recipe.training.prune_only and result.recipe.training.epochs == 3.0

@@ -360,3 +360,16 @@ def test_a_plain_trainer_with_the_callback_refuses_a_cram_recipe(tmp_path):
                       callbacks=[RecipecCallback(program)])
     with pytest.raises(ValueError, match="CrAM"):
         trainer.train()
+
+
+def test_a_prune_only_stage_is_refused_by_the_trainer(tmp_path):
+    model = _model()
+    optimizer = _optimizer(model)
+    recipe = load_recipe_text(yaml.safe_dump({"training": {"steps": 0}, "modifiers": [
+        {"type": "gmp", "init_sparsity": 0.5, "final_sparsity": 0.5}]}))
+    program = recipec.compile(recipe, model, optimizer, steps_per_epoch=STEPS_PER_EPOCH)
+    trainer = RecipecTrainer(model=model, args=_args(tmp_path), train_dataset=_dataset(), program=program,
+                             optimizers=(optimizer, None))
+    with pytest.raises(ValueError, match=r"prune-only .* program.step_start\(0\)"):
+        trainer.train()
+    assert program.sparsity()[0] == 0.0
