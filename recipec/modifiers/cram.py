@@ -18,8 +18,10 @@ It costs one more forward and backward pass per step, and one copy of the weight
 gradients. CrAM sets no masks: the model stays dense, and masks set before (an earlier stage)
 stay applied (their gradients are zeroed again after step 5). Prune it afterwards one-shot, e.g.
 with a ``gmp`` or ``obert`` modifier in a later prune-only stage (``training.steps: 0``; the
-bundled ``cram_plus.yaml``). One process only, in float32 (no loss
-scaling): its second backward pass is not synchronised across ranks.
+bundled ``cram_plus.yaml``). In float32 or bf16 (no loss scaling). Distributed (``recipec apply``
+under torchrun): the perturbation uses the all-reduced gradient, so every rank compresses to the
+same point; each rank weights its shard's second-pass loss by its share of the global batch and
+the gradients are summed over ranks. The HF Trainer path runs it in one process only.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 
 import torch
 
-from recipec.modifiers.base import CompileContext, CompileError, Modifier
+from recipec.modifiers.base import CompileContext, Modifier
 from recipec.modifiers.pruning import target_parameters
 from recipec.plan import ResolvedModifier
 from recipec.sparsity.masks import compute_masks
@@ -47,11 +49,6 @@ class CrAMModifier(Modifier):
 
     def __init__(self, resolved: ResolvedModifier, ctx: CompileContext):
         super().__init__(resolved, ctx)
-        if dist_utils.is_distributed() or dist_utils.env_world_size() > 1:
-            raise CompileError(
-                f"cram modifier [{resolved.index}] does not support distributed training yet (its second "
-                "backward pass is not synchronised across ranks): run it in one process"
-            )
         self.targets = target_parameters(resolved, ctx)
         self.seed = int(ctx.plan.training.seed)
         self._batches: list[Mapping[str, Any]] = []
@@ -118,17 +115,26 @@ class CrAMModifier(Modifier):
             for n, p in self.targets.items():
                 p.mul_(keep[n])
         loss_fn = self.ctx.loss_fn
+        distributed = dist_utils.is_distributed()
+        weights = [getattr(batch, "weight", None) for batch in batches]
+        shares = distributed and all(w is not None for w in weights)
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            for batch in batches:
-                outputs = model(**batch)
+            for batch, weight in zip(batches, weights):
+                outputs = model(**batch)  # the bare model: DDP's hooks only wait for its own forward's backward
                 loss = outputs.loss
                 if loss is None:
                     raise ValueError(f"{self.name}: the model returned no loss for the stored batch "
                                      "(CrAM needs the labels in it)")
                 if loss_fn is not None:
                     loss = loss_fn(loss, batch=batch, outputs=outputs)
-                (loss / len(batches)).backward()
+                # this rank's share of the global mini-batch mean, summed over ranks below; else the mean
+                (loss * weight if shares else loss / len(batches)).backward()
+        if distributed:
+            grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
+            reduced = dist_utils.all_reduce_dict(grads, mean=not shares, what=f"{self.name} gradient all-reduce")
+            for n, p in params.items():
+                p.grad = reduced[n]
         return keep
 
     def on_finalize(self) -> None:

@@ -151,7 +151,7 @@ class OBertModifier(_ScheduledPruner):
             out = {n: self.targets[n].grad.detach().float().clone() for n in names}
             model.zero_grad(set_to_none=True)
             if distributed:
-                out = _reduce_grads(out, mean=weight is None)
+                out = dist_utils.all_reduce_dict(out, mean=weight is None, what="oBERT gradient all-reduce")
             return out
 
         return grad
@@ -187,22 +187,6 @@ class OBertModifier(_ScheduledPruner):
         finally:
             model.train(was_training)
         return masks
-
-
-def _reduce_grads(grads: dict[str, torch.Tensor], mean: bool) -> dict[str, torch.Tensor]:
-    """Sum (or average) a gradient dict over ranks with one collective on a flat buffer."""
-    names = list(grads)
-    flat = torch.cat([grads[n].reshape(-1) for n in names])
-    if mean:
-        dist_utils.all_reduce_mean(flat, what="oBERT gradient all-reduce")
-    else:
-        dist_utils.all_reduce_sum(flat, what="oBERT gradient all-reduce")
-    out, offset = {}, 0
-    for n in names:
-        k = grads[n].numel()
-        out[n] = flat[offset:offset + k].view_as(grads[n])
-        offset += k
-    return out
 
 
 class ConstantModifier(Modifier):

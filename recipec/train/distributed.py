@@ -257,6 +257,23 @@ def all_reduce_mean(tensor: torch.Tensor, what: str = "all_reduce") -> torch.Ten
     return tensor.div_(world_size())
 
 
+def all_reduce_dict(tensors: Mapping[str, torch.Tensor], mean: bool, what: str = "all_reduce") -> dict[str, torch.Tensor]:
+    """Sum (or average) a dict of tensors over ranks with one collective on a flat buffer.
+
+    Every rank must pass the same names in the same order, with the same shapes."""
+    names = list(tensors)
+    if not is_distributed() or not names:
+        return dict(tensors)
+    flat = torch.cat([tensors[n].reshape(-1) for n in names])
+    (all_reduce_mean if mean else all_reduce_sum)(flat, what)
+    out, offset = {}, 0
+    for n in names:
+        k = tensors[n].numel()
+        out[n] = flat[offset:offset + k].view_as(tensors[n])
+        offset += k
+    return out
+
+
 def broadcast_object(obj: Any, src: int = 0, what: str = "broadcast") -> Any:
     """Rank ``src``'s ``obj`` on every rank (picklable objects)."""
     if not is_distributed():

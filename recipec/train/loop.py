@@ -279,6 +279,8 @@ def train_stage(
                     break
                 weight = getattr(batch, "weight", 1.0)
                 batch = to_device(batch, device)
+                if world > 1:  # modifiers that redo the backward pass (cram) weight this rank's share
+                    batch = dist_utils.ShardBatch(batch, weight)
                 if program is not None:
                     program.step_start(step)
                 if program is None or not program.owns_lr:

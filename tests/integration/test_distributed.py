@@ -176,3 +176,59 @@ def test_two_gloo_ranks_match_one_process_and_survive_a_killed_rank(tmp_path, ti
     assert rd["final_eval"]["accuracy"] == pytest.approx(rs["final_eval"]["accuracy"])
     assert rd["sparsity"]["targets"] == pytest.approx(rs["sparsity"]["targets"])
     assert [h["step"] for h in rd["stages"][0]["pruning"]] == [h["step"] for h in rs["stages"][0]["pruning"]]
+
+
+# CrAM+ under DDP (its second pass all-reduced, shards of 8 + 7 weighted by their share), then a
+# prune-only stage: one-shot oBERT with all-reduced gradients.
+CRAM_RECIPE = r"""
+training: {batch_size: 15, learning_rate: 1e-3, max_seq_length: 32, seed: 3}
+stages:
+  - name: cram
+    training: {epochs: 2}
+    modifiers:
+      - {type: cram, sparsities: [0.5, 0.7], rho: 0.05, scope: global}
+  - name: prune
+    training: {steps: 0}
+    modifiers:
+      - {type: obert, init_sparsity: 0.6, final_sparsity: 0.6, num_grads: 8, grad_batch_size: 5,
+         fisher_block_size: 16, damp: 1e-2}
+"""
+
+
+def test_cram_then_a_prune_only_stage_under_two_ranks_match_one_process(tmp_path, tiny_dropout_free_dir):
+    recipe = tmp_path / "cram.yaml"
+    recipe.write_text(CRAM_RECIPE)
+    harness = tmp_path / "harness.py"
+    harness.write_text(HARNESS)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RECIPEC_DIST_TIMEOUT="120")
+    common = ["apply", recipe, "--model", tiny_dropout_free_dir, "--max-train", 143, "--max-eval", 37, "--quiet"]
+    runs = {}
+    for name, world in (("single", None), ("dist", 2)):
+        dump = tmp_path / f"dump-{name}"
+        dump.mkdir()
+        rc, out, _ = _launch([harness, *common, "--output", tmp_path / name], world=world,
+                             env=dict(env, RECIPEC_TEST_DUMP=str(dump)))
+        assert rc == 0, out
+        runs[name] = tmp_path / name
+
+    r0, r1 = (torch.load(tmp_path / "dump-dist" / f"rank{r}.pt") for r in (0, 1))
+    for name in r0["weights"]:
+        assert torch.equal(r0["weights"][name], r1["weights"][name]), name
+    single = load_file(str(runs["single"] / "model" / "model.safetensors"))
+    dist = load_file(str(runs["dist"] / "model" / "model.safetensors"))
+    masks_single = load_file(str(runs["single"] / "model" / "masks.safetensors"))
+    masks_dist = load_file(str(runs["dist"] / "model" / "masks.safetensors"))
+    total = sum(m.numel() for m in masks_single.values())
+    differ = sum(int((masks_single[n] != masks_dist[n]).sum()) for n in masks_single)
+    assert differ <= total * 1e-3, f"{differ} of {total} mask entries differ"
+    for name in single:
+        both = torch.ones_like(single[name], dtype=torch.bool)
+        if name in masks_single:
+            both = masks_single[name].bool() == masks_dist[name].bool()
+        assert torch.allclose(single[name][both], dist[name][both], atol=1e-5, rtol=1e-4), name
+    reports = [json.loads((runs[n] / "report.json").read_text()) for n in ("single", "dist")]
+    assert [s["steps"] for s in reports[1]["stages"]] == [20, 0]  # 143 examples / 15 = 10 steps per epoch
+    assert reports[1]["stages"][1]["eval_before_pruning"]["accuracy"] == pytest.approx(
+        reports[0]["stages"][1]["eval_before_pruning"]["accuracy"])
