@@ -25,15 +25,20 @@ def build_parser():
     p.description = __doc__
     p.set_defaults(train_examples=4000, tune_examples=0, steps=250, max_seq_length=64,
                    sparsities=[0.5, 0.6, 0.7, 0.8])
-    p.add_argument("--rho", type=float, default=0.05, help="CrAM perturbation size")
+    p.add_argument("--rho", type=float, nargs="+", default=[0.05],
+                   help="CrAM perturbation size(s): one CrAM fine-tuning per value")
     p.add_argument("--variant", choices=["cram", "cram_plus"], default="cram_plus")
     return p
 
 
-def cram_modifier(args) -> str:
+def cram_modifier(args, rho: float) -> str:
     sparsities = ", ".join(repr(s) for s in args.sparsities)
-    return (f"  - {{type: cram, variant: {args.variant}, rho: {args.rho!r}, sparsities: [{sparsities}], "
+    return (f"  - {{type: cram, variant: {args.variant}, rho: {rho!r}, sparsities: [{sparsities}], "
             "scope: global}")
+
+
+def arm_name(variant: str, rho: float) -> str:
+    return f"{variant} rho={rho:g}"
 
 
 def run(args) -> dict:
@@ -41,7 +46,7 @@ def run(args) -> dict:
 
     info, train, _, dev = oneshot.load_splits(args)
     arms = {}
-    for arm, modifiers in (("plain", ""), (args.variant, cram_modifier(args))):
+    for arm, modifiers in [("plain", "")] + [(arm_name(args.variant, r), cram_modifier(args, r)) for r in args.rho]:
         model, tokenizer, record = oneshot.dense_model(args, info, train, dev, modifiers)
         model.eval()
         dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -65,29 +70,38 @@ def run(args) -> dict:
 
 def render_md(report: dict) -> str:
     st = report["settings"]
-    plain, cram = report["arms"]["plain"], report["arms"][st["variant"]]
+    rhos = st["rho"] if isinstance(st["rho"], list) else [st["rho"]]
+    plain = report["arms"]["plain"]
+    arms = [report["arms"].get(arm_name(st["variant"], r)) or report["arms"][st["variant"]] for r in rhos]
+    heads = [f"{st['variant']} rho={r:g}" for r in rhos]
     lines = [
         f"# One-shot magnitude pruning after plain vs {st['variant']} fine-tuning (MiniLM-L6, SST-2)",
         "",
         f"Command: `{report['command']}`",
         "",
-        f"Both: all-MiniLM-L6-v2 + 2-label head fine-tuned {st['steps']} steps x batch {st['batch_size']} on "
+        f"All arms: all-MiniLM-L6-v2 + 2-label head fine-tuned {st['steps']} steps x batch {st['batch_size']} on "
         f"{report['train_examples']} SST-2 train examples (lr {st['lr']:g}, warm-up + linear decay, max "
-        f"{st['max_seq_length']} tokens, same seed and data order). {st['variant']}: rho {st['rho']:g}, global "
-        f"top-k at a sparsity drawn per step from {st['sparsities']}. Then the 36 encoder linears pruned "
-        f"once by global magnitude, no retraining. SST-2 dev accuracy ({report['dev_examples']} examples):",
+        f"{st['max_seq_length']} tokens, same seed and data order). {st['variant']}: global top-k at a sparsity "
+        f"drawn per step from {st['sparsities']}, at each rho. Then the 36 encoder linears pruned once by global "
+        f"magnitude, no retraining. SST-2 dev accuracy ({report['dev_examples']} examples; in brackets: the "
+        "difference to plain):",
         "",
-        f"| sparsity | plain | {st['variant']} | difference |",
-        "|---:|---:|---:|---:|",
+        "| sparsity | plain | " + " | ".join(heads) + " |",
+        "|---:|---:|" + "---:|" * len(heads),
     ]
-    lines.append(f"| 0% (dense) | {100 * plain['dense']:.2f} | {100 * cram['dense']:.2f} | "
-                 f"{100 * (cram['dense'] - plain['dense']):+.2f} |")
-    for a, b in zip(plain["pruned"], cram["pruned"]):
-        lines.append(f"| {100 * a['sparsity']:.0f}% | {100 * a['dev']:.2f} | {100 * b['dev']:.2f} | "
-                     f"{100 * (b['dev'] - a['dev']):+.2f} |")
-    lines += ["", f"Fine-tuning time: plain {plain['train_seconds'] / 60:.1f} min, {st['variant']} "
-              f"{cram['train_seconds'] / 60:.1f} min (one extra forward and backward per step). "
-              f"Wall time {report['wall_seconds'] / 60:.1f} min; machine: {report['machine']}."]
+
+    def cell(value: float, base: float) -> str:
+        return f"{100 * value:.2f} ({100 * (value - base):+.2f})"
+
+    lines.append(f"| 0% (dense) | {100 * plain['dense']:.2f} | "
+                 + " | ".join(cell(a["dense"], plain["dense"]) for a in arms) + " |")
+    for i, base in enumerate(plain["pruned"]):
+        lines.append(f"| {100 * base['sparsity']:.0f}% | {100 * base['dev']:.2f} | "
+                     + " | ".join(cell(a["pruned"][i]["dev"], base["dev"]) for a in arms) + " |")
+    times = ", ".join(f"{h} {a['train_seconds'] / 60:.1f} min" for h, a in zip(heads, arms))
+    lines += ["", f"Fine-tuning time: plain {plain['train_seconds'] / 60:.1f} min, {times} (one extra forward "
+              f"and backward per CrAM step). Wall time {report['wall_seconds'] / 60:.1f} min (fine-tunings cached "
+              f"by earlier runs are reused and not counted); machine: {report['machine']}."]
     return "\n".join(lines) + "\n"
 
 

@@ -10,18 +10,20 @@ def test_cram_benchmark_small_slice(shared_data_dir, tmp_path, load_benchmark):
     cram = load_benchmark("cram")
     out = tmp_path / "out"
     argv = ["--data", str(shared_data_dir / "sst2"), "--train-examples", "64", "--steps", "4", "--max-eval", "32",
-            "--sparsities", "0.5", "0.7", "--out", str(out), "--cache", str(tmp_path / "cache"), "--quiet"]
+            "--sparsities", "0.5", "0.7", "--rho", "0.05", "0.2", "--out", str(out), "--cache", str(tmp_path / "cache"), "--quiet"]
     assert cram.main(argv) == 0
     report = json.loads((out / "cram.json").read_text())
-    plain, crammed = report["arms"]["plain"], report["arms"]["cram_plus"]
+    plain, crammed = report["arms"]["plain"], report["arms"]["cram_plus rho=0.05"]
+    assert set(report["arms"]) == {"plain", "cram_plus rho=0.05", "cram_plus rho=0.2"}
     assert [r["sparsity"] for r in plain["pruned"]] == [r["sparsity"] for r in crammed["pruned"]] == [0.5, 0.7]
     for r in plain["pruned"] + crammed["pruned"]:
         assert r["achieved_sparsity"] == pytest.approx(r["sparsity"], abs=1e-6)
         assert 0.0 <= r["dev"] <= 1.0
     # Two different fine-tunings, each cached under its own key.
     models = sorted((tmp_path / "cache").glob("*/model/model.safetensors"))
-    assert len(models) == 2 and models[0].read_bytes() != models[1].read_bytes()
-    assert "| 70% |" in (out / "cram.md").read_text()
+    assert len(models) == 3 and len({m.read_bytes() for m in models}) == 3
+    text = (out / "cram.md").read_text()
+    assert "| sparsity | plain | cram_plus rho=0.05 | cram_plus rho=0.2 |" in text and "| 70% |" in text
     # Cached: a second run reuses both fine-tuned models.
     assert cram.main(argv) == 0
-    assert json.loads((out / "cram.json").read_text())["arms"]["cram_plus"]["train_seconds"] == crammed["train_seconds"]
+    assert json.loads((out / "cram.json").read_text())["arms"]["cram_plus rho=0.05"]["train_seconds"] == crammed["train_seconds"]
