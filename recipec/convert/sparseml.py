@@ -442,6 +442,7 @@ class _Converter:
         self.variables: dict[str, Number | str] = {}  # recipec name -> output value
         self.budget = MAX_VALUES
         self.counter = 0
+        self._first_trained: int | None = 0
 
     # ---- reporting
 
@@ -697,6 +698,8 @@ class _Converter:
         self.place_stages(stages)
         held: Val | str | None = None
         any_lr = any(o.kind in ("lr", "setlr") for s in stages for o in s.outs)
+        # the LR note belongs to the first stage that trains (not a prune-only one before it)
+        self._first_trained = next((i for i, s in enumerate(stages) if not s.prune_only), None)
         for index, stage in enumerate(stages):
             self.drop_redundant_constants(stage)
             held = self.finish_lr(stage, index, held, any_lr)
@@ -1014,6 +1017,9 @@ class _Converter:
                     and (stage.range_end is None or stage.range_end.value <= offset.value + _EPS)):
                 stage.prune_only = True
                 end = offset
+                for o in stage.outs:  # step 0 is the only step: the windows say nothing (and need no epochs)
+                    for name in ("start_epoch", "end_epoch", "update_every_epochs", "update_every_steps"):
+                        o.fields.pop(name, None)
                 self._note(stage.line, "one-shot", f"{'stage ' + repr(stage.key) if stage.key else 'the recipe'} only prunes "
                            f"once, at epoch {offset.value:g}, and trains for 0 epochs: written as a prune-only stage "
                            "(training.steps: 0)")
@@ -1074,7 +1080,7 @@ class _Converter:
             out.kind = "lr"
         lrs = [o for o in lrs if o in stage.outs]
         if not any_lr:
-            if index == 0 and not stage.prune_only:
+            if index == self._first_trained:
                 self._note(1, "learning rate", "no learning-rate modifiers: SparseML leaves the LR to the training "
                            "script; recipec uses training.learning_rate (5e-05) with linear decay")
             return None

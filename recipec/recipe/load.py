@@ -357,16 +357,22 @@ def _check_overlaps(recipe: Recipe, data: Any, positions: _Positions) -> list[Pr
     return problems
 
 
-def _check_prune_only(recipe: Recipe) -> list[tuple[Path_, str]]:
-    """Modifiers that a prune-only stage (``training.steps: 0``) cannot run, as (path, message)."""
+def _check_prune_only(recipe: Recipe, positions: _Positions) -> list[Problem]:
+    """Modifiers that a prune-only stage (``training.steps: 0``) cannot run."""
     from recipec.plan import prune_only_problems
 
-    problems: list[tuple[Path_, str]] = []
+    problems: list[Problem] = []
     for stage_index, stage in enumerate(recipe.resolved_stages()):
         if not recipe.stage_training(stage).prune_only:
             continue
         base: Path_ = ("stages", stage_index, "modifiers") if recipe.stages is not None else ("modifiers",)
-        problems += [((*base, index, name), message) for index, name, message in prune_only_problems(stage.modifiers)]
+        why = ""
+        if recipe.stages is not None and (stage.training is None or "steps" not in stage.training.model_fields_set):
+            where = positions.at(("training", "steps"))
+            why = f" (stage {stage.name!r} inherits training.steps: 0 from line {where.line or '?'})"
+        for index, name, message in prune_only_problems(stage.modifiers):
+            path = (*base, index, name)
+            problems.append(Problem(positions.at(path), format_path(path), message + why))
     return problems
 
 
@@ -397,7 +403,7 @@ def load_recipe_text(text: str, source: str = "<recipe>", overrides: Iterable[st
         problems += _problems_from_validation(exc, body, positions)
         raise RecipeError(problems) from None
     problems += _check_overlaps(recipe, body, positions)
-    problems += [Problem(positions.at(path), format_path(path), message) for path, message in _check_prune_only(recipe)]
+    problems += _check_prune_only(recipe, positions)
     if problems:
         raise RecipeError(problems)
     return recipe

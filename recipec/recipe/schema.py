@@ -89,6 +89,14 @@ class TrainingSpec(Spec):
     max_grad_norm: Annotated[float, Field(gt=0.0)] | None = 1.0
     checkpoint_every_steps: PositiveInt | None = None
 
+    @field_validator("epochs", mode="before")
+    @classmethod
+    def _epochs(cls, value: object) -> object:
+        if type(value) in (int, float) and value == 0:
+            raise ValueError("epochs must be greater than 0; for a stage that only prunes (one-shot, no "
+                             "training) write steps: 0")
+        return value
+
     @property
     def prune_only(self) -> bool:
         """``steps: 0``: a stage that only prunes, once, at step 0 (see ``PRUNE_ONLY``)."""

@@ -120,7 +120,8 @@ class RecipecCallback(TrainerCallback):
         if program.plan.training.prune_only:
             raise ValueError(
                 f"stage {program.plan.name!r} is prune-only (training.steps: 0): it takes no Trainer step; "
-                "run its one-shot pruning with program.step_start(0) instead of trainer.train()"
+                "instead of trainer.train(), run its one-shot pruning with program.step_start(0) then "
+                "program.finalize() (oBERT needs grad_batches= in recipec.compile)"
             )
         if program.plan.by_type("cram"):
             if args.fp16 or args.world_size > 1 or args.n_gpu > 1:

@@ -262,11 +262,18 @@ def train_stage(
     checked_version = program.masks.version if program is not None else 0
     model.train()
     final_eval = None
-    if total == 0 and program is not None:  # a prune-only stage: one-shot pruning, no optimizer step
-        run_eval(0)  # the model as it came, to compare with after pruning
-        program.step_start(0)
-        metrics.write({"stage": plan.name, "step": 0, "sparsity": program.sparsity()[0]})
     with _SigintFlag() as sigint:
+        if total == 0 and program is not None and resume_state is None:  # prune-only: one-shot, no optimizer step
+            run_eval(0)  # the model as it came, to compare with after pruning
+            program.step_start(0)
+            metrics.write({"stage": plan.name, "step": 0, "sparsity": program.sparsity()[0]})
+            stop = sigint.raised
+            if world > 1:  # every rank stops, or none
+                flag = torch.tensor([float(stop)], dtype=torch.float64)
+                stop = float(dist_utils.all_reduce_sum(flag, what=f"stage {plan.name!r}: interrupt check")[0]) > 0
+            if stop:  # the pruning is kept: --resume evaluates it and goes on
+                save(0)
+                raise Interrupted(f"interrupted at stage {plan.name!r} after its one-shot pruning; checkpoint saved")
         while step < total:
             loader = make_dataloader(
                 train_examples, tokenizer, info, batch_size=training.batch_size,

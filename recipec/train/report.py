@@ -60,9 +60,12 @@ def _plots(out: Path, records: list[dict[str, Any]], per_layer: dict[str, float]
         ax.plot(xs, [r["lr"] for r in train], color="tab:blue")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("learning rate", color="tab:blue")
-        if any("sparsity" in r for r in train):
+        # sparsity: every training step, and the one-shot pruning of prune-only stages (no loss)
+        pruned = [r for r in records if "sparsity" in r and not any(k.startswith("eval_") for k in r)]
+        if pruned:
             ax2 = ax.twinx()
-            ax2.plot(xs, [100 * r.get("sparsity", 0.0) for r in train], color="tab:red")
+            ax2.step([offsets[r["stage"]] + r["step"] for r in pruned], [100 * r["sparsity"] for r in pruned],
+                     where="post", color="tab:red")
             ax2.set_ylabel("sparsity of targets (%)", color="tab:red")
             ax2.set_ylim(0, 100)
         ax.set_title("learning rate and sparsity")

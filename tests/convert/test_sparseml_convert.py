@@ -368,3 +368,37 @@ def test_a_one_shot_prune_beside_an_lr_or_in_a_training_run_is_not_prune_only():
                                   "    start_epoch: 0.0\n    end_epoch: 3.0\npruning_modifiers:\n", 1)
     result = convert_text(with_range, "r.yaml")
     assert not result.recipe.training.prune_only and result.recipe.training.epochs == 3.0
+
+
+STAGED_ONE_SHOT = """\
+version: 1.1.0
+oneshot_stage:
+  pruning_modifiers:
+    - !GlobalMagnitudePruningModifier
+      params: __ALL_PRUNABLE__
+      init_sparsity: 0.7
+      final_sparsity: 0.7
+      start_epoch: 0.0
+      end_epoch: 0.0
+      update_frequency: 1.0
+recover_stage:
+  recover_modifiers:
+    - !EpochRangeModifier
+      start_epoch: 0.0
+      end_epoch: 2.0
+    - !ConstantPruningModifier
+      params: __ALL_PRUNABLE__
+      start_epoch: 0.0
+      end_epoch: 2.0
+"""
+
+
+def test_a_one_shot_stage_then_a_training_stage():
+    result = convert_text(STAGED_ONE_SHOT, "staged.yaml")
+    first, second = result.recipe.stages
+    assert result.recipe.stage_training(first).prune_only and result.recipe.stage_training(second).epochs == 2.0
+    assert "start_epoch" not in result.text.split("name: recover_stage")[0].split("name: oneshot_stage")[1]
+    # the LR note belongs to the stage that trains
+    assert [n for n in result.notes if n.name == "learning rate"], result.notes
+    one_shot, recover = resolve(result.recipe, 10)
+    assert one_shot.pruning_events() == [(0, 0, 0.7)] and recover.total_steps == 20

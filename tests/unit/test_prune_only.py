@@ -162,3 +162,46 @@ def test_oneshot_obert_after_training(tiny_model_dir, tmp_path):
     assert [s["steps"] for s in report["stages"]] == [3, 0]
     assert report["sparsity"]["targets"] == pytest.approx(0.5, abs=1e-4)
     assert "obert[0]: step 0: pruned to 50.00%" in output
+
+
+def test_ctrl_c_during_the_one_shot_pruning_keeps_it_and_resume_finishes(tiny_model_dir, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from recipec.program import Program
+
+    real = Program.step_start
+
+    def pressed(self, step):  # Ctrl-C arrives while the stage prunes
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(self, step)
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(_text([ONE_SHOT_GMP], {"steps": 0, "batch_size": 8, "max_seq_length": 32}))
+    out = tmp_path / "run"
+    args = ["apply", str(recipe), "--model", str(tiny_model_dir), "--max-train", "40", "--max-eval", "24",
+            "--output", str(out)]
+    monkeypatch.setattr(Program, "step_start", pressed)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130, result.output
+    assert "after its one-shot pruning; checkpoint saved" in result.output
+    assert not (out / "model").exists()
+    monkeypatch.setattr(Program, "step_start", real)
+    result = CliRunner().invoke(main, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "pruned to" not in result.output  # the pruning is not run again
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity"]["targets"] == pytest.approx(0.6, abs=1e-4)
+    assert report["stages"][0]["eval_before_pruning"]["accuracy"] is not None
+
+
+def test_zero_epochs_points_to_steps_zero_and_inherited_steps_are_named():
+    with pytest.raises(RecipeError, match=r"training.epochs: epochs must be greater than 0; .* write steps: 0"):
+        load_recipe_text(_text([], training={"epochs": 0}), "r.yaml")
+    text = "training:\n  steps: 0\nstages:\n  - name: a\n    modifiers:\n      - {type: lr, init_lr: 1.0e-4}\n"
+    with pytest.raises(RecipeError) as info:
+        load_recipe_text(text, "r.yaml")
+    (problem,) = info.value.problems
+    assert (problem.path, problem.location.line) == ("stages.0.modifiers.0.type", 6)
+    assert problem.message.endswith("(stage 'a' inherits training.steps: 0 from line 2)")
+

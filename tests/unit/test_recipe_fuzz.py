@@ -70,6 +70,8 @@ def mutated_recipes(draw):
 overrides = st.lists(
     st.one_of(
         st.builds(lambda k, v: f"{k}={v}", st.sampled_from(["target_sparsity", "training.epochs", "modifiers.0.final_sparsity", "modifiers.9.x", "a.b.c", ""]), st.text(max_size=10)),
+        # prune-only stages: every bundled recipe with training.steps 0 (its lr/distill/cram refused)
+        st.sampled_from(["training.steps=0", "stages.0.training.steps=0", "stages.1.training.steps=0"]),
         st.text(max_size=15),
     ),
     max_size=2,
