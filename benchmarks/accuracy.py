@@ -133,7 +133,7 @@ def describe_device(device: str) -> str:
 
 def _budget_text(budget: dict) -> str:
     data = "all" if budget.get("max_train") is None else f"first {budget['max_train']}"
-    return (f"{budget['dense']} dense + {budget['prune']} pruning + {budget['finetune']} fine-tuning epochs, "
+    return (f"{budget['dense']:g} dense + {budget['prune']:g} pruning + {budget['finetune']:g} fine-tuning epochs, "
             f"{budget['steps_per_epoch']} pruning steps per epoch, batch {budget['batch_size']}, "
             f"sequences of at most {budget.get('max_seq_length', '?')} tokens, "
             f"{data} training examples, oBERT m={budget['num_grads']}")

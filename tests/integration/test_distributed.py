@@ -89,6 +89,38 @@ def tiny_dropout_free_dir(tmp_path, embedded_tokenizer):
     return folder
 
 
+def _setup(tmp_path, recipe_text: str):
+    """The recipe and harness files, and an environment without any launcher variables."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text)
+    harness = tmp_path / "harness.py"
+    harness.write_text(HARNESS)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RECIPEC_DIST_TIMEOUT="120")
+    return recipe, harness, env
+
+
+def _assert_same_model(single_run, dist_run) -> None:
+    """The distributed run's model equals the single process's within float tolerance."""
+    single = load_file(str(single_run / "model" / "model.safetensors"))
+    dist = load_file(str(dist_run / "model" / "model.safetensors"))
+    masks_single = load_file(str(single_run / "model" / "masks.safetensors"))
+    masks_dist = load_file(str(dist_run / "model" / "masks.safetensors"))
+    assert masks_single.keys() == masks_dist.keys()
+    total = sum(m.numel() for m in masks_single.values())
+    differ = sum(int((masks_single[n] != masks_dist[n]).sum()) for n in masks_single)
+    # Near-ties in a ranking may flip under float noise; none do here, allow a handful elsewhere.
+    assert differ <= total * 1e-3, f"{differ} of {total} mask entries differ"
+    for name in single:
+        both = torch.ones_like(single[name], dtype=torch.bool)
+        if name in masks_single:
+            both = masks_single[name].bool() == masks_dist[name].bool()
+        assert torch.allclose(single[name][both], dist[name][both], atol=1e-5, rtol=1e-4), name
+    for name, mask in masks_dist.items():
+        assert torch.equal(dist[name] == 0, mask == 0), name  # exact zeros where pruned
+
+
 def _launch(args, *, env, world: int | None, timeout: float = 600) -> tuple[int, str, float]:
     cmd = [sys.executable]
     if world is not None:
@@ -100,14 +132,7 @@ def _launch(args, *, env, world: int | None, timeout: float = 600) -> tuple[int,
 
 
 def test_two_gloo_ranks_match_one_process_and_survive_a_killed_rank(tmp_path, tiny_dropout_free_dir):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE)
-    harness = tmp_path / "harness.py"
-    harness.write_text(HARNESS)
-    base_env = {k: v for k, v in os.environ.items()
-                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    base_env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                    RECIPEC_DIST_TIMEOUT="120")
+    recipe, harness, base_env = _setup(tmp_path, RECIPE)
     common = ["apply", recipe, "--model", tiny_dropout_free_dir, "--max-train", 143, "--max-eval", 37,
               "--checkpoint-every", 3, "--quiet"]
 
@@ -146,22 +171,7 @@ def test_two_gloo_ranks_match_one_process_and_survive_a_killed_rank(tmp_path, ti
         assert torch.equal(r0["weights"][name], r1["weights"][name]), name
 
     # Equal to the single-process run within float tolerance.
-    single = load_file(str(tmp_path / "single" / "model" / "model.safetensors"))
-    dist = load_file(str(cut / "model" / "model.safetensors"))
-    masks_single = load_file(str(tmp_path / "single" / "model" / "masks.safetensors"))
-    masks_dist = load_file(str(cut / "model" / "masks.safetensors"))
-    assert masks_single.keys() == masks_dist.keys()
-    total = sum(m.numel() for m in masks_single.values())
-    differ = sum(int((masks_single[n] != masks_dist[n]).sum()) for n in masks_single)
-    # Near-ties in a ranking may flip under float noise; none do here, allow a handful elsewhere.
-    assert differ <= total * 1e-3, f"{differ} of {total} mask entries differ"
-    for name in single:
-        both = torch.ones_like(single[name], dtype=torch.bool)
-        if name in masks_single:
-            both = masks_single[name].bool() == masks_dist[name].bool()
-        assert torch.allclose(single[name][both], dist[name][both], atol=1e-5, rtol=1e-4), name
-    for name, mask in masks_dist.items():
-        assert torch.equal(dist[name] == 0, mask == 0), name  # exact zeros where pruned
+    _assert_same_model(tmp_path / "single", cut)
 
     # Metrics: global-batch loss each step, same eval, same pruning history.
     def losses(folder):
@@ -196,13 +206,7 @@ stages:
 
 
 def test_cram_then_a_prune_only_stage_under_two_ranks_match_one_process(tmp_path, tiny_dropout_free_dir):
-    recipe = tmp_path / "cram.yaml"
-    recipe.write_text(CRAM_RECIPE)
-    harness = tmp_path / "harness.py"
-    harness.write_text(HARNESS)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RECIPEC_DIST_TIMEOUT="120")
+    recipe, harness, env = _setup(tmp_path, CRAM_RECIPE)
     common = ["apply", recipe, "--model", tiny_dropout_free_dir, "--max-train", 143, "--max-eval", 37, "--quiet"]
     runs = {}
     for name, world in (("single", None), ("dist", 2)):
@@ -216,18 +220,7 @@ def test_cram_then_a_prune_only_stage_under_two_ranks_match_one_process(tmp_path
     r0, r1 = (torch.load(tmp_path / "dump-dist" / f"rank{r}.pt") for r in (0, 1))
     for name in r0["weights"]:
         assert torch.equal(r0["weights"][name], r1["weights"][name]), name
-    single = load_file(str(runs["single"] / "model" / "model.safetensors"))
-    dist = load_file(str(runs["dist"] / "model" / "model.safetensors"))
-    masks_single = load_file(str(runs["single"] / "model" / "masks.safetensors"))
-    masks_dist = load_file(str(runs["dist"] / "model" / "masks.safetensors"))
-    total = sum(m.numel() for m in masks_single.values())
-    differ = sum(int((masks_single[n] != masks_dist[n]).sum()) for n in masks_single)
-    assert differ <= total * 1e-3, f"{differ} of {total} mask entries differ"
-    for name in single:
-        both = torch.ones_like(single[name], dtype=torch.bool)
-        if name in masks_single:
-            both = masks_single[name].bool() == masks_dist[name].bool()
-        assert torch.allclose(single[name][both], dist[name][both], atol=1e-5, rtol=1e-4), name
+    _assert_same_model(runs["single"], runs["dist"])
     reports = [json.loads((runs[n] / "report.json").read_text()) for n in ("single", "dist")]
     assert [s["steps"] for s in reports[1]["stages"]] == [20, 0]  # 143 examples / 15 = 10 steps per epoch
     assert reports[1]["stages"][1]["eval_before_pruning"]["accuracy"] == pytest.approx(
