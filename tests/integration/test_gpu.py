@@ -56,3 +56,32 @@ def test_apply_on_cuda_prunes_exactly_and_keeps_the_masks(name, tiny_model_dir, 
         assert torch.equal(weights[tensor_name] == 0, mask == 0), tensor_name
     report = json.loads((out / "report.json").read_text())
     assert 0.0 <= report["final_eval"]["accuracy"] <= 1.0
+
+
+CRAM_THEN_ONE_SHOT = """\
+training: {batch_size: 16, learning_rate: 1e-3, max_seq_length: 32, seed: 1}
+stages:
+  - name: cram
+    training: {epochs: 1}
+    modifiers:
+      - {type: cram, sparsities: [0.5, 0.7], rho: 0.05, scope: global}
+  - name: prune
+    training: {steps: 0}
+    modifiers:
+      - {type: obert, init_sparsity: 0.7, final_sparsity: 0.7, num_grads: 8, grad_batch_size: 4,
+         fisher_block_size: 16, damp: 1e-5}
+"""
+
+
+def test_cram_then_a_prune_only_stage_on_cuda(tiny_model_dir, tmp_path):
+    recipe = tmp_path / "cram.yaml"
+    recipe.write_text(CRAM_THEN_ONE_SHOT)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["apply", str(recipe), "--model", str(tiny_model_dir), "--device", "cuda",
+                                       "--max-train", "160", "--max-eval", "64", "--output", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    masks = load_file(str(out / "model" / "masks.safetensors"))
+    total = sum(m.numel() for m in masks.values())
+    assert total - sum(int(m.sum()) for m in masks.values()) == round(0.7 * total)
+    report = json.loads((out / "report.json").read_text())
+    assert [s["steps"] for s in report["stages"]] == [10, 0] and report["stages"][1]["prune_only"]
