@@ -179,9 +179,11 @@ def train_stage(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     on_eval_progress: Callable[[int, int], None] | None = None,
     stop_after_step: int | None = None,
+    eval_before: dict[str, float] | None = None,
 ) -> StageResult:
     """Train one stage to ``plan.total_steps`` optimizer steps (0: a prune-only stage, which
-    evaluates, runs the Program's step 0, its one-shot pruning, and evaluates again).
+    evaluates, runs the Program's step 0, its one-shot pruning, and evaluates again; with
+    ``eval_before``, the metrics of the model as it comes, that first evaluation is skipped).
 
     ``resume_state`` (from a checkpoint) restores optimizer, Program, RNG and step; the data
     position follows from the step (every epoch has exactly ``plan.steps_per_epoch`` batches
@@ -243,9 +245,10 @@ def train_stage(
             if dist_utils.is_main():
                 ckpt.save_checkpoint(checkpoint_dir, f"{plan.name}-step-{at_step:08d}", model, data)
 
-    def run_eval(at_step: int) -> dict[str, float]:
-        result = evaluate(model, eval_examples, tokenizer, info, batch_size=max(training.batch_size, 32),
-                          max_seq_length=training.max_seq_length, device=device, progress=on_eval_progress)
+    def run_eval(at_step: int, known: dict[str, float] | None = None) -> dict[str, float]:
+        result = known if known is not None else evaluate(
+            model, eval_examples, tokenizer, info, batch_size=max(training.batch_size, 32),
+            max_seq_length=training.max_seq_length, device=device, progress=on_eval_progress)
         record = {"stage": plan.name, "step": at_step, **{f"eval_{k}": v for k, v in result.items()}}
         if program is not None:
             record["sparsity"] = program.sparsity()[0]
@@ -264,7 +267,7 @@ def train_stage(
     final_eval = None
     with _SigintFlag() as sigint:
         if total == 0 and program is not None and resume_state is None:  # prune-only: one-shot, no optimizer step
-            run_eval(0)  # the model as it came, to compare with after pruning
+            run_eval(0, eval_before)  # the model as it came, to compare with after pruning
             program.step_start(0)
             metrics.write({"stage": plan.name, "step": 0, "sparsity": program.sparsity()[0]})
             stop = sigint.raised

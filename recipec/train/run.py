@@ -329,6 +329,9 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
                 resume_state=resume_state, metrics=metrics,
                 on_step=lambda s, rec: reporter.update(s, _step_info(rec)),
                 stop_after_step=config.stop_after_step if is_last else None,
+                # a prune-only stage after a stage evaluated at the same length: its model, already measured
+                eval_before=results[-1][2].final_eval if results and results[-1][1].training.max_seq_length
+                == training.max_seq_length else None,
             )
         finally:
             reporter.stop()

@@ -151,7 +151,13 @@ def test_a_distilling_stage_after_a_prune_only_stage_gets_a_trained_teacher(tiny
     assert report["sparsity"]["targets"] == pytest.approx(0.6, abs=1e-4)  # the constant stage kept the zeros
 
 
-def test_oneshot_obert_after_training(tiny_model_dir, tmp_path):
+def test_oneshot_obert_after_training(tiny_model_dir, tmp_path, monkeypatch):
+    """The prune-only stage reuses the training stage's final evaluation as its "before"."""
+    from recipec.train import loop
+
+    calls = []
+    real = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
     text = yaml.safe_dump({"training": {"batch_size": 8, "max_seq_length": 32}, "stages": [
         {"name": "train", "training": {"steps": 3}},
         {"name": "prune", "training": {"steps": 0}, "modifiers": [
@@ -162,6 +168,8 @@ def test_oneshot_obert_after_training(tiny_model_dir, tmp_path):
     assert [s["steps"] for s in report["stages"]] == [3, 0]
     assert report["sparsity"]["targets"] == pytest.approx(0.5, abs=1e-4)
     assert "obert[0]: step 0: pruned to 50.00%" in output
+    assert report["stages"][1]["eval_before_pruning"] == report["stages"][0]["final_eval"]
+    assert len(calls) == 2  # the end of training, then after pruning: not the same model twice
 
 
 def test_ctrl_c_during_the_one_shot_pruning_keeps_it_and_resume_finishes(tiny_model_dir, tmp_path, monkeypatch):
