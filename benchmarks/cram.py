@@ -1,12 +1,13 @@
 """Does CrAM+ training make a model prune one-shot better? Plain vs CrAM+ fine-tuning on SST-2.
 
-Two dense fine-tunings of the embedded all-MiniLM-L6-v2 from the same start, data order and
+Dense fine-tunings of the embedded all-MiniLM-L6-v2 from the same start, data order and
 settings (benchmarks/oneshot.py's dense fine-tuning, cached the same way): plain, and with a
-``cram`` modifier (CrAM+, global top-k at a sparsity drawn per step from ``--sparsities``).
+``cram`` modifier (CrAM+, global top-k at a sparsity drawn per step from ``--sparsities``) for
+each ``--rho``.
 Each dense model is then pruned one-shot with global magnitude (no retraining) to every
 sparsity, and SST-2 dev accuracy is reported side by side, with both fine-tuning times.
 
-    python benchmarks/cram.py --threads 1        # what we ran; see benchmarks/results/cram.md
+    python benchmarks/cram.py --threads 1 --rho 0.01 0.05 0.2   # what we ran; benchmarks/results/cram.md
     python benchmarks/cram.py --train-examples 64 --steps 4 --max-eval 32 --out /tmp/cram  # smoke
 
 Writes ``cram.json`` and ``cram.md`` to ``--out`` (default ``benchmarks/results``).
