@@ -7,20 +7,6 @@ import click
 from recipec.cli._common import load_or_exit, set_option
 
 
-def summary(recipe) -> str:
-    """One line: stages, modifiers by type, training length."""
-    parts = []
-    for stage in recipe.resolved_stages():
-        training = recipe.stage_training(stage)
-        if training.prune_only:
-            length = "prune-only"
-        else:
-            length = f"{training.epochs:g} epochs" if training.epochs is not None else f"{training.steps} steps"
-        kinds = ", ".join(m.type for m in stage.modifiers) or "no modifiers"
-        parts.append(f"{stage.name}: {length}, {kinds}")
-    return "; ".join(parts)
-
-
 @click.command("validate")
 @click.argument("recipe")
 @set_option
@@ -35,4 +21,4 @@ def command(recipe: str, overrides: tuple[str, ...]) -> None:
       recipec validate my.yaml --set target_sparsity=0.8 --set training.epochs=3
     """
     loaded = load_or_exit(recipe, overrides)
-    click.echo(f"ok: {recipe}: {summary(loaded)}")
+    click.echo(f"ok: {recipe}: {loaded.summary()}")

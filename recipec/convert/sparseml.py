@@ -90,14 +90,8 @@ class Conversion:
 
     def summary(self) -> str:
         """One line: stages with their length and modifier types, and the variable count."""
-        parts = []
-        for stage in self.recipe.resolved_stages():
-            training = self.recipe.stage_training(stage)
-            kinds = ", ".join(m.type for m in stage.modifiers) or "no modifiers"
-            length = "prune-only" if training.prune_only else f"{training.epochs:g} epochs"
-            parts.append(f"{stage.name}: {length}, {kinds}")
         n = len(self.recipe.variables)
-        return f"{'; '.join(parts)}; {n} variable{'s' if n != 1 else ''}"
+        return f"{self.recipe.summary()}; {n} variable{'s' if n != 1 else ''}"
 
 
 # --------------------------------------------------------------------------- safe YAML

@@ -75,7 +75,7 @@ class TrainingSpec(Spec):
 
     epochs: PositiveEpoch | None = Field(None, description="Training length in epochs.")
     steps: NonNegInt | None = Field(
-        None, description="Training length in optimizer steps; 0 makes a prune-only stage (see PRUNE_ONLY)."
+        None, description="Training length in optimizer steps; 0 makes a prune-only stage (see prune_only)."
     )
     batch_size: Annotated[int, Field(gt=0, le=65536)] = 16
     learning_rate: LearningRate = 5e-5
@@ -99,8 +99,16 @@ class TrainingSpec(Spec):
 
     @property
     def prune_only(self) -> bool:
-        """``steps: 0``: a stage that only prunes, once, at step 0 (see ``PRUNE_ONLY``)."""
+        """``steps: 0``: a stage that trains nothing. Its pruning modifiers (gmp, obert, constant)
+        prune once, at step 0 (oBERT with its own gradients of the training data), and the stage
+        evaluates before and after; lr, distill and cram there are errors."""
         return self.steps == 0
+
+    def length_text(self) -> str:
+        """``"3 epochs"``, ``"100 steps"`` or ``"prune-only"`` (for one-line summaries)."""
+        if self.prune_only:
+            return "prune-only"
+        return f"{self.epochs:g} epochs" if self.epochs is not None else f"{self.steps} steps"
 
     @model_validator(mode="after")
     def _exclusive(self) -> TrainingSpec:
@@ -108,11 +116,6 @@ class TrainingSpec(Spec):
         _one_of(self, "warmup_steps", "warmup_epochs", required=False)
         _one_of(self, "eval_every_steps", "eval_every_epochs", required=False)
         return self
-
-
-PRUNE_ONLY = """A stage with ``training.steps: 0`` trains nothing: its pruning modifiers (gmp, obert,
-constant) prune once, at step 0 (one-shot), oBERT with its own gradients of the training data;
-then the stage evaluates. Modifiers that act on training steps (lr, distill, cram) are errors."""
 
 
 class _Window(Spec):
@@ -350,6 +353,14 @@ class Recipe(Spec):
         if self.stages is not None:
             return list(self.stages)
         return [StageSpec(name="main", training=None, modifiers=list(self.modifiers or []))]
+
+    def summary(self) -> str:
+        """One line: each stage with its training length and modifier types."""
+        parts = []
+        for stage in self.resolved_stages():
+            kinds = ", ".join(m.type for m in stage.modifiers) or "no modifiers"
+            parts.append(f"{stage.name}: {self.stage_training(stage).length_text()}, {kinds}")
+        return "; ".join(parts)
 
     def stage_training(self, stage: StageSpec) -> TrainingSpec:
         """A stage's training settings: the recipe's, overridden field by field by the stage's."""

@@ -50,7 +50,10 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
 
 
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
+    """The batch on ``device``; a rank's shard keeps its weight (cram's second pass uses it)."""
+    moved = {k: v.to(device) for k, v in batch.items()}
+    weight = getattr(batch, "weight", None)
+    return moved if weight is None else dist_utils.ShardBatch(moved, weight)
 
 
 @torch.no_grad()
@@ -97,12 +100,24 @@ def evaluate(model: nn.Module, examples: list[Example], tokenizer: Any, info: Ta
     return metrics
 
 
+def eval_metrics(record: Mapping[str, Any]) -> dict[str, float]:
+    """The metrics of an evaluation record (its ``eval_*`` keys, without the prefix)."""
+    return {k[5:]: v for k, v in record.items() if k.startswith("eval_")}
+
+
 @dataclass
 class StageResult:
     steps: int
     seconds: float
     eval_history: list[dict[str, Any]] = field(default_factory=list)
     final_eval: dict[str, float] | None = None
+
+    @property
+    def eval_before_pruning(self) -> dict[str, float] | None:
+        """A finished prune-only stage's first evaluation, of the model before its one-shot pruning."""
+        if self.steps != 0 or self.final_eval is None or len(self.eval_history) < 2:
+            return None
+        return eval_metrics(self.eval_history[0])
 
 
 class MetricsLog:
@@ -217,7 +232,7 @@ def train_stage(
         eval_history = list(resume_state.get("eval_history", []))
         elapsed_before = float(resume_state.get("seconds", 0.0))
         if step >= total and resume_state.get("complete"):
-            last = {k[5:]: v for k, v in eval_history[-1].items() if k.startswith("eval_")} if eval_history else None
+            last = eval_metrics(eval_history[-1]) if eval_history else None
             return StageResult(total, elapsed_before, eval_history, last)
 
     def state(at_step: int) -> dict[str, Any]:
@@ -270,11 +285,9 @@ def train_stage(
             run_eval(0, eval_before)  # the model as it came, to compare with after pruning
             program.step_start(0)
             metrics.write({"stage": plan.name, "step": 0, "sparsity": program.sparsity()[0]})
-            stop = sigint.raised
-            if world > 1:  # every rank stops, or none
-                flag = torch.tensor([float(stop)], dtype=torch.float64)
-                stop = float(dist_utils.all_reduce_sum(flag, what=f"stage {plan.name!r}: interrupt check")[0]) > 0
-            if stop:  # the pruning is kept: --resume evaluates it and goes on
+            flag = torch.tensor([float(sigint.raised)], dtype=torch.float64)  # every rank stops, or none
+            if dist_utils.all_reduce_sum(flag, what=f"stage {plan.name!r}: interrupt check")[0] > 0:
+                # the pruning is kept: --resume evaluates it and goes on
                 save(0)
                 raise Interrupted(f"interrupted at stage {plan.name!r} after its one-shot pruning; checkpoint saved")
         while step < total:
@@ -289,8 +302,6 @@ def train_stage(
                     break
                 weight = getattr(batch, "weight", 1.0)
                 batch = to_device(batch, device)
-                if world > 1:  # modifiers that redo the backward pass (cram) weight this rank's share
-                    batch = dist_utils.ShardBatch(batch, weight)
                 if program is not None:
                     program.step_start(step)
                 if program is None or not program.owns_lr:

@@ -136,7 +136,7 @@ def write_outputs(*, out: Path, model, tokenizer, recipe, recipe_text: str, info
         "stages": [
             {"name": name, "steps": result.steps, "steps_per_epoch": plan.steps_per_epoch, "seconds": result.seconds,
              "final_eval": result.final_eval, "pruning": prog.history(),
-             **({"prune_only": True, "eval_before_pruning": _eval_before_pruning(result)} if plan.training.prune_only else {})}
+             **({"prune_only": True, "eval_before_pruning": result.eval_before_pruning} if plan.training.prune_only else {})}
             for name, plan, result, prog in results
         ],
         "wall_seconds": seconds,
@@ -146,13 +146,6 @@ def write_outputs(*, out: Path, model, tokenizer, recipe, recipe_text: str, info
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     write_text_atomic(out / "report.md", _markdown(report))
     return report
-
-
-def _eval_before_pruning(result) -> dict[str, float] | None:
-    """A prune-only stage's first evaluation, taken before its one-shot pruning."""
-    if not result.eval_history:
-        return None
-    return {k[5:]: v for k, v in result.eval_history[0].items() if k.startswith("eval_")}
 
 
 def _markdown(report: dict[str, Any]) -> str:

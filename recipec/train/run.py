@@ -330,16 +330,15 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
                 on_step=lambda s, rec: reporter.update(s, _step_info(rec)),
                 stop_after_step=config.stop_after_step if is_last else None,
                 # a prune-only stage after a stage evaluated at the same length: its model, already measured
-                eval_before=results[-1][2].final_eval if results and results[-1][1].training.max_seq_length
-                == training.max_seq_length else None,
+                eval_before=results[-1][2].final_eval if plan.training.prune_only and results
+                and results[-1][1].training.max_seq_length == training.max_seq_length else None,
             )
         finally:
             reporter.stop()
-        if plan.training.prune_only and len(result.eval_history) >= 2 and result.final_eval is not None:
-            key = f"eval_{info.primary_metric}"
-            before, after = result.eval_history[0].get(key), result.eval_history[-1].get(key)
-            if before is not None and after is not None:
-                reporter.log(f"stage {stage.name!r}: {info.primary_metric} {before:.4f} before pruning, {after:.4f} after")
+        if result.eval_before_pruning is not None:
+            metric = info.primary_metric
+            reporter.log(f"stage {stage.name!r}: {metric} {result.eval_before_pruning[metric]:.4f} before pruning, "
+                         f"{result.final_eval[metric]:.4f} after")
         results.append((stage.name, plan, result, program))
         carried_masks = program.masks.state_dict()
         if result.final_eval is None:  # stopped early (tests)
