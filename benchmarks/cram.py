@@ -15,6 +15,7 @@ Writes ``cram.json`` and ``cram.md`` to ``--out`` (default ``benchmarks/results`
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -29,17 +30,29 @@ def build_parser():
     p.add_argument("--rho", type=float, nargs="+", default=[0.05],
                    help="CrAM perturbation size(s): one CrAM fine-tuning per value")
     p.add_argument("--variant", choices=["cram", "cram_plus"], default="cram_plus")
+    p.add_argument("--normalize", action="store_true",
+                   help="normalized ascent step (w + rho * g / ||g||) for every --rho")
     return p
 
 
 def cram_modifier(args, rho: float) -> str:
     sparsities = ", ".join(repr(s) for s in args.sparsities)
-    return (f"  - {{type: cram, variant: {args.variant}, rho: {rho!r}, sparsities: [{sparsities}], "
+    normalize = ", normalize: true" if args.normalize else ""
+    return (f"  - {{type: cram, variant: {args.variant}, rho: {rho!r}{normalize}, sparsities: [{sparsities}], "
             "scope: global}")
 
 
-def arm_name(variant: str, rho: float) -> str:
-    return f"{variant} rho={rho:g}"
+def arm_name(variant: str, rho: float, normalize: bool = False) -> str:
+    return f"{variant} rho={rho:g}" + (" normalized" if normalize else "")
+
+
+def mean_grad_norm(messages: list[str]) -> float | None:
+    """The mean ||g|| the cram modifier logs at the end of its fine-tuning (None: not logged)."""
+    for msg in messages:
+        found = re.search(r"mean gradient norm ([0-9.eE+-]+)\)", msg)
+        if found:
+            return float(found.group(1))
+    return None
 
 
 def run(args) -> dict:
@@ -47,7 +60,8 @@ def run(args) -> dict:
 
     info, train, _, dev = oneshot.load_splits(args)
     arms = {}
-    for arm, modifiers in [("plain", "")] + [(arm_name(args.variant, r), cram_modifier(args, r)) for r in args.rho]:
+    for arm, modifiers in [("plain", "")] + [(arm_name(args.variant, r, args.normalize), cram_modifier(args, r))
+                                           for r in args.rho]:
         model, tokenizer, record = oneshot.dense_model(args, info, train, dev, modifiers)
         model.eval()
         dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -64,7 +78,8 @@ def run(args) -> dict:
             rec = oneshot.prune_one_shot(model, "magnitude", s, args)
             pruned.append({"sparsity": s, "achieved_sparsity": rec["achieved_sparsity"], "dev": ev()})
             oneshot.log(f"{arm}: {s:.0%} magnitude one-shot: dev {pruned[-1]['dev']:.4f}")
-        arms[arm] = {"dense": dense, "pruned": pruned, "train_seconds": record.get("train_seconds")}
+        arms[arm] = {"dense": dense, "pruned": pruned, "train_seconds": record.get("train_seconds"),
+                     "mean_grad_norm": mean_grad_norm(record.get("modifier_log", []))}
     return {"arms": arms, "dev_examples": len(dev), "train_examples": len(train),
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
 
@@ -73,8 +88,9 @@ def render_md(report: dict) -> str:
     st = report["settings"]
     rhos = st["rho"] if isinstance(st["rho"], list) else [st["rho"]]
     plain = report["arms"]["plain"]
-    arms = [report["arms"].get(arm_name(st["variant"], r)) or report["arms"][st["variant"]] for r in rhos]
-    heads = [f"{st['variant']} rho={r:g}" for r in rhos]
+    normalize = st.get("normalize", False)
+    heads = [arm_name(st["variant"], r, normalize) for r in rhos]
+    arms = [report["arms"].get(h) or report["arms"][st["variant"]] for h in heads]
     lines = [
         f"# One-shot magnitude pruning after plain vs {st['variant']} fine-tuning (MiniLM-L6, SST-2)",
         "",
@@ -83,7 +99,7 @@ def render_md(report: dict) -> str:
         f"All arms: all-MiniLM-L6-v2 + 2-label head fine-tuned {st['steps']} steps x batch {st['batch_size']} on "
         f"{report['train_examples']} SST-2 train examples (lr {st['lr']:g}, warm-up + linear decay, max "
         f"{st['max_seq_length']} tokens, same seed and data order). {st['variant']}: global top-k at a sparsity "
-        f"drawn per step from {st['sparsities']}, at each rho. Then the 36 encoder linears pruned once by global "
+        f"drawn per step from {st['sparsities']}, at each rho{' (normalized ascent step: w + rho g / ||g||)' if normalize else ''}. Then the 36 encoder linears pruned once by global "
         f"magnitude, no retraining. SST-2 dev accuracy ({report['dev_examples']} examples; in brackets: the "
         "difference to plain):",
         "",
@@ -100,6 +116,9 @@ def render_md(report: dict) -> str:
         lines.append(f"| {100 * base['sparsity']:.0f}% | {100 * base['dev']:.2f} | "
                      + " | ".join(cell(a["pruned"][i]["dev"], base["dev"]) for a in arms) + " |")
     times = ", ".join(f"{h} {a['train_seconds'] / 60:.1f} min" for h, a in zip(heads, arms))
+    norms = [f"{h} {a['mean_grad_norm']:.3g}" for h, a in zip(heads, arms) if a.get("mean_grad_norm") is not None]
+    if norms:
+        lines += ["", "Mean gradient norm ||g|| over the CrAM steps: " + ", ".join(norms) + "."]
     lines += ["", f"Fine-tuning time: plain {plain['train_seconds'] / 60:.1f} min, {times} (one extra forward "
               f"and backward per CrAM step). Wall time {report['wall_seconds'] / 60:.1f} min (fine-tunings cached "
               f"by earlier runs are reused and not counted); machine: {report['machine']}."]

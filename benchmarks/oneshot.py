@@ -158,10 +158,15 @@ modifiers: {"[]" if not modifiers else chr(10) + modifiers}
     model, tokenizer = load_model_and_tokenizer(args.model, info)
     optimizer = make_optimizer(model, args.lr, 0.01)
     program = None
+    messages: list[str] = []
     if modifiers:
         import recipec
 
-        program = recipec.compile(recipe, model, optimizer, spe, progress=log)
+        def progress(msg: str) -> None:  # the modifiers' lines also go into the record
+            messages.append(msg)
+            log(msg)
+
+        program = recipec.compile(recipe, model, optimizer, spe, progress=progress)
     log(f"fine-tuning dense: {args.steps} steps x {args.batch_size} of {len(train)} SST-2 train examples "
         f"(lr {args.lr:g}, warm-up {_warmup(args)}, dynamic padding, max {args.max_seq_length} tokens)")
     last = [time.perf_counter()]
@@ -176,7 +181,7 @@ modifiers: {"[]" if not modifiers else chr(10) + modifiers}
     final = result.final_eval or evaluate(model, dev, tokenizer, info, batch_size=64,
                                           max_seq_length=args.max_seq_length, device="cpu")
     record = {"dev": final, "train_seconds": result.seconds, "steps": args.steps,
-              "train_examples": len(train), "path": str(done)}
+              "train_examples": len(train), "path": str(done), "modifier_log": messages}
     tmp = cache / ".model-tmp"
     if tmp.exists():
         shutil.rmtree(tmp)

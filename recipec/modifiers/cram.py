@@ -3,7 +3,9 @@
 CrAM / CrAM+ (Peste et al., ICLR 2023). At every optimizer step inside the modifier's window,
 after the ordinary backward pass has left the gradient ``g`` of the loss at the weights ``w``:
 
-1. ``w' = w + rho * g`` (every parameter that has a gradient: a sharpness-style ascent step);
+1. ``w' = w + rho * g`` (every parameter that has a gradient: a sharpness-style ascent step); with
+   ``normalize: true``, ``w' = w + rho * g / ||g||`` (L2 norm over all those gradients, as in SAM), so
+   the step has length ``rho`` whatever the gradient's scale (the log gives the mean ``||g||`` either way);
 2. a sparsity ``k`` is drawn from ``sparsities`` (uniformly; a pure function of the stage seed,
    the modifier's index and the step, so a resumed run draws the same ones);
 3. ``w~ = TopK_k(w')`` on the modifier's targets: magnitude masks of ``structure`` and ``scope``
@@ -21,7 +23,9 @@ with a ``gmp`` or ``obert`` modifier in a later prune-only stage (``training.ste
 bundled ``cram_plus.yaml``). In float32 or bf16 (no loss scaling). Distributed (``recipec apply``
 under torchrun): the perturbation uses the all-reduced gradient, so every rank compresses to the
 same point; each rank weights its shard's second-pass loss by its share of the global batch and
-the gradients are summed over ranks. The HF Trainer path runs it in one process only.
+the gradients are summed over ranks. The same holds under the HF Trainer with torchrun (its DDP;
+the ranks' shards have equal sizes there, so the second-pass gradients are averaged); the Trainer
+refuses it with ``torch.nn.DataParallel`` (several GPUs in one process).
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ def sampled_sparsity(sparsities: list[float], seed: int, index: int, step: int) 
     return random.Random(f"cram:{seed}:{index}:{step}").choice(list(sparsities))
 
 
+def gradient_norm(grads) -> float:
+    """The L2 norm of all the gradients together (accumulated in float64)."""
+    total = sum((g.detach().double().pow(2).sum() for g in grads), torch.zeros((), dtype=torch.float64))
+    return float(total.sqrt())
+
+
 class CrAMModifier(Modifier):
     """Replaces each step's gradient by CrAM's (see the module docstring)."""
 
@@ -53,6 +63,7 @@ class CrAMModifier(Modifier):
         self.seed = int(ctx.plan.training.seed)
         self._batches: list[Mapping[str, Any]] = []
         self.counts: dict[float, int] = {}  # how often each sparsity was drawn (for the log)
+        self.grad_norm_sum = 0.0  # sum of ||g|| over the CrAM steps (for the log)
         self._announced = False
 
     def sparsity_at(self, step: int) -> float:
@@ -72,7 +83,7 @@ class CrAMModifier(Modifier):
         if not self._announced:
             self._announced = True
             self.ctx.log(f"{self.name}: {self.spec.variant} from step {self.resolved.window.start} to "
-                         f"{self.resolved.window.end}, rho {self.spec.rho:g}, sparsities "
+                         f"{self.resolved.window.end}, rho {self.spec.rho:g}{' (normalized)' if self.spec.normalize else ''}, sparsities "
                          f"{', '.join(f'{s:g}' for s in self.spec.sparsities)} ({self.spec.scope}, {self.spec.structure})")
         model = self.ctx.model
         params = {n: p for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
@@ -81,8 +92,10 @@ class CrAMModifier(Modifier):
         with torch.no_grad():
             saved = {n: p.detach().clone() for n, p in moved.items()}
             dense_grads = {n: p.grad.detach().clone() for n, p in params.items()}
+            grad_norm = gradient_norm(dense_grads.values())
         try:
-            keep = self._compressed_gradients(model, params, dense_grads, sparsity, batches)
+            keep = self._compressed_gradients(model, params, dense_grads, self.ascent_scale(grad_norm), sparsity,
+                                              batches)
         except BaseException:
             for n, p in params.items():  # leave the step as the ordinary one: gradient g
                 p.grad = dense_grads[n]
@@ -103,13 +116,20 @@ class CrAMModifier(Modifier):
                     grad.add_(dense_grads[n])
                 p.grad = grad
         self.counts[sparsity] = self.counts.get(sparsity, 0) + 1
+        self.grad_norm_sum += grad_norm
         self.ctx.masks.mask_grads_()
 
-    def _compressed_gradients(self, model, params, dense_grads, sparsity, batches) -> dict[str, torch.Tensor]:
+    def ascent_scale(self, grad_norm: float) -> float:
+        """The factor on ``g`` in ``w' = w + scale * g``: rho, or rho / ||g|| when normalized."""
+        if not self.spec.normalize:
+            return self.spec.rho
+        return self.spec.rho / grad_norm if grad_norm > 0.0 else 0.0  # a zero gradient: no ascent
+
+    def _compressed_gradients(self, model, params, dense_grads, scale, sparsity, batches) -> dict[str, torch.Tensor]:
         """Move the weights to ``w~`` and leave the gradient there in ``.grad``; returns the top-k masks."""
         with torch.no_grad():
             for n, p in params.items():
-                p.add_(dense_grads[n], alpha=self.spec.rho)
+                p.add_(dense_grads[n], alpha=scale)
             keep = compute_masks({n: p.detach().abs() for n, p in self.targets.items()}, sparsity,
                                  self.spec.structure, self.spec.scope)
             for n, p in self.targets.items():
@@ -139,5 +159,7 @@ class CrAMModifier(Modifier):
 
     def on_finalize(self) -> None:
         if self.counts:
+            steps = sum(self.counts.values())
             drawn = ", ".join(f"{s:g}: {c}" for s, c in sorted(self.counts.items()))
-            self.ctx.log(f"{self.name}: {sum(self.counts.values())} CrAM steps (sparsity drawn: {drawn})")
+            self.ctx.log(f"{self.name}: {steps} CrAM steps (sparsity drawn: {drawn}; mean gradient norm "
+                         f"{self.grad_norm_sum / steps:.3g})")

@@ -275,7 +275,11 @@ class CrAMSpec(_Window, _Targets, _Structured):
     of ``sparsities``; it sets no masks itself."""
 
     type: Literal["cram"]
-    rho: Annotated[float, Field(gt=0.0, le=10.0)] = Field(0.05, description="Perturbation size: w' = w + rho * g.")
+    rho: Annotated[float, Field(gt=0.0, le=10.0)] = Field(
+        0.05, description="Perturbation size: w' = w + rho * g (with normalize: w + rho * g / ||g||).")
+    normalize: bool = Field(
+        False, description="Scale the ascent step to length rho (g divided by its L2 norm over every parameter "
+                           "that has a gradient, as in SAM), so that rho does not depend on the gradient's scale.")
     sparsities: list[Fraction] = Field(
         default_factory=lambda: [0.5, 0.7, 0.9], min_length=1, max_length=64,
         description="Sparsities sampled (uniformly, one per step) for the compressed point.",

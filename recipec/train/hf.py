@@ -124,10 +124,15 @@ class RecipecCallback(TrainerCallback):
                 "program.finalize() (oBERT needs grad_batches= in recipec.compile)"
             )
         if program.plan.by_type("cram"):
-            if args.fp16 or args.world_size > 1 or args.n_gpu > 1:
+            if args.fp16:
                 raise ValueError(
-                    "a cram modifier runs a second forward/backward pass that is neither loss-scaled nor "
-                    "synchronised across devices: train it in float32 (or bf16) on one device"
+                    "a cram modifier runs a second forward/backward pass that is not loss-scaled: train it "
+                    "in float32 or bf16"
+                )
+            if args.n_gpu > 1:
+                raise ValueError(
+                    "a cram modifier runs its second pass on the bare model, outside torch.nn.DataParallel: "
+                    "launch one process per GPU (torchrun) instead"
                 )
         self._before_done = None
         if state.global_step > 0 and not self._loaded:

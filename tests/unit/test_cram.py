@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -71,16 +72,17 @@ def _keep_lowest_pruned(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep.view_as(w)
 
 
-def _reference(model, batch, rho, sparsity, variant, scope="per_layer", loss_fn=None):
+def _reference(model, batch, rho, sparsity, variant, scope="per_layer", loss_fn=None, normalize=False):
     ref = copy.deepcopy(model).double()
     batch = {"input_ids": batch["input_ids"].double(), "labels": batch["labels"]}
     loss_fn = loss_fn or (lambda out, b: out.loss)
     params = dict(ref.named_parameters())
     dense = torch.autograd.grad(loss_fn(ref(**batch), batch), list(params.values()))
     dense = dict(zip(params, dense))
+    norm = math.sqrt(sum(float((g * g).sum()) for g in dense.values()))  # over every parameter
     with torch.no_grad():
         for n, p in params.items():
-            p.add_(rho * dense[n])
+            p.add_((rho / norm if normalize else rho) * dense[n])
         names = ("a.weight", "b.weight")
         if scope == "global":
             both = _keep_lowest_pruned(torch.cat([params[n].flatten() for n in names]), sparsity)
@@ -113,6 +115,40 @@ def test_update_equals_the_brute_force_reference(variant, sparsity):
     plain = copy.deepcopy(model)
     plain_grads = torch.autograd.grad(plain(**batch).loss, list(plain.parameters()))
     assert not torch.allclose(got["a.weight"], plain_grads[0])
+
+
+@pytest.mark.parametrize("variant", ["cram", "cram_plus"])
+def test_normalized_ascent_equals_the_brute_force_reference(variant):
+    model, _, program, batch = _setup({"variant": variant, "sparsities": [0.5], "rho": 0.3, "normalize": True})
+    got = _grads_through_program(model, program, batch, step=0)
+    want = _reference(model, batch, 0.3, 0.5, variant, normalize=True)
+    for n in want:
+        torch.testing.assert_close(got[n].double(), want[n], rtol=1e-4, atol=1e-6, msg=n)
+    # The gradient norm here is far from 1, so the unnormalized step is a different point.
+    unnormalized = _reference(model, batch, 0.3, 0.5, variant)
+    assert not torch.allclose(want["a.weight"], unnormalized["a.weight"])
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_normalized_step_has_length_rho_whatever_the_loss_scale(normalize):
+    """The driver's loss scaled by 100 scales g by 100. Normalized, the ascent point w' stays put, so
+    the CrAM gradient (of the model's own loss at the compressed point) is the same; unnormalized,
+    w' moves 100 times further and the gradient changes."""
+    grads = []
+    for scale in (1.0, 100.0):
+        model, _, program, batch = _setup({"variant": "cram", "sparsities": [0.5], "rho": 0.3,
+                                           "normalize": normalize})
+        program.step_start(0)
+        out = model(**batch)
+        program.loss(out.loss * scale, batch=batch, outputs=out).backward()
+        norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters()))
+        mod = program.modifiers[0]
+        assert mod.ascent_scale(norm) * norm == pytest.approx(0.3 if normalize else 0.3 * norm)
+        program.before_optimizer_step(0)
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    same = all(torch.allclose(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6) for n in grads[0])
+    assert same == normalize
+    assert mod.ascent_scale(0.0) == (0.0 if normalize else 0.3)  # a zero gradient: no ascent, no division by zero
 
 
 def test_global_scope_equals_the_brute_force_reference():
