@@ -185,6 +185,17 @@ def _refill(arr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def max_sequence_length(config) -> int | None:
+    """Tokens per sequence the model's position embeddings allow (None: not stated)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return None
+    # RoBERTa-style models number positions from padding_idx + 1 (two rows are never used).
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "longformer"):
+        positions -= (getattr(config, "pad_token_id", 1) or 0) + 1
+    return positions
+
+
 def dense_twin_onnx(folder: str | Path, out_path: str | Path, seed: int = 0) -> Path:
     """Write ``folder``'s model.onnx with every pruned initializer refilled (no zeros)."""
     import onnx
@@ -311,6 +322,10 @@ def bench(
         import transformers
 
         config = transformers.AutoConfig.from_pretrained(str(folder))
+        positions = max_sequence_length(config)
+        if positions is not None and seq_len > positions:
+            raise BenchError(f"--seq-len {seq_len} is longer than this model takes ({positions} tokens, "
+                             f"max_position_embeddings in {folder / 'config.json'})")
         active = list(runtimes)
 
         worker = None

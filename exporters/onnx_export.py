@@ -31,6 +31,7 @@ from recipec.exporters.checkpoint import (
     load_tokenizer,
     sparsity_table,
 )
+from recipec.outputs import ReplaceError, check_replaceable
 
 ONNX_FILE = "model.onnx"
 SPARSITY_FILE = "sparsity.json"
@@ -399,10 +400,16 @@ def export(
         raise ExportError(f"opset {opset} is not supported (use 14-20; 17 is the default)")
     ckpt = load_checkpoint(path, task)
     out = Path(output_dir) if output_dir is not None else default_output_dir(ckpt)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ExportError(f"{out} already exists and is not empty (pass --overwrite)")
     if out.resolve() == ckpt.model_dir.resolve():
         raise ExportError(f"{out}: the output folder cannot be the checkpoint folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise ExportError(f"{out} already exists and is not empty (pass --overwrite)")
+        try:
+            check_replaceable(out, marker=SPARSITY_FILE, written_by="a recipec export",
+                              inputs=[("the checkpoint", ckpt.model_dir), ("the source", path)])
+        except ReplaceError as exc:
+            raise ExportError(str(exc)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     if ckpt.squashed:
         total = sum(ckpt.squashed.values())

@@ -50,7 +50,11 @@ class OutputMismatch(Exception):
 
 
 def default_threads() -> int:
-    """CPU cores this process may use."""
+    """Threads per runtime when none is asked for: ``OMP_NUM_THREADS`` if set to a positive
+    integer (as torch and onnxruntime users expect), else the CPU cores this process may use."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux

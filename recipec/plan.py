@@ -196,7 +196,77 @@ def overlap_problems(
     return problems
 
 
+def lower_target_problems(recipe: Recipe) -> list[tuple[int, int, str]]:
+    """``(stage index, modifier index, message)`` for a gmp/obert whose final sparsity is below
+    what an earlier one (an earlier stage, or a window that ends before it starts) reaches on
+    the same target patterns: pruned weights stay pruned, so it would prune nothing while the
+    plan showed it lowering the sparsity. Windows in different units are not compared here."""
+    problems: list[tuple[int, int, str]] = []
+    earlier: dict[Any, tuple[float, str]] = {}  # targets -> highest final sparsity of earlier stages
+    for stage_index, stage in enumerate(recipe.resolved_stages()):
+        pruners = [(i, m) for i, m in enumerate(stage.modifiers) if m.type in ("gmp", "obert") and not m.is_nm]
+        for i, spec in pruners:
+            key = _targets_key(spec, recipe)
+            before = [earlier[key]] if key in earlier else []
+            (start, unit), _ = _window_raw(spec)
+            for j, other in pruners:
+                other_end, other_unit = _window_raw(other)[1]
+                if j != i and _targets_key(other, recipe) == key and unit is not None and other_unit == unit \
+                        and other_end < start:
+                    before.append((other.final_sparsity, f"modifier {j} ({other.type}) of this stage"))
+            if before:
+                reached, who = max(before)
+                if spec.final_sparsity < reached:
+                    problems.append((stage_index, i, f"final_sparsity {spec.final_sparsity:g} is below the {reached:g} "
+                                                     f"that {who} reaches earlier on the same weights: pruned weights "
+                                                     f"stay pruned, so this modifier would prune nothing; raise it to "
+                                                     f"at least {reached:g} or drop it"))
+        for i, spec in pruners:
+            key = _targets_key(spec, recipe)
+            if key not in earlier or spec.final_sparsity > earlier[key][0]:
+                earlier[key] = (spec.final_sparsity, f"stage {stage.name!r} modifier {i} ({spec.type})")
+    return problems
+
+
 TRAINING_ONLY_TYPES = ("lr", "distill", "cram")
+
+
+def window_problems(modifiers: Sequence[Any], training: Any, steps_per_epoch: int | None) -> list[tuple[int, str, str]]:
+    """``(index, field, message)`` for pruning windows (gmp, obert) that outlast their stage.
+
+    A pruning step after the stage's last step never runs, so the final sparsity would be
+    missed without notice. With ``steps_per_epoch=None`` only bounds in the unit of the stage's
+    length (epochs or steps) are compared; the planner re-checks everything in steps.
+    """
+    if training.prune_only:
+        return []  # prune_only_problems covers these stages
+    problems: list[tuple[int, str, str]] = []
+    for index, spec in enumerate(modifiers):
+        if spec.type not in ("gmp", "obert") or spec.is_nm:
+            continue
+        for name in ("start", "end"):
+            steps, epochs = getattr(spec, f"{name}_step"), getattr(spec, f"{name}_epoch")
+            if steps_per_epoch is not None:
+                value = to_steps(steps, epochs, steps_per_epoch, None)
+                last = to_steps(training.steps, training.epochs, steps_per_epoch, None)
+                unit, field = "step", f"{name}_step" if steps is not None else f"{name}_epoch"
+                if last is not None:
+                    last = max(last, 1)
+            elif epochs is not None and training.epochs is not None:
+                value, last, unit, field = epochs, training.epochs, "epoch", f"{name}_epoch"
+            elif steps is not None and training.steps is not None:
+                value, last, unit, field = steps, training.steps, "step", f"{name}_step"
+            else:
+                continue
+            if value is None or last is None or value <= last:
+                continue
+            what = "starts" if name == "start" else "ends"
+            problems.append((index, field, f"{what} at {unit} {value:g}, after the stage's last {unit} {last:g}: "
+                                           f"pruning steps after it never run, so final_sparsity "
+                                           f"{spec.final_sparsity:g} would not be reached; end the window by "
+                                           f"{unit} {last:g} or train longer"))
+            break
+    return problems
 
 
 def prune_only_problems(modifiers: Sequence[Any]) -> list[tuple[int, str, str]]:
@@ -242,6 +312,8 @@ def resolve_stage(recipe: Recipe, stage: StageSpec, steps_per_epoch: int) -> Sta
     problems: list[str] = []
     for index, message in overlap_problems(stage.modifiers, recipe, steps_per_epoch):
         problems.append(f"modifiers.{index}: {message}")
+    for index, name, message in window_problems(stage.modifiers, training, steps_per_epoch):
+        problems.append(f"stage {stage.name!r} modifiers.{index}.{name}: {message}")
     resolved: list[ResolvedModifier] = []
     for index, spec in enumerate(stage.modifiers):
         start = to_steps(spec.start_step, spec.start_epoch, steps_per_epoch, 0)
@@ -254,8 +326,6 @@ def resolve_stage(recipe: Recipe, stage: StageSpec, steps_per_epoch: int) -> Sta
                 end = start if update is None else total
             if spec.is_nm:
                 end = start  # N:M masks are applied once (one-shot) at start
-            if start > total:
-                problems.append(f"{where}: starts at step {start}, after the stage's last step {total}")
             if end > start and update is None:
                 problems.append(f"{where}: a window of several steps needs update_every_steps or update_every_epochs")
                 continue

@@ -47,7 +47,7 @@ def main() -> None:
 
     \b
     Examples:
-      recipec validate recipes/bert_gmp_90.yaml
+      recipec validate recipes/downstream_gmp_90.yaml
       recipec plan recipes/quickstart.yaml --steps-per-epoch 100 --plot plan.png
       recipec apply recipes/quickstart.yaml
       recipec export runs/quickstart --onnx

@@ -46,3 +46,16 @@ def guarded(fn: Callable[[], Any], *errors: type[BaseException]) -> Any:
         return fn()
     except errors as exc:  # noqa: B030 - a tuple of types
         fail(f"error: {exc}")
+
+
+def check_image_path(path: Any, option: str) -> None:
+    """Exit 2 before any work when ``path``'s suffix is not an image format matplotlib writes."""
+    from pathlib import Path
+
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in formats:
+        fail(f"error: {option} {path}: {'.' + suffix if suffix else 'no file extension'} is not an image format; "
+             "use .png, .svg or .pdf")

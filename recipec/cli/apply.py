@@ -48,6 +48,8 @@ def command(recipe, model, task, data, teacher, output, overrides, resume, overw
     Exit status: 0 done, 1 training stopped (non-finite loss, a lost or diverging rank), 2 bad
     input, 130 interrupted.
     """
+    if resume and overwrite:
+        fail("error: --resume continues the run in --output and --overwrite replaces it: pass one of them")
     load_or_exit(recipe, overrides)  # every recipe problem at once, before anything heavy
     if device == "cuda":
         import torch

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from recipec.cli._common import check_image_path
 from recipec.cli.export import fail, quiet_hf
 
 
@@ -37,7 +38,7 @@ def _int_list(value: str, what: str) -> list[int]:
 )
 @click.option("--warmup", type=int, default=2, show_default=True, help="Untimed calls per target.")
 @click.option("--repeats", type=int, default=10, show_default=True, help="Timed alternating rounds.")
-@click.option("--threads", type=int, default=None, help="Threads/cores per runtime [default: all].")
+@click.option("--threads", type=int, default=None, help="Threads/cores per runtime [default: OMP_NUM_THREADS if set, else all cores].")
 @click.option("--choices", type=int, default=4, show_default=True, help="Choices per item (multiple choice).")
 @click.option(
     "--deepsparse-python",
@@ -94,6 +95,8 @@ def command(
     if repeats < 1 or warmup < 0 or choices < 1 or (threads is not None and threads < 1):
         fail("--repeats, --choices and --threads must be positive, --warmup >= 0")
     sizes = _int_list(batch_sizes, "--batch-sizes")
+    if plot_out:
+        check_image_path(plot_out, "--plot")
     quiet_hf()
     from recipec.exporters.bench import (
         BenchError,

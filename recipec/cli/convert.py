@@ -24,7 +24,8 @@ def _report(conversion, echo) -> None:
               help="Write the recipec recipe here (default: print it to stdout, the report to stderr).")
 @click.option("--strict", is_flag=True,
               help="Fail (exit 2, nothing written) when any part of the recipe is not converted.")
-def command(sparseml_recipe: str, output: str | None, strict: bool) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
+def command(sparseml_recipe: str, output: str | None, strict: bool, overwrite: bool) -> None:
     """Convert SPARSEML_RECIPE (YAML, or a Markdown recipe card) into a recipec recipe.
 
     The result is validated before it is written. A summary and every modifier or field that
@@ -39,6 +40,8 @@ def command(sparseml_recipe: str, output: str | None, strict: bool) -> None:
 
     if output is not None and Path(output).resolve() == Path(sparseml_recipe).resolve():
         fail("error: --output must not be the SparseML recipe itself")
+    if output is not None and Path(output).exists() and not overwrite:
+        fail(f"error: {output} already exists: pass --overwrite to replace it")
     try:
         result = convert_file(sparseml_recipe)
     except ConvertError as exc:

@@ -4,10 +4,46 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import click
 
-from recipec.cli._common import fail, load_or_exit, set_option
+from recipec.cli._common import check_image_path, fail, load_or_exit, set_option
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2,5``."""
+    parts: list[str] = []
+    first = prev = numbers[0]
+    for n in [*numbers[1:], None]:
+        if n is None or n != prev + 1:
+            parts.append(str(first) if first == prev else f"{first}-{prev}")
+            first = n
+        prev = n
+    return ",".join(parts)
+
+
+def _grouped_tensors(matched) -> list[str]:
+    """Tensor names with the same shape that differ only in their layer number, one line each:
+    ``bert.encoder.layer.{0-5}.attention.self.query.weight [384, 384]`` (in first-seen order)."""
+    import re
+
+    groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+    for name, shape in matched.items():
+        found = re.search(r"\.(\d+)\.", name)
+        if found is None:
+            groups[(name, tuple(shape))] = []
+            continue
+        pattern = name[:found.start(1)] + "{}" + name[found.end(1):]
+        groups.setdefault((pattern, tuple(shape)), []).append(int(found.group(1)))
+    lines = []
+    for (pattern, shape), layers in groups.items():
+        if len(layers) > 1:
+            pattern = pattern.replace("{}", "{" + _ranges(sorted(layers)) + "}")
+        elif layers:
+            pattern = pattern.replace("{}", str(layers[0]))
+        lines.append(f"{pattern} {list(shape)}")
+    return lines
 
 
 def _format_plan(plans) -> list[str]:
@@ -26,9 +62,9 @@ def _format_plan(plans) -> list[str]:
             head = f"  [{mod.index}] {mod.type:<8} steps {mod.window.start}..{mod.window.end}"
             if mod.pruning_steps:
                 spec = mod.spec
-                lines.append(
-                    f"{head}  {spec.structure}, {spec.scope}, {spec.schedule}, every {mod.update_every or '-'} steps"
-                )
+                when = (f"{spec.schedule}, every {mod.update_every} steps" if len(mod.pruning_steps) > 1
+                        else f"one-shot at step {mod.pruning_steps[0]}")
+                lines.append(f"{head}  {spec.structure}, {spec.scope}, {when}")
                 for step, sparsity in zip(mod.pruning_steps, mod.sparsities):
                     lr = "" if prune_only else f"   lr {plan.lr_at(step):.3g}"
                     lines.append(f"        step {step:>7}: sparsity {100 * sparsity:6.2f}%{lr}")
@@ -47,8 +83,10 @@ def _format_plan(plans) -> list[str]:
             else:
                 lines.append(head)
         if not prune_only:
+            warmups = [plan.warmup_steps] + [m.window.start + m.warmup for m in plan.by_type("lr") if m.warmup]
             marks = sorted({0, plan.total_steps - 1,
-                            *[m.window.start for m in plan.modifiers if m.window.start < plan.total_steps]})
+                            *[m.window.start for m in plan.modifiers if m.window.start < plan.total_steps],
+                            *[w for w in warmups if 0 < w < plan.total_steps]})  # the peak after a warm-up
             lines.append("  lr: " + ", ".join(f"step {s}: {plan.lr_at(s):.3g}" for s in marks))
     return lines
 
@@ -80,6 +118,7 @@ def _plot(plans, path: str) -> None:
         ax2.set_ylim(0, 100)
         ax.set_title(f"stage {plan.name}" + (" (prune-only)" if plan.training.prune_only else ""))
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -122,8 +161,8 @@ def _model_section(recipe, plans, model_name: str, seq_len: int, as_json: bool) 
             for c in table:
                 name, params, pp, fp, pruned = c.row(total_params, total_flops)
                 click.echo(f"  {name:<18}{params:>12,}{pp:>9.1f}%{fp:>9.1f}%{pruned:>12,}")
-            for n, s in matched.items():
-                click.echo(f"    {n} {list(s)}")
+            for line in _grouped_tensors(matched):
+                click.echo(f"    {line}")
             if "fisher_bytes" in entry:
                 click.echo(f"  oBERT inverse Fisher estimate: {entry['fisher_bytes'] / 2**30:.2f} GiB (fp32)")
     return out
@@ -147,13 +186,15 @@ def command(recipe: str, steps_per_epoch: int | None, overrides: tuple[str, ...]
 
     \b
     Examples:
-      recipec plan recipes/bert_gmp_90.yaml --steps-per-epoch 4210
+      recipec plan recipes/downstream_gmp_90.yaml --steps-per-epoch 4210
       recipec plan quickstart --steps-per-epoch 125 --plot plan.png --model embedded
       recipec plan my.yaml --steps-per-epoch 100 --json > plan.json
     """
     from recipec.plan import PlanError, plan_to_dict, resolve
 
     loaded = load_or_exit(recipe, overrides)
+    if plot:
+        check_image_path(plot, "--plot")
     if steps_per_epoch is None:
         uses_epochs = "_epoch" in loaded.model_dump_json(exclude_none=True) or any(
             loaded.stage_training(s).epochs is not None for s in loaded.resolved_stages()

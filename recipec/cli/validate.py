@@ -17,7 +17,7 @@ def command(recipe: str, overrides: tuple[str, ...]) -> None:
 
     \b
     Examples:
-      recipec validate recipes/bert_gmp_90.yaml
+      recipec validate recipes/downstream_gmp_90.yaml
       recipec validate my.yaml --set target_sparsity=0.8 --set training.epochs=3
     """
     loaded = load_or_exit(recipe, overrides)

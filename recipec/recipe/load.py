@@ -376,6 +376,58 @@ def _check_prune_only(recipe: Recipe, positions: _Positions) -> list[Problem]:
     return problems
 
 
+def _check_windows(recipe: Recipe, positions: _Positions) -> list[Problem]:
+    """Pruning windows that outlast their stage (in the stage's own unit; the planner checks the rest)."""
+    from recipec.plan import window_problems
+
+    problems: list[Problem] = []
+    for stage_index, stage in enumerate(recipe.resolved_stages()):
+        base: Path_ = ("stages", stage_index, "modifiers") if recipe.stages is not None else ("modifiers",)
+        for index, name, message in window_problems(stage.modifiers, recipe.stage_training(stage), None):
+            path = (*base, index, name)
+            problems.append(Problem(positions.at(path), format_path(path), message))
+    return problems
+
+
+_TRAINING_PAIRS = (("epochs", "steps"), ("warmup_steps", "warmup_epochs"), ("eval_every_steps", "eval_every_epochs"))
+
+
+def _check_shadowed_sets(recipe: Recipe, overrides: Sequence[str], positions: _Positions) -> list[Problem]:
+    """A ``--set training.X=...`` that no stage uses, because every stage sets X (or its pair) itself."""
+    if recipe.stages is None:
+        return []
+    problems: list[Problem] = []
+    for override in overrides:
+        try:
+            parts, _ = parse_set(override)
+        except ValueError:
+            continue  # reported by _apply_sets
+        if len(parts) != 2 or parts[0] != "training":
+            continue
+        field = str(parts[1])
+        names = next((pair for pair in _TRAINING_PAIRS if field in pair), (field,))
+        shadowing = [i for i, stage in enumerate(recipe.stages)
+                     if stage.training is not None and set(names) & stage.training.model_fields_set]
+        if len(shadowing) == len(recipe.stages):
+            lines = ", ".join(f"stages.{i}.training (line {positions.at(('stages', i, 'training')).line or '?'})"
+                              for i in shadowing)
+            problems.append(Problem(Location(f"--set {override}"), format_path(tuple(parts)),
+                                    f"has no effect: every stage sets its own {' / '.join(names)} ({lines}); set "
+                                    f"stages.N.training.{field}, or a variable the recipe uses there"))
+    return problems
+
+
+def _check_lower_targets(recipe: Recipe, positions: _Positions) -> list[Problem]:
+    from recipec.plan import lower_target_problems
+
+    problems: list[Problem] = []
+    for stage_index, index, message in lower_target_problems(recipe):
+        base: Path_ = ("stages", stage_index, "modifiers") if recipe.stages is not None else ("modifiers",)
+        path = (*base, index, "final_sparsity")
+        problems.append(Problem(positions.at(path), format_path(path), message))
+    return problems
+
+
 def load_recipe_text(text: str, source: str = "<recipe>", overrides: Iterable[str] = ()) -> Recipe:
     """Validate recipe text; raises :class:`RecipeError` listing every problem."""
     data, positions, problems = _parse_yaml(text, source)
@@ -393,6 +445,8 @@ def load_recipe_text(text: str, source: str = "<recipe>", overrides: Iterable[st
     for name, message in var_errors.items():
         path = ("variables", name)
         problems.append(Problem(positions.at(path), format_path(path), message))
+    if var_errors:  # every use of a broken variable would only repeat it: stop here
+        raise RecipeError(problems)
     body = {k: v for k, v in data.items() if k != "variables"}
     body = _substitute(body, values, (), positions, problems)
     if "variables" in data:
@@ -404,6 +458,9 @@ def load_recipe_text(text: str, source: str = "<recipe>", overrides: Iterable[st
         raise RecipeError(problems) from None
     problems += _check_overlaps(recipe, body, positions)
     problems += _check_prune_only(recipe, positions)
+    problems += _check_windows(recipe, positions)
+    problems += _check_lower_targets(recipe, positions)
+    problems += _check_shadowed_sets(recipe, list(overrides), positions)
     if problems:
         raise RecipeError(problems)
     return recipe
@@ -415,7 +472,7 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError([Problem(Location(str(path)), "", "no such file")]) from None
+        raise RecipeError([Problem(Location(str(path)), "", "no such file" + _bundled_hint(path))]) from None
     except IsADirectoryError:
         raise RecipeError([Problem(Location(str(path)), "", "is a directory, not a recipe file")]) from None
     except UnicodeDecodeError as exc:
@@ -436,6 +493,25 @@ def find_bundled(name: str) -> Path | None:
         if item.is_file():
             return Path(str(item))
     return None
+
+
+def bundled_names() -> list[str]:
+    """Names of the bundled recipes (``recipes/*.yaml``), sorted."""
+    from importlib import resources
+
+    root = resources.files("recipec.recipes")
+    return sorted(item.name[:-5] for item in root.iterdir() if item.name.endswith(".yaml"))
+
+
+def _bundled_hint(path: Path) -> str:
+    """For a missing recipe: the closest bundled name, and the list of bundled ones."""
+    import difflib
+
+    names = bundled_names()
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    close = difflib.get_close_matches(stem, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{hint} (bundled recipes, by name: {', '.join(names)})"
 
 
 def resolve_recipe_path(path_or_name: str) -> Path:

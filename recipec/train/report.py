@@ -140,12 +140,23 @@ def write_outputs(*, out: Path, model, tokenizer, recipe, recipe_text: str, info
             for name, plan, result, prog in results
         ],
         "wall_seconds": seconds,
+        "resumed": bool(config.resume),
         "model_dir": str(folder),
     }
     report["plots"] = _plots(out, records, per_tensor, info.primary_metric)
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     write_text_atomic(out / "report.md", _markdown(report))
     return report
+
+
+def _wall_time(report: dict[str, Any]) -> str:
+    """The wall-time line; a resumed run's session time alone would understate the run."""
+    line = f"- wall time: {report['wall_seconds']:.1f} s"
+    if report.get("resumed"):
+        training = sum(stage["seconds"] for stage in report["stages"])
+        line += (f" in the last session (resumed from a checkpoint); the stages trained {training:.1f} s "
+                 "over all sessions")
+    return line
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -156,7 +167,7 @@ def _markdown(report: dict[str, Any]) -> str:
         f"- recipe: `{report['recipe']}`" + (f" with `{' '.join('--set ' + o for o in report['overrides'])}`" if report["overrides"] else ""),
         f"- model: {report['model']}",
         f"- task: {report['task']['name']} ({report['task']['kind']}), {report['train_examples']} train / {report['eval_examples']} eval",
-        f"- wall time: {report['wall_seconds']:.1f} s",
+        _wall_time(report),
         "",
         "## Final evaluation",
         "",

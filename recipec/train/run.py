@@ -174,7 +174,7 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
         seed_everything,
         train_stage,
     )
-    from recipec.train.models import ModelLoadError, load_model_and_tokenizer
+    from recipec.train.models import ModelLoadError, load_model_and_tokenizer, resolve_model_path
     from recipec.train.tasks import TaskError, load_task
 
     main_rank = dist_utils.is_main()
@@ -194,18 +194,6 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
         "max_train": config.max_train,
         "max_eval": config.max_eval,
     }
-    error = None
-    if main_rank:  # only rank 0 touches the output folder (shared by all ranks)
-        try:
-            _prepare_output(config, recipe, out, run_json, asked)
-        except RunError as exc:
-            if world == 1:
-                raise
-            error = str(exc)
-    if world > 1:
-        _agree(error, "checking the output folder")
-    metrics = MetricsLog(out / "metrics.jsonl" if main_rank else None)
-
     seed = recipe.training.seed
     try:
         task = load_task(config.task, list(config.data) or None, max_train=config.max_train,
@@ -240,6 +228,25 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
             plans.append(resolve_stage(recipe, stage, spe_for(training)))
         except PlanError as exc:
             raise RunError(f"the recipe does not fit this data ({len(task.train)} train examples): {exc}") from None
+
+    if teacher_spec not in (None, "auto"):
+        try:  # a missing local folder fails here, before the output folder is touched
+            resolve_model_path(teacher_spec)
+        except ModelLoadError as exc:
+            raise RunError(f"teacher: {exc}") from None
+
+    # Every input is checked: only now is the output folder created (or replaced).
+    error = None
+    if main_rank:  # only rank 0 touches the output folder (shared by all ranks)
+        try:
+            _prepare_output(config, recipe, out, run_json, asked, recipe_path, teacher_spec, reporter)
+        except RunError as exc:
+            if world == 1:
+                raise
+            error = str(exc)
+    if world > 1:
+        _agree(error, "checking the output folder")
+    metrics = MetricsLog(out / "metrics.jsonl" if main_rank else None)
 
     teacher_model = None
     teacher_report = None
@@ -361,8 +368,15 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
     return dist_utils.broadcast_object(report, what="sharing the report")
 
 
-def _prepare_output(config: RunConfig, recipe: Recipe, out: Path, run_json: Path, asked: dict[str, Any]) -> None:
+def _started(out: Path) -> bool:
+    """Whether a run in ``out`` got as far as training: a checkpoint, a model or a report."""
+    return any((out / name).exists() for name in ("checkpoints", "model", "report.json"))
+
+
+def _prepare_output(config: RunConfig, recipe: Recipe, out: Path, run_json: Path, asked: dict[str, Any],
+                    recipe_path: Path, teacher: str | None, reporter: Reporter) -> None:
     """Check --resume / --overwrite against the output folder and create it (rank 0 only)."""
+    from recipec.outputs import ReplaceError, check_replaceable
     from recipec.train import checkpoint as ckpt
 
     if config.resume:
@@ -374,9 +388,18 @@ def _prepare_output(config: RunConfig, recipe: Recipe, out: Path, run_json: Path
             raise RunError(f"--resume: the run in {out} was started with different {', '.join(changed)}; "
                            "resume with the same arguments or use another --output")
     elif out.exists() and any(out.iterdir()):
-        if not config.overwrite:
+        unfinished_start = run_json.is_file() and not _started(out)
+        if not (config.overwrite or unfinished_start):
             raise RunError(f"output folder {out} exists and is not empty: pass --resume to continue it, "
                            "--overwrite to replace it, or --output for a new folder")
+        inputs = [("--model", config.model), ("--teacher", teacher), ("the recipe", recipe_path),
+                  *(("--data", d) for d in config.data)]
+        try:
+            check_replaceable(out, marker=run_json.name, written_by="a recipec run", inputs=inputs)
+        except ReplaceError as exc:
+            raise RunError(str(exc)) from None
+        if unfinished_start and not config.overwrite:
+            reporter.log(f"replacing {out}: an earlier run there stopped before training anything")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if not config.resume:

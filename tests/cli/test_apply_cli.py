@@ -73,6 +73,61 @@ def test_existing_output_is_not_overwritten(recipe_file, tiny_model_dir, tmp_pat
     assert (out / "keep.txt").read_text() == "precious"
 
 
+def test_overwrite_replaces_only_a_recipec_run(recipe_file, tiny_model_dir, tmp_path):
+    """--overwrite refuses a folder recipec did not write, and one that holds an input of the run."""
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.txt").write_text("data")
+    result = apply(recipe_file, "--model", tiny_model_dir, "--max-train", 32, "--output", out, "--overwrite")
+    assert result.exit_code == 2 and "not a recipec run" in result.output, result.output
+    assert (out / "thesis.txt").read_text() == "data"
+
+    run = tmp_path / "run"
+    result = apply(recipe_file, "--model", tiny_model_dir, "--max-train", 32, "--max-eval", 16, "--output", run)
+    assert result.exit_code == 0, result.output
+    # --model inside the run that --overwrite would delete: refused, the run kept whole.
+    result = apply(recipe_file, "--model", run / "model", "--max-train", 32, "--output", run, "--overwrite")
+    assert result.exit_code == 2 and f"--model {run / 'model'} is inside {run}" in result.output, result.output
+    assert (run / "model" / "config.json").is_file() and (run / "report.json").is_file()
+    # A recipec run with its inputs elsewhere is replaced.
+    result = apply(recipe_file, "--model", tiny_model_dir, "--max-train", 32, "--max-eval", 16, "--output", run,
+                   "--overwrite")
+    assert result.exit_code == 0, result.output
+    result = apply(recipe_file, "--model", tiny_model_dir, "--output", run, "--overwrite", "--resume")
+    assert result.exit_code == 2 and "pass one of them" in result.output
+
+
+@pytest.mark.parametrize("bad", [["--data", "/nonexistent/folder"], ["--model", "/nonexistent/model"],
+                                 ["--teacher", "/nonexistent/teacher"]])
+def test_a_bad_input_leaves_no_output_folder_behind(recipe_file, tiny_model_dir, tmp_path, bad):
+    """Inputs are checked before the output folder exists, so the corrected command just runs."""
+    out = tmp_path / "run"
+    recipe = tmp_path / "kd.yaml"
+    recipe.write_text(TINY_RECIPE + "  - {type: distill, teacher: auto, teacher_epochs: 1}\n")
+    base = ["--max-train", 32, "--max-eval", 16, "--output", out]
+    model = [] if bad[0] == "--model" else ["--model", tiny_model_dir]
+    result = apply(recipe, *model, *bad, *base)
+    assert result.exit_code == 2 and bad[1] in result.output, result.output
+    assert "Traceback" not in result.output and "Repo id" not in result.output
+    assert not out.exists()
+    result = apply(recipe_file, "--model", tiny_model_dir, *base)
+    assert result.exit_code == 0, result.output
+
+
+def test_a_run_that_failed_before_training_is_replaced_without_overwrite(recipe_file, tiny_model_dir, tmp_path):
+    """A compile error comes after the folder is created; the fixed command reuses the folder."""
+    out = tmp_path / "run"
+    base = ["--model", tiny_model_dir, "--max-train", 32, "--max-eval", 16, "--output", out]
+    result = apply(recipe_file, *base, "--set", "targets=['nomatch']")
+    assert result.exit_code == 2 and (out / "run.json").is_file(), result.output
+    result = CliRunner().invoke(main, ["apply", str(recipe_file), *map(str, base)])
+    assert result.exit_code == 0, result.output
+    assert "stopped before training anything" in result.output
+    # Once it trained, the folder is kept again.
+    result = apply(recipe_file, *base)
+    assert result.exit_code == 2 and "--resume" in result.output
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -167,3 +222,9 @@ def test_sigkill_then_resume_is_bit_identical(recipe_file, tiny_model_dir, tmp_p
     ma = load_file(str(tmp_path / "ref" / "model" / "masks.safetensors"))
     mb = load_file(str(tmp_path / "cut" / "model" / "masks.safetensors"))
     assert all(torch.equal(ma[n], mb[n]) for n in ma)
+    # The report says the wall time is the last session's, and gives the training time of all.
+    report = json.loads((tmp_path / "cut" / "report.json").read_text())
+    training = sum(stage["seconds"] for stage in report["stages"])
+    assert report["resumed"] and f"the stages trained {training:.1f} s over all sessions" in (
+        tmp_path / "cut" / "report.md").read_text()
+    assert "resumed" not in (tmp_path / "ref" / "report.md").read_text()

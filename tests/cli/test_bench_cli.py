@@ -82,6 +82,8 @@ def test_bench_a_checkpoint_exports_it_first(folder, tmp_path):
         (["--batch-sizes", "0"], "--batch-sizes"),
         (["--seq-len", "0"], "--seq-len"),
         (["--repeats", "0"], "--repeats"),
+        (["--seq-len", "65"], "--seq-len 65 is longer than this model takes (64 tokens"),
+        (["--plot", "chart.txt"], "--plot chart.txt: .txt is not an image format"),
     ],
 )
 def test_bench_user_errors_exit_2(folder, args, message):

@@ -87,6 +87,21 @@ def test_export_missing_path_and_existing_output(tmp_path, runner):
     assert runner.invoke(main, ["export", str(run), "--onnx", "--overwrite"]).exit_code == 0
 
 
+def test_export_overwrite_never_deletes_its_source_or_a_foreign_folder(tmp_path, runner):
+    run = tiny_run(tmp_path / "run")
+    (run / "report.json").write_text("{}")
+    for source in (run, run / "model"):  # the run itself as --output: it holds the checkpoint
+        res = runner.invoke(main, ["export", str(source), "--onnx", "-o", str(run), "--overwrite"])
+        assert res.exit_code == 2 and "is inside" in res.output, res.output
+    assert (run / "report.json").is_file() and (run / "model" / "config.json").is_file()
+    foreign = tmp_path / "precious"
+    foreign.mkdir()
+    (foreign / "thesis.txt").write_text("data")
+    res = runner.invoke(main, ["export", str(run), "--onnx", "-o", str(foreign), "--overwrite"])
+    assert res.exit_code == 2 and "not a recipec export" in res.output, res.output
+    assert (foreign / "thesis.txt").read_text() == "data"
+
+
 def test_export_verification_failure_exits_1_and_names_tensor(tmp_path, runner, monkeypatch):
     import recipec.exporters.onnx_export as ox
 

@@ -47,11 +47,44 @@ def test_plan_text_json_and_plot(tmp_path):
     gmp = next(m for m in stage["modifiers"] if m["type"] == "gmp")
     assert gmp["pruning"][0] == {"step": 63, "sparsity": 0.3}
     assert gmp["pruning"][-1]["sparsity"] == 0.8
-    png = tmp_path / "plan.png"
+    png = tmp_path / "new" / "folder" / "plan.png"  # missing folders are created
     assert run("plan", "quickstart", "--steps-per-epoch", "63", "--plot", str(png)).exit_code == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = run("plan", "quickstart", "--steps-per-epoch", "63", "--plot", str(tmp_path / "plan.txt"))
+    assert bad.exit_code == 2 and ".txt is not an image format" in bad.output and "Traceback" not in bad.output
+
+
+def test_examples_in_the_cli_help_name_bundled_recipes_that_exist():
+    import re
+
+    from recipec.recipe.load import resolve_recipe_path
+
+    texts = [run(*cmd, "--help").output for cmd in ((), ("validate",), ("plan",), ("apply",), ("convert",))]
+    named = {m for text in texts for m in re.findall(r"recipes/([\w.-]+)\.yaml", text)}
+    assert named, "the help shows no recipe example"
+    for name in sorted(named):
+        assert resolve_recipe_path(name).is_file(), f"help names recipes/{name}.yaml, which is not bundled"
 
 
 def test_plan_needs_steps_per_epoch_for_epoch_recipes():
     result = run("plan", "quickstart")
     assert result.exit_code == 2 and "--steps-per-epoch" in result.output
+
+
+def test_plan_text_shows_warm_up_peak_one_shot_stages_and_grouped_tensors(tiny_model_dir):
+    text = run("plan", "cram_plus", "--steps-per-epoch", "50")
+    assert text.exit_code == 0, text.output
+    assert "lr: step 0: 9.09e-06, step 10: 0.0001, step 99: 1.11e-06" in text.output  # the peak after warm-up
+    assert "[0] gmp      steps 0..0  unstructured, global, one-shot at step 0" in text.output
+    model = run("plan", "quickstart", "--steps-per-epoch", "10", "--model", str(tiny_model_dir))
+    assert model.exit_code == 0, model.output
+    # 2 layers x 6 tensors: one line per tensor kind, layers grouped
+    assert "    bert.encoder.layer.{0-1}.attention.self.query.weight [" in model.output
+    assert "layer.0.attention" not in model.output and "12 target tensors" in model.output
+
+
+def test_grouped_tensor_names():
+    from recipec.cli.plan import _grouped_tensors
+
+    got = _grouped_tensors({"a.0.w": (2,), "a.1.w": (2,), "a.3.w": (2,), "a.4.w": (5,), "b.w": (1,), "c.7.x": (3,)})
+    assert got == ["a.{0-1,3}.w [2]", "a.4.w [5]", "b.w [1]", "c.7.x [3]"]

@@ -55,6 +55,11 @@ def test_unsupported_parts_are_listed_and_strict_fails(tmp_path):
     assert not out.exists()
     clean = run("convert", DATA / "gmp_variables.yaml", "-o", out, "--strict")
     assert clean.exit_code == 0 and out.exists()
+    written = out.read_text()
+    again = run("convert", path, "-o", out)  # an existing file is kept unless --overwrite
+    assert again.exit_code == 2 and "already exists: pass --overwrite" in again.stderr
+    assert out.read_text() == written
+    assert run("convert", path, "-o", out, "--overwrite").exit_code == 0 and out.read_text() != written
 
 
 def test_malicious_and_broken_recipes_fail_cleanly(tmp_path):

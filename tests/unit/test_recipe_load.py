@@ -114,8 +114,11 @@ stages:
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(RecipeError, match="no such file"):
+    with pytest.raises(RecipeError, match="no such file") as info:
         load_recipe(tmp_path / "nope.yaml")
+    assert "did you mean" not in str(info.value) and "bundled recipes, by name: cram_plus," in str(info.value)
+    with pytest.raises(RecipeError, match="no such file; did you mean 'quickstart'"):
+        load_recipe("quikstart")
 
 
 def test_set_of_an_undefined_variable_is_an_error_not_a_silent_new_variable():
@@ -127,3 +130,56 @@ def test_set_of_an_undefined_variable_is_an_error_not_a_silent_new_variable():
     # The explicit path adds one on purpose.
     recipe = load_recipe_text(GOOD, overrides=["variables.extra=3", "target=0.8"])
     assert recipe.modifiers[0].final_sparsity == 0.8
+
+
+def test_a_pruning_window_that_outlasts_its_stage_is_an_error():
+    """Pruning steps after the last training step never run: the target would be missed silently."""
+    late = "training: {epochs: 2}\nmodifiers:\n  - {type: gmp, final_sparsity: 0.9, start_epoch: 1, end_epoch: 5, update_every_epochs: 1}\n"
+    (found,) = problems(late)
+    assert found.startswith("r.yaml:3:65: modifiers.0.end_epoch: ends at epoch 5, after the stage's last epoch 2")
+    assert "final_sparsity 0.9 would not be reached" in found
+    staged = ("training: {steps: 100}\nstages:\n  - name: a\n    training: {steps: 10}\n    modifiers:\n"
+              "      - {type: obert, final_sparsity: 0.5, start_step: 20, update_every_steps: 5}\n")
+    (found,) = problems(staged)
+    assert "stages.0.modifiers.0.start_step: starts at step 20, after the stage's last step 10" in found
+    load_recipe_text(late.replace("end_epoch: 5", "end_epoch: 2"))  # ending at the last step is fine
+    # Mixed units need steps_per_epoch: the planner checks them in steps.
+    from recipec.plan import PlanError, resolve_stage
+
+    mixed = load_recipe_text(late.replace("end_epoch: 5", "end_step: 25"))
+    resolve_stage(mixed, mixed.resolved_stages()[0], steps_per_epoch=13)  # 26 steps: fits
+    with pytest.raises(PlanError, match=r"modifiers.0.end_step: ends at step 25, after the stage's last step 20"):
+        resolve_stage(mixed, mixed.resolved_stages()[0], steps_per_epoch=10)
+
+
+def test_a_broken_variable_is_reported_once_not_at_every_use():
+    found = problems(GOOD, overrides=["target=abc"])
+    assert len(found) == 1 and found[0].startswith("--set target=abc: variables.target: unknown variable 'abc'")
+
+
+def test_a_set_of_training_that_every_stage_overrides_is_an_error():
+    staged = ("training: {epochs: 4, batch_size: 8}\nstages:\n  - name: a\n    training: {epochs: 2}\n"
+              "  - name: b\n    training: {steps: 0}\n")
+    (found,) = problems(staged, overrides=["training.epochs=3"])
+    assert found.startswith("--set training.epochs=3: training.epochs: has no effect: every stage sets its own "
+                            "epochs / steps (stages.0.training (line 4), stages.1.training (line 6))")
+    recipe = load_recipe_text(staged, overrides=["training.batch_size=16"])  # no stage sets it: applies
+    assert recipe.stage_training(recipe.stages[0]).batch_size == 16
+    one_stage_inherits = staged.replace("    training: {epochs: 2}\n", "")
+    assert load_recipe_text(one_stage_inherits, overrides=["training.epochs=3"]).training.epochs == 3
+
+
+def test_a_later_pruner_below_an_earlier_target_on_the_same_weights_is_an_error():
+    two = ("training: {epochs: 2}\nmodifiers:\n"
+           "  - {type: gmp, final_sparsity: 0.8, start_epoch: 0, end_epoch: 1, update_every_epochs: 0.5}\n"
+           "  - {type: gmp, final_sparsity: 0.5, start_epoch: 1.5, end_epoch: 1.9, update_every_epochs: 0.1}\n")
+    (found,) = problems(two)
+    assert found.startswith("r.yaml:4:") and "modifiers.1.final_sparsity: final_sparsity 0.5 is below the 0.8 that "
+    assert "modifier 0 (gmp) of this stage reaches earlier" in found
+    load_recipe_text(two.replace("final_sparsity: 0.5", "final_sparsity: 0.9"))  # going further is fine
+    load_recipe_text(two.replace("final_sparsity: 0.5,", "final_sparsity: 0.5, targets: ['query'],"))  # other weights
+    staged = ("training: {steps: 10}\nstages:\n"
+              "  - name: a\n    modifiers: [{type: gmp, final_sparsity: 0.9}]\n"
+              "  - name: b\n    modifiers: [{type: obert, final_sparsity: 0.7}]\n")
+    (found,) = problems(staged)
+    assert "stages.1.modifiers.0.final_sparsity" in found and "stage 'a' modifier 0 (gmp)" in found

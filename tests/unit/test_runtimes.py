@@ -368,3 +368,11 @@ def test_real_deepsparse_matches_onnxruntime(tmp_path):
     report = bench(folder, ["ort", "deepsparse"], [1], 16, dense_baseline=True, repeats=2)
     assert not report["refused"], report["refused"]
     assert {r["runtime"] for r in report["results"]} == {"ort", "deepsparse"}
+
+
+def test_default_threads_follows_omp_num_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert rt.default_threads() == 1
+    for unset in ("", "0", "two"):  # not a positive integer: every core this process may use
+        monkeypatch.setenv("OMP_NUM_THREADS", unset)
+        assert rt.default_threads() == len(os.sched_getaffinity(0))
