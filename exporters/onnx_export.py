@@ -31,7 +31,7 @@ from recipec.exporters.checkpoint import (
     load_tokenizer,
     sparsity_table,
 )
-from recipec.outputs import ReplaceError, check_replaceable
+from recipec.outputs import ReplaceError, check_output
 
 ONNX_FILE = "model.onnx"
 SPARSITY_FILE = "sparsity.json"
@@ -402,14 +402,12 @@ def export(
     out = Path(output_dir) if output_dir is not None else default_output_dir(ckpt)
     if out.resolve() == ckpt.model_dir.resolve():
         raise ExportError(f"{out}: the output folder cannot be the checkpoint folder")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise ExportError(f"{out} already exists and is not empty (pass --overwrite)")
-        try:
-            check_replaceable(out, marker=SPARSITY_FILE, written_by="a recipec export",
-                              inputs=[("the checkpoint", ckpt.model_dir), ("the source", path)])
-        except ReplaceError as exc:
-            raise ExportError(str(exc)) from None
+    try:
+        check_output(out, overwrite=overwrite, marker=SPARSITY_FILE, written_by="a recipec export",
+                     busy="pass --overwrite to replace it",
+                     inputs=[("the checkpoint", ckpt.model_dir), ("the source", path)])
+    except ReplaceError as exc:
+        raise ExportError(str(exc)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     if ckpt.squashed:
         total = sum(ckpt.squashed.values())

@@ -1,8 +1,9 @@
-"""Replacing an output folder (``--overwrite``) without deleting what the user did not mean to.
+"""Output folders: created only when asked for, replaced (``--overwrite``) only when safe.
 
 ``apply`` and ``export`` replace a non-empty output folder only when asked, and only when the
-folder is one recipec wrote (it holds the command's marker file) and none of the command's own
-inputs (model, teacher, data, recipe, checkpoint) lies inside it.
+folder is one recipec wrote (it holds the command's marker file), is not a symbolic link, does
+not hold the current folder, and holds none of the command's own inputs (model, teacher, data,
+recipe, checkpoint).
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ def input_inside(out: Path, inputs: Iterable[tuple[str, object]]) -> str | None:
 
 
 def check_replaceable(out: Path, *, marker: str, written_by: str, inputs: Iterable[tuple[str, object]] = ()) -> None:
-    """Raise :class:`ReplaceError` unless ``--overwrite`` may delete the non-empty folder ``out``."""
+    """Raise :class:`ReplaceError` unless the non-empty folder ``out`` may be deleted and written anew."""
+    if out.is_symlink():
+        raise ReplaceError(f"{out} is a symbolic link: name the folder it points to, or another output folder")
+    root, cwd = out.resolve(), Path.cwd().resolve()
+    if root == cwd or root in cwd.parents:
+        raise ReplaceError(f"{out} is the current folder or holds it: replacing it would delete the folder you "
+                           "are in; choose another output folder")
     inside = input_inside(out, inputs)
     if inside is not None:
         raise ReplaceError(f"{inside} is inside {out}, which --overwrite would delete first: choose another "
@@ -40,3 +47,19 @@ def check_replaceable(out: Path, *, marker: str, written_by: str, inputs: Iterab
     if not (out / marker).is_file():
         raise ReplaceError(f"{out} is not empty and is not {written_by} (it has no {marker}): --overwrite only "
                            "replaces folders recipec wrote; choose another output folder or empty it yourself")
+
+
+def check_output(out: Path, *, overwrite: bool, marker: str, written_by: str, busy: str,
+                 inputs: Iterable[tuple[str, object]] = (), reusable: bool = False) -> bool:
+    """Whether the existing, non-empty ``out`` is to be replaced (read-only; nothing is deleted).
+
+    False when ``out`` is missing or empty. Raises :class:`ReplaceError` with ``busy`` (what to
+    do instead) when it is not empty and neither ``overwrite`` nor ``reusable`` (a folder the
+    caller knows holds nothing worth keeping) allows replacing it, or when
+    :func:`check_replaceable` refuses it."""
+    if not out.is_symlink() and (not out.exists() or (out.is_dir() and not any(out.iterdir()))):
+        return False
+    if not (overwrite or reusable):
+        raise ReplaceError(f"output folder {out} exists and is not empty: {busy}")
+    check_replaceable(out, marker=marker, written_by=written_by, inputs=inputs)
+    return True

@@ -206,13 +206,15 @@ def lower_target_problems(recipe: Recipe) -> list[tuple[int, int, str]]:
     for stage_index, stage in enumerate(recipe.resolved_stages()):
         pruners = [(i, m) for i, m in enumerate(stage.modifiers) if m.type in ("gmp", "obert") and not m.is_nm]
         for i, spec in pruners:
-            key = _targets_key(spec, recipe)
+            # same weights, ranked the same way: else a lower target can still prune (a layer a
+            # global ranking left at 40% reaches 50% under a per-layer one)
+            key = (_targets_key(spec, recipe), spec.scope, spec.structure)
             before = [earlier[key]] if key in earlier else []
             (start, unit), _ = _window_raw(spec)
             for j, other in pruners:
                 other_end, other_unit = _window_raw(other)[1]
-                if j != i and _targets_key(other, recipe) == key and unit is not None and other_unit == unit \
-                        and other_end < start:
+                if j != i and (_targets_key(other, recipe), other.scope, other.structure) == key \
+                        and unit is not None and other_unit == unit and other_end < start:
                     before.append((other.final_sparsity, f"modifier {j} ({other.type}) of this stage"))
             if before:
                 reached, who = max(before)
@@ -222,7 +224,7 @@ def lower_target_problems(recipe: Recipe) -> list[tuple[int, int, str]]:
                                                      f"stay pruned, so this modifier would prune nothing; raise it to "
                                                      f"at least {reached:g} or drop it"))
         for i, spec in pruners:
-            key = _targets_key(spec, recipe)
+            key = (_targets_key(spec, recipe), spec.scope, spec.structure)
             if key not in earlier or spec.final_sparsity > earlier[key][0]:
                 earlier[key] = (spec.final_sparsity, f"stage {stage.name!r} modifier {i} ({spec.type})")
     return problems
@@ -242,9 +244,9 @@ def window_problems(modifiers: Sequence[Any], training: Any, steps_per_epoch: in
         return []  # prune_only_problems covers these stages
     problems: list[tuple[int, str, str]] = []
     for index, spec in enumerate(modifiers):
-        if spec.type not in ("gmp", "obert") or spec.is_nm:
+        if spec.type not in ("gmp", "obert"):
             continue
-        for name in ("start", "end"):
+        for name in ("start",) if spec.is_nm else ("start", "end"):  # N:M prunes once, at its start
             steps, epochs = getattr(spec, f"{name}_step"), getattr(spec, f"{name}_epoch")
             if steps_per_epoch is not None:
                 value = to_steps(steps, epochs, steps_per_epoch, None)

@@ -23,7 +23,8 @@ from recipec.cli._common import fail, load_or_exit, set_option
               help="Run folder (default: runs/<recipe name>).")
 @set_option
 @click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty --output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty --output folder that a recipec run "
+              "wrote (never one holding this run's inputs or the current folder).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--max-train", type=click.IntRange(min=1), default=None, help="Use at most N training examples.")
 @click.option("--max-eval", type=click.IntRange(min=1), default=None, help="Use at most N eval examples.")

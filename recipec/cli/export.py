@@ -48,7 +48,8 @@ def fail(message: str, code: int = 2) -> None:
     help="Head to load; auto reads config.architectures.",
 )
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="onnxruntime vs PyTorch tolerance.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder that an earlier export wrote "
+              "(never one holding the checkpoint or the current folder).")
 @click.option(
     "--no-torch-weights",
     is_flag=True,

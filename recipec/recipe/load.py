@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from recipec.recipe import expr
 from recipec.recipe.errors import Location, Problem, RecipeError, format_path
-from recipec.recipe.schema import MODIFIER_TYPES, Recipe, StageSpec, TrainingSpec
+from recipec.recipe.schema import MODIFIER_TYPES, TRAINING_PAIRS, Recipe, StageSpec, TrainingSpec
 
 MAX_NODES = 100_000
 MAX_BYTES = 2_000_000
@@ -341,6 +341,11 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _modifiers_path(recipe: Recipe, stage_index: int) -> Path_:
+    """Where a stage's modifier list is in the recipe: ``stages.N.modifiers`` or ``modifiers``."""
+    return ("stages", stage_index, "modifiers") if recipe.stages is not None else ("modifiers",)
+
+
 def _check_overlaps(recipe: Recipe, data: Any, positions: _Positions) -> list[Problem]:
     """Pruning modifiers on the same weights, or two LR modifiers, must not overlap in time.
 
@@ -350,7 +355,7 @@ def _check_overlaps(recipe: Recipe, data: Any, positions: _Positions) -> list[Pr
 
     problems: list[Problem] = []
     for stage_index, stage in enumerate(recipe.resolved_stages()):
-        base: Path_ = ("stages", stage_index, "modifiers") if recipe.stages is not None else ("modifiers",)
+        base = _modifiers_path(recipe, stage_index)
         for index, message in overlap_problems(stage.modifiers, recipe, steps_per_epoch=None):
             path = (*base, index)
             problems.append(Problem(positions.at(path), format_path(path), message))
@@ -365,7 +370,7 @@ def _check_prune_only(recipe: Recipe, positions: _Positions) -> list[Problem]:
     for stage_index, stage in enumerate(recipe.resolved_stages()):
         if not recipe.stage_training(stage).prune_only:
             continue
-        base: Path_ = ("stages", stage_index, "modifiers") if recipe.stages is not None else ("modifiers",)
+        base = _modifiers_path(recipe, stage_index)
         why = ""
         if recipe.stages is not None and (stage.training is None or "steps" not in stage.training.model_fields_set):
             where = positions.at(("training", "steps"))
@@ -382,14 +387,11 @@ def _check_windows(recipe: Recipe, positions: _Positions) -> list[Problem]:
 
     problems: list[Problem] = []
     for stage_index, stage in enumerate(recipe.resolved_stages()):
-        base: Path_ = ("stages", stage_index, "modifiers") if recipe.stages is not None else ("modifiers",)
+        base = _modifiers_path(recipe, stage_index)
         for index, name, message in window_problems(stage.modifiers, recipe.stage_training(stage), None):
             path = (*base, index, name)
             problems.append(Problem(positions.at(path), format_path(path), message))
     return problems
-
-
-_TRAINING_PAIRS = (("epochs", "steps"), ("warmup_steps", "warmup_epochs"), ("eval_every_steps", "eval_every_epochs"))
 
 
 def _check_shadowed_sets(recipe: Recipe, overrides: Sequence[str], positions: _Positions) -> list[Problem]:
@@ -405,7 +407,7 @@ def _check_shadowed_sets(recipe: Recipe, overrides: Sequence[str], positions: _P
         if len(parts) != 2 or parts[0] != "training":
             continue
         field = str(parts[1])
-        names = next((pair for pair in _TRAINING_PAIRS if field in pair), (field,))
+        names = next((pair for pair in TRAINING_PAIRS if field in pair), (field,))
         shadowing = [i for i, stage in enumerate(recipe.stages)
                      if stage.training is not None and set(names) & stage.training.model_fields_set]
         if len(shadowing) == len(recipe.stages):
@@ -422,7 +424,7 @@ def _check_lower_targets(recipe: Recipe, positions: _Positions) -> list[Problem]
 
     problems: list[Problem] = []
     for stage_index, index, message in lower_target_problems(recipe):
-        base: Path_ = ("stages", stage_index, "modifiers") if recipe.stages is not None else ("modifiers",)
+        base = _modifiers_path(recipe, stage_index)
         path = (*base, index, "final_sparsity")
         problems.append(Problem(positions.at(path), format_path(path), message))
     return problems
@@ -430,12 +432,13 @@ def _check_lower_targets(recipe: Recipe, positions: _Positions) -> list[Problem]
 
 def load_recipe_text(text: str, source: str = "<recipe>", overrides: Iterable[str] = ()) -> Recipe:
     """Validate recipe text; raises :class:`RecipeError` listing every problem."""
+    overrides = list(overrides)  # read twice (applied, then checked for shadowing)
     data, positions, problems = _parse_yaml(text, source)
     if data is None:
         raise RecipeError(problems or [Problem(positions.at(()), "", "the recipe is empty (null)")])
     if not isinstance(data, dict):
         raise RecipeError([Problem(positions.at(()), "", "a recipe must be a mapping of keys (version, training, modifiers, ...)")])
-    problems += _apply_sets(data, list(overrides), positions)
+    problems += _apply_sets(data, overrides, positions)
 
     raw_vars = data.get("variables") or {}
     if not isinstance(raw_vars, dict):
@@ -460,7 +463,7 @@ def load_recipe_text(text: str, source: str = "<recipe>", overrides: Iterable[st
     problems += _check_prune_only(recipe, positions)
     problems += _check_windows(recipe, positions)
     problems += _check_lower_targets(recipe, positions)
-    problems += _check_shadowed_sets(recipe, list(overrides), positions)
+    problems += _check_shadowed_sets(recipe, overrides, positions)
     if problems:
         raise RecipeError(problems)
     return recipe

@@ -322,6 +322,10 @@ class StageSpec(Spec):
     modifiers: list[Modifier] = Field(default_factory=list, max_length=256)
 
 
+# Training fields given in one of two units: setting one in a stage drops the other inherited one.
+TRAINING_PAIRS = (("epochs", "steps"), ("warmup_steps", "warmup_epochs"), ("eval_every_steps", "eval_every_epochs"))
+
+
 class Recipe(Spec):
     """A whole recipe. Either top-level ``modifiers`` or ``stages``, not both."""
 
@@ -371,7 +375,7 @@ class Recipe(Spec):
         if stage.training is None:
             return self.training
         update = {name: getattr(stage.training, name) for name in stage.training.model_fields_set}
-        for pair in (("epochs", "steps"), ("warmup_steps", "warmup_epochs"), ("eval_every_steps", "eval_every_epochs")):
+        for pair in TRAINING_PAIRS:
             for name in pair:
                 if name in update:
                     update.update({other: None for other in pair if other != name and other not in update})

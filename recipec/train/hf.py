@@ -134,6 +134,11 @@ class RecipecCallback(TrainerCallback):
                     "a cram modifier runs its second pass on the bare model, outside torch.nn.DataParallel: "
                     "launch one process per GPU (torchrun) instead"
                 )
+            if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
+                raise ValueError(
+                    "a cram modifier runs its second pass on the bare model with whole parameters and "
+                    "gradients, which FSDP and DeepSpeed shard: use plain DDP (torchrun without them)"
+                )
         self._before_done = None
         if state.global_step > 0 and not self._loaded:
             self._resume(args, state)

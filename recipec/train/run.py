@@ -194,6 +194,26 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
         "max_train": config.max_train,
         "max_eval": config.max_eval,
     }
+    stages = recipe.resolved_stages()
+    distills = [m for s in stages for m in s.modifiers if m.type == "distill"]
+    teacher_spec = config.teacher or (distills[0].teacher if distills else None)
+    if config.teacher and not distills:
+        reporter.log("[warn] --teacher is ignored: the recipe has no distill modifier")
+        teacher_spec = None
+    inputs = [("--model", config.model), ("--teacher", teacher_spec), ("--task", config.task),
+              ("the recipe", recipe_path), *(("--data", d) for d in config.data)]
+    # Read-only first (a wrong --resume or a busy folder fails before any download); the folder
+    # is created, or replaced, only once every input has loaded.
+    replace, error = False, None
+    if main_rank:  # only rank 0 touches the output folder (shared by all ranks)
+        try:
+            replace = _check_output(config, out, run_json, asked, inputs)
+        except RunError as exc:
+            if world == 1:
+                raise
+            error = str(exc)
+    if world > 1:
+        _agree(error, "checking the output folder")
     seed = recipe.training.seed
     try:
         task = load_task(config.task, list(config.data) or None, max_train=config.max_train,
@@ -208,13 +228,6 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
         model, tokenizer = load_model_and_tokenizer(config.model, info, device=config.device)
     except ModelLoadError as exc:
         raise RunError(str(exc)) from None
-
-    stages = recipe.resolved_stages()
-    distills = [m for s in stages for m in s.modifiers if m.type == "distill"]
-    teacher_spec = config.teacher or (distills[0].teacher if distills else None)
-    if config.teacher and not distills:
-        reporter.log("[warn] --teacher is ignored: the recipe has no distill modifier")
-        teacher_spec = None
 
     def spe_for(training) -> int:
         n = len(task.train)
@@ -235,17 +248,9 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
         except ModelLoadError as exc:
             raise RunError(f"teacher: {exc}") from None
 
-    # Every input is checked: only now is the output folder created (or replaced).
-    error = None
-    if main_rank:  # only rank 0 touches the output folder (shared by all ranks)
-        try:
-            _prepare_output(config, recipe, out, run_json, asked, recipe_path, teacher_spec, reporter)
-        except RunError as exc:
-            if world == 1:
-                raise
-            error = str(exc)
-    if world > 1:
-        _agree(error, "checking the output folder")
+    if main_rank:  # every input is checked: only now is the output folder created (or replaced)
+        _create_output(config, recipe, out, run_json, asked, replace, reporter)
+    dist_utils.barrier("creating the output folder")
     metrics = MetricsLog(out / "metrics.jsonl" if main_rank else None)
 
     teacher_model = None
@@ -368,16 +373,22 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
     return dist_utils.broadcast_object(report, what="sharing the report")
 
 
-def _started(out: Path) -> bool:
-    """Whether a run in ``out`` got as far as training: a checkpoint, a model or a report."""
-    return any((out / name).exists() for name in ("checkpoints", "model", "report.json"))
+def _never_trained(out: Path) -> bool:
+    """Whether ``out`` holds only what a run writes before its first training step: run.json,
+    recipe.yaml and a metrics.jsonl without a training record (an earlier attempt that failed
+    to start, e.g. on a target pattern that matched nothing)."""
+    names = {p.name for p in out.iterdir()}
+    if "run.json" not in names or not names <= {"run.json", "recipe.yaml", "metrics.jsonl"}:
+        return False
+    metrics = out / "metrics.jsonl"
+    return not metrics.is_file() or '"loss"' not in metrics.read_text(errors="replace")
 
 
-def _prepare_output(config: RunConfig, recipe: Recipe, out: Path, run_json: Path, asked: dict[str, Any],
-                    recipe_path: Path, teacher: str | None, reporter: Reporter) -> None:
-    """Check --resume / --overwrite against the output folder and create it (rank 0 only)."""
-    from recipec.outputs import ReplaceError, check_replaceable
-    from recipec.train import checkpoint as ckpt
+def _check_output(config: RunConfig, out: Path, run_json: Path, asked: dict[str, Any],
+                  inputs: list[tuple[str, object]]) -> bool:
+    """Check --resume / --overwrite against the output folder (rank 0, read-only); returns
+    whether the folder is to be replaced."""
+    from recipec.outputs import ReplaceError, check_output
 
     if config.resume:
         if not run_json.is_file():
@@ -387,18 +398,23 @@ def _prepare_output(config: RunConfig, recipe: Recipe, out: Path, run_json: Path
         if changed:
             raise RunError(f"--resume: the run in {out} was started with different {', '.join(changed)}; "
                            "resume with the same arguments or use another --output")
-    elif out.exists() and any(out.iterdir()):
-        unfinished_start = run_json.is_file() and not _started(out)
-        if not (config.overwrite or unfinished_start):
-            raise RunError(f"output folder {out} exists and is not empty: pass --resume to continue it, "
-                           "--overwrite to replace it, or --output for a new folder")
-        inputs = [("--model", config.model), ("--teacher", teacher), ("the recipe", recipe_path),
-                  *(("--data", d) for d in config.data)]
-        try:
-            check_replaceable(out, marker=run_json.name, written_by="a recipec run", inputs=inputs)
-        except ReplaceError as exc:
-            raise RunError(str(exc)) from None
-        if unfinished_start and not config.overwrite:
+        return False
+    reusable = out.is_dir() and not out.is_symlink() and _never_trained(out)
+    try:
+        return check_output(out, overwrite=config.overwrite, marker=run_json.name, written_by="a recipec run",
+                            busy="pass --resume to continue it, --overwrite to replace it, or --output for a new "
+                                 "folder", inputs=inputs, reusable=reusable)
+    except ReplaceError as exc:
+        raise RunError(str(exc)) from None
+
+
+def _create_output(config: RunConfig, recipe: Recipe, out: Path, run_json: Path, asked: dict[str, Any],
+                   replace: bool, reporter: Reporter) -> None:
+    """Replace (when :func:`_check_output` allowed it) and create the output folder (rank 0)."""
+    from recipec.train import checkpoint as ckpt
+
+    if replace:
+        if not config.overwrite:
             reporter.log(f"replacing {out}: an earlier run there stopped before training anything")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

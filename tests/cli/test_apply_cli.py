@@ -128,6 +128,37 @@ def test_a_run_that_failed_before_training_is_replaced_without_overwrite(recipe_
     assert result.exit_code == 2 and "--resume" in result.output
 
 
+def test_a_failed_start_with_the_users_files_is_not_reused(recipe_file, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    base = ["--model", tiny_model_dir, "--max-train", 32, "--max-eval", 16, "--output", out]
+    assert apply(recipe_file, *base, "--set", "targets=['nomatch']").exit_code == 2
+    (out / "notes.txt").write_text("mine")
+    result = apply(recipe_file, *base)
+    assert result.exit_code == 2 and "exists and is not empty" in result.output
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_refuses_the_current_folder_a_symlink_and_a_task_path_inside(recipe_file, tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    run = tmp_path / "run"
+    base = ["--model", tiny_model_dir, "--max-train", 32, "--max-eval", 16]
+    assert apply(recipe_file, *base, "--output", run).exit_code == 0
+    monkeypatch.chdir(run / "model")
+    result = apply(recipe_file, *base, "--output", run, "--overwrite")
+    assert result.exit_code == 2 and "is the current folder or holds it" in result.output
+    monkeypatch.chdir(tmp_path)
+    link = tmp_path / "link"
+    link.symlink_to(run, target_is_directory=True)
+    result = apply(recipe_file, *base, "--output", link, "--overwrite")
+    assert result.exit_code == 2 and "is a symbolic link" in result.output
+    data = run / "data"
+    data.mkdir()
+    (data / "train.tsv").write_text("sentence\tlabel\ngood\t1\n")
+    result = apply(recipe_file, *base, "--task", data, "--output", run, "--overwrite")
+    assert result.exit_code == 2 and f"--task {data} is inside {run}" in result.output
+    assert (run / "report.json").is_file() and (data / "train.tsv").is_file()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

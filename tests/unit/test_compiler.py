@@ -180,9 +180,12 @@ def test_block_structure_needs_divisible_input_dim():
 
 def test_plan_errors_become_compile_errors():
     model, opt = _model_opt()
+    # In steps against a length in epochs, only the planner can tell that it starts too late.
     late = {**GMP, "start_step": 20, "end_step": 20, "update_every_steps": None}
-    with pytest.raises(CompileError, match="after the stage's last step"):
-        recipec.compile(_recipe([late]), model, opt, steps_per_epoch=10)
+    recipe = load_recipe_text(yaml.safe_dump({"training": {"epochs": 1}, "targets": TARGETS, "modifiers": [late]}))
+    with pytest.raises(CompileError, match="after the stage's last step 10"):
+        recipec.compile(recipe, model, opt, steps_per_epoch=10)
+    recipec.compile(recipe, model, opt, steps_per_epoch=20)
     with pytest.raises(CompileError, match="steps_per_epoch must be positive"):
         recipec.compile(_recipe([GMP]), model, opt, steps_per_epoch=0)
 

@@ -362,10 +362,12 @@ def test_a_plain_trainer_with_the_callback_refuses_a_cram_recipe(tmp_path):
         trainer.train()
 
 
-@pytest.mark.parametrize("setting, message", [({"fp16": True}, "not loss-scaled"), ({"n_gpu": 2}, "torchrun")])
+@pytest.mark.parametrize("setting, message", [({"fp16": True}, "not loss-scaled"), ({"n_gpu": 2}, "torchrun"),
+                                              ({"fsdp": "full_shard"}, "FSDP"), ({"deepspeed": "ds.json"}, "FSDP")])
 def test_cram_is_refused_with_fp16_or_data_parallel(setting, message):
-    """fp16 (the second pass is not loss-scaled) and DataParallel (it runs on the bare model) are
-    refused before any step; torchrun's DDP is not (tests/integration/test_distributed.py)."""
+    """fp16 (the second pass is not loss-scaled), DataParallel, FSDP and DeepSpeed (it runs on the
+    bare, whole model) are refused before any step; torchrun's DDP is not
+    (tests/integration/test_distributed.py)."""
     from types import SimpleNamespace
 
     model = _model()
@@ -373,12 +375,12 @@ def test_cram_is_refused_with_fp16_or_data_parallel(setting, message):
     program = recipec.compile(_recipe(CRAM_LR), model, optimizer, steps_per_epoch=STEPS_PER_EPOCH)
     callback = RecipecCallback(program)
     callback.loss_hooked = True  # as RecipecTrainer sets it
-    args = SimpleNamespace(**{"fp16": False, "n_gpu": 1, "world_size": 1, **setting})
+    args = SimpleNamespace(**{"fp16": False, "n_gpu": 1, "world_size": 1, "fsdp": "", "deepspeed": None, **setting})
     state = SimpleNamespace(global_step=0, max_steps=TOTAL)
     with pytest.raises(ValueError, match=message):
         callback.on_train_begin(args, state, None, model=model, optimizer=optimizer)
-    callback.on_train_begin(SimpleNamespace(fp16=False, n_gpu=1, world_size=2), state, None, model=model,
-                            optimizer=optimizer)  # several processes: accepted
+    callback.on_train_begin(SimpleNamespace(fp16=False, n_gpu=1, world_size=2, fsdp="", deepspeed=None), state, None,
+                            model=model, optimizer=optimizer)  # several processes (DDP): accepted
 
 
 def test_a_prune_only_stage_is_refused_by_the_trainer(tmp_path):

@@ -174,7 +174,7 @@ def test_a_later_pruner_below_an_earlier_target_on_the_same_weights_is_an_error(
            "  - {type: gmp, final_sparsity: 0.8, start_epoch: 0, end_epoch: 1, update_every_epochs: 0.5}\n"
            "  - {type: gmp, final_sparsity: 0.5, start_epoch: 1.5, end_epoch: 1.9, update_every_epochs: 0.1}\n")
     (found,) = problems(two)
-    assert found.startswith("r.yaml:4:") and "modifiers.1.final_sparsity: final_sparsity 0.5 is below the 0.8 that "
+    assert found.startswith("r.yaml:4:") and "modifiers.1.final_sparsity: final_sparsity 0.5 is below the 0.8 that " in found
     assert "modifier 0 (gmp) of this stage reaches earlier" in found
     load_recipe_text(two.replace("final_sparsity: 0.5", "final_sparsity: 0.9"))  # going further is fine
     load_recipe_text(two.replace("final_sparsity: 0.5,", "final_sparsity: 0.5, targets: ['query'],"))  # other weights
@@ -183,3 +183,19 @@ def test_a_later_pruner_below_an_earlier_target_on_the_same_weights_is_an_error(
               "  - name: b\n    modifiers: [{type: obert, final_sparsity: 0.7}]\n")
     (found,) = problems(staged)
     assert "stages.1.modifiers.0.final_sparsity" in found and "stage 'a' modifier 0 (gmp)" in found
+    # A different ranking (scope) or structure can still prune at a lower target: not compared.
+    load_recipe_text(staged.replace("type: obert, final_sparsity: 0.7", "type: obert, final_sparsity: 0.7, scope: per_layer"))
+    load_recipe_text(staged.replace("type: obert, final_sparsity: 0.7", "type: obert, final_sparsity: 0.7, structure: block4, "
+                                                                        "fisher_block_size: 32"))
+
+
+def test_n_m_pruning_after_its_stage_is_an_error():
+    late = "training: {steps: 10}\nmodifiers:\n  - {type: gmp, structure: '2:4', final_sparsity: 0.5, start_step: 50}\n"
+    (found,) = problems(late)
+    assert "modifiers.0.start_step: starts at step 50, after the stage's last step 10" in found
+
+
+def test_overrides_given_as_a_generator_are_all_checked():
+    staged = "training: {epochs: 4}\nstages:\n  - name: a\n    training: {epochs: 2}\n"
+    with pytest.raises(RecipeError, match="has no effect"):
+        load_recipe_text(staged, "r.yaml", (o for o in ["training.epochs=3"]))
