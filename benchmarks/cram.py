@@ -8,6 +8,7 @@ Each dense model is then pruned one-shot with global magnitude (no retraining) t
 sparsity, and SST-2 dev accuracy is reported side by side, with both fine-tuning times.
 
     python benchmarks/cram.py --threads 1 --rho 0.01 0.05 0.2   # what we ran; benchmarks/results/cram.md
+    python benchmarks/cram.py --threads 1 --rho 0.005 0.02 0.08 --normalize   # results/cram_normalized/
     python benchmarks/cram.py --train-examples 64 --steps 4 --max-eval 32 --out /tmp/cram  # smoke
 
 Writes ``cram.json`` and ``cram.md`` to ``--out`` (default ``benchmarks/results``).

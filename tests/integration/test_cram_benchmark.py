@@ -27,3 +27,12 @@ def test_cram_benchmark_small_slice(shared_data_dir, tmp_path, load_benchmark):
     # Cached: a second run reuses both fine-tuned models.
     assert cram.main(argv) == 0
     assert json.loads((out / "cram.json").read_text())["arms"]["cram_plus rho=0.05"]["train_seconds"] == crammed["train_seconds"]
+    assert crammed["mean_grad_norm"] > 0  # from the cram modifier's log line
+    # --normalize: its own arm and cache entry; the table says so and gives ||g||.
+    normalized = [a for a in argv if a not in ("0.2",)] + ["--normalize"]
+    assert cram.main(normalized) == 0
+    report = json.loads((out / "cram.json").read_text())
+    assert set(report["arms"]) == {"plain", "cram_plus rho=0.05 normalized"}
+    assert len(sorted((tmp_path / "cache").glob("*/model/model.safetensors"))) == 4
+    text = (out / "cram.md").read_text()
+    assert "normalized ascent step: w + rho g / ||g||" in text and "Mean gradient norm ||g||" in text
