@@ -19,7 +19,8 @@ Event mapping in transformers 5.x (``Trainer._inner_training_loop``), for optimi
     clip to args.max_grad_norm    (the Trainer; gradients of pruned weights already zero)
     on_pre_optimizer_step         program.before_optimizer_step(k) unless RecipecTrainer ran it
     optimizer.step()
-    on_optimizer_step             program.after_optimizer_step(k)  masks re-applied
+    on_optimizer_step             program.after_optimizer_step(k)  masks re-applied (and, under
+                                  torchrun, compared across ranks when they changed)
     lr_scheduler.step(); global_step = k + 1; on_step_end
     ...
     on_train_end                  program.finalize()
@@ -92,6 +93,7 @@ class RecipecCallback(TrainerCallback):
         self.loss_hooked = False  # set by RecipecTrainer, which applies program.loss
         self._loaded = False
         self._before_done: int | None = None  # the step whose before_optimizer_step already ran
+        self._checked_version = program.masks.version  # masks last checked across ranks at this version
 
     def before_optimizer_step(self, step: int) -> None:
         """``program.before_optimizer_step(step)`` once per optimizer step (whichever comes first:
@@ -142,6 +144,7 @@ class RecipecCallback(TrainerCallback):
         self._before_done = None
         if state.global_step > 0 and not self._loaded:
             self._resume(args, state)
+        self._check_masks(f"start (step {state.global_step})")
         if state.max_steps != program.plan.total_steps:
             warnings.warn(
                 f"the Trainer will run {state.max_steps} optimizer steps but the recipe stage "
@@ -159,9 +162,21 @@ class RecipecCallback(TrainerCallback):
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.program.after_optimizer_step(state.global_step)
+        if self.program.masks.version != self._checked_version:
+            self._check_masks(f"step {state.global_step} (after pruning)")
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.program.finalize()
+        self._check_masks("end (after finalize)")
+
+    def _check_masks(self, where: str) -> None:
+        """Under torchrun: masks and masked weights bit-identical on every rank (one all-gather of
+        checksums; raises RankMismatchError naming the tensor). Nothing in a single process."""
+        from recipec.train import distributed as dist_utils
+
+        masks = self.program.masks
+        dist_utils.verify_identical(masks.masks, masks.params, f"stage {self.program.plan.name!r} {where}")
+        self._checked_version = masks.version
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         folder = os.path.join(args.output_dir, f"{_CHECKPOINT_PREFIX}-{state.global_step}")

@@ -247,18 +247,31 @@ model = BertForSequenceClassification(config)
 g = torch.Generator().manual_seed(11)
 data = [{"input_ids": torch.randint(0, 64, (10,), generator=g), "attention_mask": torch.ones(10, dtype=torch.long),
          "labels": torch.randint(0, 2, (), generator=g)} for _ in range(16)]
+first = ({"type": "gmp", "init_sparsity": 0.3, "final_sparsity": 0.6, "start_step": 1, "end_step": 3,
+          "update_every_steps": 1} if os.environ.get("HF_TEST_GMP") else
+         {"type": "cram", "sparsities": [0.5, 0.7], "rho": 0.05, "normalize": True})
 recipe = load_recipe_text(yaml.safe_dump({"training": {"epochs": 2}, "modifiers": [
-    {"type": "cram", "sparsities": [0.5, 0.7], "rho": 0.05, "normalize": True},
-    {"type": "lr", "schedule": "linear", "init_lr": 1e-3, "final_lr": 0.0}]}))
+    first, {"type": "lr", "schedule": "linear", "init_lr": 1e-3, "final_lr": 0.0}]}))
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
 program = recipec.compile(recipe, model, optimizer, steps_per_epoch=2)
+if os.environ.get("HF_TEST_CORRUPT") and rank == 1:  # one mask bit differs on rank 1 after step 1's pruning
+    real_step_start = program.step_start
+
+    def step_start(step):
+        real_step_start(step)
+        if step == 1:
+            mask = next(iter(program.masks.masks.values())).view(-1)
+            mask[0] = ~mask[0] if mask.dtype == torch.bool else 1 - mask[0]
+
+    program.step_start = step_start
 args = TrainingArguments(output_dir=os.path.join(out, "hf"), per_device_train_batch_size=8 // world,
                          num_train_epochs=2, max_grad_norm=0.05, weight_decay=0.0, report_to=[], save_strategy="no",
                          logging_strategy="no", disable_tqdm=True, use_cpu=True, train_sampling_strategy="sequential",
                          dataloader_num_workers=0, seed=0, ddp_backend="gloo" if world > 1 else None)
 assert args.world_size == world
 RecipecTrainer(model=model, args=args, train_dataset=data, program=program).train()
-torch.save({"weights": model.state_dict(), "counts": program.modifiers[0].counts},
+torch.save({"weights": model.state_dict(), "counts": getattr(program.modifiers[0], "counts", None),
+            "masks": {k: v.clone() for k, v in program.masks.masks.items()}},
            os.path.join(out, f"world{world}-rank{rank}.pt"))
 """
 
@@ -277,3 +290,20 @@ def test_cram_through_the_hf_trainer_under_two_ranks_matches_one_process(tmp_pat
         assert torch.equal(r0["weights"][name], r1["weights"][name]), name  # the ranks agree bit for bit
         # ... and equal one process (without the all-reduce of CrAM's second pass they differ by ~5e-3)
         torch.testing.assert_close(r0["weights"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_hf_trainer_under_two_ranks_checks_that_masks_agree(tmp_path):
+    """GMP through the Trainer under torchrun: the ranks' masks are compared after every pruning
+    step; one flipped mask bit on rank 1 stops the run, naming the tensor."""
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    script = tmp_path / "hf_cram.py"
+    script.write_text(HF_CRAM_SCRIPT)
+    _, _, env = _setup(tmp_path, "")
+    rc, out, _ = _launch([script, tmp_path], world=2, env=dict(env, HF_TEST_GMP="1"), timeout=300)
+    assert rc == 0, out
+    r0, r1 = (torch.load(tmp_path / f"world2-rank{r}.pt") for r in (0, 1))
+    assert r0["masks"] and all(torch.equal(r0["masks"][n], r1["masks"][n]) for n in r0["masks"])
+    rc, out, _ = _launch([script, tmp_path], world=2, env=dict(env, HF_TEST_GMP="1", HF_TEST_CORRUPT="1"),
+                         timeout=300)
+    assert rc != 0
+    assert "step 1 (after pruning): rank 0 and rank 1 hold different masks for" in out, out
