@@ -31,6 +31,7 @@ from recipec.exporters.checkpoint import (
     load_tokenizer,
     sparsity_table,
 )
+
 from recipec.outputs import ReplaceError, check_output
 
 ONNX_FILE = "model.onnx"

@@ -77,7 +77,7 @@ def _format_plan(plans) -> list[str]:
                 lines.append(f"{head}  teacher {spec.teacher}, hardness {spec.hardness:g}, temperature {spec.temperature:g}")
             elif mod.type == "cram":
                 spec = mod.spec
-                lines.append(f"{head}  {spec.variant}, rho {spec.rho:g}, sparsities "
+                lines.append(f"{head}  {spec.variant}, rho {spec.rho:g}{' (normalized)' if spec.normalize else ''}, sparsities "
                              f"{'/'.join(f'{s:g}' for s in spec.sparsities)} ({spec.structure}, {spec.scope}); "
                              "2 forward+backward passes per step, the model stays dense")
             else:

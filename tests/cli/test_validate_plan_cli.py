@@ -76,6 +76,7 @@ def test_plan_text_shows_warm_up_peak_one_shot_stages_and_grouped_tensors(tiny_m
     assert text.exit_code == 0, text.output
     assert "lr: step 0: 9.09e-06, step 10: 0.0001, step 99: 1.11e-06" in text.output  # the peak after warm-up
     assert "[0] gmp      steps 0..0  unstructured, global, one-shot at step 0" in text.output
+    assert "cram_plus, rho 0.02 (normalized), sparsities 0.5/0.6/0.7/0.8" in text.output
     model = run("plan", "quickstart", "--steps-per-epoch", "10", "--model", str(tiny_model_dir))
     assert model.exit_code == 0, model.output
     # 2 layers x 6 tensors: one line per tensor kind, layers grouped
