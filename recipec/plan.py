@@ -201,20 +201,22 @@ def lower_target_problems(recipe: Recipe) -> list[tuple[int, int, str]]:
     what an earlier one (an earlier stage, or a window that ends before it starts) reaches on
     the same target patterns: pruned weights stay pruned, so it would prune nothing while the
     plan showed it lowering the sparsity. Windows in different units are not compared here."""
+    def ranking(spec: Any) -> Any:
+        # same weights, ranked the same way: else a lower target can still prune (a layer a
+        # global ranking left at 40% reaches 50% under a per-layer one)
+        return _targets_key(spec, recipe), spec.scope, spec.structure
+
     problems: list[tuple[int, int, str]] = []
-    earlier: dict[Any, tuple[float, str]] = {}  # targets -> highest final sparsity of earlier stages
+    earlier: dict[Any, tuple[float, str]] = {}  # ranking -> highest final sparsity of earlier stages
     for stage_index, stage in enumerate(recipe.resolved_stages()):
         pruners = [(i, m) for i, m in enumerate(stage.modifiers) if m.type in ("gmp", "obert") and not m.is_nm]
         for i, spec in pruners:
-            # same weights, ranked the same way: else a lower target can still prune (a layer a
-            # global ranking left at 40% reaches 50% under a per-layer one)
-            key = (_targets_key(spec, recipe), spec.scope, spec.structure)
+            key = ranking(spec)
             before = [earlier[key]] if key in earlier else []
             (start, unit), _ = _window_raw(spec)
             for j, other in pruners:
                 other_end, other_unit = _window_raw(other)[1]
-                if j != i and (_targets_key(other, recipe), other.scope, other.structure) == key \
-                        and unit is not None and other_unit == unit and other_end < start:
+                if j != i and ranking(other) == key and unit is not None and other_unit == unit and other_end < start:
                     before.append((other.final_sparsity, f"modifier {j} ({other.type}) of this stage"))
             if before:
                 reached, who = max(before)
@@ -224,7 +226,7 @@ def lower_target_problems(recipe: Recipe) -> list[tuple[int, int, str]]:
                                                      f"stay pruned, so this modifier would prune nothing; raise it to "
                                                      f"at least {reached:g} or drop it"))
         for i, spec in pruners:
-            key = (_targets_key(spec, recipe), spec.scope, spec.structure)
+            key = ranking(spec)
             if key not in earlier or spec.final_sparsity > earlier[key][0]:
                 earlier[key] = (spec.final_sparsity, f"stage {stage.name!r} modifier {i} ({spec.type})")
     return problems
@@ -242,18 +244,18 @@ def window_problems(modifiers: Sequence[Any], training: Any, steps_per_epoch: in
     """
     if training.prune_only:
         return []  # prune_only_problems covers these stages
+    total = None  # the stage's last step, when steps_per_epoch is known (as resolve_stage counts it)
+    if steps_per_epoch is not None:
+        total = max(1, to_steps(training.steps, training.epochs, steps_per_epoch, 0) or 0)
     problems: list[tuple[int, str, str]] = []
     for index, spec in enumerate(modifiers):
         if spec.type not in ("gmp", "obert"):
             continue
         for name in ("start",) if spec.is_nm else ("start", "end"):  # N:M prunes once, at its start
             steps, epochs = getattr(spec, f"{name}_step"), getattr(spec, f"{name}_epoch")
-            if steps_per_epoch is not None:
-                value = to_steps(steps, epochs, steps_per_epoch, None)
-                last = to_steps(training.steps, training.epochs, steps_per_epoch, None)
-                unit, field = "step", f"{name}_step" if steps is not None else f"{name}_epoch"
-                if last is not None:
-                    last = max(last, 1)
+            if total is not None:
+                value, last, unit = to_steps(steps, epochs, steps_per_epoch, None), total, "step"
+                field = f"{name}_step" if steps is not None else f"{name}_epoch"
             elif epochs is not None and training.epochs is not None:
                 value, last, unit, field = epochs, training.epochs, "epoch", f"{name}_epoch"
             elif steps is not None and training.steps is not None:

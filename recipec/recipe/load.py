@@ -341,9 +341,11 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _modifiers_path(recipe: Recipe, stage_index: int) -> Path_:
-    """Where a stage's modifier list is in the recipe: ``stages.N.modifiers`` or ``modifiers``."""
-    return ("stages", stage_index, "modifiers") if recipe.stages is not None else ("modifiers",)
+def _at_modifier(recipe: Recipe, positions: _Positions, stage_index: int, *tail: Any, message: str) -> Problem:
+    """A problem at a stage's modifier (``stages.N.modifiers.I...`` or ``modifiers.I...``)."""
+    base: Path_ = ("stages", stage_index, "modifiers") if recipe.stages is not None else ("modifiers",)
+    path = (*base, *tail)
+    return Problem(positions.at(path), format_path(path), message)
 
 
 def _check_overlaps(recipe: Recipe, data: Any, positions: _Positions) -> list[Problem]:
@@ -353,13 +355,9 @@ def _check_overlaps(recipe: Recipe, data: Any, positions: _Positions) -> list[Pr
     """
     from recipec.plan import overlap_problems
 
-    problems: list[Problem] = []
-    for stage_index, stage in enumerate(recipe.resolved_stages()):
-        base = _modifiers_path(recipe, stage_index)
-        for index, message in overlap_problems(stage.modifiers, recipe, steps_per_epoch=None):
-            path = (*base, index)
-            problems.append(Problem(positions.at(path), format_path(path), message))
-    return problems
+    return [_at_modifier(recipe, positions, stage_index, index, message=message)
+            for stage_index, stage in enumerate(recipe.resolved_stages())
+            for index, message in overlap_problems(stage.modifiers, recipe, steps_per_epoch=None)]
 
 
 def _check_prune_only(recipe: Recipe, positions: _Positions) -> list[Problem]:
@@ -370,14 +368,12 @@ def _check_prune_only(recipe: Recipe, positions: _Positions) -> list[Problem]:
     for stage_index, stage in enumerate(recipe.resolved_stages()):
         if not recipe.stage_training(stage).prune_only:
             continue
-        base = _modifiers_path(recipe, stage_index)
         why = ""
         if recipe.stages is not None and (stage.training is None or "steps" not in stage.training.model_fields_set):
             where = positions.at(("training", "steps"))
             why = f" (stage {stage.name!r} inherits training.steps: 0 from line {where.line or '?'})"
         for index, name, message in prune_only_problems(stage.modifiers):
-            path = (*base, index, name)
-            problems.append(Problem(positions.at(path), format_path(path), message + why))
+            problems.append(_at_modifier(recipe, positions, stage_index, index, name, message=message + why))
     return problems
 
 
@@ -385,13 +381,9 @@ def _check_windows(recipe: Recipe, positions: _Positions) -> list[Problem]:
     """Pruning windows that outlast their stage (in the stage's own unit; the planner checks the rest)."""
     from recipec.plan import window_problems
 
-    problems: list[Problem] = []
-    for stage_index, stage in enumerate(recipe.resolved_stages()):
-        base = _modifiers_path(recipe, stage_index)
-        for index, name, message in window_problems(stage.modifiers, recipe.stage_training(stage), None):
-            path = (*base, index, name)
-            problems.append(Problem(positions.at(path), format_path(path), message))
-    return problems
+    return [_at_modifier(recipe, positions, stage_index, index, name, message=message)
+            for stage_index, stage in enumerate(recipe.resolved_stages())
+            for index, name, message in window_problems(stage.modifiers, recipe.stage_training(stage), None)]
 
 
 def _check_shadowed_sets(recipe: Recipe, overrides: Sequence[str], positions: _Positions) -> list[Problem]:
@@ -422,12 +414,8 @@ def _check_shadowed_sets(recipe: Recipe, overrides: Sequence[str], positions: _P
 def _check_lower_targets(recipe: Recipe, positions: _Positions) -> list[Problem]:
     from recipec.plan import lower_target_problems
 
-    problems: list[Problem] = []
-    for stage_index, index, message in lower_target_problems(recipe):
-        base = _modifiers_path(recipe, stage_index)
-        path = (*base, index, "final_sparsity")
-        problems.append(Problem(positions.at(path), format_path(path), message))
-    return problems
+    return [_at_modifier(recipe, positions, stage_index, index, "final_sparsity", message=message)
+            for stage_index, index, message in lower_target_problems(recipe)]
 
 
 def load_recipe_text(text: str, source: str = "<recipe>", overrides: Iterable[str] = ()) -> Recipe:

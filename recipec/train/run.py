@@ -200,6 +200,11 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
     if config.teacher and not distills:
         reporter.log("[warn] --teacher is ignored: the recipe has no distill modifier")
         teacher_spec = None
+    if teacher_spec not in (None, "auto"):
+        try:  # a missing local folder fails now, before any data or model is loaded
+            resolve_model_path(teacher_spec)
+        except ModelLoadError as exc:
+            raise RunError(f"teacher: {exc}") from None
     inputs = [("--model", config.model), ("--teacher", teacher_spec), ("--task", config.task),
               ("the recipe", recipe_path), *(("--data", d) for d in config.data)]
     # Read-only first (a wrong --resume or a busy folder fails before any download); the folder
@@ -241,12 +246,6 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
             plans.append(resolve_stage(recipe, stage, spe_for(training)))
         except PlanError as exc:
             raise RunError(f"the recipe does not fit this data ({len(task.train)} train examples): {exc}") from None
-
-    if teacher_spec not in (None, "auto"):
-        try:  # a missing local folder fails here, before the output folder is touched
-            resolve_model_path(teacher_spec)
-        except ModelLoadError as exc:
-            raise RunError(f"teacher: {exc}") from None
 
     if main_rank:  # every input is checked: only now is the output folder created (or replaced)
         _create_output(config, recipe, out, run_json, asked, replace, reporter)
