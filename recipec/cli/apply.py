@@ -30,9 +30,16 @@ from recipec.cli._common import fail, load_or_exit, set_option
 @click.option("--max-eval", type=click.IntRange(min=1), default=None, help="Use at most N eval examples.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None,
               help="Checkpoint every N optimizer steps (default: training.checkpoint_every_steps or ~10 per stage).")
+@click.option("--sparse-backprop", is_flag=True,
+              help="Once a stage's masks stop changing, run pruned linear layers at >= --sparse-backprop-min zeros "
+              "forward and backward on SparseProp's CPU kernels (needs the sparseprop package; same results up to "
+              "float rounding).")
+@click.option("--sparse-backprop-min", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Least sparsity of a layer for --sparse-backprop (default 0.9: below it dense kernels are faster "
+              "here). Implies --sparse-backprop.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def command(recipe, model, task, data, teacher, output, overrides, resume, overwrite, device, max_train, max_eval,
-            checkpoint_every, quiet) -> None:
+            checkpoint_every, sparse_backprop, sparse_backprop_min, quiet) -> None:
     """Fine-tune and prune a model with RECIPE; write a sparse checkpoint and a report.
 
     \b
@@ -42,6 +49,7 @@ def command(recipe, model, task, data, teacher, output, overrides, resume, overw
       recipec apply recipes/downstream_gmp_90.yaml --model roberta-large --task glue/sst2 --device cuda
       recipec apply recipes/quickstart.yaml --resume        # after Ctrl-C or a crash
       torchrun --nproc_per_node 4 --no-python recipec apply recipes/quickstart.yaml --device cuda
+      recipec apply recipes/downstream_gmp_90.yaml --sparse-backprop   # CPU, pip install sparseprop
 
     Under torchrun / accelerate launch every process trains a shard of each global batch
     (DDP); only rank 0 prints and writes. See docs/distributed.md.
@@ -52,6 +60,7 @@ def command(recipe, model, task, data, teacher, output, overrides, resume, overw
     if resume and overwrite:
         fail("error: --resume continues the run in --output and --overwrite replaces it: pass one of them")
     load_or_exit(recipe, overrides)  # every recipe problem at once, before anything heavy
+    min_sparsity = _sparse_backprop_min(sparse_backprop, sparse_backprop_min, device)
     if device == "cuda":
         import torch
 
@@ -65,7 +74,7 @@ def command(recipe, model, task, data, teacher, output, overrides, resume, overw
 
     config = RunConfig(recipe_path=recipe, overrides=overrides, model=model, task=task, data=data, teacher=teacher,
                        output=output, resume=resume, overwrite=overwrite, device=device, max_train=max_train,
-                       max_eval=max_eval, checkpoint_every=checkpoint_every)
+                       max_eval=max_eval, checkpoint_every=checkpoint_every, sparse_backprop=min_sparsity)
     reporter = Reporter(quiet=quiet)
     try:
         report = run(config, reporter)
@@ -92,3 +101,19 @@ def command(recipe, model, task, data, teacher, output, overrides, resume, overw
         line += f"  (dense teacher {report['teacher']['eval'][primary]:.4f})"
     click.echo(line)
     click.echo(f"report: {Path(report['model_dir']).parent / 'report.md'}")
+
+
+def _sparse_backprop_min(flag: bool, least: float | None, device: str) -> float | None:
+    """The minimum layer sparsity for SparseProp kernels, or None; fails early where they cannot run."""
+    if not flag and least is None:
+        return None
+    from recipec.train import distributed
+    from recipec.train import sparse_backprop as sbp
+
+    if device != "cpu":
+        fail("error: --sparse-backprop runs SparseProp's CPU kernels: drop --device cuda")
+    if distributed.env_world_size() > 1:
+        fail("error: --sparse-backprop runs in a single process, not under torchrun / accelerate launch")
+    if sbp.backend() is None:
+        fail(f"error: --sparse-backprop needs the sparseprop package: {sbp.INSTALL_HINT}")
+    return sbp.DEFAULT_MIN_SPARSITY if least is None else least

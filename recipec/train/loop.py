@@ -7,11 +7,12 @@ data position) goes into atomic checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,8 @@ class StageResult:
     seconds: float
     eval_history: list[dict[str, Any]] = field(default_factory=list)
     final_eval: dict[str, float] | None = None
+    # --sparse-backprop: the first step on SparseProp kernels, the layers and min sparsity
+    sparse_backprop: dict[str, Any] | None = None
 
     @property
     def eval_before_pruning(self) -> dict[str, float] | None:
@@ -195,6 +198,7 @@ def train_stage(
     on_eval_progress: Callable[[int, int], None] | None = None,
     stop_after_step: int | None = None,
     eval_before: dict[str, float] | None = None,
+    sparse_backprop: float | None = None,
 ) -> StageResult:
     """Train one stage to ``plan.total_steps`` optimizer steps (0: a prune-only stage, which
     evaluates, runs the Program's step 0, its one-shot pruning, and evaluates again; with
@@ -212,6 +216,11 @@ def train_stage(
     mean, a Ctrl-C stops all ranks at the same step, masks are checked identical across ranks
     after every change, evaluation is sharded, and only rank 0 writes metrics and checkpoints
     (which hold every rank's RNG state).
+
+    ``sparse_backprop`` (a minimum sparsity; CPU, one process): from the step on which the
+    stage's masks stop changing, pruned linear layers at that sparsity or more run forward and
+    backward on SparseProp's kernels (:mod:`recipec.train.sparse_backprop`); they are put back
+    before ``finalize`` and whenever the stage ends.
     """
     training = plan.training
     world = dist_utils.world_size()
@@ -280,7 +289,7 @@ def train_stage(
     checked_version = program.masks.version if program is not None else 0
     model.train()
     final_eval = None
-    with _SigintFlag() as sigint:
+    with _SigintFlag() as sigint, _sparse_kernels(sparse_backprop, model, program, plan, device, world) as sparse:
         if total == 0 and program is not None and resume_state is None:  # prune-only: one-shot, no optimizer step
             run_eval(0, eval_before)  # the model as it came, to compare with after pruning
             program.step_start(0)
@@ -304,6 +313,11 @@ def train_stage(
                 batch = to_device(batch, device)
                 if program is not None:
                     program.step_start(step)
+                    if sparse is not None and step >= sparse.first_step:
+                        if sparse.kernels.refresh(program.masks.masks, program.masks.version):
+                            sparse.started(step)
+                            program.ctx.log(f"stage {plan.name!r}: step {step}: "
+                                            + sparse.kernels.describe(len(program.masks.masks)))
                 if program is None or not program.owns_lr:
                     set_lr(optimizer, plan.lr_at(step))
                 with dist_utils.collective(f"stage {plan.name!r} step {step}: forward"):
@@ -353,13 +367,58 @@ def train_stage(
                     save(step)
                     raise Interrupted(f"interrupted at stage {plan.name!r} step {step}; checkpoint saved")
                 if stop_after_step is not None and step >= stop_after_step:
-                    return StageResult(step, elapsed_before + time.perf_counter() - started, eval_history)
+                    return StageResult(step, elapsed_before + time.perf_counter() - started, eval_history,
+                                       sparse_backprop=sparse.record() if sparse else None)
         if program is not None:
+            if sparse is not None:
+                sparse.kernels.remove()
             program.finalize()
             check_masks("end (after finalize)")
         final_eval = run_eval(total)
         save(total, complete=True)
-    return StageResult(total, elapsed_before + time.perf_counter() - started, eval_history, final_eval)
+    return StageResult(total, elapsed_before + time.perf_counter() - started, eval_history, final_eval,
+                       sparse_backprop=sparse.record() if sparse else None)
+
+
+@dataclass
+class _SparseStage:
+    kernels: Any  # recipec.train.sparse_backprop.SparseBackprop
+    first_step: int  # masks are fixed from here on
+    from_step: int | None = None  # the step the kernels were first used on (this session)
+    layers: int = 0
+
+    def started(self, step: int) -> None:
+        if self.from_step is None:
+            self.from_step = step
+        self.layers = len(self.kernels.layers)
+
+    def record(self) -> dict[str, Any]:
+        return {"min_sparsity": self.kernels.min_sparsity, "from_step": self.from_step, "layers": self.layers}
+
+
+@contextlib.contextmanager
+def _sparse_kernels(min_sparsity: float | None, model: nn.Module, program: Program | None, plan: StagePlan,
+                    device: str, world: int) -> Iterator[_SparseStage | None]:
+    """The stage's sparse-backprop kernels (None when not asked for or not usable in this stage);
+    every layer is back on its dense forward when the block ends, however it ends."""
+    if min_sparsity is None or program is None:
+        yield None
+        return
+    from recipec.train import sparse_backprop as sbp
+
+    if torch.device(device).type != "cpu" or world > 1:
+        raise sbp.SparseBackpropError("sparse backprop runs on CPU in a single process (not with --device cuda or torchrun)")
+    first = sbp.masks_fixed_from(plan)
+    if first is None:
+        why = "it has a cram modifier" if plan.by_type("cram") else "it prunes at its last step"
+        program.ctx.log(f"stage {plan.name!r}: sparse backprop off: {why}")
+        yield None
+        return
+    kernels = sbp.SparseBackprop(model, min_sparsity)
+    try:
+        yield _SparseStage(kernels, first)
+    finally:
+        kernels.remove()
 
 
 def _reduce_step(loss: torch.Tensor, weight: float, interrupted: bool, program: Program | None, world: int,

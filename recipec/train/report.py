@@ -136,6 +136,7 @@ def write_outputs(*, out: Path, model, tokenizer, recipe, recipe_text: str, info
         "stages": [
             {"name": name, "steps": result.steps, "steps_per_epoch": plan.steps_per_epoch, "seconds": result.seconds,
              "final_eval": result.final_eval, "pruning": prog.history(),
+             **({"sparse_backprop": result.sparse_backprop} if result.sparse_backprop else {}),
              **({"prune_only": True, "eval_before_pruning": result.eval_before_pruning} if plan.training.prune_only else {})}
             for name, plan, result, prog in results
         ],
@@ -157,6 +158,16 @@ def _wall_time(report: dict[str, Any]) -> str:
         line += (f" in the last session (resumed from a checkpoint); the stages trained {training:.1f} s "
                  "over all sessions")
     return line
+
+
+def _sparse_line(sparse: dict[str, Any]) -> str:
+    least = f">= {100 * sparse['min_sparsity']:.0f}% zeros"
+    if sparse.get("from_step") is None:
+        return f"Sparse backprop: not used (the masks never stopped changing before the stage ended, or no layer at {least})."
+    if not sparse["layers"]:
+        return f"Sparse backprop: no pruned linear layer at {least}; dense kernels throughout."
+    return (f"Sparse backprop: {sparse['layers']} linear layers at {least} ran forward and backward on SparseProp "
+            f"kernels from step {sparse['from_step']}.")
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -203,6 +214,9 @@ def _markdown(report: dict[str, Any]) -> str:
             lines += ["| step | modifier | target | achieved | seconds |", "|---|---|---|---|---|"]
             lines += [f"| {h['step']} | {h['modifier']} | {100 * h['target']:.2f}% | {100 * h['achieved']:.2f}% | {h['seconds']:.2f} |"
                       for h in stage["pruning"]]
+        sparse = stage.get("sparse_backprop")
+        if sparse:
+            lines += ["", _sparse_line(sparse)]
     if report.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     return "\n".join(lines) + "\n"

@@ -50,6 +50,8 @@ class RunConfig:
     teacher_cache: Path | None = None
     checkpoint_every: int | None = None
     stop_after_step: int | None = None  # tests: end the (last) stage early
+    # Minimum sparsity for SparseProp kernels once a stage's masks are fixed (None: dense kernels).
+    sparse_backprop: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -340,6 +342,7 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
                 resume_state=resume_state, metrics=metrics,
                 on_step=lambda s, rec: reporter.update(s, _step_info(rec)),
                 stop_after_step=config.stop_after_step if is_last else None,
+                sparse_backprop=config.sparse_backprop,
                 # a prune-only stage after a stage evaluated at the same length: its model, already measured
                 eval_before=results[-1][2].final_eval if plan.training.prune_only and results
                 and results[-1][1].training.max_seq_length == training.max_seq_length else None,

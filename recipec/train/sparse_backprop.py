@@ -1,0 +1,251 @@
+"""Sparse training on CPU: pruned ``nn.Linear`` layers run forward and backward on SparseProp's
+AVX2 CSR kernels once their masks stop changing.
+
+Once a stage's last pruning step is behind it, its masks are fixed, and the remaining steps
+(the fine-tuning after pruning, or a whole sparse-transfer stage under a ``constant`` modifier)
+only ever multiply by the surviving weights. :class:`SparseBackprop` then swaps the forward of
+every pruned linear layer whose sparsity reaches ``min_sparsity`` for
+:class:`MaskedSparseLinear`, which computes
+
+- forward ``y = x W^T + b`` from the weight's values at the mask's nonzeros,
+- backward ``dL/dx = dL/dy W`` and ``dL/dW`` *at the mask's nonzeros only* (the rest is the
+  exact zero that the mask would have written into the gradient anyway),
+
+with the ``sparseprop`` package's kernels (Nikdan et al., ICML 2023). The parameter stays the
+model's dense ``weight`` tensor: the optimizer, its state, checkpoints, distillation and
+the exported model see nothing different, and the results equal the dense path's up to float
+rounding (tests/unit/test_sparse_backprop.py). Only the module instance's ``forward``
+attribute is replaced, so ``state_dict`` keys do not change; :meth:`SparseBackprop.remove`
+restores it, and the training loop always does so before the stage's finalize step.
+
+Not used: on CUDA, in distributed runs, or in stages with a ``cram`` modifier (it perturbs
+the weights densely). ``benchmarks/sparse_backprop.py`` measures the step-time gain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INSTALL_HINT = "pip install pybind11 && pip install --no-build-isolation sparseprop"
+# Measured on this project's CPU (benchmarks/sparse_backprop.py, docs): below ~90% zeros the
+# AVX2 CSR kernels lose to dense matmul on BERT shapes; at 90% they win 1.0-1.5x, at 95% 1.3-2.2x.
+DEFAULT_MIN_SPARSITY = 0.9
+
+
+class SparseBackpropError(RuntimeError):
+    """Sparse backprop asked for where it cannot run (kernel missing, wrong device)."""
+
+
+def backend():
+    """SparseProp's compiled module, or None when the package is not installed."""
+    from recipec.exporters.runtimes import sparseprop_backend
+
+    return sparseprop_backend()
+
+
+def require_backend():
+    found = backend()
+    if found is None:
+        raise SparseBackpropError(f"--sparse-backprop needs the sparseprop package ({INSTALL_HINT})")
+    return found
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The CSR pattern of one mask: row pointers and column indices (int32, for the kernel)
+    and the flat positions of the nonzeros in the dense weight (to gather values, scatter grads)."""
+
+    shape: tuple[int, int]
+    indptr: torch.Tensor
+    indices: torch.Tensor
+    flat: torch.Tensor
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> Layout:
+        mask = mask.detach().to(device="cpu", dtype=torch.bool)
+        rows, cols = mask.shape
+        flat = mask.reshape(-1).nonzero().reshape(-1)  # row-major: CSR order
+        counts = mask.sum(dim=1, dtype=torch.int64)
+        indptr = torch.zeros(rows + 1, dtype=torch.int64)
+        indptr[1:] = torch.cumsum(counts, 0)
+        return cls((rows, cols), indptr.to(torch.int32).contiguous(), (flat % cols).to(torch.int32).contiguous(), flat)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.flat.numel())
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nnz / (self.shape[0] * self.shape[1])
+
+
+def _transpose(x: torch.Tensor) -> torch.Tensor:
+    from recipec.exporters.runtimes import transpose_2d
+
+    return transpose_2d(x)
+
+
+class MaskedSparseLinear(torch.autograd.Function):
+    """``F.linear(x, weight * mask, bias)`` on SparseProp's CSR kernels; the weight gradient is
+    dense in shape and zero off the mask."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: Layout):
+        kernels = require_backend()
+        rows, cols = layout.shape
+        lead = x.shape[:-1]
+        xt = _transpose(x.detach().reshape(-1, cols).contiguous())  # [in, tokens]
+        values = weight.detach().reshape(-1)[layout.flat].contiguous()
+        out = torch.zeros(rows, xt.shape[1])  # the kernel accumulates into it
+        kernels.sparse_linear_vectorized_forward(
+            xt.numpy(), layout.indptr.numpy(), layout.indices.numpy(), values.numpy(), out.numpy()
+        )
+        y = _transpose(out)
+        if bias is not None:
+            y += bias.detach()
+        ctx.save_for_backward(xt, values)
+        ctx.layout = layout
+        ctx.x_shape = x.shape
+        ctx.has_bias = bias is not None
+        return y.reshape(*lead, rows)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        xt, values = ctx.saved_tensors
+        layout: Layout = ctx.layout
+        rows, cols = layout.shape
+        go = grad_out.reshape(-1, rows).contiguous().float()
+        got = _transpose(go)  # [out, tokens]
+        grad_xt = torch.zeros(cols, got.shape[1])  # accumulated into by the kernel
+        grad_values = torch.zeros(layout.nnz)
+        require_backend().sparse_linear_vectorized_backward(
+            xt.numpy(), layout.indptr.numpy(), layout.indices.numpy(), values.numpy(),
+            got.numpy(), grad_xt.numpy(), grad_values.numpy(),
+        )
+        grad_x = _transpose(grad_xt).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros(rows * cols).index_copy_(0, layout.flat, grad_values).reshape(rows, cols)
+        grad_b = go.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
+def _sparse_forward(module: nn.Linear, layout: Layout, x: torch.Tensor) -> torch.Tensor:
+    usable = (
+        x.device.type == "cpu" and x.dtype == torch.float32 and module.weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+    )
+    if not usable:  # e.g. a caller moved the model or autocasts: the dense layer is always right
+        return F.linear(x, module.weight, module.bias)
+    return MaskedSparseLinear.apply(x, module.weight, module.bias, layout)
+
+
+@dataclass(frozen=True)
+class SparseLayer:
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+
+
+class SparseBackprop:
+    """Swaps the forward of pruned linear layers for :class:`MaskedSparseLinear`.
+
+    ``masks`` maps weight names (``...dense.weight``) to boolean masks (True = keep), as
+    :class:`recipec.modifiers.base.MaskState` holds them; ``version`` is its change counter.
+    :meth:`refresh` (re)builds the layouts when the masks changed since the last call, and
+    uses the sparse kernel for each linear layer at ``min_sparsity`` or more; :meth:`remove`
+    puts every layer back. A dense ``nn.Linear`` whose weight has a mask is the only kind of
+    layer touched; anything else named in the masks keeps its dense path.
+    """
+
+    def __init__(self, model: nn.Module, min_sparsity: float = DEFAULT_MIN_SPARSITY):
+        if not 0.0 <= min_sparsity <= 1.0:
+            raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
+        require_backend()
+        self.model = model
+        self.min_sparsity = min_sparsity
+        self.layers: dict[str, SparseLayer] = {}
+        self._patched: dict[str, nn.Linear] = {}
+        self._version: int | None = None
+
+    def _linear_of(self, weight_name: str) -> nn.Linear | None:
+        owner, _, attr = weight_name.rpartition(".")
+        if attr != "weight":
+            return None
+        try:
+            module = self.model.get_submodule(owner)
+        except AttributeError:
+            return None
+        if type(module) is not nn.Linear or module.weight.device.type != "cpu":
+            return None
+        return module
+
+    def refresh(self, masks: Mapping[str, torch.Tensor], version: Any) -> bool:
+        """Use the sparse kernels for the masks as they are now (a no-op while ``version`` is the
+        one last seen); True when it (re)built the layers."""
+        if version == self._version:
+            return False
+        self._version = version
+        self.remove()
+        for name, mask in masks.items():
+            module = self._linear_of(name)
+            if module is None or mask.shape != module.weight.shape:
+                continue
+            layout = Layout.from_mask(mask)
+            if layout.sparsity < self.min_sparsity:
+                continue
+            module.forward = _bind(module, layout)
+            self._patched[name] = module
+            self.layers[name] = SparseLayer(name, layout.shape, layout.sparsity)
+        return True
+
+    def remove(self) -> None:
+        """Every patched layer back to its dense forward."""
+        for module in self._patched.values():
+            module.__dict__.pop("forward", None)
+        self._patched = {}
+        self.layers = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self._patched)
+
+    def describe(self, total: int) -> str:
+        """One line for the log: how many of ``total`` pruned tensors run sparse."""
+        if not self.layers:
+            return f"sparse backprop: none of the {total} pruned tensors is a linear layer at >= {100 * self.min_sparsity:.0f}% zeros; dense kernels"
+        spars = [layer.sparsity for layer in self.layers.values()]
+        return (
+            f"sparse backprop: {len(self.layers)} of {total} pruned tensors on SparseProp kernels "
+            f"({100 * min(spars):.1f}-{100 * max(spars):.1f}% zeros)"
+        )
+
+
+def _bind(module: nn.Linear, layout: Layout):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return _sparse_forward(module, layout, x)
+
+    return forward
+
+
+def masks_fixed_from(plan: Any) -> int | None:
+    """The first step of ``plan`` from which its masks never change again (pruning happens in
+    ``step_start``, before that step's forward), or None when the stage must stay dense: it has
+    a ``cram`` modifier, or a pruning step at its very end (run by ``finalize``)."""
+    if plan.by_type("cram"):
+        return None
+    last = 0
+    for mod in plan.modifiers:
+        if mod.pruning_steps:
+            last = max(last, max(mod.pruning_steps))
+        elif mod.type == "constant":
+            last = max(last, mod.window.start)
+    if last >= plan.total_steps:
+        return None
+    return last

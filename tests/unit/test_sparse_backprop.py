@@ -1,0 +1,232 @@
+"""Sparse backprop (SparseProp kernels once masks are fixed): the autograd function against
+F.linear, the layer swap, when a stage turns it on, and `recipec apply --sparse-backprop`
+against the same run on dense kernels."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from torch import nn
+
+from recipec.cli import main
+from recipec.plan import resolve
+from recipec.recipe.load import load_recipe_text
+from recipec.train import sparse_backprop as sbp
+
+needs_sparseprop = pytest.mark.skipif(
+    sbp.backend() is None, reason=f"the optional sparseprop package is not installed ({sbp.INSTALL_HINT})"
+)
+
+
+def _mask(shape, keep: float, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=gen) < keep
+
+
+def test_layout_is_the_csr_pattern_of_the_mask():
+    mask = torch.tensor([[1, 0, 0, 1], [0, 0, 0, 0], [0, 1, 1, 1]], dtype=torch.bool)
+    layout = sbp.Layout.from_mask(mask)
+    assert layout.indptr.tolist() == [0, 2, 2, 5]
+    assert layout.indices.tolist() == [0, 3, 1, 2, 3]
+    assert layout.flat.tolist() == [0, 3, 9, 10, 11]
+    assert layout.indptr.dtype == layout.indices.dtype == torch.int32
+    assert layout.nnz == 5 and layout.sparsity == 1 - 5 / 12
+    reference = mask.float().to_sparse_csr()
+    assert layout.indptr.tolist() == reference.crow_indices().tolist()
+    assert layout.indices.tolist() == reference.col_indices().tolist()
+
+
+@needs_sparseprop
+@pytest.mark.parametrize("x_shape", [(4, 8, 32), (5, 7, 32), (3, 32)])  # tokens a multiple of 16 or not
+@pytest.mark.parametrize("bias", [True, False])
+def test_function_matches_f_linear_on_the_masked_weight(x_shape, bias):
+    torch.manual_seed(0)
+    mask = _mask((48, 32), keep=0.15)
+    weight = (torch.randn(48, 32) * mask).requires_grad_()
+    b = torch.randn(48, requires_grad=True) if bias else None
+    x = torch.randn(*x_shape, requires_grad=True)
+    grad_out = torch.randn(*x_shape[:-1], 48)
+
+    y_ref = F.linear(x, weight, b)
+    gx_ref, gw_ref, *gb_ref = torch.autograd.grad(y_ref, [x, weight] + ([b] if bias else []), grad_out)
+    y = sbp.MaskedSparseLinear.apply(x, weight, b, sbp.Layout.from_mask(mask))
+    gx, gw, *gb = torch.autograd.grad(y, [x, weight] + ([b] if bias else []), grad_out)
+
+    assert y.shape == y_ref.shape
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, gw_ref * mask, rtol=1e-5, atol=1e-5)  # the dense path's masked gradient
+    assert torch.all(gw[~mask] == 0)  # exactly zero off the mask
+    if bias:
+        torch.testing.assert_close(gb[0], gb_ref[0], rtol=1e-5, atol=1e-5)
+
+
+@needs_sparseprop
+def test_function_ignores_weights_off_the_mask():
+    """The kernel reads only the mask's positions: what sits elsewhere has no effect."""
+    mask = _mask((16, 16), keep=0.2, seed=1)
+    weight = torch.randn(16, 16)
+    x = torch.randn(8, 16)
+    y = sbp.MaskedSparseLinear.apply(x, weight, None, sbp.Layout.from_mask(mask))
+    torch.testing.assert_close(y, F.linear(x, weight * mask), rtol=1e-5, atol=1e-5)
+
+
+class _Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(32, 32)
+        self.b = nn.Linear(32, 16)
+        self.c = nn.Linear(16, 16)
+        self.emb = nn.Embedding(10, 32)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+@needs_sparseprop
+def test_refresh_swaps_exactly_the_linear_layers_at_the_threshold_and_remove_restores_them():
+    torch.manual_seed(0)
+    model = _Two()
+    masks = {"a.weight": _mask((32, 32), keep=0.5), "b.weight": _mask((16, 32), keep=0.08),
+             "c.weight": torch.ones(16, 16, dtype=torch.bool), "emb.weight": _mask((10, 32), keep=0.01)}
+    masks["c.weight"][:, 1:] = False  # 1 of 16 kept per row: 93.75% zeros
+    with torch.no_grad():
+        for name, mask in masks.items():
+            model.get_parameter(name).mul_(mask)
+    keys = list(model.state_dict())
+    x = torch.randn(4, 32)
+    dense = model(x)
+
+    kernels = sbp.SparseBackprop(model, min_sparsity=0.9)
+    assert kernels.refresh(masks, version=1)
+    assert sorted(kernels.layers) == ["b.weight", "c.weight"]  # not a (50%), not the embedding
+    assert "forward" in model.b.__dict__ and "forward" in model.c.__dict__ and "forward" not in model.a.__dict__
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(model(x), dense, rtol=1e-5, atol=1e-5)
+    assert not kernels.refresh(masks, version=1)  # same masks: nothing rebuilt
+    masks["a.weight"] = masks["a.weight"] & _mask((32, 32), keep=0.1, seed=3)
+    assert kernels.refresh(masks, version=2)
+    assert sorted(kernels.layers) == ["a.weight", "b.weight", "c.weight"]
+    kernels.remove()
+    assert not kernels.active
+    assert all("forward" not in m.__dict__ for m in (model.a, model.b, model.c))
+
+
+def _plan(text: str, steps_per_epoch: int = 10):
+    return resolve(load_recipe_text(text), steps_per_epoch)[0]
+
+
+@pytest.mark.parametrize("modifiers, expected", [
+    ("[{type: gmp, init_sparsity: 0.3, final_sparsity: 0.9, start_epoch: 1, end_epoch: 2, update_every_steps: 2}]", 20),
+    ("[{type: constant, start_epoch: 0.5}]", 5),
+    ("[{type: lr, schedule: linear, init_lr: 1e-3, final_lr: 0}]", 0),  # masks carried from an earlier stage
+    ("[{type: gmp, init_sparsity: 0.3, final_sparsity: 0.9, start_epoch: 1, end_epoch: 3, update_every_steps: 5}]", None),
+    ("[{type: cram, sparsities: [0.5, 0.7]}]", None),
+])
+def test_masks_fixed_from(modifiers, expected):
+    plan = _plan(f"training: {{epochs: 3}}\nmodifiers: {modifiers}\n")
+    assert sbp.masks_fixed_from(plan) == expected
+
+
+RECIPE = """\
+training: {epochs: 3, batch_size: 16, learning_rate: 1e-3, max_seq_length: 32, seed: 1}
+modifiers:
+  - {type: gmp, init_sparsity: 0.5, final_sparsity: 0.92, start_epoch: 0, end_epoch: 1, update_every_steps: 5}
+"""
+
+
+def _apply(recipe, model, out, *extra):
+    args = ["apply", str(recipe), "--model", str(model), "--max-train", 160, "--max-eval", 48, "--output", str(out),
+            "--quiet", *extra]
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@needs_sparseprop
+def test_apply_with_sparse_backprop_matches_the_dense_kernels(tiny_model_dir, tmp_path, monkeypatch):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    dense = _apply(recipe, tiny_model_dir, tmp_path / "dense")
+    assert dense.exit_code == 0, dense.output
+    calls = []
+    original = sbp.MaskedSparseLinear.forward
+
+    def counted(ctx, *args):
+        calls.append(1)
+        return original(ctx, *args)
+
+    monkeypatch.setattr(sbp.MaskedSparseLinear, "forward", staticmethod(counted))
+    sparse = _apply(recipe, tiny_model_dir, tmp_path / "sparse", "--sparse-backprop")
+    assert sparse.exit_code == 0, sparse.output
+
+    report = json.loads((tmp_path / "sparse" / "report.json").read_text())
+    used = report["stages"][0]["sparse_backprop"]
+    assert used == {"min_sparsity": 0.9, "from_step": 10, "layers": 12}  # the last pruning step; 12 linears
+    # 20 training steps x 12 layers, plus the evaluation forwards after step 10 until finalize
+    assert len(calls) >= 20 * 12
+    assert "Sparse backprop: 12 linear layers" in (tmp_path / "sparse" / "report.md").read_text()
+    a = load_file(str(tmp_path / "dense" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "sparse" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max(float((b[name] - a[name]).abs().max()) for name in a)
+    assert worst < 1e-7, worst  # float rounding only (a bias off by 0.1% moves them by 2e-7)
+    masks_a = load_file(str(tmp_path / "dense" / "model" / "masks.safetensors"))
+    masks_b = load_file(str(tmp_path / "sparse" / "model" / "masks.safetensors"))
+    assert masks_a.keys() == masks_b.keys() and len(masks_a) == 12
+    for name, mask in masks_b.items():
+        assert torch.equal(mask, masks_a[name]), name
+        assert torch.equal(b[name] == 0, mask == 0), name  # exact zeros where pruned, nowhere else
+    losses = [[json.loads(line).get("loss") for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("dense", "sparse")]
+    assert len(losses[0]) == len(losses[1])
+    for la, lb in zip(*losses):
+        assert (la is None) == (lb is None) and (la is None or abs(la - lb) < 1e-6)
+
+
+@needs_sparseprop
+def test_a_threshold_above_every_layer_keeps_dense_kernels_and_says_so(tiny_model_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    result = _apply(recipe, tiny_model_dir, tmp_path / "run", "--sparse-backprop-min", 0.99)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["stages"][0]["sparse_backprop"] == {"min_sparsity": 0.99, "from_step": 10, "layers": 0}
+    assert "no pruned linear layer at >= 99% zeros" in (tmp_path / "run" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sparse-backprop", "--device", "cuda"], "drop --device cuda"),
+    (["--sparse-backprop-min", "1.5"], "1.5 is not in the range"),
+])
+def test_bad_sparse_backprop_options(tiny_model_dir, tmp_path, extra, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    result = _apply(recipe, tiny_model_dir, tmp_path / "run", *extra)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_sparse_backprop_without_the_package_names_the_install(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(sbp, "backend", lambda: None)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    result = _apply(recipe, tiny_model_dir, tmp_path / "run", "--sparse-backprop")
+    assert result.exit_code == 2 and "pip install --no-build-isolation sparseprop" in result.output, result.output
+    assert not (tmp_path / "run").exists()
+
+
+@needs_sparseprop
+def test_the_benchmark_runs_end_to_end_on_a_tiny_model(load_benchmark, tmp_path):
+    bench = load_benchmark("sparse_backprop")
+    code = bench.main(["--model", "tiny", "--sparsities", "0.9", "--rounds", "1", "--block", "1", "--warmup", "1",
+                       "--batch-size", "4", "--seq-len", "32", "--out", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "sparse_backprop.json").read_text())
+    (row,) = report["results"]
+    assert row["sparse_layers"] == row["pruned_tensors"] == 12
+    assert row["max_weight_difference"] < 1e-6  # same batches, same dropout: rounding only
+    assert row["speedup"] > 0 and "| 90% | 12 of 12 |" in (tmp_path / "sparse_backprop.md").read_text()
