@@ -21,7 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from recipec.exporters.checkpoint import MASKS_FILE, load_masks, load_model
+from recipec.exporters.checkpoint import (
+    MASKS_FILE,
+    CheckpointError,
+    load_masks,
+    load_model,
+    resolve_model_dir,
+)
 from recipec.exporters.onnx_export import (
     ONNX_FILE,
     export,
@@ -241,8 +247,21 @@ def dense_twin_torch(
 # --------------------------------------------------------------------------------------
 
 
-def resolve_folder(path: str | Path, workdir: Path, log) -> Path:
-    """A deployment folder for ``path``: itself, ``path/onnx``, or a fresh verified export."""
+def check_seq_len(folder: Path, seq_len: int):
+    """The model config in ``folder``; refuses a ``seq_len`` longer than the model takes."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(folder))
+    positions = max_sequence_length(config)
+    if positions is not None and seq_len > positions:
+        raise BenchError(f"--seq-len {seq_len} is longer than this model takes ({positions} tokens, "
+                         f"max_position_embeddings in {folder / 'config.json'})")
+    return config
+
+
+def resolve_folder(path: str | Path, workdir: Path, log, seq_len: int | None = None) -> Path:
+    """A deployment folder for ``path``: itself, ``path/onnx``, or a fresh verified export
+    (with ``seq_len``, checked against the checkpoint's config before exporting)."""
     path = Path(path)
     if not path.exists():
         raise BenchError(f"{path}: no such file or directory")
@@ -252,6 +271,13 @@ def resolve_folder(path: str | Path, workdir: Path, log) -> Path:
         return path / "onnx"
     if path.is_file():
         raise BenchError(f"{path}: expected a deployment folder (recipec export) or a checkpoint")
+    if seq_len is not None:  # a too-long --seq-len fails before the export, not after it
+        try:
+            model_dir, _ = resolve_model_dir(path)
+        except CheckpointError:
+            model_dir = None  # export() says what is wrong with it
+        if model_dir is not None:
+            check_seq_len(model_dir, seq_len)
     log(f"{path} is not an exported folder: exporting it first")
     return export(path, workdir / "onnx", log=log).output_dir
 
@@ -312,20 +338,14 @@ def bench(
     }
     with tempfile.TemporaryDirectory(prefix="recipec-bench-") as tmp:
         workdir = Path(tmp)
-        folder = resolve_folder(path, workdir, log)
+        folder = resolve_folder(path, workdir, log, seq_len)
         info = read_sparsity(folder)
         task, names = info["task"], info["inputs"]
         report.update(model=str(path), folder=str(folder), task=task,
                       sparsity=info["overall"]["sparsity"])
         onnx_sparse = folder / ONNX_FILE
         onnx_dense = dense_twin_onnx(folder, workdir / "dense.onnx") if dense_baseline else None
-        import transformers
-
-        config = transformers.AutoConfig.from_pretrained(str(folder))
-        positions = max_sequence_length(config)
-        if positions is not None and seq_len > positions:
-            raise BenchError(f"--seq-len {seq_len} is longer than this model takes ({positions} tokens, "
-                             f"max_position_embeddings in {folder / 'config.json'})")
+        config = check_seq_len(folder, seq_len)
         active = list(runtimes)
 
         worker = None

@@ -383,7 +383,16 @@ def _never_trained(out: Path) -> bool:
     if "run.json" not in names or not names <= {"run.json", "recipe.yaml", "metrics.jsonl"}:
         return False
     metrics = out / "metrics.jsonl"
-    return not metrics.is_file() or '"loss"' not in metrics.read_text(errors="replace")
+    if not metrics.is_file():
+        return True
+    for line in metrics.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return False  # not what a run writes: leave it alone
+        if not isinstance(record, dict) or "loss" in record:
+            return False
+    return True
 
 
 def _check_output(config: RunConfig, out: Path, run_json: Path, asked: dict[str, Any],

@@ -128,6 +128,22 @@ def test_a_run_that_failed_before_training_is_replaced_without_overwrite(recipe_
     assert result.exit_code == 2 and "--resume" in result.output
 
 
+@pytest.mark.parametrize("lines, fresh", [
+    (None, True),
+    ([], True),
+    (['{"stage": "loss-sweep", "step": 0, "eval_accuracy": 0.5}'], True),  # "loss" only inside a value
+    (['{"stage": "main", "step": 1, "loss": 0.7, "lr": 1e-3}'], False),
+    (["my own notes"], False),
+])
+def test_never_trained_reads_the_metrics_records(tmp_path, lines, fresh):
+    from recipec.train.run import _never_trained
+
+    (tmp_path / "run.json").write_text("{}")
+    if lines is not None:
+        (tmp_path / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    assert _never_trained(tmp_path) is fresh
+
+
 def test_a_failed_start_with_the_users_files_is_not_reused(recipe_file, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     base = ["--model", tiny_model_dir, "--max-train", 32, "--max-eval", 16, "--output", out]

@@ -92,6 +92,14 @@ def test_bench_user_errors_exit_2(folder, args, message):
     assert message in res.output and "Traceback" not in res.output
 
 
+def test_bench_a_checkpoint_checks_the_seq_len_before_exporting(folder):
+    res = CliRunner().invoke(main, ["bench", str(folder.parent / "model"), "--runtime", "ort",
+                                    "--batch-sizes", "1", "--seq-len", "65", "--repeats", "1"])
+    assert res.exit_code == 2, res.output
+    assert "--seq-len 65 is longer than this model takes (64 tokens" in res.output
+    assert "exporting it first" not in res.output
+
+
 def test_bench_missing_path_exit_2(tmp_path):
     res = CliRunner().invoke(main, ["bench", str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "no such file" in res.output
