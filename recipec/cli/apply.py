@@ -31,9 +31,9 @@ from recipec.cli._common import fail, load_or_exit, set_option
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None,
               help="Checkpoint every N optimizer steps (default: training.checkpoint_every_steps or ~10 per stage).")
 @click.option("--sparse-backprop", is_flag=True,
-              help="Once a stage's masks stop changing, run pruned linear layers at >= --sparse-backprop-min zeros "
-              "forward and backward on SparseProp's CPU kernels (needs the sparseprop package; same results up to "
-              "float rounding).")
+              help="Between mask changes, run pruned linear layers at >= --sparse-backprop-min zeros forward and "
+              "backward on SparseProp's CPU kernels (needs the sparseprop package; same results up to float "
+              "rounding).")
 @click.option("--sparse-backprop-min", type=click.FloatRange(0.0, 1.0), default=None,
               help="Least sparsity of a layer for --sparse-backprop (default 0.9: below it dense kernels are faster "
               "here). Implies --sparse-backprop.")

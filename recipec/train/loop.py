@@ -312,12 +312,11 @@ def train_stage(
                 weight = getattr(batch, "weight", 1.0)
                 batch = to_device(batch, device)
                 if program is not None:
+                    if sparse is not None and step in sparse.change_steps:
+                        sparse.kernels.remove()  # pruners (oBERT's gradients) see the dense layers
                     program.step_start(step)
-                    if sparse is not None and step >= sparse.first_step:
-                        if sparse.kernels.refresh(program.masks.masks, program.masks.version):
-                            sparse.started(step)
-                            program.ctx.log(f"stage {plan.name!r}: step {step}: "
-                                            + sparse.kernels.describe(len(program.masks.masks)))
+                    if sparse is not None:
+                        sparse.refresh(step, program)
                 if program is None or not program.owns_lr:
                     set_lr(optimizer, plan.lr_at(step))
                 with dist_utils.collective(f"stage {plan.name!r} step {step}: forward"):
@@ -383,14 +382,21 @@ def train_stage(
 @dataclass
 class _SparseStage:
     kernels: Any  # recipec.train.sparse_backprop.SparseBackprop
-    first_step: int  # masks are fixed from here on
-    from_step: int | None = None  # the step the kernels were first used on (this session)
-    layers: int = 0
+    change_steps: frozenset[int]  # steps whose step_start may change masks
+    from_step: int | None = None  # the first step (of this session) with a layer on the kernels
+    layers: int = 0  # layers on the kernels after the last rebuild
 
-    def started(self, step: int) -> None:
-        if self.from_step is None:
+    def refresh(self, step: int, program: Program) -> None:
+        """Rebuild the kernels if the masks changed; log when the number of sparse layers does."""
+        if not self.kernels.refresh(program.masks.masks, program.masks.version):
+            return
+        count = len(self.kernels.layers)
+        if count and self.from_step is None:
             self.from_step = step
-        self.layers = len(self.kernels.layers)
+        if count != self.layers:
+            program.ctx.log(f"stage {program.plan.name!r}: step {step}: "
+                            + self.kernels.describe(len(program.masks.masks)))
+        self.layers = count
 
     def record(self) -> dict[str, Any]:
         return {"min_sparsity": self.kernels.min_sparsity, "from_step": self.from_step, "layers": self.layers}
@@ -408,15 +414,14 @@ def _sparse_kernels(min_sparsity: float | None, model: nn.Module, program: Progr
 
     if torch.device(device).type != "cpu" or world > 1:
         raise sbp.SparseBackpropError("sparse backprop runs on CPU in a single process (not with --device cuda or torchrun)")
-    first = sbp.masks_fixed_from(plan)
-    if first is None:
-        why = "it has a cram modifier" if plan.by_type("cram") else "it prunes at its last step"
-        program.ctx.log(f"stage {plan.name!r}: sparse backprop off: {why}")
+    change_steps = sbp.mask_change_steps(plan)
+    if change_steps is None:
+        program.ctx.log(f"stage {plan.name!r}: sparse backprop off: a cram modifier perturbs the dense weights")
         yield None
         return
     kernels = sbp.SparseBackprop(model, min_sparsity)
     try:
-        yield _SparseStage(kernels, first)
+        yield _SparseStage(kernels, change_steps)
     finally:
         kernels.remove()
 

@@ -163,11 +163,9 @@ def _wall_time(report: dict[str, Any]) -> str:
 def _sparse_line(sparse: dict[str, Any]) -> str:
     least = f">= {100 * sparse['min_sparsity']:.0f}% zeros"
     if sparse.get("from_step") is None:
-        return f"Sparse backprop: not used (the masks never stopped changing before the stage ended, or no layer at {least})."
-    if not sparse["layers"]:
-        return f"Sparse backprop: no pruned linear layer at {least}; dense kernels throughout."
-    return (f"Sparse backprop: {sparse['layers']} linear layers at {least} ran forward and backward on SparseProp "
-            f"kernels from step {sparse['from_step']}.")
+        return f"Sparse backprop: no pruned linear layer reached {least}; dense kernels throughout."
+    return (f"Sparse backprop: from step {sparse['from_step']}, pruned linear layers with {least} ran forward and "
+            f"backward on SparseProp kernels between mask changes ({sparse['layers']} at the end of the stage).")
 
 
 def _markdown(report: dict[str, Any]) -> str:

@@ -1,11 +1,10 @@
 """Sparse training on CPU: pruned ``nn.Linear`` layers run forward and backward on SparseProp's
-AVX2 CSR kernels once their masks stop changing.
+AVX2 CSR kernels between mask changes.
 
-Once a stage's last pruning step is behind it, its masks are fixed, and the remaining steps
-(the fine-tuning after pruning, or a whole sparse-transfer stage under a ``constant`` modifier)
-only ever multiply by the surviving weights. :class:`SparseBackprop` then swaps the forward of
-every pruned linear layer whose sparsity reaches ``min_sparsity`` for
-:class:`MaskedSparseLinear`, which computes
+Between two pruning steps (and after the last one, or through a sparse-transfer stage under a
+``constant`` modifier) the masks are fixed, and training only ever multiplies by the surviving
+weights. :class:`SparseBackprop` then swaps the forward of every pruned linear layer whose
+sparsity reaches ``min_sparsity`` for :class:`MaskedSparseLinear`, which computes
 
 - forward ``y = x W^T + b`` from the weight's values at the mask's nonzeros,
 - backward ``dL/dx = dL/dy W`` and ``dL/dW`` *at the mask's nonzeros only* (the rest is the
@@ -16,7 +15,9 @@ model's dense ``weight`` tensor: the optimizer, its state, checkpoints, distilla
 the exported model see nothing different, and the results equal the dense path's up to float
 rounding (tests/unit/test_sparse_backprop.py). Only the module instance's ``forward``
 attribute is replaced, so ``state_dict`` keys do not change; :meth:`SparseBackprop.remove`
-restores it, and the training loop always does so before the stage's finalize step.
+restores it. The training loop removes the kernels before every step that may change masks
+(so pruners, and oBERT's gradient collection, see the dense layers), rebuilds them after it,
+and removes them before the stage's finalize and whenever the stage ends.
 
 Not used: on CUDA, in distributed runs, or in stages with a ``cram`` modifier (it perturbs
 the weights densely). ``benchmarks/sparse_backprop.py`` measures the step-time gain.
@@ -191,8 +192,8 @@ class SparseBackprop:
         one last seen); True when it (re)built the layers."""
         if version == self._version:
             return False
-        self._version = version
         self.remove()
+        self._version = version
         for name, mask in masks.items():
             module = self._linear_of(name)
             if module is None or mask.shape != module.weight.shape:
@@ -206,11 +207,12 @@ class SparseBackprop:
         return True
 
     def remove(self) -> None:
-        """Every patched layer back to its dense forward."""
+        """Every patched layer back to its dense forward (the next :meth:`refresh` rebuilds)."""
         for module in self._patched.values():
             module.__dict__.pop("forward", None)
         self._patched = {}
         self.layers = {}
+        self._version = None
 
     @property
     def active(self) -> bool:
@@ -234,18 +236,15 @@ def _bind(module: nn.Linear, layout: Layout):
     return forward
 
 
-def masks_fixed_from(plan: Any) -> int | None:
-    """The first step of ``plan`` from which its masks never change again (pruning happens in
-    ``step_start``, before that step's forward), or None when the stage must stay dense: it has
-    a ``cram`` modifier, or a pruning step at its very end (run by ``finalize``)."""
+def mask_change_steps(plan: Any) -> frozenset[int] | None:
+    """The steps of ``plan`` whose ``step_start`` may change masks (pruning steps, a ``constant``
+    modifier's start), or None when the stage must stay on dense kernels: it has a ``cram``
+    modifier, which perturbs and prunes its own dense copies of the weights every step."""
     if plan.by_type("cram"):
         return None
-    last = 0
+    steps: set[int] = set()
     for mod in plan.modifiers:
-        if mod.pruning_steps:
-            last = max(last, max(mod.pruning_steps))
-        elif mod.type == "constant":
-            last = max(last, mod.window.start)
-    if last >= plan.total_steps:
-        return None
-    return last
+        steps.update(mod.pruning_steps)
+        if mod.type == "constant":
+            steps.add(mod.window.start)
+    return frozenset(steps)

@@ -124,15 +124,17 @@ def _plan(text: str, steps_per_epoch: int = 10):
 
 
 @pytest.mark.parametrize("modifiers, expected", [
-    ("[{type: gmp, init_sparsity: 0.3, final_sparsity: 0.9, start_epoch: 1, end_epoch: 2, update_every_steps: 2}]", 20),
-    ("[{type: constant, start_epoch: 0.5}]", 5),
-    ("[{type: lr, schedule: linear, init_lr: 1e-3, final_lr: 0}]", 0),  # masks carried from an earlier stage
-    ("[{type: gmp, init_sparsity: 0.3, final_sparsity: 0.9, start_epoch: 1, end_epoch: 3, update_every_steps: 5}]", None),
+    ("[{type: gmp, init_sparsity: 0.3, final_sparsity: 0.9, start_epoch: 1, end_epoch: 2, update_every_steps: 2}]",
+     {10, 12, 14, 16, 18, 20}),
+    ("[{type: constant, start_epoch: 0.5}]", {5}),
+    ("[{type: lr, schedule: linear, init_lr: 1e-3, final_lr: 0}]", set()),  # masks carried from an earlier stage
+    ("[{type: gmp, init_sparsity: 0.3, final_sparsity: 0.9, start_epoch: 2, end_epoch: 3, update_every_steps: 5}]",
+     {20, 25, 30}),  # the last one at the stage's end (finalize)
     ("[{type: cram, sparsities: [0.5, 0.7]}]", None),
 ])
-def test_masks_fixed_from(modifiers, expected):
+def test_mask_change_steps(modifiers, expected):
     plan = _plan(f"training: {{epochs: 3}}\nmodifiers: {modifiers}\n")
-    assert sbp.masks_fixed_from(plan) == expected
+    assert sbp.mask_change_steps(plan) == (None if expected is None else frozenset(expected))
 
 
 RECIPE = """\
@@ -140,6 +142,8 @@ training: {epochs: 3, batch_size: 16, learning_rate: 1e-3, max_seq_length: 32, s
 modifiers:
   - {type: gmp, init_sparsity: 0.5, final_sparsity: 0.92, start_epoch: 0, end_epoch: 1, update_every_steps: 5}
 """
+# Every layer at >= 90% from the first pruning step: the kernels run between pruning steps too.
+EARLY = RECIPE.replace("init_sparsity: 0.5", "init_sparsity: 0.9").replace("0.92", "0.95")
 
 
 def _apply(recipe, model, out, *extra):
@@ -149,9 +153,10 @@ def _apply(recipe, model, out, *extra):
 
 
 @needs_sparseprop
-def test_apply_with_sparse_backprop_matches_the_dense_kernels(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("text, from_step", [(RECIPE, 10), (EARLY, 0)])
+def test_apply_with_sparse_backprop_matches_the_dense_kernels(tiny_model_dir, tmp_path, monkeypatch, text, from_step):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(RECIPE)
+    recipe.write_text(text)
     dense = _apply(recipe, tiny_model_dir, tmp_path / "dense")
     assert dense.exit_code == 0, dense.output
     calls = []
@@ -167,10 +172,10 @@ def test_apply_with_sparse_backprop_matches_the_dense_kernels(tiny_model_dir, tm
 
     report = json.loads((tmp_path / "sparse" / "report.json").read_text())
     used = report["stages"][0]["sparse_backprop"]
-    assert used == {"min_sparsity": 0.9, "from_step": 10, "layers": 12}  # the last pruning step; 12 linears
-    # 20 training steps x 12 layers, plus the evaluation forwards after step 10 until finalize
-    assert len(calls) >= 20 * 12
-    assert "Sparse backprop: 12 linear layers" in (tmp_path / "sparse" / "report.md").read_text()
+    assert used == {"min_sparsity": 0.9, "from_step": from_step, "layers": 12}  # all 12 linears at the end
+    # every training step from there x 12 layers, plus the evaluation forwards
+    assert len(calls) >= (30 - from_step) * 12
+    assert f"Sparse backprop: from step {from_step}," in (tmp_path / "sparse" / "report.md").read_text()
     a = load_file(str(tmp_path / "dense" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "sparse" / "model" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -201,8 +206,31 @@ def test_a_threshold_above_every_layer_keeps_dense_kernels_and_says_so(tiny_mode
     result = _apply(recipe, tiny_model_dir, tmp_path / "run", "--sparse-backprop-min", 0.99)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["stages"][0]["sparse_backprop"] == {"min_sparsity": 0.99, "from_step": 10, "layers": 0}
-    assert "no pruned linear layer at >= 99% zeros" in (tmp_path / "run" / "report.md").read_text()
+    assert report["stages"][0]["sparse_backprop"] == {"min_sparsity": 0.99, "from_step": None, "layers": 0}
+    assert "no pruned linear layer reached >= 99% zeros" in (tmp_path / "run" / "report.md").read_text()
+
+
+@needs_sparseprop
+def test_pruning_steps_and_obert_gradients_see_the_dense_layers(tiny_model_dir, tmp_path, monkeypatch):
+    from recipec.modifiers.pruning import OBertModifier
+
+    seen = []
+    original = OBertModifier.compute
+
+    def compute(self, step, sparsity):
+        patched = [n for n, m in self.ctx.model.named_modules() if "forward" in m.__dict__]
+        seen.append((step, patched))
+        return original(self, step, sparsity)
+
+    monkeypatch.setattr(OBertModifier, "compute", compute)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(EARLY.replace("type: gmp", "type: obert, num_grads: 4, grad_batch_size: 4, fisher_block_size: 8"))
+    result = _apply(recipe, tiny_model_dir, tmp_path / "run", "--sparse-backprop")
+    assert result.exit_code == 0, result.output
+    assert [step for step, _ in seen] == [0, 5, 10]
+    assert all(patched == [] for _, patched in seen), seen
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["stages"][0]["sparse_backprop"] == {"min_sparsity": 0.9, "from_step": 0, "layers": 12}
 
 
 @pytest.mark.parametrize("extra, message", [
