@@ -247,15 +247,23 @@ def dense_twin_torch(
 # --------------------------------------------------------------------------------------
 
 
-def check_seq_len(folder: Path, seq_len: int):
-    """The model config in ``folder``; refuses a ``seq_len`` longer than the model takes."""
+def _read_config(folder: Path):
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(str(folder))
+    return transformers.AutoConfig.from_pretrained(str(folder))
+
+
+def _check_positions(config, folder: Path, seq_len: int) -> None:
     positions = max_sequence_length(config)
     if positions is not None and seq_len > positions:
         raise BenchError(f"--seq-len {seq_len} is longer than this model takes ({positions} tokens, "
                          f"max_position_embeddings in {folder / 'config.json'})")
+
+
+def check_seq_len(folder: Path, seq_len: int):
+    """The model config in ``folder``; refuses a ``seq_len`` longer than the model takes."""
+    config = _read_config(folder)
+    _check_positions(config, folder, seq_len)
     return config
 
 
@@ -274,10 +282,11 @@ def resolve_folder(path: str | Path, workdir: Path, log, seq_len: int | None = N
     if seq_len is not None:  # a too-long --seq-len fails before the export, not after it
         try:
             model_dir, _ = resolve_model_dir(path)
-        except CheckpointError:
-            model_dir = None  # export() says what is wrong with it
-        if model_dir is not None:
-            check_seq_len(model_dir, seq_len)
+            config = _read_config(model_dir)
+        except (CheckpointError, OSError, ValueError):
+            config = None  # export() says what is wrong with the checkpoint
+        if config is not None:
+            _check_positions(config, model_dir, seq_len)
     log(f"{path} is not an exported folder: exporting it first")
     return export(path, workdir / "onnx", log=log).output_dir
 

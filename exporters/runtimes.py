@@ -188,7 +188,7 @@ def transpose_2d(x: torch.Tensor) -> torch.Tensor:
         and x.dtype == torch.float32
         and x.is_contiguous()
     ):
-        out = torch.empty(cols, rows)
+        out = torch.empty(cols, rows, dtype=torch.float32)
         backend.transpose(x.numpy(), out.numpy(), _TRANSPOSE_BLOCK)
         return out
     return x.t().contiguous()

@@ -49,7 +49,7 @@ def command(recipe, model, task, data, teacher, output, overrides, resume, overw
       recipec apply recipes/downstream_gmp_90.yaml --model roberta-large --task glue/sst2 --device cuda
       recipec apply recipes/quickstart.yaml --resume        # after Ctrl-C or a crash
       torchrun --nproc_per_node 4 --no-python recipec apply recipes/quickstart.yaml --device cuda
-      recipec apply recipes/downstream_gmp_90.yaml --sparse-backprop   # CPU, pip install sparseprop
+      recipec apply recipes/downstream_gmp_90.yaml --sparse-backprop   # CPU; needs sparseprop (see README)
 
     Under torchrun / accelerate launch every process trains a shard of each global batch
     (DDP); only rank 0 prints and writes. See docs/distributed.md.

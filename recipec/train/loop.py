@@ -290,6 +290,8 @@ def train_stage(
     model.train()
     final_eval = None
     with _SigintFlag() as sigint, _sparse_kernels(sparse_backprop, model, program, plan, device, world) as sparse:
+        if sparse is not None:
+            sparse.resumed = resume_state is not None
         if total == 0 and program is not None and resume_state is None:  # prune-only: one-shot, no optimizer step
             run_eval(0, eval_before)  # the model as it came, to compare with after pruning
             program.step_start(0)
@@ -385,6 +387,7 @@ class _SparseStage:
     change_steps: frozenset[int]  # steps whose step_start may change masks
     from_step: int | None = None  # the first step (of this session) with a layer on the kernels
     layers: int = 0  # layers on the kernels after the last rebuild
+    resumed: bool = False  # the stage started in an earlier session: from_step is this session's
 
     def refresh(self, step: int, program: Program) -> None:
         """Rebuild the kernels if the masks changed; log when the number of sparse layers does."""
@@ -399,7 +402,8 @@ class _SparseStage:
         self.layers = count
 
     def record(self) -> dict[str, Any]:
-        return {"min_sparsity": self.kernels.min_sparsity, "from_step": self.from_step, "layers": self.layers}
+        record = {"min_sparsity": self.kernels.min_sparsity, "from_step": self.from_step, "layers": self.layers}
+        return dict(record, resumed=True) if self.resumed else record
 
 
 @contextlib.contextmanager
@@ -407,7 +411,7 @@ def _sparse_kernels(min_sparsity: float | None, model: nn.Module, program: Progr
                     device: str, world: int) -> Iterator[_SparseStage | None]:
     """The stage's sparse-backprop kernels (None when not asked for or not usable in this stage);
     every layer is back on its dense forward when the block ends, however it ends."""
-    if min_sparsity is None or program is None:
+    if min_sparsity is None or program is None or plan.total_steps == 0:  # prune-only: no step to speed up
         yield None
         return
     from recipec.train import sparse_backprop as sbp

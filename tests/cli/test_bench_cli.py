@@ -100,6 +100,19 @@ def test_bench_a_checkpoint_checks_the_seq_len_before_exporting(folder):
     assert "exporting it first" not in res.output
 
 
+@pytest.mark.parametrize("config", ['{"model_type": "no_such_architecture"}', "{not json"])
+def test_bench_a_checkpoint_with_a_broken_config_is_a_clear_error(folder, tmp_path, config):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folder.parent / "model", broken)
+    (broken / "config.json").write_text(config)
+    res = CliRunner().invoke(main, ["bench", str(broken), "--runtime", "ort", "--batch-sizes", "1",
+                                    "--seq-len", "16", "--repeats", "1"])
+    assert res.exit_code == 2, res.output
+    assert "config.json" in res.output and "Traceback" not in res.output
+
+
 def test_bench_missing_path_exit_2(tmp_path):
     res = CliRunner().invoke(main, ["bench", str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "no such file" in res.output

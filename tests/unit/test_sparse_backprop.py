@@ -119,6 +119,48 @@ def test_refresh_swaps_exactly_the_linear_layers_at_the_threshold_and_remove_res
     assert all("forward" not in m.__dict__ for m in (model.a, model.b, model.c))
 
 
+@needs_sparseprop
+def test_double_backward_raises_instead_of_returning_constants():
+    mask = _mask((16, 16), keep=0.1)
+    weight = (torch.randn(16, 16) * mask).requires_grad_()
+    x = torch.randn(4, 16, requires_grad=True)
+    y = sbp.MaskedSparseLinear.apply(x, weight, None, sbp.Layout.from_mask(mask))
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
+@needs_sparseprop
+def test_a_layer_with_someone_elses_forward_is_left_alone():
+    model = _Two()
+    foreign = model.b.forward
+    model.b.forward = foreign  # e.g. an accelerate hook
+    kernels = sbp.SparseBackprop(model, min_sparsity=0.5)
+    kernels.refresh({"b.weight": _mask((16, 32), keep=0.05), "c.weight": _mask((16, 16), keep=0.05)}, version=1)
+    assert sorted(kernels.layers) == ["c.weight"]
+    kernels.remove()
+    assert model.b.__dict__["forward"] is foreign and "forward" not in model.c.__dict__
+
+
+@needs_sparseprop
+def test_the_loop_removes_the_kernels_however_the_stage_ends(tiny_bert):
+    import recipec
+    from recipec.train.loop import _sparse_kernels
+
+    text = "training: {epochs: 1}\nmodifiers:\n  - {type: gmp, init_sparsity: 0.95, final_sparsity: 0.95, start_step: 0, end_step: 0}\n"
+    program = recipec.compile(load_recipe_text(text), tiny_bert, torch.optim.AdamW(tiny_bert.parameters()), 10)
+    with pytest.raises(RuntimeError, match="boom"):
+        with _sparse_kernels(0.9, tiny_bert, program, program.plan, "cpu", 1) as sparse:
+            program.step_start(0)
+            sparse.refresh(0, program)
+            assert sum("forward" in m.__dict__ for m in tiny_bert.modules()) == 12
+            raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in tiny_bert.modules())
+    prune_only = resolve(load_recipe_text(text.replace("epochs: 1", "steps: 0")), 10)[0]
+    with _sparse_kernels(0.9, tiny_bert, program, prune_only, "cpu", 1) as sparse:
+        assert sparse is None  # no training step to speed up, and no report line
+
+
 def _plan(text: str, steps_per_epoch: int = 10):
     return resolve(load_recipe_text(text), steps_per_epoch)[0]
 
