@@ -86,10 +86,16 @@ class RecipecCallback(TrainerCallback):
 
     Args:
         program: The compiled stage. Its model and optimizer must be the Trainer's.
+        sparse_backprop: A minimum layer sparsity (e.g. 0.9) to run pruned linear layers on
+            SparseProp's CPU kernels between mask changes (:mod:`recipec.train.sparse_backprop`;
+            CPU, one process, not with ``cram``); None (default) keeps the dense kernels. If
+            ``train()`` raises, call ``callback.remove_sparse_kernels()`` before reusing the model.
     """
 
-    def __init__(self, program: Program):
+    def __init__(self, program: Program, sparse_backprop: float | None = None):
         self.program = program
+        self.sparse_backprop = sparse_backprop
+        self.sparse = None  # recipec.train.sparse_backprop.StageKernels while training
         self.loss_hooked = False  # set by RecipecTrainer, which applies program.loss
         self._loaded = False
         self._before_done: int | None = None  # the step whose before_optimizer_step already ran
@@ -142,6 +148,8 @@ class RecipecCallback(TrainerCallback):
                     "gradients, which FSDP and DeepSpeed shard: use plain DDP (torchrun without them)"
                 )
         self._before_done = None
+        if self.sparse_backprop is not None:
+            self._start_sparse_kernels(args, model if model is not None else program.ctx.model, state)
         if state.global_step > 0 and not self._loaded:
             self._resume(args, state)
         self._check_masks(f"start (step {state.global_step})")
@@ -153,9 +161,34 @@ class RecipecCallback(TrainerCallback):
                 stacklevel=2,
             )
 
+    def _start_sparse_kernels(self, args: TrainingArguments, model: nn.Module, state: TrainerState) -> None:
+        from recipec.train import sparse_backprop as sbp
+
+        devices = {p.device.type for p in model.parameters()}
+        if devices != {"cpu"} or args.world_size > 1 or args.n_gpu > 1:
+            raise ValueError("sparse_backprop runs SparseProp's CPU kernels: a model on the CPU in one process "
+                             "(use_cpu=True, no torchrun)")
+        self.remove_sparse_kernels()
+        self.sparse = sbp.StageKernels.for_program(self.program, model, self.sparse_backprop)
+        if self.sparse is not None:
+            self.sparse.resumed = state.global_step > 0
+
+    def remove_sparse_kernels(self) -> None:
+        """Every layer back on its dense forward (done at the end of training)."""
+        if self.sparse is not None:
+            self.sparse.kernels.remove()
+
+    def sparse_backprop_record(self) -> dict[str, Any] | None:
+        """``{"min_sparsity", "from_step", "layers"}`` of the last training, or None."""
+        return self.sparse.record() if self.sparse is not None else None
+
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._before_done = None
+        if self.sparse is not None:
+            self.sparse.before_step_start(state.global_step)
         self.program.step_start(state.global_step)
+        if self.sparse is not None:
+            self.sparse.after_step_start(state.global_step)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.before_optimizer_step(state.global_step)
@@ -166,6 +199,7 @@ class RecipecCallback(TrainerCallback):
             self._check_masks(f"step {state.global_step} (after pruning)")
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.remove_sparse_kernels()
         self.program.finalize()
         self._check_masks("end (after finalize)")
 
@@ -214,13 +248,15 @@ class RecipecTrainer(Trainer):
     Args:
         *args: Passed to ``transformers.Trainer``.
         program: The compiled stage (:func:`recipec.compile`).
+        sparse_backprop: See :class:`RecipecCallback` (SparseProp's CPU kernels between mask
+            changes, for layers with at least this sparsity; None: dense kernels).
         **kwargs: Passed to ``transformers.Trainer``.
     """
 
     # compute_loss returns a per-batch mean; the Trainer divides it by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args: Any, program: Program, **kwargs: Any):
+    def __init__(self, *args: Any, program: Program, sparse_backprop: float | None = None, **kwargs: Any):
         optimizers = kwargs.get("optimizers", (None, None))
         if program.ctx.optimizer is not None:
             given = optimizers[0]
@@ -231,10 +267,12 @@ class RecipecTrainer(Trainer):
         callbacks = list(kwargs.get("callbacks") or [])
         callback = next((c for c in callbacks if isinstance(c, RecipecCallback)), None)
         if callback is None:
-            callback = RecipecCallback(program)
+            callback = RecipecCallback(program, sparse_backprop=sparse_backprop)
             callbacks.append(callback)
         elif callback.program is not program:
             raise ValueError("callbacks already hold a RecipecCallback for another program")
+        elif sparse_backprop is not None:
+            callback.sparse_backprop = sparse_backprop
         callback.loss_hooked = True
         kwargs["callbacks"] = callbacks
         self.program = program

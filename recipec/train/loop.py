@@ -314,11 +314,11 @@ def train_stage(
                 weight = getattr(batch, "weight", 1.0)
                 batch = to_device(batch, device)
                 if program is not None:
-                    if sparse is not None and step in sparse.change_steps:
-                        sparse.kernels.remove()  # pruners (oBERT's gradients) see the dense layers
+                    if sparse is not None:
+                        sparse.before_step_start(step)  # pruners (oBERT's gradients) see dense layers
                     program.step_start(step)
                     if sparse is not None:
-                        sparse.refresh(step, program)
+                        sparse.after_step_start(step)
                 if program is None or not program.owns_lr:
                     set_lr(optimizer, plan.lr_at(step))
                 with dist_utils.collective(f"stage {plan.name!r} step {step}: forward"):
@@ -381,34 +381,9 @@ def train_stage(
                        sparse_backprop=sparse.record() if sparse else None)
 
 
-@dataclass
-class _SparseStage:
-    kernels: Any  # recipec.train.sparse_backprop.SparseBackprop
-    change_steps: frozenset[int]  # steps whose step_start may change masks
-    from_step: int | None = None  # the first step (of this session) with a layer on the kernels
-    layers: int = 0  # layers on the kernels after the last rebuild
-    resumed: bool = False  # the stage started in an earlier session: from_step is this session's
-
-    def refresh(self, step: int, program: Program) -> None:
-        """Rebuild the kernels if the masks changed; log when the number of sparse layers does."""
-        if not self.kernels.refresh(program.masks.masks, program.masks.version):
-            return
-        count = len(self.kernels.layers)
-        if count and self.from_step is None:
-            self.from_step = step
-        if count != self.layers:
-            program.ctx.log(f"stage {program.plan.name!r}: step {step}: "
-                            + self.kernels.describe(len(program.masks.masks)))
-        self.layers = count
-
-    def record(self) -> dict[str, Any]:
-        record = {"min_sparsity": self.kernels.min_sparsity, "from_step": self.from_step, "layers": self.layers}
-        return dict(record, resumed=True) if self.resumed else record
-
-
 @contextlib.contextmanager
 def _sparse_kernels(min_sparsity: float | None, model: nn.Module, program: Program | None, plan: StagePlan,
-                    device: str, world: int) -> Iterator[_SparseStage | None]:
+                    device: str, world: int) -> Iterator[Any]:
     """The stage's sparse-backprop kernels (None when not asked for or not usable in this stage);
     every layer is back on its dense forward when the block ends, however it ends."""
     if min_sparsity is None or program is None or plan.total_steps == 0:  # prune-only: no step to speed up
@@ -418,16 +393,14 @@ def _sparse_kernels(min_sparsity: float | None, model: nn.Module, program: Progr
 
     if torch.device(device).type != "cpu" or world > 1:
         raise sbp.SparseBackpropError("sparse backprop runs on CPU in a single process (not with --device cuda or torchrun)")
-    change_steps = sbp.mask_change_steps(plan)
-    if change_steps is None:
-        program.ctx.log(f"stage {plan.name!r}: sparse backprop off: a cram modifier perturbs the dense weights")
+    stage = sbp.StageKernels.for_program(program, model, min_sparsity)
+    if stage is None:
         yield None
         return
-    kernels = sbp.SparseBackprop(model, min_sparsity)
     try:
-        yield _SparseStage(kernels, change_steps)
+        yield stage
     finally:
-        kernels.remove()
+        stage.kernels.remove()
 
 
 def _reduce_step(loss: torch.Tensor, weight: float, interrupted: bool, program: Program | None, world: int,

@@ -239,6 +239,55 @@ def _bind(module: nn.Linear, layout: Layout):
     return forward
 
 
+class StageKernels:
+    """A training stage's :class:`SparseBackprop`, driven around ``program.step_start``.
+
+    Drivers call :meth:`before_step_start` and :meth:`after_step_start` around every
+    ``step_start`` and ``kernels.remove()`` before ``finalize`` (and whenever they stop).
+    """
+
+    def __init__(self, program: Any, kernels: SparseBackprop, change_steps: frozenset[int]):
+        self.program = program
+        self.kernels = kernels
+        self.change_steps = change_steps  # steps whose step_start may change masks
+        self.from_step: int | None = None  # the first step (of this session) with a layer on the kernels
+        self.layers = 0  # layers on the kernels after the last rebuild
+        self.resumed = False  # the stage started in an earlier session: from_step is this session's
+
+    @classmethod
+    def for_program(cls, program: Any, model: nn.Module, min_sparsity: float) -> StageKernels | None:
+        """None (and a log line) for a stage that must stay on dense kernels (``cram``)."""
+        change_steps = mask_change_steps(program.plan)
+        if change_steps is None:
+            program.ctx.log(f"stage {program.plan.name!r}: sparse backprop off: a cram modifier perturbs the "
+                            "dense weights")
+            return None
+        return cls(program, SparseBackprop(model, min_sparsity), change_steps)
+
+    def before_step_start(self, step: int) -> None:
+        """Dense layers for a step that may prune: pruners, and oBERT's gradients, see them."""
+        if step in self.change_steps:
+            self.kernels.remove()
+
+    def after_step_start(self, step: int) -> None:
+        """Rebuild the kernels if the masks changed; log when the number of sparse layers does."""
+        masks = self.program.masks
+        if not self.kernels.refresh(masks.masks, masks.version):
+            return
+        count = len(self.kernels.layers)
+        if count and self.from_step is None:
+            self.from_step = step
+        if count != self.layers:
+            self.program.ctx.log(f"stage {self.program.plan.name!r}: step {step}: "
+                                 + self.kernels.describe(len(masks.masks)))
+        self.layers = count
+
+    def record(self) -> dict[str, Any]:
+        """What the report says: ``min_sparsity``, ``from_step``, ``layers`` (and ``resumed``)."""
+        record = {"min_sparsity": self.kernels.min_sparsity, "from_step": self.from_step, "layers": self.layers}
+        return dict(record, resumed=True) if self.resumed else record
+
+
 def mask_change_steps(plan: Any) -> frozenset[int] | None:
     """The steps of ``plan`` whose ``step_start`` may change masks (pruning steps, a ``constant``
     modifier's start), or None when the stage must stay on dense kernels: it has a ``cram``

@@ -152,7 +152,7 @@ def test_the_loop_removes_the_kernels_however_the_stage_ends(tiny_bert):
     with pytest.raises(RuntimeError, match="boom"):
         with _sparse_kernels(0.9, tiny_bert, program, program.plan, "cpu", 1) as sparse:
             program.step_start(0)
-            sparse.refresh(0, program)
+            sparse.after_step_start(0)
             assert sum("forward" in m.__dict__ for m in tiny_bert.modules()) == 12
             raise RuntimeError("boom")
     assert not any("forward" in m.__dict__ for m in tiny_bert.modules())
@@ -307,3 +307,48 @@ def test_the_benchmark_runs_end_to_end_on_a_tiny_model(load_benchmark, tmp_path)
     assert row["sparse_layers"] == row["pruned_tensors"] == 12
     assert row["max_weight_difference"] < 1e-6  # same batches, same dropout: rounding only
     assert row["speedup"] > 0 and "| 90% | 12 of 12 |" in (tmp_path / "sparse_backprop.md").read_text()
+
+
+@needs_sparseprop
+def test_recipec_trainer_with_sparse_backprop_matches_the_dense_kernels(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    import copy
+
+    import yaml
+    from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+
+    import recipec
+    from recipec.train.hf import RecipecTrainer
+
+    recipe = load_recipe_text(yaml.safe_dump({"training": {"epochs": 2}, "modifiers": [
+        {"type": "gmp", "init_sparsity": 0.9, "final_sparsity": 0.95, "start_step": 1, "end_step": 5,
+         "update_every_steps": 2}]}))
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    gen = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(0, 64, (12,), generator=gen), "attention_mask": torch.ones(12, dtype=torch.long),
+             "labels": torch.randint(0, 2, (), generator=gen)} for _ in range(24)]
+
+    def train(sparse):
+        model = copy.deepcopy(base)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        program = recipec.compile(recipe, model, optimizer, steps_per_epoch=6)
+        args = TrainingArguments(output_dir=str(tmp_path / f"hf{sparse}"), per_device_train_batch_size=4,
+                                 num_train_epochs=2, report_to=[], save_strategy="no", logging_strategy="no",
+                                 disable_tqdm=True, use_cpu=True, train_sampling_strategy="sequential", seed=0)
+        trainer = RecipecTrainer(model=model, args=args, train_dataset=data, program=program,
+                                 sparse_backprop=0.9 if sparse else None)
+        trainer.train()
+        return model, program, trainer.recipec_callback
+
+    dense_model, dense_program, _ = train(False)
+    model, program, callback = train(True)
+    assert callback.sparse_backprop_record() == {"min_sparsity": 0.9, "from_step": 1, "layers": 12}
+    assert not any("forward" in m.__dict__ for m in model.modules())  # put back at the end
+    for name, mask in dense_program.masks.masks.items():
+        assert torch.equal(program.masks.masks[name], mask), name
+    dense_params = dict(dense_model.named_parameters())
+    worst = max(float((p - dense_params[n]).abs().max()) for n, p in model.named_parameters())
+    assert worst < 1e-6, worst
