@@ -231,6 +231,9 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
         reporter.log(f"[data] {note}")
     info = task.info
     reporter.log(f"task {info.name} ({info.kind}): {len(task.train)} train / {len(task.eval)} eval examples")
+    # A new task head is initialised at random here: seeded, so the same command gives the same
+    # run (torch seeds its default generator differently in every process).
+    seed_everything(seed)
     try:
         model, tokenizer = load_model_and_tokenizer(config.model, info, device=config.device)
     except ModelLoadError as exc:

@@ -128,6 +128,27 @@ def test_a_run_that_failed_before_training_is_replaced_without_overwrite(recipe_
     assert result.exit_code == 2 and "--resume" in result.output
 
 
+def test_a_new_task_head_is_seeded_so_the_same_command_repeats(recipe_file, tiny_model_dir, tmp_path):
+    """A base model without a classification head gets a random one: seeded by the recipe's seed
+    (torch seeds its default generator differently in every process, and a run in this process
+    has consumed it), so two runs of one command train the same model."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    headless = tmp_path / "headless"
+    BertForSequenceClassification.from_pretrained(tiny_model_dir).bert.save_pretrained(headless)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(headless)
+    weights = []
+    for name in ("a", "b"):
+        torch.manual_seed(len(weights) + 123)  # a different global RNG state before each run
+        result = apply(recipe_file, "--model", headless, "--max-train", 64, "--max-eval", 16,
+                       "--output", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        weights.append(load_file(str(tmp_path / name / "model" / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys() and any("classifier" in k for k in weights[0])
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+
+
 @pytest.mark.parametrize("lines, fresh", [
     (None, True),
     ([], True),
