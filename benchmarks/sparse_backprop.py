@@ -149,7 +149,8 @@ def run_sparsity(base: torch.nn.Module, sparsity: float, args, batches) -> dict:
         rounds.append({"round": r + 1, "order": order, "dense_s": a, "sparse_s": b, "ratio": a / b})
         log(f"{100 * sparsity:.0f}%: round {r + 1}/{args.rounds} ({order}): dense {a:.3f}s, sparse {b:.3f}s, "
             f"speedup {a / b:.2f}x")
-    worst = max(float((p - q).abs().max()) for p, q in zip(dense.model.parameters(), sparse.model.parameters()))
+    worst = max(float((p.detach() - q.detach()).abs().max())
+                for p, q in zip(dense.model.parameters(), sparse.model.parameters()))
     med_a, med_b = statistics.median(times["A"]), statistics.median(times["B"])
     return {
         "sparsity": sparsity,

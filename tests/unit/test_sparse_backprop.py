@@ -195,7 +195,7 @@ def _apply(recipe, model, out, *extra):
 
 
 @needs_sparseprop
-@pytest.mark.parametrize("text, from_step", [(RECIPE, 10), (EARLY, 0)])
+@pytest.mark.parametrize("text, from_step", [(RECIPE, 10), (EARLY, 0)], ids=["dense_until_step_10", "sparse_from_step_0"])
 def test_apply_with_sparse_backprop_matches_the_dense_kernels(tiny_model_dir, tmp_path, monkeypatch, text, from_step):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(text)
