@@ -350,5 +350,5 @@ def test_recipec_trainer_with_sparse_backprop_matches_the_dense_kernels(tmp_path
     for name, mask in dense_program.masks.masks.items():
         assert torch.equal(program.masks.masks[name], mask), name
     dense_params = dict(dense_model.named_parameters())
-    worst = max(float((p - dense_params[n]).abs().max()) for n, p in model.named_parameters())
+    worst = max(float((p.detach() - dense_params[n].detach()).abs().max()) for n, p in model.named_parameters())
     assert worst < 1e-6, worst
