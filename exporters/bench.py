@@ -250,7 +250,10 @@ def dense_twin_torch(
 def _read_config(folder: Path):
     import transformers
 
-    return transformers.AutoConfig.from_pretrained(str(folder))
+    try:
+        return transformers.AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: cannot read config.json: {exc}") from None
 
 
 def _check_positions(config, folder: Path, seq_len: int) -> None:
@@ -283,7 +286,7 @@ def resolve_folder(path: str | Path, workdir: Path, log, seq_len: int | None = N
         try:
             model_dir, _ = resolve_model_dir(path)
             config = _read_config(model_dir)
-        except (CheckpointError, OSError, ValueError):
+        except CheckpointError:
             config = None  # export() says what is wrong with the checkpoint
         if config is not None:
             _check_positions(config, model_dir, seq_len)

@@ -88,11 +88,14 @@ class RecipecCallback(TrainerCallback):
         program: The compiled stage. Its model and optimizer must be the Trainer's.
         sparse_backprop: A minimum layer sparsity (e.g. 0.9) to run pruned linear layers on
             SparseProp's CPU kernels between mask changes (:mod:`recipec.train.sparse_backprop`;
-            CPU, one process, not with ``cram``); None (default) keeps the dense kernels. If
-            ``train()`` raises, call ``callback.remove_sparse_kernels()`` before reusing the model.
+            CPU, one process, not with ``cram``); None (default) keeps the dense kernels.
+            ``RecipecTrainer.train`` removes them however training ends; with a plain
+            ``Trainer``, call ``callback.remove_sparse_kernels()`` after a ``train()`` that raised.
     """
 
     def __init__(self, program: Program, sparse_backprop: float | None = None):
+        if sparse_backprop is not None and not 0.0 <= sparse_backprop <= 1.0:
+            raise ValueError(f"sparse_backprop is a minimum layer sparsity in [0, 1], got {sparse_backprop}")
         self.program = program
         self.sparse_backprop = sparse_backprop
         self.sparse = None  # recipec.train.sparse_backprop.StageKernels while training
@@ -179,7 +182,8 @@ class RecipecCallback(TrainerCallback):
             self.sparse.kernels.remove()
 
     def sparse_backprop_record(self) -> dict[str, Any] | None:
-        """``{"min_sparsity", "from_step", "layers"}`` of the last training, or None."""
+        """``{"min_sparsity", "from_step", "layers"}`` (and ``"resumed": True`` after a resume) of
+        the last training, or None."""
         return self.sparse.record() if self.sparse is not None else None
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -278,6 +282,13 @@ class RecipecTrainer(Trainer):
         self.program = program
         self.recipec_callback = callback
         super().__init__(*args, **kwargs)
+
+    def train(self, *args: Any, **kwargs: Any):
+        """``Trainer.train``; the sparse kernels (``sparse_backprop``) are removed however it ends."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.recipec_callback.remove_sparse_kernels()
 
     def compute_loss(
         self,

@@ -25,6 +25,7 @@ the weights densely). ``benchmarks/sparse_backprop.py`` measures the step-time g
 
 from __future__ import annotations
 
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -204,7 +205,9 @@ class SparseBackprop:
             layout = Layout.from_mask(mask)
             if layout.sparsity < self.min_sparsity:
                 continue
-            module.forward = _bind(module, layout)
+            module.__dict__[_LAYOUT_ATTR] = layout
+            # a method bound to the module: a deepcopy of the model rebinds it to the copy
+            module.forward = types.MethodType(_sparse_method, module)
             self._patched[name] = module
             self.layers[name] = SparseLayer(name, layout.shape, layout.sparsity)
         return True
@@ -213,6 +216,7 @@ class SparseBackprop:
         """Every patched layer back to its dense forward (the next :meth:`refresh` rebuilds)."""
         for module in self._patched.values():
             module.__dict__.pop("forward", None)
+            module.__dict__.pop(_LAYOUT_ATTR, None)
         self._patched = {}
         self.layers = {}
         self._version = None
@@ -232,11 +236,11 @@ class SparseBackprop:
         )
 
 
-def _bind(module: nn.Linear, layout: Layout):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return _sparse_forward(module, layout, x)
+_LAYOUT_ATTR = "_recipec_sparse_layout"
 
-    return forward
+
+def _sparse_method(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _sparse_forward(self, self.__dict__[_LAYOUT_ATTR], x)
 
 
 class StageKernels:

@@ -101,11 +101,12 @@ def test_bench_a_checkpoint_checks_the_seq_len_before_exporting(folder):
 
 
 @pytest.mark.parametrize("config", ['{"model_type": "no_such_architecture"}', "{not json"])
-def test_bench_a_checkpoint_with_a_broken_config_is_a_clear_error(folder, tmp_path, config):
+@pytest.mark.parametrize("what", ["checkpoint", "deployment folder"])
+def test_bench_a_broken_config_is_a_clear_error(folder, tmp_path, config, what):
     import shutil
 
     broken = tmp_path / "broken"
-    shutil.copytree(folder.parent / "model", broken)
+    shutil.copytree(folder.parent / "model" if what == "checkpoint" else folder, broken)
     (broken / "config.json").write_text(config)
     res = CliRunner().invoke(main, ["bench", str(broken), "--runtime", "ort", "--batch-sizes", "1",
                                     "--seq-len", "16", "--repeats", "1"])

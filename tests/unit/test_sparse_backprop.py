@@ -120,13 +120,13 @@ def test_refresh_swaps_exactly_the_linear_layers_at_the_threshold_and_remove_res
 
 
 @needs_sparseprop
-def test_double_backward_raises_instead_of_returning_constants():
+def test_double_backward_is_refused():
     mask = _mask((16, 16), keep=0.1)
     weight = (torch.randn(16, 16) * mask).requires_grad_()
     x = torch.randn(4, 16, requires_grad=True)
     y = sbp.MaskedSparseLinear.apply(x, weight, None, sbp.Layout.from_mask(mask))
     (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="once_differentiable"):
         gx.sum().backward()
 
 
@@ -140,6 +140,34 @@ def test_a_layer_with_someone_elses_forward_is_left_alone():
     assert sorted(kernels.layers) == ["c.weight"]
     kernels.remove()
     assert model.b.__dict__["forward"] is foreign and "forward" not in model.c.__dict__
+
+
+@needs_sparseprop
+def test_a_deepcopy_of_a_patched_model_computes_with_its_own_weights():
+    import copy
+
+    model = _Two()
+    masks = {"c.weight": _mask((16, 16), keep=0.05)}
+    with torch.no_grad():
+        model.c.weight.mul_(masks["c.weight"])
+    kernels = sbp.SparseBackprop(model, min_sparsity=0.5)
+    kernels.refresh(masks, version=1)
+    twin = copy.deepcopy(model)  # e.g. an EMA copy taken during training
+    with torch.no_grad():
+        twin.c.weight.mul_(2.0)
+        twin.c.bias.zero_()
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(twin(x), F.linear(twin.b(twin.a(x)), twin.c.weight, twin.c.bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(x), F.linear(model.b(model.a(x)), model.c.weight, model.c.bias),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_the_report_line_says_when_a_stage_was_resumed():
+    from recipec.train.report import _sparse_line
+
+    line = _sparse_line({"min_sparsity": 0.9, "from_step": 7, "layers": 12, "resumed": True})
+    assert "from step 7 (of the last session: the stage was resumed)" in line and "(12 at the end" in line
+    assert "resumed" not in _sparse_line({"min_sparsity": 0.9, "from_step": 7, "layers": 12})
 
 
 @needs_sparseprop
@@ -345,10 +373,30 @@ def test_recipec_trainer_with_sparse_backprop_matches_the_dense_kernels(tmp_path
 
     dense_model, dense_program, _ = train(False)
     model, program, callback = train(True)
+    # a training that raises leaves no kernels behind either
+    from transformers import TrainerCallback
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise RuntimeError("boom")
+
+    broken = copy.deepcopy(base)
+    optimizer = torch.optim.AdamW(broken.parameters(), lr=1e-3)
+    trainer = RecipecTrainer(
+        model=broken, program=recipec.compile(recipe, broken, optimizer, steps_per_epoch=6), train_dataset=data,
+        args=TrainingArguments(output_dir=str(tmp_path / "boom"), per_device_train_batch_size=4, num_train_epochs=2,
+                               report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                               use_cpu=True, seed=0),
+        sparse_backprop=0.9, callbacks=[Boom()])
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    assert trainer.recipec_callback.sparse_backprop_record()["layers"] > 0  # they were on when it raised
+    assert not any("forward" in m.__dict__ for m in broken.modules())
     assert callback.sparse_backprop_record() == {"min_sparsity": 0.9, "from_step": 1, "layers": 12}
     assert not any("forward" in m.__dict__ for m in model.modules())  # put back at the end
     for name, mask in dense_program.masks.masks.items():
         assert torch.equal(program.masks.masks[name], mask), name
     dense_params = dict(dense_model.named_parameters())
     worst = max(float((p.detach() - dense_params[n].detach()).abs().max()) for n, p in model.named_parameters())
-    assert worst < 1e-6, worst
+    assert worst < 1e-4, worst  # rounding; AdamW (lr 1e-3) turns a wrong gradient into ~1e-3 per step
