@@ -17,8 +17,8 @@ from recipec.cli._common import fail, load_or_exit, set_option
               "or a name for --data.")
 @click.option("--data", multiple=True, type=click.Path(), help="A folder with train/dev files, or the train file then "
               "the eval file (TSV, CSV, JSONL, CommonsenseQA or WinoGrande JSONL).")
-@click.option("--teacher", default=None, help="Distillation teacher: a path or hub name, or 'auto' to fine-tune one first "
-              "(default: the recipe's).")
+@click.option("--teacher", default=None, help="Distillation teacher: a path or hub name of a model fine-tuned on the task (with its "
+              "head), or 'auto' to fine-tune one first (default: the recipe's).")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run folder (default: runs/<recipe name>).")
 @set_option

@@ -149,6 +149,25 @@ def test_a_new_task_head_is_seeded_so_the_same_command_repeats(recipe_file, tiny
         assert torch.equal(weights[0][key], weights[1][key]), key
 
 
+def test_a_teacher_without_a_trained_task_head_is_refused(recipe_file, tiny_model_dir, tmp_path):
+    """A base model as --teacher would get a random head and distil noise: refused, with the way out."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    headless = tmp_path / "headless"
+    BertForSequenceClassification.from_pretrained(tiny_model_dir).bert.save_pretrained(headless)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(headless)
+    recipe = tmp_path / "kd.yaml"
+    recipe.write_text(recipe_file.read_text() + "  - {type: distill, teacher: auto, hardness: 0.5, temperature: 2.0}\n")
+    result = apply(recipe, "--model", tiny_model_dir, "--teacher", headless, "--max-train", 32, "--max-eval", 16,
+                   "--output", tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    assert "has no trained task head" in result.output and "--teacher auto" in result.output
+    # a fine-tuned classifier (it has the head) is accepted
+    result = apply(recipe, "--model", tiny_model_dir, "--teacher", tiny_model_dir, "--max-train", 32, "--max-eval", 16,
+                   "--output", tmp_path / "ok")
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.parametrize("lines, fresh", [
     (None, True),
     ([], True),
