@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import cpu_name, save_report  # noqa: E402
+from _common import add_ab_training_options, cpu_name, save_report  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -219,16 +219,8 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("minilm", "tiny"), default="minilm")
-    parser.add_argument("--rounds", type=int, default=8, help="A/B block pairs (default 8)")
-    parser.add_argument("--block", type=int, default=4, help="steps per block (default 4)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each loop first (default 2)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
+    add_ab_training_options(parser, rounds=8, block=4, what="")
     parser.add_argument("--final-sparsity", type=float, default=0.9)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

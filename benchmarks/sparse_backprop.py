@@ -27,22 +27,21 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
-from _common import cpu_name, loadavg, save_report  # noqa: E402
+from _common import add_ab_training_options, cpu_name, loadavg, save_report  # noqa: E402
+from overhead import build_model, make_batches  # noqa: E402  (the same model and random batches)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+from recipec.exporters.checkpoint import magnitude_masks  # noqa: E402
 
 import recipec  # noqa: E402
 from recipec.recipe.load import load_recipe_text  # noqa: E402
-from recipec.sparsity.selection import select_parameters  # noqa: E402
 from recipec.train import sparse_backprop as sbp  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
 RECIPE = "training: {steps: 1000000}\nmodifiers:\n  - {type: constant}\n"
 
 
@@ -50,46 +49,13 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def build_model(name: str) -> torch.nn.Module:
-    from transformers import (
-        AutoModelForSequenceClassification,
-        BertConfig,
-        BertForSequenceClassification,
-    )
-
-    torch.manual_seed(0)
-    if name == "tiny":
-        config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=128, max_position_embeddings=256, num_labels=2)
-        return BertForSequenceClassification(config)
-    from recipec.train.models import embedded_model_dir
-
-    return AutoModelForSequenceClassification.from_pretrained(embedded_model_dir(), num_labels=2)
-
-
 @torch.no_grad()
 def prune_per_layer(model: torch.nn.Module, sparsity: float) -> int:
-    """Zero the smallest-magnitude ``sparsity`` of each targeted encoder weight; returns how many tensors."""
-    recipe = load_recipe_text(RECIPE, "<sparse_backprop recipe>")
-    params = select_parameters(model, recipe.targets, recipe.exclude)
-    for param in params.values():
-        k = round(sparsity * param.numel())
-        if k:
-            drop = param.abs().reshape(-1).argsort()[:k]
-            param.view(-1)[drop] = 0
-    return len(params)
-
-
-def make_batches(vocab: int, n: int, batch_size: int, seq_len: int) -> list[dict[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(0)
-    return [
-        {
-            "input_ids": torch.randint(1000 if vocab > 1000 else 1, vocab, (batch_size, seq_len), generator=gen),
-            "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
-            "labels": torch.randint(0, 2, (batch_size,), generator=gen),
-        }
-        for _ in range(n)
-    ]
+    """Zero the smallest-magnitude ``sparsity`` of each encoder linear weight; returns how many tensors."""
+    masks = magnitude_masks(model, sparsity)
+    for name, mask in masks.items():
+        model.get_parameter(name).mul_(mask)
+    return len(masks)
 
 
 class Arm:
@@ -165,6 +131,51 @@ def run_sparsity(base: torch.nn.Module, sparsity: float, args, batches) -> dict:
     }
 
 
+def layer_breakdown(shapes, sparsity: float, tokens: int, repeats: int = 20) -> list[dict]:
+    """Median ms of each part of one sparse layer's forward + backward, as MaskedSparseLinear
+    does them: the four transposes, the zero-filled buffers, the two kernels, and the dense
+    ``F.linear`` forward + backward of the same layer for comparison."""
+    return [_layer_parts(rows, cols, sparsity, tokens, repeats) for rows, cols in shapes]
+
+
+def _layer_parts(rows: int, cols: int, sparsity: float, tokens: int, repeats: int) -> dict:
+    from recipec.exporters.runtimes import transpose_2d
+
+    kernels = sbp.require_backend()
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(rows, cols, generator=gen) >= sparsity
+    weight = torch.randn(rows, cols, generator=gen) * mask
+    layout = sbp.Layout.from_mask(mask)
+    x, grad_out = torch.randn(tokens, cols, generator=gen), torch.randn(tokens, rows, generator=gen)
+    xt, got = transpose_2d(x), transpose_2d(grad_out)
+    values = weight.reshape(-1)[layout.flat].contiguous()
+    idx = (layout.indptr.numpy(), layout.indices.numpy())
+    w, xg = weight.clone().requires_grad_(), x.clone().requires_grad_()
+    parts = {
+        "transposes (4)": lambda: (transpose_2d(x), transpose_2d(torch.empty(rows, tokens)),
+                                   transpose_2d(grad_out), transpose_2d(torch.empty(cols, tokens))),
+        "zero-filled buffers": lambda: (torch.zeros(rows, tokens), torch.zeros(cols, tokens),
+                                        torch.zeros(layout.nnz), torch.zeros(rows * cols)),
+        "forward kernel": lambda: kernels.sparse_linear_vectorized_forward(
+            xt.numpy(), *idx, values.numpy(), torch.zeros(rows, tokens).numpy()),
+        "backward kernel": lambda: kernels.sparse_linear_vectorized_backward(
+            xt.numpy(), *idx, values.numpy(), got.numpy(), torch.zeros(cols, tokens).numpy(),
+            torch.zeros(layout.nnz).numpy()),
+        "dense F.linear forward + backward": lambda: torch.autograd.grad(
+            torch.nn.functional.linear(xg, w), [xg, w], grad_out),
+    }
+    row = {"shape": [rows, cols], "sparsity": sparsity, "tokens": tokens}
+    for name, fn in parts.items():
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        row[name] = 1000.0 * statistics.median(times)
+    return row
+
+
 def markdown(report: dict) -> str:
     cfg, machine = report["config"], report["machine"]
     lines = [
@@ -187,21 +198,22 @@ def markdown(report: dict) -> str:
             f"{row['sparse_median_s']:.3f} | **{row['speedup']:.2f}x** | {row['median_round_speedup']:.2f}x | "
             f"{row['max_weight_difference']:.1e} |"
         )
+    parts = report.get("layer_breakdown") or []
+    if parts:
+        names = [k for k in parts[0] if k not in ("shape", "sparsity", "tokens")]
+        lines += ["", f"One layer at {100 * parts[0]['sparsity']:.0f}% zeros, {parts[0]['tokens']} tokens, median ms "
+                  "of each part of its sparse forward + backward (the kernels' zero-filled outputs included in "
+                  "their times too):", "",
+                  "| layer (out x in) | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+        for row in parts:
+            lines.append(f"| {row['shape'][0]}x{row['shape'][1]} | " + " | ".join(f"{row[n]:.1f}" for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("minilm", "tiny"), default="minilm")
+    add_ab_training_options(parser, rounds=4, block=3, what=" per sparsity")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
-    parser.add_argument("--rounds", type=int, default=4, help="A/B block pairs per sparsity (default 4)")
-    parser.add_argument("--block", type=int, default=3, help="steps per block (default 3)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each arm first (default 2)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--out", type=Path, default=ROOT / "results")
     args = parser.parse_args(argv)
     if sbp.backend() is None:
         log(f"error: this benchmark needs the sparseprop package ({sbp.INSTALL_HINT})")
@@ -216,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     batches = make_batches(base.config.vocab_size, 4, args.batch_size, args.seq_len)
     load_start = loadavg()
     results = [run_sparsity(base, s, args, batches) for s in args.sparsities]
+    hidden, inner = base.config.hidden_size, base.config.intermediate_size
+    breakdown = layer_breakdown([(hidden, hidden), (inner, hidden), (hidden, inner)], 0.9,
+                                args.batch_size * args.seq_len)
     from importlib.metadata import version
 
     report = {
@@ -232,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_start": load_start, "loadavg_end": loadavg(),
         },
         "results": results,
+        "layer_breakdown": breakdown,
     }
     text = markdown(report)
     save_report(args.out, "sparse_backprop", report, text)

@@ -247,26 +247,19 @@ def dense_twin_torch(
 # --------------------------------------------------------------------------------------
 
 
-def _read_config(folder: Path):
+def check_seq_len(folder: Path, seq_len: int):
+    """The model config in ``folder`` (CheckpointError if unreadable); refuses (BenchError) a
+    ``seq_len`` longer than the model takes."""
     import transformers
 
     try:
-        return transformers.AutoConfig.from_pretrained(str(folder))
+        config = transformers.AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{folder}: cannot read config.json: {exc}") from None
-
-
-def _check_positions(config, folder: Path, seq_len: int) -> None:
     positions = max_sequence_length(config)
     if positions is not None and seq_len > positions:
         raise BenchError(f"--seq-len {seq_len} is longer than this model takes ({positions} tokens, "
                          f"max_position_embeddings in {folder / 'config.json'})")
-
-
-def check_seq_len(folder: Path, seq_len: int):
-    """The model config in ``folder``; refuses a ``seq_len`` longer than the model takes."""
-    config = _read_config(folder)
-    _check_positions(config, folder, seq_len)
     return config
 
 
@@ -284,12 +277,9 @@ def resolve_folder(path: str | Path, workdir: Path, log, seq_len: int | None = N
         raise BenchError(f"{path}: expected a deployment folder (recipec export) or a checkpoint")
     if seq_len is not None:  # a too-long --seq-len fails before the export, not after it
         try:
-            model_dir, _ = resolve_model_dir(path)
-            config = _read_config(model_dir)
+            check_seq_len(resolve_model_dir(path)[0], seq_len)
         except CheckpointError:
-            config = None  # export() says what is wrong with the checkpoint
-        if config is not None:
-            _check_positions(config, model_dir, seq_len)
+            pass  # export() says what is wrong with the checkpoint
     log(f"{path} is not an exported folder: exporting it first")
     return export(path, workdir / "onnx", log=log).output_dir
 

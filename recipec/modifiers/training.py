@@ -110,11 +110,12 @@ def _load_teacher(path: str, student: nn.Module) -> nn.Module:
         teacher, info = cls.from_pretrained(path, output_loading_info=True)
     except (OSError, ValueError) as exc:
         raise CompileError(f"cannot load the teacher from {path!r}: {exc}") from None
-    head = [k for k in info.get("missing_keys", ()) if "classifier" in k or "score" in k or "qa_outputs" in k]
-    if head:
-        # a base model (no fine-tuned task head) would distil random logits
+    missing = sorted(info.get("missing_keys", ()))
+    if missing:
+        # weights initialised at random, e.g. the task head of a base model: it would distil noise
         raise CompileError(
-            f"the teacher {path!r} has no trained task head ({', '.join(sorted(head)[:3])} missing): distil from a "
+            f"the teacher {path!r} has no trained task head or lacks weights ({', '.join(missing[:3])} missing, "
+            "they would be random): distil from a "
             "model fine-tuned on this task, or use --teacher auto to fine-tune one"
         )
     return teacher

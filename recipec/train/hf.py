@@ -152,7 +152,11 @@ class RecipecCallback(TrainerCallback):
                 )
         self._before_done = None
         if self.sparse_backprop is not None:
-            self._start_sparse_kernels(args, model if model is not None else program.ctx.model, state)
+            from recipec.train import sparse_backprop as sbp
+
+            self.remove_sparse_kernels()  # from an earlier train()
+            self.sparse = sbp.StageKernels.for_program(program, program.ctx.model, self.sparse_backprop,
+                                                       resumed=state.global_step > 0)
         if state.global_step > 0 and not self._loaded:
             self._resume(args, state)
         self._check_masks(f"start (step {state.global_step})")
@@ -163,18 +167,6 @@ class RecipecCallback(TrainerCallback):
                 f"(steps_per_epoch={program.plan.steps_per_epoch}); pruning and LR follow the plan's steps",
                 stacklevel=2,
             )
-
-    def _start_sparse_kernels(self, args: TrainingArguments, model: nn.Module, state: TrainerState) -> None:
-        from recipec.train import sparse_backprop as sbp
-
-        devices = {p.device.type for p in model.parameters()}
-        if devices != {"cpu"} or args.world_size > 1 or args.n_gpu > 1:
-            raise ValueError("sparse_backprop runs SparseProp's CPU kernels: a model on the CPU in one process "
-                             "(use_cpu=True, no torchrun)")
-        self.remove_sparse_kernels()
-        self.sparse = sbp.StageKernels.for_program(self.program, model, self.sparse_backprop)
-        if self.sparse is not None:
-            self.sparse.resumed = state.global_step > 0
 
     def remove_sparse_kernels(self) -> None:
         """Every layer back on its dense forward (done at the end of training)."""
@@ -189,10 +181,9 @@ class RecipecCallback(TrainerCallback):
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._before_done = None
         if self.sparse is not None:
-            self.sparse.before_step_start(state.global_step)
-        self.program.step_start(state.global_step)
-        if self.sparse is not None:
-            self.sparse.after_step_start(state.global_step)
+            self.sparse.step_start(state.global_step)  # program.step_start, pruning on dense layers
+        else:
+            self.program.step_start(state.global_step)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.before_optimizer_step(state.global_step)

@@ -217,10 +217,10 @@ def train_stage(
     after every change, evaluation is sharded, and only rank 0 writes metrics and checkpoints
     (which hold every rank's RNG state).
 
-    ``sparse_backprop`` (a minimum sparsity; CPU, one process): from the step on which the
-    stage's masks stop changing, pruned linear layers at that sparsity or more run forward and
-    backward on SparseProp's kernels (:mod:`recipec.train.sparse_backprop`); they are put back
-    before ``finalize`` and whenever the stage ends.
+    ``sparse_backprop`` (a minimum sparsity; CPU, one process): between mask changes, pruned
+    linear layers at that sparsity or more run forward and backward on SparseProp's kernels
+    (:mod:`recipec.train.sparse_backprop`); they are put back before ``finalize`` and whenever
+    the stage ends.
     """
     training = plan.training
     world = dist_utils.world_size()
@@ -289,9 +289,7 @@ def train_stage(
     checked_version = program.masks.version if program is not None else 0
     model.train()
     final_eval = None
-    with _SigintFlag() as sigint, _sparse_kernels(sparse_backprop, model, program, plan, device, world) as sparse:
-        if sparse is not None:
-            sparse.resumed = resume_state is not None
+    with _SigintFlag() as sigint, _sparse_kernels(sparse_backprop, model, program, resume_state is not None) as sparse:
         if total == 0 and program is not None and resume_state is None:  # prune-only: one-shot, no optimizer step
             run_eval(0, eval_before)  # the model as it came, to compare with after pruning
             program.step_start(0)
@@ -313,12 +311,10 @@ def train_stage(
                     break
                 weight = getattr(batch, "weight", 1.0)
                 batch = to_device(batch, device)
-                if program is not None:
-                    if sparse is not None:
-                        sparse.before_step_start(step)  # pruners (oBERT's gradients) see dense layers
+                if sparse is not None:
+                    sparse.step_start(step)  # program.step_start, pruning on dense layers
+                elif program is not None:
                     program.step_start(step)
-                    if sparse is not None:
-                        sparse.after_step_start(step)
                 if program is None or not program.owns_lr:
                     set_lr(optimizer, plan.lr_at(step))
                 with dist_utils.collective(f"stage {plan.name!r} step {step}: forward"):
@@ -382,18 +378,16 @@ def train_stage(
 
 
 @contextlib.contextmanager
-def _sparse_kernels(min_sparsity: float | None, model: nn.Module, program: Program | None, plan: StagePlan,
-                    device: str, world: int) -> Iterator[Any]:
+def _sparse_kernels(min_sparsity: float | None, model: nn.Module, program: Program | None,
+                    resumed: bool) -> Iterator[Any]:
     """The stage's sparse-backprop kernels (None when not asked for or not usable in this stage);
     every layer is back on its dense forward when the block ends, however it ends."""
-    if min_sparsity is None or program is None or plan.total_steps == 0:  # prune-only: no step to speed up
+    if min_sparsity is None or program is None or program.plan.total_steps == 0:  # prune-only: no step to speed up
         yield None
         return
     from recipec.train import sparse_backprop as sbp
 
-    if torch.device(device).type != "cpu" or world > 1:
-        raise sbp.SparseBackpropError("sparse backprop runs on CPU in a single process (not with --device cuda or torchrun)")
-    stage = sbp.StageKernels.for_program(program, model, min_sparsity)
+    stage = sbp.StageKernels.for_program(program, model, min_sparsity, resumed)
     if stage is None:
         yield None
         return

@@ -35,9 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from recipec.exporters.runtimes import sparseprop_backend
+from recipec.exporters.runtimes import transpose_2d as _transpose
+from recipec.train import distributed as dist_utils
+
 INSTALL_HINT = "pip install pybind11 && pip install --no-build-isolation sparseprop"
 # Measured on this project's CPU (benchmarks/sparse_backprop.py): a whole MiniLM training step
-# is 0.81x at 80% zeros, 1.16x at 90%, 1.28x at 95%, 1.42x at 97% on these kernels.
+# is 0.92x at 80% zeros, 1.12x at 90%, 1.35x at 95%, 1.62x at 97% on these kernels.
 DEFAULT_MIN_SPARSITY = 0.9
 
 
@@ -47,8 +51,6 @@ class SparseBackpropError(RuntimeError):
 
 def backend():
     """SparseProp's compiled module, or None when the package is not installed."""
-    from recipec.exporters.runtimes import sparseprop_backend
-
     return sparseprop_backend()
 
 
@@ -86,12 +88,6 @@ class Layout:
     @property
     def sparsity(self) -> float:
         return 1.0 - self.nnz / (self.shape[0] * self.shape[1])
-
-
-def _transpose(x: torch.Tensor) -> torch.Tensor:
-    from recipec.exporters.runtimes import transpose_2d
-
-    return transpose_2d(x)
 
 
 class MaskedSparseLinear(torch.autograd.Function):
@@ -151,13 +147,6 @@ def _sparse_forward(module: nn.Linear, layout: Layout, x: torch.Tensor) -> torch
     return MaskedSparseLinear.apply(x, module.weight, module.bias, layout)
 
 
-@dataclass(frozen=True)
-class SparseLayer:
-    name: str
-    shape: tuple[int, int]
-    sparsity: float
-
-
 class SparseBackprop:
     """Swaps the forward of pruned linear layers for :class:`MaskedSparseLinear`.
 
@@ -166,18 +155,26 @@ class SparseBackprop:
     :meth:`refresh` (re)builds the layouts when the masks changed since the last call, and
     uses the sparse kernel for each linear layer at ``min_sparsity`` or more; :meth:`remove`
     puts every layer back. A dense ``nn.Linear`` whose weight has a mask is the only kind of
-    layer touched; anything else named in the masks keeps its dense path.
+    layer touched; anything else named in the masks keeps its dense path. The model must be on
+    the CPU, in a single process (:class:`SparseBackpropError` otherwise).
     """
 
     def __init__(self, model: nn.Module, min_sparsity: float = DEFAULT_MIN_SPARSITY):
         if not 0.0 <= min_sparsity <= 1.0:
             raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
         require_backend()
+        if {p.device.type for p in model.parameters()} != {"cpu"} or dist_utils.world_size() > 1:
+            raise SparseBackpropError("sparse backprop runs SparseProp's CPU kernels: a model on the CPU in a single "
+                                      "process (not --device cuda, not torchrun)")
         self.model = model
         self.min_sparsity = min_sparsity
-        self.layers: dict[str, SparseLayer] = {}
         self._patched: dict[str, nn.Linear] = {}
         self._version: int | None = None
+
+    @property
+    def layers(self) -> dict[str, float]:
+        """The layers on the kernels now: weight name -> sparsity of its mask."""
+        return {name: module.__dict__[_LAYOUT_ATTR].sparsity for name, module in self._patched.items()}
 
     def _linear_of(self, weight_name: str) -> nn.Linear | None:
         owner, _, attr = weight_name.rpartition(".")
@@ -187,9 +184,7 @@ class SparseBackprop:
             module = self.model.get_submodule(owner)
         except AttributeError:
             return None
-        if type(module) is not nn.Linear or module.weight.device.type != "cpu":
-            return None
-        return module
+        return module if type(module) is nn.Linear else None
 
     def refresh(self, masks: Mapping[str, torch.Tensor], version: Any) -> bool:
         """Use the sparse kernels for the masks as they are now (a no-op while ``version`` is the
@@ -209,7 +204,6 @@ class SparseBackprop:
             # a method bound to the module: a deepcopy of the model rebinds it to the copy
             module.forward = types.MethodType(_sparse_method, module)
             self._patched[name] = module
-            self.layers[name] = SparseLayer(name, layout.shape, layout.sparsity)
         return True
 
     def remove(self) -> None:
@@ -218,7 +212,6 @@ class SparseBackprop:
             module.__dict__.pop("forward", None)
             module.__dict__.pop(_LAYOUT_ATTR, None)
         self._patched = {}
-        self.layers = {}
         self._version = None
 
     @property
@@ -227,11 +220,11 @@ class SparseBackprop:
 
     def describe(self, total: int) -> str:
         """One line for the log: how many of ``total`` pruned tensors run sparse."""
-        if not self.layers:
+        spars = list(self.layers.values())
+        if not spars:
             return f"sparse backprop: none of the {total} pruned tensors is a linear layer at >= {100 * self.min_sparsity:.0f}% zeros; dense kernels"
-        spars = [layer.sparsity for layer in self.layers.values()]
         return (
-            f"sparse backprop: {len(self.layers)} of {total} pruned tensors on SparseProp kernels "
+            f"sparse backprop: {len(spars)} of {total} pruned tensors on SparseProp kernels "
             f"({100 * min(spars):.1f}-{100 * max(spars):.1f}% zeros)"
         )
 
@@ -246,35 +239,36 @@ def _sparse_method(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 class StageKernels:
     """A training stage's :class:`SparseBackprop`, driven around ``program.step_start``.
 
-    Drivers call :meth:`before_step_start` and :meth:`after_step_start` around every
-    ``step_start`` and ``kernels.remove()`` before ``finalize`` (and whenever they stop).
+    Drivers call :meth:`step_start` instead of ``program.step_start`` and ``kernels.remove()``
+    before ``finalize`` (and whenever they stop).
     """
 
-    def __init__(self, program: Any, kernels: SparseBackprop, change_steps: frozenset[int]):
+    def __init__(self, program: Any, kernels: SparseBackprop, change_steps: frozenset[int], resumed: bool = False):
         self.program = program
         self.kernels = kernels
         self.change_steps = change_steps  # steps whose step_start may change masks
         self.from_step: int | None = None  # the first step (of this session) with a layer on the kernels
-        self.layers = 0  # layers on the kernels after the last rebuild
-        self.resumed = False  # the stage started in an earlier session: from_step is this session's
+        self.layers = 0  # layers on the kernels after the last rebuild (remove() empties kernels.layers)
+        self.resumed = resumed  # the stage started in an earlier session: from_step is this session's
 
     @classmethod
-    def for_program(cls, program: Any, model: nn.Module, min_sparsity: float) -> StageKernels | None:
+    def for_program(cls, program: Any, model: nn.Module, min_sparsity: float,
+                    resumed: bool = False) -> StageKernels | None:
         """None (and a log line) for a stage that must stay on dense kernels (``cram``)."""
         change_steps = mask_change_steps(program.plan)
         if change_steps is None:
             program.ctx.log(f"stage {program.plan.name!r}: sparse backprop off: a cram modifier perturbs the "
                             "dense weights")
             return None
-        return cls(program, SparseBackprop(model, min_sparsity), change_steps)
+        return cls(program, SparseBackprop(model, min_sparsity), change_steps, resumed)
 
-    def before_step_start(self, step: int) -> None:
-        """Dense layers for a step that may prune: pruners, and oBERT's gradients, see them."""
+    def step_start(self, step: int) -> None:
+        """``program.step_start(step)`` on dense layers if it may prune (pruners, and oBERT's
+        gradients, see them); then the kernels rebuilt if the masks changed, with a log line
+        when the number of sparse layers does."""
         if step in self.change_steps:
             self.kernels.remove()
-
-    def after_step_start(self, step: int) -> None:
-        """Rebuild the kernels if the masks changed; log when the number of sparse layers does."""
+        self.program.step_start(step)
         masks = self.program.masks
         if not self.kernels.refresh(masks.masks, masks.version):
             return

@@ -178,15 +178,20 @@ def test_the_loop_removes_the_kernels_however_the_stage_ends(tiny_bert):
     text = "training: {epochs: 1}\nmodifiers:\n  - {type: gmp, init_sparsity: 0.95, final_sparsity: 0.95, start_step: 0, end_step: 0}\n"
     program = recipec.compile(load_recipe_text(text), tiny_bert, torch.optim.AdamW(tiny_bert.parameters()), 10)
     with pytest.raises(RuntimeError, match="boom"):
-        with _sparse_kernels(0.9, tiny_bert, program, program.plan, "cpu", 1) as sparse:
-            program.step_start(0)
-            sparse.after_step_start(0)
+        with _sparse_kernels(0.9, tiny_bert, program, False) as sparse:
+            sparse.step_start(0)
             assert sum("forward" in m.__dict__ for m in tiny_bert.modules()) == 12
             raise RuntimeError("boom")
     assert not any("forward" in m.__dict__ for m in tiny_bert.modules())
-    prune_only = resolve(load_recipe_text(text.replace("epochs: 1", "steps: 0")), 10)[0]
-    with _sparse_kernels(0.9, tiny_bert, program, prune_only, "cpu", 1) as sparse:
+    prune_only = recipec.compile(load_recipe_text(text.replace("epochs: 1", "steps: 0")), tiny_bert, None, 10)
+    with _sparse_kernels(0.9, tiny_bert, prune_only, False) as sparse:
         assert sparse is None  # no training step to speed up, and no report line
+
+
+@needs_sparseprop
+def test_a_model_off_the_cpu_is_refused():
+    with pytest.raises(sbp.SparseBackpropError, match="on the CPU in a single process"):
+        sbp.SparseBackprop(nn.Sequential(nn.Linear(4, 4, device="meta")))
 
 
 def _plan(text: str, steps_per_epoch: int = 10):
@@ -335,6 +340,8 @@ def test_the_benchmark_runs_end_to_end_on_a_tiny_model(load_benchmark, tmp_path)
     assert row["sparse_layers"] == row["pruned_tensors"] == 12
     assert row["max_weight_difference"] < 1e-6  # same batches, same dropout: rounding only
     assert row["speedup"] > 0 and "| 90% | 12 of 12 |" in (tmp_path / "sparse_backprop.md").read_text()
+    assert [part["shape"] for part in report["layer_breakdown"]] == [[64, 64], [128, 64], [64, 128]]
+    assert all(part["forward kernel"] > 0 and part["backward kernel"] > 0 for part in report["layer_breakdown"])
 
 
 @needs_sparseprop
