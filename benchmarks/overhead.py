@@ -97,6 +97,19 @@ def make_batches(vocab: int, n: int, batch_size: int, seq_len: int) -> list[dict
     ]
 
 
+def start_ab_run(script: str, args, argv: list[str] | None, log) -> tuple[str, torch.nn.Module, list]:
+    """Shared start of the A/B training-step benchmarks: torch threads, the command line as
+    run, the model in train mode, and 4 random batches of ``--batch-size`` x ``--seq-len``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    given = sys.argv[1:] if argv is None else argv
+    command = f"python benchmarks/{script}" + (" " + " ".join(given) if given else "")
+    log(f"loading {args.model}")
+    base = build_model(args.model)
+    base.train()
+    return command, base, make_batches(base.config.vocab_size, 4, args.batch_size, args.seq_len)
+
+
 class Plain:
     """The plain loop: forward, backward, clip, AdamW step."""
 
@@ -222,16 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     add_ab_training_options(parser, rounds=8, block=4, what="")
     parser.add_argument("--final-sparsity", type=float, default=0.9)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    command = "python benchmarks/overhead.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(
-        sys.argv[1:] if argv is None else argv))
-
-    log(f"loading {args.model}")
-    base = build_model(args.model)
-    base.train()
-    vocab = base.config.vocab_size
-    batches = make_batches(vocab, 4, args.batch_size, args.seq_len)
+    command, base, batches = start_ab_run("overhead.py", args, argv, log)
     timed = args.rounds * args.block
     total = args.warmup + timed
     recipe_text, recipe_data = make_recipe(total, args.warmup, args.final_sparsity)

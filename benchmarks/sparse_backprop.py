@@ -29,7 +29,7 @@ import sys
 import time
 
 from _common import add_ab_training_options, cpu_name, loadavg, save_report  # noqa: E402
-from overhead import build_model, make_batches  # noqa: E402  (the same model and random batches)
+from overhead import start_ab_run  # noqa: E402  (the same model and random batches)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -218,14 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if sbp.backend() is None:
         log(f"error: this benchmark needs the sparseprop package ({sbp.INSTALL_HINT})")
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    command = "python benchmarks/sparse_backprop.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(
-        sys.argv[1:] if argv is None else argv))
-    log(f"loading {args.model}")
-    base = build_model(args.model)
-    base.train()
-    batches = make_batches(base.config.vocab_size, 4, args.batch_size, args.seq_len)
+    command, base, batches = start_ab_run("sparse_backprop.py", args, argv, log)
     load_start = loadavg()
     results = [run_sparsity(base, s, args, batches) for s in args.sparsities]
     hidden, inner = base.config.hidden_size, base.config.intermediate_size
