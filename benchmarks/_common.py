@@ -31,13 +31,21 @@ def add_ab_training_options(parser, *, rounds: int, block: int, what: str) -> No
     """The options of the A/B training-step benchmarks (``overhead.py``, ``sparse_backprop.py``):
     model, rounds of alternating blocks, warm-up, batch shape, clipping, threads, output folder."""
     parser.add_argument("--model", choices=("minilm", "tiny"), default="minilm")
-    parser.add_argument("--rounds", type=int, default=rounds, help=f"A/B block pairs{what} (default {rounds})")
-    parser.add_argument("--block", type=int, default=block, help=f"steps per block (default {block})")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each loop first (default 2)")
+    parser.add_argument(
+        "--rounds", type=int, default=rounds, help=f"A/B block pairs{what} (default {rounds})"
+    )
+    parser.add_argument(
+        "--block", type=int, default=block, help=f"steps per block (default {block})"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps of each loop first (default 2)"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
 
 

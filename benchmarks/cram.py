@@ -26,21 +26,36 @@ import oneshot
 def build_parser():
     p = oneshot.build_parser()
     p.description = __doc__
-    p.set_defaults(train_examples=4000, tune_examples=0, steps=250, max_seq_length=64,
-                   sparsities=[0.5, 0.6, 0.7, 0.8])
-    p.add_argument("--rho", type=float, nargs="+", default=[0.05],
-                   help="CrAM perturbation size(s): one CrAM fine-tuning per value")
+    p.set_defaults(
+        train_examples=4000,
+        tune_examples=0,
+        steps=250,
+        max_seq_length=64,
+        sparsities=[0.5, 0.6, 0.7, 0.8],
+    )
+    p.add_argument(
+        "--rho",
+        type=float,
+        nargs="+",
+        default=[0.05],
+        help="CrAM perturbation size(s): one CrAM fine-tuning per value",
+    )
     p.add_argument("--variant", choices=["cram", "cram_plus"], default="cram_plus")
-    p.add_argument("--normalize", action="store_true",
-                   help="normalized ascent step (w + rho * g / ||g||) for every --rho")
+    p.add_argument(
+        "--normalize",
+        action="store_true",
+        help="normalized ascent step (w + rho * g / ||g||) for every --rho",
+    )
     return p
 
 
 def cram_modifier(args, rho: float) -> str:
     sparsities = ", ".join(repr(s) for s in args.sparsities)
     normalize = ", normalize: true" if args.normalize else ""
-    return (f"  - {{type: cram, variant: {args.variant}, rho: {rho!r}{normalize}, sparsities: [{sparsities}], "
-            "scope: global}")
+    return (
+        f"  - {{type: cram, variant: {args.variant}, rho: {rho!r}{normalize}, sparsities: [{sparsities}], "
+        "scope: global}"
+    )
 
 
 def arm_name(variant: str, rho: float, normalize: bool = False) -> str:
@@ -61,15 +76,23 @@ def run(args) -> dict:
 
     info, train, _, dev = oneshot.load_splits(args)
     arms = {}
-    for arm, modifiers in [("plain", "")] + [(arm_name(args.variant, r, args.normalize), cram_modifier(args, r))
-                                           for r in args.rho]:
+    for arm, modifiers in [("plain", "")] + [
+        (arm_name(args.variant, r, args.normalize), cram_modifier(args, r)) for r in args.rho
+    ]:
         model, tokenizer, record = oneshot.dense_model(args, info, train, dev, modifiers)
         model.eval()
         dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
         def ev(model=model, tokenizer=tokenizer):
-            return evaluate(model, dev, tokenizer, info, batch_size=64, max_seq_length=args.max_seq_length,
-                            device="cpu")["accuracy"]
+            return evaluate(
+                model,
+                dev,
+                tokenizer,
+                info,
+                batch_size=64,
+                max_seq_length=args.max_seq_length,
+                device="cpu",
+            )["accuracy"]
 
         dense = ev()
         oneshot.log(f"{arm}: dense dev {dense:.4f}")
@@ -77,12 +100,22 @@ def run(args) -> dict:
         for s in args.sparsities:
             model.load_state_dict(dense_state)
             rec = oneshot.prune_one_shot(model, "magnitude", s, args)
-            pruned.append({"sparsity": s, "achieved_sparsity": rec["achieved_sparsity"], "dev": ev()})
+            pruned.append(
+                {"sparsity": s, "achieved_sparsity": rec["achieved_sparsity"], "dev": ev()}
+            )
             oneshot.log(f"{arm}: {s:.0%} magnitude one-shot: dev {pruned[-1]['dev']:.4f}")
-        arms[arm] = {"dense": dense, "pruned": pruned, "train_seconds": record.get("train_seconds"),
-                     "mean_grad_norm": mean_grad_norm(record.get("modifier_log", []))}
-    return {"arms": arms, "dev_examples": len(dev), "train_examples": len(train),
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+        arms[arm] = {
+            "dense": dense,
+            "pruned": pruned,
+            "train_seconds": record.get("train_seconds"),
+            "mean_grad_norm": mean_grad_norm(record.get("modifier_log", [])),
+        }
+    return {
+        "arms": arms,
+        "dev_examples": len(dev),
+        "train_examples": len(train),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
 
 
 def render_md(report: dict) -> str:
@@ -111,18 +144,31 @@ def render_md(report: dict) -> str:
     def cell(value: float, base: float) -> str:
         return f"{100 * value:.2f} ({100 * (value - base):+.2f})"
 
-    lines.append(f"| 0% (dense) | {100 * plain['dense']:.2f} | "
-                 + " | ".join(cell(a["dense"], plain["dense"]) for a in arms) + " |")
+    lines.append(
+        f"| 0% (dense) | {100 * plain['dense']:.2f} | "
+        + " | ".join(cell(a["dense"], plain["dense"]) for a in arms)
+        + " |"
+    )
     for i, base in enumerate(plain["pruned"]):
-        lines.append(f"| {100 * base['sparsity']:.0f}% | {100 * base['dev']:.2f} | "
-                     + " | ".join(cell(a["pruned"][i]["dev"], base["dev"]) for a in arms) + " |")
+        lines.append(
+            f"| {100 * base['sparsity']:.0f}% | {100 * base['dev']:.2f} | "
+            + " | ".join(cell(a["pruned"][i]["dev"], base["dev"]) for a in arms)
+            + " |"
+        )
     times = ", ".join(f"{h} {a['train_seconds'] / 60:.1f} min" for h, a in zip(heads, arms))
-    norms = [f"{h} {a['mean_grad_norm']:.3g}" for h, a in zip(heads, arms) if a.get("mean_grad_norm") is not None]
+    norms = [
+        f"{h} {a['mean_grad_norm']:.3g}"
+        for h, a in zip(heads, arms)
+        if a.get("mean_grad_norm") is not None
+    ]
     if norms:
         lines += ["", "Mean gradient norm ||g|| over the CrAM steps: " + ", ".join(norms) + "."]
-    lines += ["", f"Fine-tuning time: plain {plain['train_seconds'] / 60:.1f} min, {times} (one extra forward "
-              f"and backward per CrAM step). Wall time {report['wall_seconds'] / 60:.1f} min (fine-tunings cached "
-              f"by earlier runs are reused and not counted); machine: {report['machine']}."]
+    lines += [
+        "",
+        f"Fine-tuning time: plain {plain['train_seconds'] / 60:.1f} min, {times} (one extra forward "
+        f"and backward per CrAM step). Wall time {report['wall_seconds'] / 60:.1f} min (fine-tunings cached "
+        f"by earlier runs are reused and not counted); machine: {report['machine']}.",
+    ]
     return "\n".join(lines) + "\n"
 
 

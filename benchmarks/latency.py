@@ -149,10 +149,21 @@ def time_model(
             if worker is not None and "deepsparse" in runtimes:
                 try:
                     runner = worker.runner(folders[s] / ONNX_FILE, inputs, ref)
-                    targets.append(Target(label, "deepsparse", f"{s}", batch, seq, runner,
-                                          runner.load_info["max_abs_diff"]))
-                    log(f"{label} b{batch}: deepsparse compiled in "
-                        f"{runner.load_info['compile_s']:.0f}s, diff {runner.load_info['max_abs_diff']:.1e}")
+                    targets.append(
+                        Target(
+                            label,
+                            "deepsparse",
+                            f"{s}",
+                            batch,
+                            seq,
+                            runner,
+                            runner.load_info["max_abs_diff"],
+                        )
+                    )
+                    log(
+                        f"{label} b{batch}: deepsparse compiled in "
+                        f"{runner.load_info['compile_s']:.0f}s, diff {runner.load_info['max_abs_diff']:.1e}"
+                    )
                 except (OutputMismatch, RuntimeUnavailable) as exc:
                     problems.append(f"{label} b{batch}: {exc}")
                     log(f"{label} b{batch}: deepsparse REFUSED: {exc}")
@@ -169,8 +180,10 @@ def time_model(
                     log(f"{label} b{batch}: torch-csr REFUSED: {exc}")
         load_before = os.getloadavg()
         start = time.perf_counter()
-        log(f"{name} b{batch}: timing {len(targets)} targets, {warmup[batch]} warm-up + "
-            f"{repeats[batch]} alternating rounds")
+        log(
+            f"{name} b{batch}: timing {len(targets)} targets, {warmup[batch]} warm-up + "
+            f"{repeats[batch]} alternating rounds"
+        )
         measured = run_alternating(targets, warmup[batch], repeats[batch], clock=clock)
         elapsed = time.perf_counter() - start
         load_after = os.getloadavg()
@@ -184,15 +197,19 @@ def time_model(
             row["ratio_vs_dense_ort"] = base.p50_ms / m.p50_ms
             row["load_avg_1m"] = [load_before[0], load_after[0]]
             rows.append(row)
-        log(f"{name} b{batch}: done in {elapsed:.0f}s (load avg {load_before[0]:.1f} -> "
-            f"{load_after[0]:.1f})")
+        log(
+            f"{name} b{batch}: done in {elapsed:.0f}s (load avg {load_before[0]:.1f} -> "
+            f"{load_after[0]:.1f})"
+        )
     return rows, layers, problems
 
 
 def markdown(report: dict) -> str:
     """The ratio table (vs dense onnxruntime, p50 latency) as markdown."""
     rows = report["results"]
-    runtimes = [r for r in ("ort", "deepsparse", "torch-csr") if any(x["runtime"] == r for x in rows)]
+    runtimes = [
+        r for r in ("ort", "deepsparse", "torch-csr") if any(x["runtime"] == r for x in rows)
+    ]
     batches = sorted({r["batch"] for r in rows})
     head = ["model", "sparsity"]
     for b in batches:
@@ -203,7 +220,9 @@ def markdown(report: dict) -> str:
         for s in sorted({r["sparsity"] for r in rows if r["model"] == model}):
             cells = [model, f"{s}%"]
             for b in batches:
-                base = index.get((model, min(x["sparsity"] for x in rows if x["model"] == model), b, "ort"))
+                base = index.get(
+                    (model, min(x["sparsity"] for x in rows if x["model"] == model), b, "ort")
+                )
                 cells.append(f"{base['p50_ms']:.1f}" if base else "")
                 for rt in runtimes:
                     r = index.get((model, s, b, rt))
@@ -236,8 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", default="1:15,16:3", help="rounds per batch size, BATCH:N,...")
     p.add_argument("--warmup", default="1:2,16:1", help="warm-up calls per batch size")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="cpu: process CPU time, for a busy shared machine (use --threads 1)")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: process CPU time, for a busy shared machine (use --threads 1)",
+    )
     p.add_argument("--deepsparse-python", default=None)
     p.add_argument("--workdir", type=Path, default=ROOT / "results" / "tmp")
     p.add_argument("--out", type=Path, default=ROOT / "results")
@@ -289,8 +312,16 @@ def main(argv: list[str] | None = None) -> int:
         for name in models:
             folders = prepare(name, sparsities, args.workdir, args.reuse)
             rows, lay, probs = time_model(
-                name, folders, batch_sizes, args.seq_len, runtimes, repeats, warmup, worker,
-                threads, args.clock,
+                name,
+                folders,
+                batch_sizes,
+                args.seq_len,
+                runtimes,
+                repeats,
+                warmup,
+                worker,
+                threads,
+                args.clock,
             )
             results += rows
             layers.update(lay)
@@ -299,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         if worker is not None:
             worker.close()
     report = {
-        "command": "python benchmarks/latency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/latency.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "seq_len": args.seq_len,
         "clock": args.clock,
         "sparsities": sparsities,

@@ -114,9 +114,16 @@ def _batches(args, tokenizer, info, task_train):
     from recipec.train.data import make_dataloader
 
     n = max(1, min(args.num_grads, args.distinct_batches))
-    loader = make_dataloader(task_train, tokenizer, info, batch_size=args.batch_size,
-                             max_seq_length=args.seq_len, shuffle=True, seed=0,
-                             pad_to_multiple_of=None if args.dynamic_padding else args.seq_len)
+    loader = make_dataloader(
+        task_train,
+        tokenizer,
+        info,
+        batch_size=args.batch_size,
+        max_seq_length=args.seq_len,
+        shuffle=True,
+        seed=0,
+        pad_to_multiple_of=None if args.dynamic_padding else args.seq_len,
+    )
     out = []
     for batch in loader:
         out.append(batch)
@@ -134,8 +141,13 @@ def _load(args):
 
     data = Path(args.data)
     if data.is_dir():
-        task = load_task("sst2", str(data), max_train=max(2000, args.batch_size * args.distinct_batches),
-                         max_eval=10, seed=0)
+        task = load_task(
+            "sst2",
+            str(data),
+            max_train=max(2000, args.batch_size * args.distinct_batches),
+            max_eval=10,
+            seed=0,
+        )
     else:
         log(f"{data} is absent: using recipec's built-in synthetic sentences")
         task = load_task(None, max_train=2000, max_eval=10, seed=0)
@@ -182,8 +194,14 @@ modifiers:
         "<obert_cost>",
     )
     marks: list[tuple[float, str]] = []
-    program = recipec.compile(recipe, model, None, 1, grad_batches=grad_batches,
-                              progress=lambda msg: marks.append((time.perf_counter(), msg)))
+    program = recipec.compile(
+        recipe,
+        model,
+        None,
+        1,
+        grad_batches=grad_batches,
+        progress=lambda msg: marks.append((time.perf_counter(), msg)),
+    )
     program.ctx.extra["obert_grad_batch"] = args.grad_batch
     (mod,) = [m for m in program.modifiers if isinstance(m, OBertModifier)]
     numels = {n: p.numel() for n, p in mod.targets.items()}
@@ -315,7 +333,11 @@ def merge_reports(old: dict, new: dict) -> dict:
     # Drop runs none of whose rows is left, and number the rest again.
     used = sorted({r["run"] for r in results})
     number = {old_index: i for i, old_index in enumerate(used)}
-    return {**old, "runs": [runs[i] for i in used], "results": [{**r, "run": number[r["run"]]} for r in results]}
+    return {
+        **old,
+        "runs": [runs[i] for i in used],
+        "results": [{**r, "run": number[r["run"]]} for r in results],
+    }
 
 
 def render_md(report: dict) -> str:
@@ -324,8 +346,10 @@ def render_md(report: dict) -> str:
     lines = ["# oBERT pruning-step cost (MiniLM-L6, encoder linears)", ""]
     for i, run in enumerate(runs, 1):
         m = run["machine"]
-        lines.append(f"{i}. `{run['command']}`: {m['cpus']} CPUs, torch {m['torch']}, {m['threads']} thread(s); "
-                     f"load average at start {run['loadavg_start']}, at end {run.get('loadavg_end')}.")
+        lines.append(
+            f"{i}. `{run['command']}`: {m['cpus']} CPUs, torch {m['torch']}, {m['threads']} thread(s); "
+            f"load average at start {run['loadavg_start']}, at end {run.get('loadavg_end')}."
+        )
     settings = sorted({run["setting"] for run in runs})
     lines += [
         "",
@@ -341,7 +365,9 @@ def render_md(report: dict) -> str:
     ]
     for r in report["results"]:
         if "error" in r:
-            lines.append(f"| {r['run'] + 1} | {r['num_grads']} | {r['grad_batch']} | failed: {r['error']} |")
+            lines.append(
+                f"| {r['run'] + 1} | {r['num_grads']} | {r['grad_batch']} | failed: {r['error']} |"
+            )
             continue
         lines.append(
             f"| {r['run'] + 1} | {r['num_grads']} | {r['grad_batch']} | {r['step_seconds']:.1f} | "
@@ -377,30 +403,57 @@ def render_md(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-grads", type=int, nargs="+", default=[64, 256],
-                        help="m values to run (the paper uses 1024; the ratio hardly depends on m)")
-    parser.add_argument("--grad-batch", type=int, nargs="+", default=[1, 16],
-                        help="gradients per inverse update: 1 = rank-1 (default in recipes), k = rank-k")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--num-grads",
+        type=int,
+        nargs="+",
+        default=[64, 256],
+        help="m values to run (the paper uses 1024; the ratio hardly depends on m)",
+    )
+    parser.add_argument(
+        "--grad-batch",
+        type=int,
+        nargs="+",
+        default=[1, 16],
+        help="gradients per inverse update: 1 = rank-1 (default in recipes), k = rank-k",
+    )
     parser.add_argument("--block-size", type=int, default=50)
     parser.add_argument("--damp", type=float, default=1e-7)
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--dynamic-padding", action="store_true",
-                        help="pad each batch to its longest sentence instead of --seq-len")
-    parser.add_argument("--standalone-grads", type=int, default=16,
-                        help="gradients timed alone (half before, half after the step)")
+    parser.add_argument(
+        "--dynamic-padding",
+        action="store_true",
+        help="pad each batch to its longest sentence instead of --seq-len",
+    )
+    parser.add_argument(
+        "--standalone-grads",
+        type=int,
+        default=16,
+        help="gradients timed alone (half before, half after the step)",
+    )
     parser.add_argument("--distinct-batches", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="SST-2 folder (train.tsv)")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
-    parser.add_argument("--quick", action="store_true", help="smoke run: m=8, k in {1, 4}, 4 standalone")
-    parser.add_argument("--render", action="store_true",
-                        help="only rewrite obert_cost.md from an existing obert_cost.json in --out")
-    parser.add_argument("--append", action="store_true",
-                        help="add this run's rows to the existing obert_cost.json in --out (a row "
-                             "measured again replaces the old one) instead of starting a new report")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: m=8, k in {1, 4}, 4 standalone"
+    )
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="only rewrite obert_cost.md from an existing obert_cost.json in --out",
+    )
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add this run's rows to the existing obert_cost.json in --out (a row "
+        "measured again replaces the old one) instead of starting a new report",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -413,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.render:
         if not (args.out / "obert_cost.json").is_file():
-            parser.error(f"--render: {args.out / 'obert_cost.json'} does not exist (run the benchmark first)")
+            parser.error(
+                f"--render: {args.out / 'obert_cost.json'} does not exist (run the benchmark first)"
+            )
         report = json.loads((args.out / "obert_cost.json").read_text())
         (args.out / "obert_cost.md").write_text(render_md(report))
         print(render_md(report))
@@ -423,14 +478,21 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     report = {
-        "command": "python benchmarks/obert_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform(),
-                    "threads": args.threads or torch.get_num_threads()},
-        "setting": (f"all-MiniLM-L6-v2 + new 2-label head, eval mode; {args.batch_size} sentences per "
-                    f"gradient, {'dynamic padding' if args.dynamic_padding else f'padded to {args.seq_len} tokens'}; "
-                    f"global unstructured one-shot to {args.sparsity:.0%} of the encoder linears; "
-                    f"B={args.block_size}, damp={args.damp:g}; data "
-                    f"{'SST-2 train' if Path(args.data).is_dir() else 'built-in synthetic'}"),
+        "command": "python benchmarks/obert_cost.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "threads": args.threads or torch.get_num_threads(),
+        },
+        "setting": (
+            f"all-MiniLM-L6-v2 + new 2-label head, eval mode; {args.batch_size} sentences per "
+            f"gradient, {'dynamic padding' if args.dynamic_padding else f'padded to {args.seq_len} tokens'}; "
+            f"global unstructured one-shot to {args.sparsity:.0%} of the encoder linears; "
+            f"B={args.block_size}, damp={args.damp:g}; data "
+            f"{'SST-2 train' if Path(args.data).is_dir() else 'built-in synthetic'}"
+        ),
         "loadavg_start": loadavg(),
         "goal": GOAL,
         "sparseml_ratio": SPARSEML,
@@ -452,27 +514,53 @@ def main(argv: list[str] | None = None) -> int:
             log(f"m={m} grad_batch={k} ...")
             with tempfile.TemporaryDirectory() as tmp:
                 res_path = Path(tmp) / "result.json"
-                cmd = [sys.executable, __file__, "--worker", "--result", str(res_path),
-                       "--num-grads", str(m), "--grad-batch", str(k), "--block-size", str(args.block_size),
-                       "--damp", repr(args.damp), "--sparsity", repr(args.sparsity),
-                       "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-                       "--standalone-grads", str(args.standalone_grads),
-                       "--distinct-batches", str(args.distinct_batches), "--threads", str(args.threads),
-                       "--data", args.data]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    "--result",
+                    str(res_path),
+                    "--num-grads",
+                    str(m),
+                    "--grad-batch",
+                    str(k),
+                    "--block-size",
+                    str(args.block_size),
+                    "--damp",
+                    repr(args.damp),
+                    "--sparsity",
+                    repr(args.sparsity),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--seq-len",
+                    str(args.seq_len),
+                    "--standalone-grads",
+                    str(args.standalone_grads),
+                    "--distinct-batches",
+                    str(args.distinct_batches),
+                    "--threads",
+                    str(args.threads),
+                    "--data",
+                    args.data,
+                ]
                 if args.dynamic_padding:
                     cmd.append("--dynamic-padding")
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0 or not res_path.exists():
                     tail = (proc.stderr or "").strip().splitlines()[-3:]
                     log(f"  failed: {' | '.join(tail)}")
-                    report["results"].append({"num_grads": m, "grad_batch": k, "error": " ".join(tail)[-300:]})
+                    report["results"].append(
+                        {"num_grads": m, "grad_batch": k, "error": " ".join(tail)[-300:]}
+                    )
                     continue
                 res = json.loads(res_path.read_text())
             report["results"].append(res)
-            log(f"  step {res['step_seconds']:.1f} s, its gradients {res['grad_seconds_in_step']:.1f} s -> "
+            log(
+                f"  step {res['step_seconds']:.1f} s, its gradients {res['grad_seconds_in_step']:.1f} s -> "
                 f"ratio {res['ratio_in_step']:.2f} (vs gradients alone {res['ratio']:.2f}); Fisher updates "
                 f"{res['fisher_update_seconds']:.1f} s, score+mask+OBS {res['score_mask_update_seconds']:.1f} s; "
-                f"peak RSS +{_gb(res['rss_delta_bytes'])} GiB vs estimate {_gb(res['estimate_total_bytes'])} GiB")
+                f"peak RSS +{_gb(res['rss_delta_bytes'])} GiB vs estimate {_gb(res['estimate_total_bytes'])} GiB"
+            )
             # Write after every configuration: a long run leaves partial results behind.
             report["loadavg_end"] = loadavg()
             save()

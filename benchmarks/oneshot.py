@@ -46,15 +46,25 @@ def log(msg: str) -> None:
 
 
 def default_cache() -> Path:
-    root = os.environ.get("RECIPEC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "recipec")
+    root = os.environ.get("RECIPEC_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "recipec"
+    )
     return Path(root) / "oneshot"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="SST-2 folder with train.tsv and dev.tsv")
-    p.add_argument("--model", default=None, help="model folder or name (default: the embedded MiniLM-L6)")
-    p.add_argument("--train-examples", type=int, default=20000, help="fine-tuning subset of SST-2 train")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data", default=str(DEFAULT_DATA), help="SST-2 folder with train.tsv and dev.tsv"
+    )
+    p.add_argument(
+        "--model", default=None, help="model folder or name (default: the embedded MiniLM-L6)"
+    )
+    p.add_argument(
+        "--train-examples", type=int, default=20000, help="fine-tuning subset of SST-2 train"
+    )
     p.add_argument("--steps", type=int, default=600, help="fine-tuning optimizer steps")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -65,18 +75,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-grads", type=int, default=128, help="oBERT m")
     p.add_argument("--grad-batch-size", type=int, default=16, help="sentences per oBERT gradient")
     p.add_argument("--block-size", type=int, default=50, help="oBERT Fisher block B")
-    p.add_argument("--damps", type=float, nargs="+", default=[1e-9, 1e-8, 1e-7, 1e-6, 1e-5],
-                   help="oBERT dampening candidates (chosen on held-out train examples)")
+    p.add_argument(
+        "--damps",
+        type=float,
+        nargs="+",
+        default=[1e-9, 1e-8, 1e-7, 1e-6, 1e-5],
+        help="oBERT dampening candidates (chosen on held-out train examples)",
+    )
     p.add_argument("--recomputations", type=int, default=1)
-    p.add_argument("--grad-batch", type=int, default=16,
-                   help="gradients per rank-k Woodbury update (1 = exact rank-1; same Fisher up to rounding)")
-    p.add_argument("--tune-examples", type=int, default=1000,
-                   help="held-out SST-2 train examples used to choose the damp")
+    p.add_argument(
+        "--grad-batch",
+        type=int,
+        default=16,
+        help="gradients per rank-k Woodbury update (1 = exact rank-1; same Fisher up to rounding)",
+    )
+    p.add_argument(
+        "--tune-examples",
+        type=int,
+        default=1000,
+        help="held-out SST-2 train examples used to choose the damp",
+    )
     p.add_argument("--max-eval", type=int, default=None, help="dev examples (default: all 872)")
-    p.add_argument("--cache", type=Path, default=None, help="dense model cache (default: $RECIPEC_CACHE/oneshot)")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="dense model cache (default: $RECIPEC_CACHE/oneshot)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "results")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads (0: torch's default; 1 is ~3x faster on a busy 2-core machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default; 1 is ~3x faster on a busy 2-core machine)",
+    )
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -107,9 +139,19 @@ def load_splits(args):
 def _key(args, modifiers: str = "") -> str:
     from recipec.train.models import resolve_model_path
 
-    parts = ["oneshot-dense-v1", str(resolve_model_path(args.model)), str(Path(args.data).resolve()),
-             args.train_examples, args.tune_examples, args.steps, args.batch_size, args.lr,
-             _warmup(args), args.max_seq_length, args.seed]
+    parts = [
+        "oneshot-dense-v1",
+        str(resolve_model_path(args.model)),
+        str(Path(args.data).resolve()),
+        args.train_examples,
+        args.tune_examples,
+        args.steps,
+        args.batch_size,
+        args.lr,
+        _warmup(args),
+        args.max_seq_length,
+        args.seed,
+    ]
     if modifiers:
         parts.append(modifiers)
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
@@ -167,8 +209,10 @@ modifiers: {"[]" if not modifiers else chr(10) + modifiers}
             log(msg)
 
         program = recipec.compile(recipe, model, optimizer, spe, progress=progress)
-    log(f"fine-tuning dense: {args.steps} steps x {args.batch_size} of {len(train)} SST-2 train examples "
-        f"(lr {args.lr:g}, warm-up {_warmup(args)}, dynamic padding, max {args.max_seq_length} tokens)")
+    log(
+        f"fine-tuning dense: {args.steps} steps x {args.batch_size} of {len(train)} SST-2 train examples "
+        f"(lr {args.lr:g}, warm-up {_warmup(args)}, dynamic padding, max {args.max_seq_length} tokens)"
+    )
     last = [time.perf_counter()]
 
     def on_step(step, rec):
@@ -176,12 +220,28 @@ modifiers: {"[]" if not modifiers else chr(10) + modifiers}
             last[0] = time.perf_counter()
             log(f"  step {step}/{args.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e}")
 
-    result = train_stage(model=model, tokenizer=tokenizer, info=info, train_examples=train, eval_examples=dev,
-                         plan=plan, optimizer=optimizer, program=program, on_step=on_step)
-    final = result.final_eval or evaluate(model, dev, tokenizer, info, batch_size=64,
-                                          max_seq_length=args.max_seq_length, device="cpu")
-    record = {"dev": final, "train_seconds": result.seconds, "steps": args.steps,
-              "train_examples": len(train), "path": str(done), "modifier_log": messages}
+    result = train_stage(
+        model=model,
+        tokenizer=tokenizer,
+        info=info,
+        train_examples=train,
+        eval_examples=dev,
+        plan=plan,
+        optimizer=optimizer,
+        program=program,
+        on_step=on_step,
+    )
+    final = result.final_eval or evaluate(
+        model, dev, tokenizer, info, batch_size=64, max_seq_length=args.max_seq_length, device="cpu"
+    )
+    record = {
+        "dev": final,
+        "train_seconds": result.seconds,
+        "steps": args.steps,
+        "train_examples": len(train),
+        "path": str(done),
+        "modifier_log": messages,
+    }
     tmp = cache / ".model-tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -191,14 +251,18 @@ modifiers: {"[]" if not modifiers else chr(10) + modifiers}
         shutil.rmtree(done)
     os.replace(tmp, done)
     (cache / "dense.json").write_text(json.dumps(record, indent=2))
-    log(f"dense dev accuracy {final['accuracy']:.4f} ({result.seconds / 60:.1f} min); cached at {done}")
+    log(
+        f"dense dev accuracy {final['accuracy']:.4f} ({result.seconds / 60:.1f} min); cached at {done}"
+    )
     return model, tokenizer, record
 
 
 # ------------------------------------------------------------------------------- pruning
 
 
-def prune_one_shot(model, method: str, sparsity: float, args, grad_batches=None, damp: float | None = None):
+def prune_one_shot(
+    model, method: str, sparsity: float, args, grad_batches=None, damp: float | None = None
+):
     """Compile a one-step recipe (``gmp`` or ``obert``) and prune at step 0; returns its record."""
     import recipec
     from recipec.recipe.load import load_recipe_text
@@ -232,8 +296,11 @@ modifiers:
     program.step_start(0)
     seconds = time.perf_counter() - started
     (mod,) = program.modifiers
-    return {"achieved_sparsity": mod.history[-1]["achieved"], "prune_seconds": seconds,
-            "pruned_tensors": len(mod.targets)}
+    return {
+        "achieved_sparsity": mod.history[-1]["achieved"],
+        "prune_seconds": seconds,
+        "pruned_tensors": len(mod.targets),
+    }
 
 
 def run(args) -> dict:
@@ -248,13 +315,27 @@ def run(args) -> dict:
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def ev(examples):
-        return evaluate(model, examples, tokenizer, info, batch_size=64, max_seq_length=args.max_seq_length,
-                        device="cpu")["accuracy"]
+        return evaluate(
+            model,
+            examples,
+            tokenizer,
+            info,
+            batch_size=64,
+            max_seq_length=args.max_seq_length,
+            device="cpu",
+        )["accuracy"]
 
     def grad_batches(batch_size: int):
         # The same seeded mini-batches (dynamic padding) for every run: damps compare fairly.
-        loader = make_dataloader(train, tokenizer, info, batch_size=batch_size,
-                                 max_seq_length=args.max_seq_length, shuffle=True, seed=args.seed + 1)
+        loader = make_dataloader(
+            train,
+            tokenizer,
+            info,
+            batch_size=batch_size,
+            max_seq_length=args.max_seq_length,
+            shuffle=True,
+            seed=args.seed + 1,
+        )
         return iter(loader)
 
     dense_dev = ev(dev)
@@ -273,8 +354,10 @@ def run(args) -> dict:
             torch.manual_seed(args.seed)
             rec = prune_one_shot(model, "obert", s, args, grad_batches=grad_batches, damp=damp)
             rec.update(method="obert", sparsity=s, damp=damp, dev=ev(dev), tune=ev(tune))
-            log(f"{s:.0%} oBERT damp {damp:g}: dev {rec['dev']:.4f} (tune {rec['tune']:.4f}), "
-                f"{rec['prune_seconds']:.0f} s")
+            log(
+                f"{s:.0%} oBERT damp {damp:g}: dev {rec['dev']:.4f} (tune {rec['tune']:.4f}), "
+                f"{rec['prune_seconds']:.0f} s"
+            )
             sweep.append(rec)
         best = max(sweep, key=lambda r: (r["tune"], -r["damp"]))
         for r in sweep:
@@ -282,7 +365,11 @@ def run(args) -> dict:
         rows.extend(sweep)
     model.load_state_dict(dense_state)
     return {
-        "dense": {"dev": dense_dev, "tune": dense_tune, **{k: v for k, v in dense_rec.items() if k != "dev"}},
+        "dense": {
+            "dev": dense_dev,
+            "tune": dense_tune,
+            **{k: v for k, v in dense_rec.items() if k != "dev"},
+        },
         "rows": rows,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "dev_examples": len(dev),
@@ -315,16 +402,32 @@ def render_md(report: dict) -> str:
     ]
     for s in st["sparsities"]:
         mag = next(r for r in report["rows"] if r["method"] == "magnitude" and r["sparsity"] == s)
-        ob = next(r for r in report["rows"] if r["method"] == "obert" and r["sparsity"] == s and r["chosen"])
-        lines.append(f"| {100 * s:.0f}% | {100 * mag['dev']:.2f} | **{100 * ob['dev']:.2f}** | "
-                     f"{100 * (ob['dev'] - mag['dev']):+.2f} | {ob['damp']:g} |")
-    lines += ["", "All runs (tune = held-out train accuracy used for the choice):", "",
-              "| sparsity | method | damp | achieved | tune acc | dev acc | prune time s |",
-              "|---:|---|---:|---:|---:|---:|---:|"]
+        ob = next(
+            r
+            for r in report["rows"]
+            if r["method"] == "obert" and r["sparsity"] == s and r["chosen"]
+        )
+        lines.append(
+            f"| {100 * s:.0f}% | {100 * mag['dev']:.2f} | **{100 * ob['dev']:.2f}** | "
+            f"{100 * (ob['dev'] - mag['dev']):+.2f} | {ob['damp']:g} |"
+        )
+    lines += [
+        "",
+        "All runs (tune = held-out train accuracy used for the choice):",
+        "",
+        "| sparsity | method | damp | achieved | tune acc | dev acc | prune time s |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for r in report["rows"]:
-        damp = f"{r['damp']:g}" + (" (chosen)" if r.get("chosen") else "") if r["method"] == "obert" else "-"
-        lines.append(f"| {100 * r['sparsity']:.0f}% | {r['method']} | {damp} | {100 * r['achieved_sparsity']:.2f}% | "
-                     f"{100 * r['tune']:.2f} | {100 * r['dev']:.2f} | {r['prune_seconds']:.1f} |")
+        damp = (
+            f"{r['damp']:g}" + (" (chosen)" if r.get("chosen") else "")
+            if r["method"] == "obert"
+            else "-"
+        )
+        lines.append(
+            f"| {100 * r['sparsity']:.0f}% | {r['method']} | {damp} | {100 * r['achieved_sparsity']:.2f}% | "
+            f"{100 * r['tune']:.2f} | {100 * r['dev']:.2f} | {r['prune_seconds']:.1f} |"
+        )
     lines += ["", f"Wall time {report['wall_seconds'] / 60:.1f} min; machine: {report['machine']}."]
     return "\n".join(lines) + "\n"
 
@@ -340,10 +443,15 @@ def run_benchmark(name: str, args, run_fn, render_fn, argv: list[str] | None) ->
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    report = {"command": f"python benchmarks/{name}.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    report = {
+        "command": f"python benchmarks/{name}.py "
+        + " ".join(argv if argv is not None else sys.argv[1:])
+    }
     report.update(run_fn(args))
     report["wall_seconds"] = time.perf_counter() - started
-    report["machine"] = f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), {platform.machine()}"
+    report["machine"] = (
+        f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), {platform.machine()}"
+    )
     text = render_fn(report)
     save_report(args.out, name, report, text)
     print(text)

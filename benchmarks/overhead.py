@@ -56,13 +56,21 @@ def build_model(name: str) -> torch.nn.Module:
 
     if name == "tiny":
         torch.manual_seed(0)
-        config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=128, max_position_embeddings=512)
+        config = BertConfig(
+            vocab_size=1000,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=512,
+        )
         return BertForSequenceClassification(config)
     from recipec.train.models import embedded_model_dir
 
     torch.manual_seed(0)  # the new classification head
-    return AutoModelForSequenceClassification.from_pretrained(str(embedded_model_dir()), num_labels=2)
+    return AutoModelForSequenceClassification.from_pretrained(
+        str(embedded_model_dir()), num_labels=2
+    )
 
 
 def make_recipe(total: int, warmup: int, final_sparsity: float) -> tuple[str, dict]:
@@ -73,18 +81,47 @@ def make_recipe(total: int, warmup: int, final_sparsity: float) -> tuple[str, di
     data = {
         "training": {"steps": total},
         "modifiers": [
-            {"type": "gmp", "init_sparsity": 0.3, "final_sparsity": final_sparsity, "start_step": start,
-             "end_step": end, "update_every_steps": every, "scope": "global", "schedule": "cubic"},
-            {"type": "lr", "schedule": "linear", "init_lr": 5e-5, "final_lr": 5e-6, "end_step": start},
-            {"type": "lr", "schedule": "cyclic_linear", "init_lr": 5e-5, "final_lr": 5e-6, "cycle_steps": every,
-             "start_step": start, "end_step": end},
-            {"type": "lr", "schedule": "linear", "init_lr": 5e-5, "final_lr": 0.0, "start_step": end},
+            {
+                "type": "gmp",
+                "init_sparsity": 0.3,
+                "final_sparsity": final_sparsity,
+                "start_step": start,
+                "end_step": end,
+                "update_every_steps": every,
+                "scope": "global",
+                "schedule": "cubic",
+            },
+            {
+                "type": "lr",
+                "schedule": "linear",
+                "init_lr": 5e-5,
+                "final_lr": 5e-6,
+                "end_step": start,
+            },
+            {
+                "type": "lr",
+                "schedule": "cyclic_linear",
+                "init_lr": 5e-5,
+                "final_lr": 5e-6,
+                "cycle_steps": every,
+                "start_step": start,
+                "end_step": end,
+            },
+            {
+                "type": "lr",
+                "schedule": "linear",
+                "init_lr": 5e-5,
+                "final_lr": 0.0,
+                "start_step": end,
+            },
         ],
     }
     return yaml.safe_dump(data, sort_keys=False), data
 
 
-def make_batches(vocab: int, n: int, batch_size: int, seq_len: int) -> list[dict[str, torch.Tensor]]:
+def make_batches(
+    vocab: int, n: int, batch_size: int, seq_len: int
+) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(1234)
     low = min(1000, vocab // 2)  # skip [PAD]/[CLS]/... in the real vocabulary
     return [
@@ -97,7 +134,9 @@ def make_batches(vocab: int, n: int, batch_size: int, seq_len: int) -> list[dict
     ]
 
 
-def start_ab_run(script: str, args, argv: list[str] | None, log) -> tuple[str, torch.nn.Module, list]:
+def start_ab_run(
+    script: str, args, argv: list[str] | None, log
+) -> tuple[str, torch.nn.Module, list]:
     """Shared start of the A/B training-step benchmarks: torch threads, the command line as
     run, the model in train mode, and 4 random batches of ``--batch-size`` x ``--seq-len``."""
     if args.threads:
@@ -231,7 +270,9 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_ab_training_options(parser, rounds=8, block=4, what="")
     parser.add_argument("--final-sparsity", type=float, default=0.9)
     args = parser.parse_args(argv)
@@ -249,8 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     for step in range(args.warmup):
         batch = batches[step % len(batches)]
-        log(f"warm-up {step + 1}/{args.warmup}: A {plain.step(step, batch):.2f}s, "
-            f"B {with_recipe.step(step, batch):.2f}s")
+        log(
+            f"warm-up {step + 1}/{args.warmup}: A {plain.step(step, batch):.2f}s, "
+            f"B {with_recipe.step(step, batch):.2f}s"
+        )
 
     plain_times: dict[int, float] = {}
     recipe_times: dict[int, float] = {}
@@ -271,11 +314,20 @@ def main(argv: list[str] | None = None) -> int:
         b = [recipe_times[s] for s in range(first_b, step_b) if s not in pruning_steps]
         a_med = statistics.median(a)
         b_med = statistics.median(b) if b else None
-        rounds.append({"round": r + 1, "order": order, "plain_median_s": a_med, "recipe_median_s": b_med,
-                       "ratio": None if b_med is None else b_med / a_med,
-                       "pruning_steps": sorted(s for s in range(first_b, step_b) if s in pruning_steps)})
-        log(f"round {r + 1}/{args.rounds} ({order}): A {a_med:.3f}s, B {b_med if b_med is None else round(b_med, 3)}s"
-            + ("" if b_med is None else f", B/A {b_med / a_med:.3f}"))
+        rounds.append(
+            {
+                "round": r + 1,
+                "order": order,
+                "plain_median_s": a_med,
+                "recipe_median_s": b_med,
+                "ratio": None if b_med is None else b_med / a_med,
+                "pruning_steps": sorted(s for s in range(first_b, step_b) if s in pruning_steps),
+            }
+        )
+        log(
+            f"round {r + 1}/{args.rounds} ({order}): A {a_med:.3f}s, B {b_med if b_med is None else round(b_med, 3)}s"
+            + ("" if b_med is None else f", B/A {b_med / a_med:.3f}")
+        )
     program.finalize()
     load_end = os.getloadavg()
 
@@ -290,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         "median_plain_s": med_a,
         "median_recipe_s": med_b,
         "ratio_of_medians": med_b / med_a,
-        "median_round_ratio": statistics.median(r["ratio"] for r in rounds if r["ratio"] is not None),
+        "median_round_ratio": statistics.median(
+            r["ratio"] for r in rounds if r["ratio"] is not None
+        ),
         "goal": GOAL,
         "goal_met": med_b / med_a <= GOAL,
         # Robust to machine noise: time inside the hooks only, relative to a plain step.
@@ -298,9 +352,13 @@ def main(argv: list[str] | None = None) -> int:
         "hooks_max_ms": 1000.0 * max(hooks),
         "hooks_ratio": 1.0 + statistics.median(hooks) / med_a,
         "pruning_events": len(history),
-        "prune_compute_median_s": statistics.median(h["seconds"] for h in history) if history else 0.0,
+        "prune_compute_median_s": statistics.median(h["seconds"] for h in history)
+        if history
+        else 0.0,
         "prune_compute_max_s": max((h["seconds"] for h in history), default=0.0),
-        "prune_step_extra_median_s": statistics.median(t - med_b for t in pruning_b) if pruning_b else 0.0,
+        "prune_step_extra_median_s": statistics.median(t - med_b for t in pruning_b)
+        if pruning_b
+        else 0.0,
         "apply_masks_ms": median_ms(masks.apply_),
         "mask_grads_ms": _mask_grads_ms(masks),
         "final_sparsity": program.sparsity()[0],
@@ -310,17 +368,27 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "overhead",
         "command": command,
         "config": {
-            "model": "all-MiniLM-L6-v2 (embedded), AutoModelForSequenceClassification" if args.model == "minilm"
+            "model": "all-MiniLM-L6-v2 (embedded), AutoModelForSequenceClassification"
+            if args.model == "minilm"
             else "tiny random BERT",
             "params": params,
             "target_params": sum(m.numel() for m in masks.masks.values()),
-            "batch_size": args.batch_size, "seq_len": args.seq_len, "rounds": args.rounds, "block": args.block,
-            "warmup": args.warmup, "max_grad_norm": args.max_grad_norm, "recipe": recipe_data,
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "rounds": args.rounds,
+            "block": args.block,
+            "warmup": args.warmup,
+            "max_grad_norm": args.max_grad_norm,
+            "recipe": recipe_data,
         },
         "machine": {
-            "cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "loadavg_start": [round(x, 2) for x in load_start], "loadavg_end": [round(x, 2) for x in load_end],
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "loadavg_start": [round(x, 2) for x in load_start],
+            "loadavg_end": [round(x, 2) for x in load_end],
         },
         "summary": summary,
         "rounds": rounds,

@@ -95,8 +95,10 @@ def run_sparsity(base: torch.nn.Module, sparsity: float, args, batches) -> dict:
     sparse = Arm(model, args.max_grad_norm, sparse=True)
     for step in range(args.warmup):
         batch = batches[step % len(batches)]
-        log(f"{100 * sparsity:.0f}%: warm-up {step + 1}/{args.warmup}: A {dense.step(step, batch):.2f}s, "
-            f"B {sparse.step(step, batch):.2f}s")
+        log(
+            f"{100 * sparsity:.0f}%: warm-up {step + 1}/{args.warmup}: A {dense.step(step, batch):.2f}s, "
+            f"B {sparse.step(step, batch):.2f}s"
+        )
     times = {"A": [], "B": []}
     rounds = []
     next_step = {"A": args.warmup, "B": args.warmup}
@@ -113,10 +115,14 @@ def run_sparsity(base: torch.nn.Module, sparsity: float, args, batches) -> dict:
         times["B"] += block["B"]
         a, b = statistics.median(block["A"]), statistics.median(block["B"])
         rounds.append({"round": r + 1, "order": order, "dense_s": a, "sparse_s": b, "ratio": a / b})
-        log(f"{100 * sparsity:.0f}%: round {r + 1}/{args.rounds} ({order}): dense {a:.3f}s, sparse {b:.3f}s, "
-            f"speedup {a / b:.2f}x")
-    worst = max(float((p.detach() - q.detach()).abs().max())
-                for p, q in zip(dense.model.parameters(), sparse.model.parameters()))
+        log(
+            f"{100 * sparsity:.0f}%: round {r + 1}/{args.rounds} ({order}): dense {a:.3f}s, sparse {b:.3f}s, "
+            f"speedup {a / b:.2f}x"
+        )
+    worst = max(
+        float((p.detach() - q.detach()).abs().max())
+        for p, q in zip(dense.model.parameters(), sparse.model.parameters())
+    )
     med_a, med_b = statistics.median(times["A"]), statistics.median(times["B"])
     return {
         "sparsity": sparsity,
@@ -152,17 +158,32 @@ def _layer_parts(rows: int, cols: int, sparsity: float, tokens: int, repeats: in
     idx = (layout.indptr.numpy(), layout.indices.numpy())
     w, xg = weight.clone().requires_grad_(), x.clone().requires_grad_()
     parts = {
-        "transposes (4)": lambda: (transpose_2d(x), transpose_2d(torch.empty(rows, tokens)),
-                                   transpose_2d(grad_out), transpose_2d(torch.empty(cols, tokens))),
-        "zero-filled buffers": lambda: (torch.zeros(rows, tokens), torch.zeros(cols, tokens),
-                                        torch.zeros(layout.nnz), torch.zeros(rows * cols)),
+        "transposes (4)": lambda: (
+            transpose_2d(x),
+            transpose_2d(torch.empty(rows, tokens)),
+            transpose_2d(grad_out),
+            transpose_2d(torch.empty(cols, tokens)),
+        ),
+        "zero-filled buffers": lambda: (
+            torch.zeros(rows, tokens),
+            torch.zeros(cols, tokens),
+            torch.zeros(layout.nnz),
+            torch.zeros(rows * cols),
+        ),
         "forward kernel": lambda: kernels.sparse_linear_vectorized_forward(
-            xt.numpy(), *idx, values.numpy(), torch.zeros(rows, tokens).numpy()),
+            xt.numpy(), *idx, values.numpy(), torch.zeros(rows, tokens).numpy()
+        ),
         "backward kernel": lambda: kernels.sparse_linear_vectorized_backward(
-            xt.numpy(), *idx, values.numpy(), got.numpy(), torch.zeros(cols, tokens).numpy(),
-            torch.zeros(layout.nnz).numpy()),
+            xt.numpy(),
+            *idx,
+            values.numpy(),
+            got.numpy(),
+            torch.zeros(cols, tokens).numpy(),
+            torch.zeros(layout.nnz).numpy(),
+        ),
         "dense F.linear forward + backward": lambda: torch.autograd.grad(
-            torch.nn.functional.linear(xg, w), [xg, w], grad_out),
+            torch.nn.functional.linear(xg, w), [xg, w], grad_out
+        ),
     }
     row = {"shape": [rows, cols], "sparsity": sparsity, "tokens": tokens}
     for name, fn in parts.items():
@@ -201,17 +222,28 @@ def markdown(report: dict) -> str:
     parts = report.get("layer_breakdown") or []
     if parts:
         names = [k for k in parts[0] if k not in ("shape", "sparsity", "tokens")]
-        lines += ["", f"One layer at {100 * parts[0]['sparsity']:.0f}% zeros, {parts[0]['tokens']} tokens, median ms "
-                  "of each part of its sparse forward + backward (the kernels' zero-filled outputs included in "
-                  "their times too):", "",
-                  "| layer (out x in) | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+        lines += [
+            "",
+            f"One layer at {100 * parts[0]['sparsity']:.0f}% zeros, {parts[0]['tokens']} tokens, median ms "
+            "of each part of its sparse forward + backward (the kernels' zero-filled outputs included in "
+            "their times too):",
+            "",
+            "| layer (out x in) | " + " | ".join(names) + " |",
+            "| --- |" + " ---: |" * len(names),
+        ]
         for row in parts:
-            lines.append(f"| {row['shape'][0]}x{row['shape'][1]} | " + " | ".join(f"{row[n]:.1f}" for n in names) + " |")
+            lines.append(
+                f"| {row['shape'][0]}x{row['shape'][1]} | "
+                + " | ".join(f"{row[n]:.1f}" for n in names)
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_ab_training_options(parser, rounds=4, block=3, what=" per sparsity")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.8, 0.9, 0.95])
     args = parser.parse_args(argv)
@@ -222,22 +254,34 @@ def main(argv: list[str] | None = None) -> int:
     load_start = loadavg()
     results = [run_sparsity(base, s, args, batches) for s in args.sparsities]
     hidden, inner = base.config.hidden_size, base.config.intermediate_size
-    breakdown = layer_breakdown([(hidden, hidden), (inner, hidden), (hidden, inner)], 0.9,
-                                args.batch_size * args.seq_len)
+    breakdown = layer_breakdown(
+        [(hidden, hidden), (inner, hidden), (hidden, inner)], 0.9, args.batch_size * args.seq_len
+    )
     from importlib.metadata import version
 
     report = {
         "benchmark": "sparse_backprop",
         "command": command,
         "config": {
-            "model": "all-MiniLM-L6-v2 (embedded)" if args.model == "minilm" else "tiny random BERT",
-            "batch_size": args.batch_size, "seq_len": args.seq_len, "max_grad_norm": args.max_grad_norm,
-            "rounds": args.rounds, "block": args.block, "warmup": args.warmup,
+            "model": "all-MiniLM-L6-v2 (embedded)"
+            if args.model == "minilm"
+            else "tiny random BERT",
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "max_grad_norm": args.max_grad_norm,
+            "rounds": args.rounds,
+            "block": args.block,
+            "warmup": args.warmup,
         },
         "machine": {
-            "cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "sparseprop": version("sparseprop"),
-            "loadavg_start": load_start, "loadavg_end": loadavg(),
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "sparseprop": version("sparseprop"),
+            "loadavg_start": load_start,
+            "loadavg_end": loadavg(),
         },
         "results": results,
         "layer_breakdown": breakdown,

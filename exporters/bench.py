@@ -258,8 +258,10 @@ def check_seq_len(folder: Path, seq_len: int):
         raise CheckpointError(f"{folder}: cannot read config.json: {exc}") from None
     positions = max_sequence_length(config)
     if positions is not None and seq_len > positions:
-        raise BenchError(f"--seq-len {seq_len} is longer than this model takes ({positions} tokens, "
-                         f"max_position_embeddings in {folder / 'config.json'})")
+        raise BenchError(
+            f"--seq-len {seq_len} is longer than this model takes ({positions} tokens, "
+            f"max_position_embeddings in {folder / 'config.json'})"
+        )
     return config
 
 
@@ -343,8 +345,9 @@ def bench(
         folder = resolve_folder(path, workdir, log, seq_len)
         info = read_sparsity(folder)
         task, names = info["task"], info["inputs"]
-        report.update(model=str(path), folder=str(folder), task=task,
-                      sparsity=info["overall"]["sparsity"])
+        report.update(
+            model=str(path), folder=str(folder), task=task, sparsity=info["overall"]["sparsity"]
+        )
         onnx_sparse = folder / ONNX_FILE
         onnx_dense = dense_twin_onnx(folder, workdir / "dense.onnx") if dense_baseline else None
         config = check_seq_len(folder, seq_len)
@@ -382,12 +385,29 @@ def bench(
                 inputs = bench_inputs(names, task, int(config.vocab_size), batch, seq_len, choices)
                 label = Path(path).name or str(path)
                 targets = _targets_for_batch(
-                    label, active, inputs, batch, seq_len, sess_sparse, sess_dense,
-                    onnx_sparse, onnx_dense, worker, torch_model, torch_dense, masks,
-                    kernels, atol, rtol, report, log,
+                    label,
+                    active,
+                    inputs,
+                    batch,
+                    seq_len,
+                    sess_sparse,
+                    sess_dense,
+                    onnx_sparse,
+                    onnx_dense,
+                    worker,
+                    torch_model,
+                    torch_dense,
+                    masks,
+                    kernels,
+                    atol,
+                    rtol,
+                    report,
+                    log,
                 )
-                log(f"batch {batch}: timing {len(targets)} target(s), {warmup} warm-up + "
-                    f"{repeats} alternating rounds")
+                log(
+                    f"batch {batch}: timing {len(targets)} target(s), {warmup} warm-up + "
+                    f"{repeats} alternating rounds"
+                )
                 try:
                     measurements += run_alternating(targets, warmup, repeats, log=log, clock=clock)
                 finally:
@@ -402,8 +422,24 @@ def bench(
 
 
 def _targets_for_batch(
-    label, active, inputs, batch, seq, sess_sparse, sess_dense, onnx_sparse, onnx_dense,
-    worker, torch_model, torch_dense, masks, kernels, atol, rtol, report, log,
+    label,
+    active,
+    inputs,
+    batch,
+    seq,
+    sess_sparse,
+    sess_dense,
+    onnx_sparse,
+    onnx_dense,
+    worker,
+    torch_model,
+    torch_dense,
+    masks,
+    kernels,
+    atol,
+    rtol,
+    report,
+    log,
 ) -> list[Target]:
     targets = []
     ort_sparse = OrtRunner(sess_sparse, inputs)
@@ -421,8 +457,10 @@ def _targets_for_batch(
                 runner = worker.runner(path, inputs, ref[variant], atol=atol, rtol=rtol)
                 diff = runner.load_info["max_abs_diff"]
                 targets.append(Target(label, "deepsparse", variant, batch, seq, runner, diff))
-                log(f"deepsparse {variant} b{batch}: compiled in "
-                    f"{runner.load_info['compile_s']:.1f}s, max |diff| vs ort {diff:.2e}")
+                log(
+                    f"deepsparse {variant} b{batch}: compiled in "
+                    f"{runner.load_info['compile_s']:.1f}s, max |diff| vs ort {diff:.2e}"
+                )
             except (OutputMismatch, RuntimeUnavailable) as exc:
                 report["refused"].append(str(exc))
                 log(f"deepsparse {variant} b{batch}: REFUSED: {exc}")
@@ -434,8 +472,9 @@ def _targets_for_batch(
             else:
                 runner = TorchRunner(torch_dense, inputs)
             try:
-                diff = check_outputs(f"torch-csr {variant}", runner.outputs(), ref[variant],
-                                     atol, rtol)
+                diff = check_outputs(
+                    f"torch-csr {variant}", runner.outputs(), ref[variant], atol, rtol
+                )
                 targets.append(Target(label, "torch-csr", variant, batch, seq, runner, diff))
             except OutputMismatch as exc:
                 report["refused"].append(str(exc))
@@ -453,11 +492,17 @@ def format_table(report: dict) -> str:
     ratios = {
         (s["model"], s["runtime"], s["batch"], s["seq"]): s for s in report.get("speedups", [])
     }
-    header = f"{'batch':>5}  {'runtime':<11} {'variant':<7} {'p50 ms':>9} {'p90 ms':>9} " \
-             f"{'items/s':>9}  {'vs dense ort':>12}  {'vs same dense':>13}"
+    header = (
+        f"{'batch':>5}  {'runtime':<11} {'variant':<7} {'p50 ms':>9} {'p90 ms':>9} "
+        f"{'items/s':>9}  {'vs dense ort':>12}  {'vs same dense':>13}"
+    )
     lines = [header, "-" * len(header)]
     for m in report.get("results", []):
-        r = ratios.get((m["model"], m["runtime"], m["batch"], m["seq"])) if m["variant"] == "sparse" else None
+        r = (
+            ratios.get((m["model"], m["runtime"], m["batch"], m["seq"]))
+            if m["variant"] == "sparse"
+            else None
+        )
         vs_ort = f"{r['vs_dense_ort']:.2f}x" if r and r["vs_dense_ort"] else ""
         vs_same = f"{r['vs_dense_same_runtime']:.2f}x" if r and r["vs_dense_same_runtime"] else ""
         lines.append(
@@ -500,8 +545,13 @@ def plot(report: dict, path: str | Path) -> None:
         ax.set_title(f"batch {batch}, seq {report.get('seq_len')}")
         ax.set_ylabel("items/s (higher is better)")
         for bar, val in zip(bars, values):
-            ax.annotate(f"{val:.1f}", (bar.get_x() + bar.get_width() / 2, val),
-                        ha="center", va="bottom", fontsize=7)
+            ax.annotate(
+                f"{val:.1f}",
+                (bar.get_x() + bar.get_width() / 2, val),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
     sparsity = report.get("sparsity")
     title = f"{report.get('model', '')}" + (f" ({sparsity:.0%} sparse)" if sparsity else "")
     fig.suptitle(title)

@@ -278,7 +278,9 @@ def write_checkpoint(
         squash(model, masks)
     model.save_pretrained(str(out))
     if masks:
-        save_file({n: m.to(torch.uint8).contiguous() for n, m in masks.items()}, str(out / MASKS_FILE))
+        save_file(
+            {n: m.to(torch.uint8).contiguous() for n, m in masks.items()}, str(out / MASKS_FILE)
+        )
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     if recipe_text is not None:

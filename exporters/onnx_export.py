@@ -404,9 +404,14 @@ def export(
     if out.resolve() == ckpt.model_dir.resolve():
         raise ExportError(f"{out}: the output folder cannot be the checkpoint folder")
     try:
-        check_output(out, overwrite=overwrite, marker=SPARSITY_FILE, written_by="a recipec export",
-                     busy="pass --overwrite to replace it",
-                     inputs=[("the checkpoint", ckpt.model_dir), ("the source", path)])
+        check_output(
+            out,
+            overwrite=overwrite,
+            marker=SPARSITY_FILE,
+            written_by="a recipec export",
+            busy="pass --overwrite to replace it",
+            inputs=[("the checkpoint", ckpt.model_dir), ("the source", path)],
+        )
     except ReplaceError as exc:
         raise ExportError(str(exc)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -436,8 +441,10 @@ def export(
             "opset": opset,
             "inputs": names,
             "outputs": ["logits"],
-            "dynamic_axes": {k: {str(a): v for a, v in d.items()} for k, d in
-                             dynamic_axes_for(ckpt.task, names).items()},
+            "dynamic_axes": {
+                k: {str(a): v for a, v in d.items()}
+                for k, d in dynamic_axes_for(ckpt.task, names).items()
+            },
             "masks_source": ckpt.masks_source,
             "source": str(ckpt.model_dir.resolve()),
             "overall": {"masked_params": numel, "zeros": zeros, "sparsity": overall},

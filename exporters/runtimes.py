@@ -427,7 +427,9 @@ def torch_csr_runner(
     """A torch-csr runner for ``inputs``: a copy of ``model`` sparsified for that token count."""
     model = copy.deepcopy(model) if copy_model else model
     tokens = int(np.prod(next(iter(inputs.values())).shape))
-    choices = sparsify_model(model, tokens, kernels=kernels, names=pruned_linear_names(model, masks))
+    choices = sparsify_model(
+        model, tokens, kernels=kernels, names=pruned_linear_names(model, masks)
+    )
     return TorchRunner(model, inputs, choices)
 
 

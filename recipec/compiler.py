@@ -47,7 +47,9 @@ def compile(  # noqa: A001 - the public verb of the package
     stages = recipe.resolved_stages()
     if stage is None:
         if len(stages) > 1:
-            raise CompileError(f"the recipe has {len(stages)} stages ({', '.join(s.name for s in stages)}): pass stage=")
+            raise CompileError(
+                f"the recipe has {len(stages)} stages ({', '.join(s.name for s in stages)}): pass stage="
+            )
         chosen = stages[0]
     elif isinstance(stage, int):
         chosen = stages[stage]
@@ -65,8 +67,14 @@ def compile(  # noqa: A001 - the public verb of the package
     if masks:
         mask_state.set(masks, optimizer)
     ctx = CompileContext(
-        recipe=recipe, plan=plan, model=model, optimizer=optimizer, masks=mask_state,
-        teacher=teacher, grad_batches=grad_batches, progress=progress,
+        recipe=recipe,
+        plan=plan,
+        model=model,
+        optimizer=optimizer,
+        masks=mask_state,
+        teacher=teacher,
+        grad_batches=grad_batches,
+        progress=progress,
     )
     _check_tensor_overlaps(ctx)
     program = Program(plan, ctx, [registry.build(m, ctx) for m in plan.modifiers])
@@ -81,7 +89,11 @@ def _check_tensor_overlaps(ctx: CompileContext) -> None:
         names = set(target_parameters(mod, ctx)) if mod.type != "cram" else set()
         for other, other_names in owned:
             both = names & other_names
-            if both and mod.window.start <= other.window.end and other.window.start <= mod.window.end:
+            if (
+                both
+                and mod.window.start <= other.window.end
+                and other.window.start <= mod.window.end
+            ):
                 raise CompileError(
                     f"modifiers [{other.index}] ({other.type}) and [{mod.index}] ({mod.type}) prune the same tensors "
                     f"in overlapping steps ({other.window.start}..{other.window.end} and {mod.window.start}..{mod.window.end}), "

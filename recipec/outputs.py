@@ -32,25 +32,43 @@ def input_inside(out: Path, inputs: Iterable[tuple[str, object]]) -> str | None:
     return None
 
 
-def check_replaceable(out: Path, *, marker: str, written_by: str, inputs: Iterable[tuple[str, object]] = ()) -> None:
+def check_replaceable(
+    out: Path, *, marker: str, written_by: str, inputs: Iterable[tuple[str, object]] = ()
+) -> None:
     """Raise :class:`ReplaceError` unless the non-empty folder ``out`` may be deleted and written anew."""
     if out.is_symlink():
-        raise ReplaceError(f"{out} is a symbolic link: name the folder it points to, or another output folder")
+        raise ReplaceError(
+            f"{out} is a symbolic link: name the folder it points to, or another output folder"
+        )
     root, cwd = out.resolve(), Path.cwd().resolve()
     if root == cwd or root in cwd.parents:
-        raise ReplaceError(f"{out} is the current folder or holds it: replacing it would delete the folder you "
-                           "are in; choose another output folder")
+        raise ReplaceError(
+            f"{out} is the current folder or holds it: replacing it would delete the folder you "
+            "are in; choose another output folder"
+        )
     inside = input_inside(out, inputs)
     if inside is not None:
-        raise ReplaceError(f"{inside} is inside {out}, which --overwrite would delete first: choose another "
-                           "output folder (or move that input out of it)")
+        raise ReplaceError(
+            f"{inside} is inside {out}, which --overwrite would delete first: choose another "
+            "output folder (or move that input out of it)"
+        )
     if not (out / marker).is_file():
-        raise ReplaceError(f"{out} is not empty and is not {written_by} (it has no {marker}): --overwrite only "
-                           "replaces folders recipec wrote; choose another output folder or empty it yourself")
+        raise ReplaceError(
+            f"{out} is not empty and is not {written_by} (it has no {marker}): --overwrite only "
+            "replaces folders recipec wrote; choose another output folder or empty it yourself"
+        )
 
 
-def check_output(out: Path, *, overwrite: bool, marker: str, written_by: str, busy: str,
-                 inputs: Iterable[tuple[str, object]] = (), reusable: bool = False) -> bool:
+def check_output(
+    out: Path,
+    *,
+    overwrite: bool,
+    marker: str,
+    written_by: str,
+    busy: str,
+    inputs: Iterable[tuple[str, object]] = (),
+    reusable: bool = False,
+) -> bool:
     """Whether the existing, non-empty ``out`` is to be replaced (read-only; nothing is deleted).
 
     False when ``out`` is missing or empty. Raises :class:`ReplaceError` with ``busy`` (what to

@@ -32,7 +32,9 @@ class PlanError(ValueError):
     """A recipe that validates but cannot be scheduled for these steps_per_epoch."""
 
 
-def to_steps(value_steps: int | None, value_epochs: float | None, steps_per_epoch: int, default: int | None) -> int | None:
+def to_steps(
+    value_steps: int | None, value_epochs: float | None, steps_per_epoch: int, default: int | None
+) -> int | None:
     """Resolve a ``*_step`` / ``*_epoch`` pair to optimizer steps."""
     if value_steps is not None:
         return int(value_steps)
@@ -41,7 +43,9 @@ def to_steps(value_steps: int | None, value_epochs: float | None, steps_per_epoc
     return default
 
 
-def _interval(value_steps: int | None, value_epochs: float | None, steps_per_epoch: int) -> int | None:
+def _interval(
+    value_steps: int | None, value_epochs: float | None, steps_per_epoch: int
+) -> int | None:
     """An interval in steps; epoch intervals shorter than one step are clamped to one step."""
     steps = to_steps(value_steps, value_epochs, steps_per_epoch, None)
     return None if steps is None else max(1, steps)
@@ -96,7 +100,10 @@ class StagePlan:
         lrs = sorted((m for m in self.modifiers if m.type == "lr"), key=lambda m: m.window.start)
         if not lrs:
             return schedules.default_lr(
-                step, total=self.total_steps, learning_rate=self.training.learning_rate, warmup=self.warmup_steps
+                step,
+                total=self.total_steps,
+                learning_rate=self.training.learning_rate,
+                warmup=self.warmup_steps,
             )
         previous = None
         for mod in lrs:
@@ -169,7 +176,7 @@ def overlap_problems(
     problems: list[tuple[int, str]] = []
     items = list(enumerate(modifiers))
     for a_pos, (i, a) in enumerate(items):
-        for j, b in items[a_pos + 1:]:
+        for j, b in items[a_pos + 1 :]:
             same_kind_lr = a.type == "lr" and b.type == "lr"
             both_pruning = a.type in PRUNING_TYPES and b.type in PRUNING_TYPES
             both_distill = a.type == "distill" and b.type == "distill"
@@ -191,8 +198,17 @@ def overlap_problems(
             else:
                 overlap = sa <= eb and sb <= ea
             if overlap:
-                what = "learning-rate" if same_kind_lr else ("distillation" if both_distill else "pruning")
-                problems.append((j, f"overlaps modifier {i} ({a.type}): two {what} modifiers on the same weights and steps"))
+                what = (
+                    "learning-rate"
+                    if same_kind_lr
+                    else ("distillation" if both_distill else "pruning")
+                )
+                problems.append(
+                    (
+                        j,
+                        f"overlaps modifier {i} ({a.type}): two {what} modifiers on the same weights and steps",
+                    )
+                )
     return problems
 
 
@@ -201,41 +217,67 @@ def lower_target_problems(recipe: Recipe) -> list[tuple[int, int, str]]:
     what an earlier one (an earlier stage, or a window that ends before it starts) reaches on
     the same target patterns: pruned weights stay pruned, so it would prune nothing while the
     plan showed it lowering the sparsity. Windows in different units are not compared here."""
+
     def ranking(spec: Any) -> Any:
         # same weights, ranked the same way: else a lower target can still prune (a layer a
         # global ranking left at 40% reaches 50% under a per-layer one)
         return _targets_key(spec, recipe), spec.scope, spec.structure
 
     problems: list[tuple[int, int, str]] = []
-    earlier: dict[Any, tuple[float, str]] = {}  # ranking -> highest final sparsity of earlier stages
+    earlier: dict[
+        Any, tuple[float, str]
+    ] = {}  # ranking -> highest final sparsity of earlier stages
     for stage_index, stage in enumerate(recipe.resolved_stages()):
-        pruners = [(i, m) for i, m in enumerate(stage.modifiers) if m.type in ("gmp", "obert") and not m.is_nm]
+        pruners = [
+            (i, m)
+            for i, m in enumerate(stage.modifiers)
+            if m.type in ("gmp", "obert") and not m.is_nm
+        ]
         for i, spec in pruners:
             key = ranking(spec)
             before = [earlier[key]] if key in earlier else []
             (start, unit), _ = _window_raw(spec)
             for j, other in pruners:
                 other_end, other_unit = _window_raw(other)[1]
-                if j != i and ranking(other) == key and unit is not None and other_unit == unit and other_end < start:
-                    before.append((other.final_sparsity, f"modifier {j} ({other.type}) of this stage"))
+                if (
+                    j != i
+                    and ranking(other) == key
+                    and unit is not None
+                    and other_unit == unit
+                    and other_end < start
+                ):
+                    before.append(
+                        (other.final_sparsity, f"modifier {j} ({other.type}) of this stage")
+                    )
             if before:
                 reached, who = max(before)
                 if spec.final_sparsity < reached:
-                    problems.append((stage_index, i, f"final_sparsity {spec.final_sparsity:g} is below the {reached:g} "
-                                                     f"that {who} reaches earlier on the same weights: pruned weights "
-                                                     f"stay pruned, so this modifier would prune nothing; raise it to "
-                                                     f"at least {reached:g} or drop it"))
+                    problems.append(
+                        (
+                            stage_index,
+                            i,
+                            f"final_sparsity {spec.final_sparsity:g} is below the {reached:g} "
+                            f"that {who} reaches earlier on the same weights: pruned weights "
+                            f"stay pruned, so this modifier would prune nothing; raise it to "
+                            f"at least {reached:g} or drop it",
+                        )
+                    )
         for i, spec in pruners:
             key = ranking(spec)
             if key not in earlier or spec.final_sparsity > earlier[key][0]:
-                earlier[key] = (spec.final_sparsity, f"stage {stage.name!r} modifier {i} ({spec.type})")
+                earlier[key] = (
+                    spec.final_sparsity,
+                    f"stage {stage.name!r} modifier {i} ({spec.type})",
+                )
     return problems
 
 
 TRAINING_ONLY_TYPES = ("lr", "distill", "cram")
 
 
-def window_problems(modifiers: Sequence[Any], training: Any, steps_per_epoch: int | None) -> list[tuple[int, str, str]]:
+def window_problems(
+    modifiers: Sequence[Any], training: Any, steps_per_epoch: int | None
+) -> list[tuple[int, str, str]]:
     """``(index, field, message)`` for pruning windows (gmp, obert) that outlast their stage.
 
     A pruning step after the stage's last step never runs, so the final sparsity would be
@@ -244,7 +286,9 @@ def window_problems(modifiers: Sequence[Any], training: Any, steps_per_epoch: in
     """
     if training.prune_only:
         return []  # prune_only_problems covers these stages
-    total = None  # the stage's last step, when steps_per_epoch is known (as resolve_stage counts it)
+    total = (
+        None  # the stage's last step, when steps_per_epoch is known (as resolve_stage counts it)
+    )
     if steps_per_epoch is not None:
         total = max(1, to_steps(training.steps, training.epochs, steps_per_epoch, 0) or 0)
     problems: list[tuple[int, str, str]] = []
@@ -265,10 +309,16 @@ def window_problems(modifiers: Sequence[Any], training: Any, steps_per_epoch: in
             if value is None or last is None or value <= last:
                 continue
             what = "starts" if name == "start" else "ends"
-            problems.append((index, field, f"{what} at {unit} {value:g}, after the stage's last {unit} {last:g}: "
-                                           f"pruning steps after it never run, so final_sparsity "
-                                           f"{spec.final_sparsity:g} would not be reached; end the window by "
-                                           f"{unit} {last:g} or train longer"))
+            problems.append(
+                (
+                    index,
+                    field,
+                    f"{what} at {unit} {value:g}, after the stage's last {unit} {last:g}: "
+                    f"pruning steps after it never run, so final_sparsity "
+                    f"{spec.final_sparsity:g} would not be reached; end the window by "
+                    f"{unit} {last:g} or train longer",
+                )
+            )
             break
     return problems
 
@@ -282,14 +332,26 @@ def prune_only_problems(modifiers: Sequence[Any]) -> list[tuple[int, str, str]]:
     problems: list[tuple[int, str, str]] = []
     for index, spec in enumerate(modifiers):
         if spec.type in TRAINING_ONLY_TYPES:
-            problems.append((index, "type", f"a prune-only stage (training.steps: 0) takes no training step for the "
-                                            f"{spec.type} modifier to act on; put it in a stage that trains"))
+            problems.append(
+                (
+                    index,
+                    "type",
+                    f"a prune-only stage (training.steps: 0) takes no training step for the "
+                    f"{spec.type} modifier to act on; put it in a stage that trains",
+                )
+            )
             continue
         for name in ("start_step", "start_epoch", "end_step", "end_epoch"):
             value = getattr(spec, name, None)
             if value:  # not None and not 0
-                problems.append((index, name, f"a prune-only stage (training.steps: 0) prunes at step 0 only: "
-                                              f"leave {name} out or set it to 0"))
+                problems.append(
+                    (
+                        index,
+                        name,
+                        f"a prune-only stage (training.steps: 0) prunes at step 0 only: "
+                        f"leave {name} out or set it to 0",
+                    )
+                )
     return problems
 
 
@@ -305,14 +367,18 @@ def resolve_stage(recipe: Recipe, stage: StageSpec, steps_per_epoch: int) -> Sta
     total = to_steps(training.steps, training.epochs, steps_per_epoch, None)
     assert total is not None  # the schema requires epochs or steps
     if training.prune_only:
-        problems = [f"stage {stage.name!r} modifiers.{i}.{name}: {message}"
-                    for i, name, message in prune_only_problems(stage.modifiers)]
+        problems = [
+            f"stage {stage.name!r} modifiers.{i}.{name}: {message}"
+            for i, name, message in prune_only_problems(stage.modifiers)
+        ]
         if problems:
             raise PlanError("\n".join(problems))
     else:
         total = max(total, 1)  # epochs that round to 0 steps still train one
     warmup = to_steps(training.warmup_steps, training.warmup_epochs, steps_per_epoch, 0) or 0
-    eval_every = to_steps(training.eval_every_steps, training.eval_every_epochs, steps_per_epoch, None)
+    eval_every = to_steps(
+        training.eval_every_steps, training.eval_every_epochs, steps_per_epoch, None
+    )
     problems: list[str] = []
     for index, message in overlap_problems(stage.modifiers, recipe, steps_per_epoch):
         problems.append(f"modifiers.{index}: {message}")
@@ -331,18 +397,29 @@ def resolve_stage(recipe: Recipe, stage: StageSpec, steps_per_epoch: int) -> Sta
             if spec.is_nm:
                 end = start  # N:M masks are applied once (one-shot) at start
             if end > start and update is None:
-                problems.append(f"{where}: a window of several steps needs update_every_steps or update_every_epochs")
+                problems.append(
+                    f"{where}: a window of several steps needs update_every_steps or update_every_epochs"
+                )
                 continue
             if update is not None and update < 1:
                 problems.append(f"{where}: update_every resolves to {update} steps; use at least 1")
                 continue
             steps = schedules.pruning_steps(start, end, update)
             sparsities = [
-                schedules.interpolate_sparsity(s, start, end, spec.init_sparsity, spec.final_sparsity, spec.schedule)
+                schedules.interpolate_sparsity(
+                    s, start, end, spec.init_sparsity, spec.final_sparsity, spec.schedule
+                )
                 for s in steps
             ]
             resolved.append(
-                ResolvedModifier(index, spec, Window(start, end), tuple(steps), tuple(sparsities), update_every=update)
+                ResolvedModifier(
+                    index,
+                    spec,
+                    Window(start, end),
+                    tuple(steps),
+                    tuple(sparsities),
+                    update_every=update,
+                )
             )
         elif spec.type == "lr":
             end = total if end is None else end
@@ -354,7 +431,9 @@ def resolve_stage(recipe: Recipe, stage: StageSpec, steps_per_epoch: int) -> Sta
             if spec.schedule == "cyclic_linear" and (cycle is None or cycle < 1):
                 problems.append(f"{where}: cycle resolves to {cycle} steps; use at least 1")
                 continue
-            resolved.append(ResolvedModifier(index, spec, Window(start, end), warmup=lw, cycle=cycle))
+            resolved.append(
+                ResolvedModifier(index, spec, Window(start, end), warmup=lw, cycle=cycle)
+            )
         else:
             end = total if end is None else end
             resolved.append(ResolvedModifier(index, spec, Window(start, end)))
@@ -393,18 +472,33 @@ def plan_to_dict(plans: Sequence[StagePlan], lr_points: int = 200) -> dict[str, 
             if mod.pruning_steps:
                 entry["update_every_steps"] = mod.update_every
                 entry["pruning"] = [
-                    {"step": s, "sparsity": round(sp, 6)} for s, sp in zip(mod.pruning_steps, mod.sparsities)
+                    {"step": s, "sparsity": round(sp, 6)}
+                    for s, sp in zip(mod.pruning_steps, mod.sparsities)
                 ]
                 entry["structure"] = mod.spec.structure
                 entry["scope"] = mod.spec.scope
             if mod.type == "lr":
-                entry.update(schedule=mod.spec.schedule, warmup_steps=mod.warmup, cycle_steps=mod.cycle,
-                             init_lr=mod.spec.init_lr, final_lr=mod.spec.final_lr)
+                entry.update(
+                    schedule=mod.spec.schedule,
+                    warmup_steps=mod.warmup,
+                    cycle_steps=mod.cycle,
+                    init_lr=mod.spec.init_lr,
+                    final_lr=mod.spec.final_lr,
+                )
             if isinstance(mod.spec, DistillSpec):
-                entry.update(teacher=mod.spec.teacher, hardness=mod.spec.hardness, temperature=mod.spec.temperature)
+                entry.update(
+                    teacher=mod.spec.teacher,
+                    hardness=mod.spec.hardness,
+                    temperature=mod.spec.temperature,
+                )
             if mod.type == "cram":
-                entry.update(variant=mod.spec.variant, rho=mod.spec.rho, sparsities=list(mod.spec.sparsities),
-                             structure=mod.spec.structure, scope=mod.spec.scope)
+                entry.update(
+                    variant=mod.spec.variant,
+                    rho=mod.spec.rho,
+                    sparsities=list(mod.spec.sparsities),
+                    structure=mod.spec.structure,
+                    scope=mod.spec.scope,
+                )
             mods.append(entry)
         stride = max(1, plan.total_steps // lr_points)
         lr_curve = [[s, plan.lr_at(s)] for s in range(0, plan.total_steps, stride)]

@@ -51,13 +51,16 @@ class Program:
         for mod in self.modifiers:
             mod.on_step_start(step)
 
-    def loss(self, loss: torch.Tensor, batch: Mapping[str, Any] | None = None, outputs: Any = None) -> torch.Tensor:
+    def loss(
+        self, loss: torch.Tensor, batch: Mapping[str, Any] | None = None, outputs: Any = None
+    ) -> torch.Tensor:
         for mod in self.modifiers:
             loss = mod.on_loss(loss, batch, outputs, self.step)
         return loss
 
-    def recompute_loss(self, loss: torch.Tensor, batch: Mapping[str, Any] | None = None,
-                       outputs: Any = None) -> torch.Tensor:
+    def recompute_loss(
+        self, loss: torch.Tensor, batch: Mapping[str, Any] | None = None, outputs: Any = None
+    ) -> torch.Tensor:
         """The same transform as :meth:`loss` at the current step, for gradients a modifier
         computes itself (oBERT's collection, CrAM's second pass): nothing is recorded."""
         for mod in self.modifiers:
@@ -105,9 +108,13 @@ class Program:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("stage") != self.plan.name:
-            raise CompileError(f"checkpoint is for stage {state.get('stage')!r}, not {self.plan.name!r}")
+            raise CompileError(
+                f"checkpoint is for stage {state.get('stage')!r}, not {self.plan.name!r}"
+            )
         if len(state["modifiers"]) != len(self.modifiers):
-            raise CompileError("checkpoint was written by a recipe with a different number of modifiers")
+            raise CompileError(
+                "checkpoint was written by a recipe with a different number of modifiers"
+            )
         self.step = int(state["step"])
         self.finalized = bool(state.get("finalized", False))
         self.ctx.masks.load_state_dict(state["masks"])

@@ -25,7 +25,9 @@ def pruning_steps(start: int, end: int, update_every: int | None) -> list[int]:
     return steps
 
 
-def interpolate_sparsity(step: int, start: int, end: int, init: float, final: float, schedule: str = "cubic") -> float:
+def interpolate_sparsity(
+    step: int, start: int, end: int, init: float, final: float, schedule: str = "cubic"
+) -> float:
     r"""Target sparsity at ``step`` within ``[start, end]``.
 
     Cubic (Zhu & Gupta 2017): :math:`s(t) = s_f + (s_0 - s_f)(1 - \frac{t - t_0}{t_1 - t_0})^3`;
@@ -88,5 +90,11 @@ def lr_in_window(
 def default_lr(step: int, *, total: int, learning_rate: float, warmup: int = 0) -> float:
     """The driver's LR when no ``lr`` modifier is present: warm-up, then linear decay to 0."""
     return lr_in_window(
-        step, start=0, end=max(total, 1), schedule="linear", init_lr=learning_rate, final_lr=0.0, warmup=warmup
+        step,
+        start=0,
+        end=max(total, 1),
+        schedule="linear",
+        init_lr=learning_rate,
+        final_lr=0.0,
+        warmup=warmup,
     )

@@ -119,8 +119,15 @@ def tiny_model_dir(tmp_path_factory, embedded_tokenizer):
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(vocab_size=TINY_BERT_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=2)
+    config = BertConfig(
+        vocab_size=TINY_BERT_VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+    )
     torch.manual_seed(0)
     model = BertForSequenceClassification(config)
     folder = tmp_path_factory.mktemp("tiny-bert")
@@ -138,7 +145,9 @@ def load_benchmark(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
 
     def load(name: str):
-        spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO_ROOT / "benchmarks" / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(
+            f"{name}_benchmark", REPO_ROOT / "benchmarks" / f"{name}.py"
+        )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module

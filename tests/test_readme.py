@@ -43,18 +43,32 @@ def test_readme_shell_examples_run(tmp_path):
     for command in commands:
         args = shlex.split(command)
         if args[1] == "apply":
-            args = [a for a in args if a != "--overwrite"] + ["--max-train", "64", "--max-eval", "32", "--quiet"]
+            args = [a for a in args if a != "--overwrite"] + [
+                "--max-train",
+                "64",
+                "--max-eval",
+                "32",
+                "--quiet",
+            ]
             if "--output" not in args:
                 args += ["--output", "runs/quickstart"]
             if (tmp_path / "runs" / "quickstart").exists():
                 args.append("--overwrite")
-        result = subprocess.run([sys.executable, "-c", "from recipec.cli import main; main()", *args[1:]],
-                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+        result = subprocess.run(
+            [sys.executable, "-c", "from recipec.cli import main; main()", *args[1:]],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
         assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
 
 
 def test_readme_python_example_runs(tmp_path):
     (code,) = [body for lang, body in BLOCKS if lang == "python"]
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr
     assert "encoder sparsity: 0.900" in result.stdout

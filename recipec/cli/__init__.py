@@ -12,11 +12,23 @@ import click
 
 # name -> (module, one-line help shown by `recipec --help` without importing the module)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "validate": ("recipec.cli.validate", "Check a recipe; print a summary or every error with FILE:LINE:COL."),
-    "plan": ("recipec.cli.plan", "Print the compiled schedule (steps, sparsity, LR) and the model's cost table."),
-    "apply": ("recipec.cli.apply", "Fine-tune and prune a model with a recipe; write a sparse checkpoint and report."),
+    "validate": (
+        "recipec.cli.validate",
+        "Check a recipe; print a summary or every error with FILE:LINE:COL.",
+    ),
+    "plan": (
+        "recipec.cli.plan",
+        "Print the compiled schedule (steps, sparsity, LR) and the model's cost table.",
+    ),
+    "apply": (
+        "recipec.cli.apply",
+        "Fine-tune and prune a model with a recipe; write a sparse checkpoint and report.",
+    ),
     "export": ("recipec.cli.export", "Export a sparse checkpoint to verified, masked ONNX."),
-    "bench": ("recipec.cli.bench", "Benchmark dense vs sparse CPU latency on onnxruntime / DeepSparse / torch-csr."),
+    "bench": (
+        "recipec.cli.bench",
+        "Benchmark dense vs sparse CPU latency on onnxruntime / DeepSparse / torch-csr.",
+    ),
     "convert": ("recipec.cli.convert", "Convert a SparseML recipe into a recipec recipe."),
 }
 

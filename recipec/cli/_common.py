@@ -57,5 +57,7 @@ def check_image_path(path: Any, option: str) -> None:
     formats = FigureCanvasBase.get_supported_filetypes()
     suffix = Path(path).suffix.lower().lstrip(".")
     if suffix not in formats:
-        fail(f"error: {option} {path}: {'.' + suffix if suffix else 'no file extension'} is not an image format; "
-             "use .png, .svg or .pdf")
+        fail(
+            f"error: {option} {path}: {'.' + suffix if suffix else 'no file extension'} is not an image format; "
+            "use .png, .svg or .pdf"
+        )

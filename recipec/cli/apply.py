@@ -12,34 +12,92 @@ from recipec.cli._common import fail, load_or_exit, set_option
 
 @click.command("apply")
 @click.argument("recipe")
-@click.option("--model", default=None, help="HF hub name or local folder (default: the embedded all-MiniLM-L6-v2).")
-@click.option("--task", default=None, help="builtin (default), a hub dataset (glue/sst2, tau/commonsense_qa, winogrande, ...), "
-              "or a name for --data.")
-@click.option("--data", multiple=True, type=click.Path(), help="A folder with train/dev files, or the train file then "
-              "the eval file (TSV, CSV, JSONL, CommonsenseQA or WinoGrande JSONL).")
-@click.option("--teacher", default=None, help="Distillation teacher: a path or hub name of a model fine-tuned on the task (with its "
-              "head), or 'auto' to fine-tune one first (default: the recipe's).")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Run folder (default: runs/<recipe name>).")
+@click.option(
+    "--model",
+    default=None,
+    help="HF hub name or local folder (default: the embedded all-MiniLM-L6-v2).",
+)
+@click.option(
+    "--task",
+    default=None,
+    help="builtin (default), a hub dataset (glue/sst2, tau/commonsense_qa, winogrande, ...), "
+    "or a name for --data.",
+)
+@click.option(
+    "--data",
+    multiple=True,
+    type=click.Path(),
+    help="A folder with train/dev files, or the train file then "
+    "the eval file (TSV, CSV, JSONL, CommonsenseQA or WinoGrande JSONL).",
+)
+@click.option(
+    "--teacher",
+    default=None,
+    help="Distillation teacher: a path or hub name of a model fine-tuned on the task (with its "
+    "head), or 'auto' to fine-tune one first (default: the recipe's).",
+)
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Run folder (default: runs/<recipe name>).",
+)
 @set_option
-@click.option("--resume", is_flag=True, help="Continue the run in --output from its last checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty --output folder that a recipec run "
-              "wrote (never one holding this run's inputs or the current folder).")
+@click.option(
+    "--resume", is_flag=True, help="Continue the run in --output from its last checkpoint."
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing, non-empty --output folder that a recipec run "
+    "wrote (never one holding this run's inputs or the current folder).",
+)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--max-train", type=click.IntRange(min=1), default=None, help="Use at most N training examples.")
-@click.option("--max-eval", type=click.IntRange(min=1), default=None, help="Use at most N eval examples.")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None,
-              help="Checkpoint every N optimizer steps (default: training.checkpoint_every_steps or ~10 per stage).")
-@click.option("--sparse-backprop", is_flag=True,
-              help="Between mask changes, run pruned linear layers at >= --sparse-backprop-min zeros forward and "
-              "backward on SparseProp's CPU kernels (needs the sparseprop package; same results up to float "
-              "rounding).")
-@click.option("--sparse-backprop-min", type=click.FloatRange(0.0, 1.0), default=None,
-              help="Least sparsity of a layer for --sparse-backprop (default 0.9: below it dense kernels are faster "
-              "here). Implies --sparse-backprop.")
+@click.option(
+    "--max-train", type=click.IntRange(min=1), default=None, help="Use at most N training examples."
+)
+@click.option(
+    "--max-eval", type=click.IntRange(min=1), default=None, help="Use at most N eval examples."
+)
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Checkpoint every N optimizer steps (default: training.checkpoint_every_steps or ~10 per stage).",
+)
+@click.option(
+    "--sparse-backprop",
+    is_flag=True,
+    help="Between mask changes, run pruned linear layers at >= --sparse-backprop-min zeros forward and "
+    "backward on SparseProp's CPU kernels (needs the sparseprop package; same results up to float "
+    "rounding).",
+)
+@click.option(
+    "--sparse-backprop-min",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="Least sparsity of a layer for --sparse-backprop (default 0.9: below it dense kernels are faster "
+    "here). Implies --sparse-backprop.",
+)
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def command(recipe, model, task, data, teacher, output, overrides, resume, overwrite, device, max_train, max_eval,
-            checkpoint_every, sparse_backprop, sparse_backprop_min, quiet) -> None:
+def command(
+    recipe,
+    model,
+    task,
+    data,
+    teacher,
+    output,
+    overrides,
+    resume,
+    overwrite,
+    device,
+    max_train,
+    max_eval,
+    checkpoint_every,
+    sparse_backprop,
+    sparse_backprop_min,
+    quiet,
+) -> None:
     """Fine-tune and prune a model with RECIPE; write a sparse checkpoint and a report.
 
     \b
@@ -58,7 +116,9 @@ def command(recipe, model, task, data, teacher, output, overrides, resume, overw
     input, 130 interrupted.
     """
     if resume and overwrite:
-        fail("error: --resume continues the run in --output and --overwrite replaces it: pass one of them")
+        fail(
+            "error: --resume continues the run in --output and --overwrite replaces it: pass one of them"
+        )
     load_or_exit(recipe, overrides)  # every recipe problem at once, before anything heavy
     min_sparsity = _sparse_backprop_min(sparse_backprop, sparse_backprop_min, device)
     if device == "cuda":
@@ -72,9 +132,22 @@ def command(recipe, model, task, data, teacher, output, overrides, resume, overw
     from recipec.train.loop import Interrupted, TrainingError
     from recipec.train.run import Reporter, RunConfig, RunError, run
 
-    config = RunConfig(recipe_path=recipe, overrides=overrides, model=model, task=task, data=data, teacher=teacher,
-                       output=output, resume=resume, overwrite=overwrite, device=device, max_train=max_train,
-                       max_eval=max_eval, checkpoint_every=checkpoint_every, sparse_backprop=min_sparsity)
+    config = RunConfig(
+        recipe_path=recipe,
+        overrides=overrides,
+        model=model,
+        task=task,
+        data=data,
+        teacher=teacher,
+        output=output,
+        resume=resume,
+        overwrite=overwrite,
+        device=device,
+        max_train=max_train,
+        max_eval=max_eval,
+        checkpoint_every=checkpoint_every,
+        sparse_backprop=min_sparsity,
+    )
     reporter = Reporter(quiet=quiet)
     try:
         report = run(config, reporter)
@@ -94,9 +167,11 @@ def command(recipe, model, task, data, teacher, output, overrides, resume, overw
         return
     primary = report["primary_metric"]
     final = report["final_eval"][primary]
-    line = (f"done: {report['model_dir']}  eval {primary} {final:.4f}  "
-            f"sparsity {100 * report['sparsity']['targets']:.2f}% of targets "
-            f"({100 * report['sparsity']['model']:.2f}% of all weights)  {report['wall_seconds']:.0f} s")
+    line = (
+        f"done: {report['model_dir']}  eval {primary} {final:.4f}  "
+        f"sparsity {100 * report['sparsity']['targets']:.2f}% of targets "
+        f"({100 * report['sparsity']['model']:.2f}% of all weights)  {report['wall_seconds']:.0f} s"
+    )
     if report.get("teacher"):
         line += f"  (dense teacher {report['teacher']['eval'][primary]:.4f})"
     click.echo(line)
@@ -113,7 +188,9 @@ def _sparse_backprop_min(flag: bool, least: float | None, device: str) -> float 
     if device != "cpu":
         fail("error: --sparse-backprop runs SparseProp's CPU kernels: drop --device cuda")
     if distributed.env_world_size() > 1:
-        fail("error: --sparse-backprop runs in a single process, not under torchrun / accelerate launch")
+        fail(
+            "error: --sparse-backprop runs in a single process, not under torchrun / accelerate launch"
+        )
     if sbp.backend() is None:
         fail(f"error: --sparse-backprop needs the sparseprop package: {sbp.INSTALL_HINT}")
     return sbp.DEFAULT_MIN_SPARSITY if least is None else least

@@ -37,9 +37,18 @@ def _int_list(value: str, what: str) -> list[int]:
     help="Also time the dense twin (zeros refilled) on each runtime, alternating with the sparse one.",
 )
 @click.option("--warmup", type=int, default=2, show_default=True, help="Untimed calls per target.")
-@click.option("--repeats", type=int, default=10, show_default=True, help="Timed alternating rounds.")
-@click.option("--threads", type=int, default=None, help="Threads/cores per runtime [default: OMP_NUM_THREADS if set, else all cores].")
-@click.option("--choices", type=int, default=4, show_default=True, help="Choices per item (multiple choice).")
+@click.option(
+    "--repeats", type=int, default=10, show_default=True, help="Timed alternating rounds."
+)
+@click.option(
+    "--threads",
+    type=int,
+    default=None,
+    help="Threads/cores per runtime [default: OMP_NUM_THREADS if set, else all cores].",
+)
+@click.option(
+    "--choices", type=int, default=4, show_default=True, help="Choices per item (multiple choice)."
+)
 @click.option(
     "--deepsparse-python",
     type=click.Path(path_type=Path),
@@ -61,8 +70,20 @@ def _int_list(value: str, what: str) -> list[int]:
     show_default=True,
     help="wall: elapsed time. cpu: process CPU time, for busy shared machines (use with --threads 1).",
 )
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the report as JSON.")
-@click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="Write a PNG bar chart.")
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the report as JSON.",
+)
+@click.option(
+    "--plot",
+    "plot_out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write a PNG bar chart.",
+)
 def command(
     path: Path,
     runtime_spec: str,
@@ -116,7 +137,9 @@ def command(
         fail(str(exc))
     kernel_list = None if kernels == "auto" else [kernels]
     if kernel_list == ["sparseprop"] and "sparseprop" not in available_kernels():
-        fail("sparseprop is not installed (pip install pybind11 && pip install --no-build-isolation sparseprop)")
+        fail(
+            "sparseprop is not installed (pip install pybind11 && pip install --no-build-isolation sparseprop)"
+        )
     import warnings
 
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -140,12 +163,16 @@ def command(
         fail(str(exc))
     except VerificationError as exc:
         fail(f"export verification failed: {exc}", code=1)
-    click.echo(f"{report['folder']}: {report['task']}, {report['sparsity']:.1%} of masked weights are zero, "
-               f"seq {seq_len}, {report['threads']} thread(s), {clock} clock")
+    click.echo(
+        f"{report['folder']}: {report['task']}, {report['sparsity']:.1%} of masked weights are zero, "
+        f"seq {seq_len}, {report['threads']} thread(s), {clock} clock"
+    )
     click.echo(format_table(report))
     ratios = [s for s in report["speedups"] if s["vs_dense_ort"]]
     for s in ratios:
-        click.echo(f"speedup vs dense onnxruntime, batch {s['batch']}: {s['runtime']} {s['vs_dense_ort']:.3g}x")
+        click.echo(
+            f"speedup vs dense onnxruntime, batch {s['batch']}: {s['runtime']} {s['vs_dense_ort']:.3g}x"
+        )
     for name, why in report["skipped"].items():
         click.echo(f"{name}: skipped: {why}")
     if json_out:

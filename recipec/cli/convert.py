@@ -20,10 +20,18 @@ def _report(conversion, echo) -> None:
 
 @click.command("convert")
 @click.argument("sparseml_recipe")
-@click.option("--output", "-o", default=None, type=click.Path(dir_okay=False),
-              help="Write the recipec recipe here (default: print it to stdout, the report to stderr).")
-@click.option("--strict", is_flag=True,
-              help="Fail (exit 2, nothing written) when any part of the recipe is not converted.")
+@click.option(
+    "--output",
+    "-o",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write the recipec recipe here (default: print it to stdout, the report to stderr).",
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Fail (exit 2, nothing written) when any part of the recipe is not converted.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
 def command(sparseml_recipe: str, output: str | None, strict: bool, overwrite: bool) -> None:
     """Convert SPARSEML_RECIPE (YAML, or a Markdown recipe card) into a recipec recipe.
@@ -46,9 +54,15 @@ def command(sparseml_recipe: str, output: str | None, strict: bool, overwrite: b
         result = convert_file(sparseml_recipe)
     except ConvertError as exc:
         n = len(exc.problems)
-        fail("\n".join([*exc.problems, f"{n} problem{'s' if n != 1 else ''} found; nothing converted."]))
+        fail(
+            "\n".join(
+                [*exc.problems, f"{n} problem{'s' if n != 1 else ''} found; nothing converted."]
+            )
+        )
     if strict and result.unsupported:
-        lines = [f"error: --strict: {len(result.unsupported)} part(s) of {sparseml_recipe} have no recipec equivalent:"]
+        lines = [
+            f"error: --strict: {len(result.unsupported)} part(s) of {sparseml_recipe} have no recipec equivalent:"
+        ]
         lines += [f"  {item}" for item in result.unsupported]
         fail("\n".join([*lines, "nothing written."]))
     if output is None:

@@ -39,7 +39,9 @@ def fail(message: str, code: int = 2) -> None:
     default=None,
     help="Deployment folder [default: RUN_DIR/onnx, or <model folder>-onnx].",
 )
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (DeepSparse needs <= 18).")
+@click.option(
+    "--opset", type=int, default=17, show_default=True, help="ONNX opset (DeepSparse needs <= 18)."
+)
 @click.option(
     "--task",
     type=click.Choice(["auto", "sequence-classification", "multiple-choice"]),
@@ -47,9 +49,15 @@ def fail(message: str, code: int = 2) -> None:
     show_default=True,
     help="Head to load; auto reads config.architectures.",
 )
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="onnxruntime vs PyTorch tolerance.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder that an earlier export wrote "
-              "(never one holding the checkpoint or the current folder).")
+@click.option(
+    "--atol", type=float, default=1e-4, show_default=True, help="onnxruntime vs PyTorch tolerance."
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing output folder that an earlier export wrote "
+    "(never one holding the checkpoint or the current folder).",
+)
 @click.option(
     "--no-torch-weights",
     is_flag=True,
@@ -104,5 +112,9 @@ def command(
         f"  verified: zeros of {len(result.tensors)} tensors ({pruned} pruned) match the masks; "
         f"onnxruntime vs PyTorch max |diff| {result.ort_max_abs_diff:.1e}"
     )
-    click.echo(f"  sparsity of masked tensors: {result.overall_sparsity:.2%} ({result.masks_source})")
-    click.echo(f"  inputs: {', '.join(result.input_names)}; details in {result.output_dir / 'sparsity.json'}")
+    click.echo(
+        f"  sparsity of masked tensors: {result.overall_sparsity:.2%} ({result.masks_source})"
+    )
+    click.echo(
+        f"  inputs: {', '.join(result.input_names)}; details in {result.output_dir / 'sparsity.json'}"
+    )

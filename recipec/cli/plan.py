@@ -34,7 +34,7 @@ def _grouped_tensors(matched) -> list[str]:
         if found is None:
             groups[(name, tuple(shape))] = []
             continue
-        pattern = name[:found.start(1)] + "{}" + name[found.end(1):]
+        pattern = name[: found.start(1)] + "{}" + name[found.end(1) :]
         groups.setdefault((pattern, tuple(shape)), []).append(int(found.group(1)))
     lines = []
     for (pattern, shape), layers in groups.items():
@@ -51,8 +51,10 @@ def _format_plan(plans) -> list[str]:
     for plan in plans:
         prune_only = plan.training.prune_only
         if prune_only:
-            lines.append(f"stage {plan.name!r}: prune-only (training.steps: 0): one-shot pruning at step 0, "
-                         "no optimizer step, then evaluation")
+            lines.append(
+                f"stage {plan.name!r}: prune-only (training.steps: 0): one-shot pruning at step 0, "
+                "no optimizer step, then evaluation"
+            )
         else:
             lines.append(
                 f"stage {plan.name!r}: {plan.total_steps} steps ({plan.steps_per_epoch} steps/epoch), "
@@ -62,8 +64,11 @@ def _format_plan(plans) -> list[str]:
             head = f"  [{mod.index}] {mod.type:<8} steps {mod.window.start}..{mod.window.end}"
             if mod.pruning_steps:
                 spec = mod.spec
-                when = (f"{spec.schedule}, every {mod.update_every} steps" if len(mod.pruning_steps) > 1
-                        else f"one-shot at step {mod.pruning_steps[0]}")
+                when = (
+                    f"{spec.schedule}, every {mod.update_every} steps"
+                    if len(mod.pruning_steps) > 1
+                    else f"one-shot at step {mod.pruning_steps[0]}"
+                )
                 lines.append(f"{head}  {spec.structure}, {spec.scope}, {when}")
                 for step, sparsity in zip(mod.pruning_steps, mod.sparsities):
                     lr = "" if prune_only else f"   lr {plan.lr_at(step):.3g}"
@@ -71,22 +76,35 @@ def _format_plan(plans) -> list[str]:
             elif mod.type == "lr":
                 spec = mod.spec
                 extra = f", cycle {mod.cycle} steps" if mod.cycle else ""
-                lines.append(f"{head}  {spec.schedule} {spec.init_lr:g} -> {spec.final_lr:g}, warm-up {mod.warmup}{extra}")
+                lines.append(
+                    f"{head}  {spec.schedule} {spec.init_lr:g} -> {spec.final_lr:g}, warm-up {mod.warmup}{extra}"
+                )
             elif mod.type == "distill":
                 spec = mod.spec
-                lines.append(f"{head}  teacher {spec.teacher}, hardness {spec.hardness:g}, temperature {spec.temperature:g}")
+                lines.append(
+                    f"{head}  teacher {spec.teacher}, hardness {spec.hardness:g}, temperature {spec.temperature:g}"
+                )
             elif mod.type == "cram":
                 spec = mod.spec
-                lines.append(f"{head}  {spec.variant}, rho {spec.rho:g}{' (normalized)' if spec.normalize else ''}, sparsities "
-                             f"{'/'.join(f'{s:g}' for s in spec.sparsities)} ({spec.structure}, {spec.scope}); "
-                             "2 forward+backward passes per step, the model stays dense")
+                lines.append(
+                    f"{head}  {spec.variant}, rho {spec.rho:g}{' (normalized)' if spec.normalize else ''}, sparsities "
+                    f"{'/'.join(f'{s:g}' for s in spec.sparsities)} ({spec.structure}, {spec.scope}); "
+                    "2 forward+backward passes per step, the model stays dense"
+                )
             else:
                 lines.append(head)
         if not prune_only:
-            warmups = [plan.warmup_steps] + [m.window.start + m.warmup for m in plan.by_type("lr") if m.warmup]
-            marks = sorted({0, plan.total_steps - 1,
-                            *[m.window.start for m in plan.modifiers if m.window.start < plan.total_steps],
-                            *[w for w in warmups if 0 < w < plan.total_steps]})  # the peak after a warm-up
+            warmups = [plan.warmup_steps] + [
+                m.window.start + m.warmup for m in plan.by_type("lr") if m.warmup
+            ]
+            marks = sorted(
+                {
+                    0,
+                    plan.total_steps - 1,
+                    *[m.window.start for m in plan.modifiers if m.window.start < plan.total_steps],
+                    *[w for w in warmups if 0 < w < plan.total_steps],
+                }
+            )  # the peak after a warm-up
             lines.append("  lr: " + ", ".join(f"step {s}: {plan.lr_at(s):.3g}" for s in marks))
     return lines
 
@@ -133,7 +151,9 @@ def _model_section(recipe, plans, model_name: str, seq_len: int, as_json: bool) 
         matched: dict[str, tuple] = {}
         for mod in pruners or [None]:
             targets = (mod.spec.targets if mod and mod.spec.targets else None) or recipe.targets
-            exclude = (mod.spec.exclude if mod and mod.spec.exclude is not None else None) or recipe.exclude
+            exclude = (
+                mod.spec.exclude if mod and mod.spec.exclude is not None else None
+            ) or recipe.exclude
             for name, param in select_parameters(model, targets, exclude).items():
                 matched[name] = tuple(param.shape)
         table = cost_table(model, seq_len, matched)
@@ -143,7 +163,12 @@ def _model_section(recipe, plans, model_name: str, seq_len: int, as_json: bool) 
             "stage": plan.name,
             "matched": [{"name": n, "shape": list(s)} for n, s in matched.items()],
             "components": [
-                dict(zip(("component", "params", "params_pct", "flops_pct", "targeted_params"), c.row(total_params, total_flops)))
+                dict(
+                    zip(
+                        ("component", "params", "params_pct", "flops_pct", "targeted_params"),
+                        c.row(total_params, total_flops),
+                    )
+                )
                 for c in table
             ],
         }
@@ -153,35 +178,67 @@ def _model_section(recipe, plans, model_name: str, seq_len: int, as_json: bool) 
 
             spec = obert[0].spec
             numels = [int(math.prod(s)) for s in matched.values()]
-            entry["fisher_bytes"] = estimate_fisher_bytes(numels, spec.fisher_block_size, spec.fisher, spec.num_grads)
+            entry["fisher_bytes"] = estimate_fisher_bytes(
+                numels, spec.fisher_block_size, spec.fisher, spec.num_grads
+            )
         out["stages"].append(entry)
         if not as_json:
-            click.echo(f"\nmodel {model_name} (seq {seq_len}), stage {plan.name!r}: {len(matched)} target tensors")
-            click.echo(f"  {'component':<18}{'params':>12}{'% params':>10}{'% FLOPs':>10}{'targeted':>12}")
+            click.echo(
+                f"\nmodel {model_name} (seq {seq_len}), stage {plan.name!r}: {len(matched)} target tensors"
+            )
+            click.echo(
+                f"  {'component':<18}{'params':>12}{'% params':>10}{'% FLOPs':>10}{'targeted':>12}"
+            )
             for c in table:
                 name, params, pp, fp, pruned = c.row(total_params, total_flops)
                 click.echo(f"  {name:<18}{params:>12,}{pp:>9.1f}%{fp:>9.1f}%{pruned:>12,}")
             for line in _grouped_tensors(matched):
                 click.echo(f"    {line}")
             if "fisher_bytes" in entry:
-                click.echo(f"  oBERT inverse Fisher estimate: {entry['fisher_bytes'] / 2**30:.2f} GiB (fp32)")
+                click.echo(
+                    f"  oBERT inverse Fisher estimate: {entry['fisher_bytes'] / 2**30:.2f} GiB (fp32)"
+                )
     return out
 
 
 @click.command("plan")
 @click.argument("recipe")
-@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None,
-              help="Optimizer steps per epoch (needed when the recipe uses epochs).")
+@click.option(
+    "--steps-per-epoch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Optimizer steps per epoch (needed when the recipe uses epochs).",
+)
 @set_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@click.option("--plot", type=click.Path(dir_okay=False, writable=True), default=None,
-              help="Write a PNG of sparsity and LR against steps.")
-@click.option("--model", default=None, help="Also print the cost/benefit table and the matched tensors for this model "
-              "('embedded' for all-MiniLM-L6-v2, a local folder or a hub name).")
-@click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Sequence length for the FLOPs shares.")
-def command(recipe: str, steps_per_epoch: int | None, overrides: tuple[str, ...], as_json: bool,
-            plot: str | None, model: str | None, seq_len: int) -> None:
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Write a PNG of sparsity and LR against steps.",
+)
+@click.option(
+    "--model",
+    default=None,
+    help="Also print the cost/benefit table and the matched tensors for this model "
+    "('embedded' for all-MiniLM-L6-v2, a local folder or a hub name).",
+)
+@click.option(
+    "--seq-len",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+    help="Sequence length for the FLOPs shares.",
+)
+def command(
+    recipe: str,
+    steps_per_epoch: int | None,
+    overrides: tuple[str, ...],
+    as_json: bool,
+    plot: str | None,
+    model: str | None,
+    seq_len: int,
+) -> None:
     """Print RECIPE's schedule resolved to optimizer steps.
 
     \b
@@ -200,7 +257,9 @@ def command(recipe: str, steps_per_epoch: int | None, overrides: tuple[str, ...]
             loaded.stage_training(s).epochs is not None for s in loaded.resolved_stages()
         )
         if uses_epochs:
-            fail("error: this recipe uses epochs: pass --steps-per-epoch N (dataset size / batch size)")
+            fail(
+                "error: this recipe uses epochs: pass --steps-per-epoch N (dataset size / batch size)"
+            )
         steps_per_epoch = 1
     try:
         plans = resolve(loaded, steps_per_epoch)

@@ -156,8 +156,11 @@ def _construct_map(loader: SparseMLLoader, node: yaml.MappingNode) -> _Map:
 def _construct_tagged(loader: SparseMLLoader, suffix: str, node: yaml.Node) -> Tagged:
     if not _TAG_NAME.fullmatch(suffix):
         raise yaml.constructor.ConstructorError(
-            None, None, f"YAML tag {node.tag!r} is not allowed: only SparseML modifier tags "
-            "such as !GMPruningModifier are read", node.start_mark,
+            None,
+            None,
+            f"YAML tag {node.tag!r} is not allowed: only SparseML modifier tags "
+            "such as !GMPruningModifier are read",
+            node.start_mark,
         )
     if isinstance(node, yaml.MappingNode):
         fields = _construct_map(loader, node)
@@ -192,7 +195,7 @@ def split_front_matter(text: str) -> tuple[str, int] | None:
         return None
     for last in range(first + 1, len(lines)):
         if _DELIMITER.match(lines[last]):
-            return "".join(lines[first + 1:last]), first + 1
+            return "".join(lines[first + 1 : last]), first + 1
     return None
 
 
@@ -238,8 +241,11 @@ class Val:
         if left == right:
             return Val(value)
         tree = ast.parse(left, mode="eval").body
-        if (isinstance(tree, ast.BinOp) and isinstance(tree.op, ast.Add)
-                and ast.dump(tree.left) == ast.dump(ast.parse(right, mode="eval").body)):
+        if (
+            isinstance(tree, ast.BinOp)
+            and isinstance(tree.op, ast.Add)
+            and ast.dump(tree.left) == ast.dump(ast.parse(right, mode="eval").body)
+        ):
             rest = ast.unparse(tree.right)
             return Val(value, rest if _free(tree.right) else None)
         right = right if _ATOM.fullmatch(right) else f"({right})"
@@ -376,7 +382,11 @@ class _Fields:
         self.used.add(key)
         if key not in self.tagged.fields:
             if default is _MISSING:
-                raise _Problem(self.tagged.line, f"!{self.tagged.tag}: required field {key!r} is missing", self.tagged.col)
+                raise _Problem(
+                    self.tagged.line,
+                    f"!{self.tagged.tag}: required field {key!r} is missing",
+                    self.tagged.col,
+                )
             return default
         try:
             return self.conv.resolve(self.tagged.fields[key], self.scope, self.line(key))
@@ -463,7 +473,11 @@ class _Converter:
         front = split_front_matter(text)
         suffix = Path(self.source).suffix.lower()
         if suffix == ".md" and front is None:
-            raise ConvertError([f"{self.source}:1:1: no YAML front matter (a '---' line, the recipe, a '---' line) in this Markdown recipe"])
+            raise ConvertError(
+                [
+                    f"{self.source}:1:1: no YAML front matter (a '---' line, the recipe, a '---' line) in this Markdown recipe"
+                ]
+            )
         if front is not None and suffix not in (".yaml", ".yml"):
             body, offset = front
         loader = None
@@ -474,12 +488,16 @@ class _Converter:
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             line, col = (mark.line + 1 + offset, mark.column + 1) if mark else (1, 1)
-            message = " ".join(part for part in (exc.context, exc.problem) if part) or "invalid YAML"
+            message = (
+                " ".join(part for part in (exc.context, exc.problem) if part) or "invalid YAML"
+            )
             found = re.search(r"could not determine a constructor for the tag '([^']*)'", message)
             if found:
                 tag = found.group(1).replace("tag:yaml.org,2002:", "!!")
-                message = (f"YAML tag {tag!r} is not allowed: only SparseML modifier tags such as "
-                           "!GMPruningModifier are read, and no Python object is ever constructed")
+                message = (
+                    f"YAML tag {tag!r} is not allowed: only SparseML modifier tags such as "
+                    "!GMPruningModifier are read, and no Python object is ever constructed"
+                )
             elif not message.startswith("YAML tag") and not message.startswith("!"):
                 message = f"invalid YAML: {message}"
             raise ConvertError([f"{self.source}:{line}:{col}: {message}"]) from None
@@ -511,10 +529,14 @@ class _Converter:
             found = scope.find(name)
             if found is None:
                 known = ", ".join(scope.known()) or "none defined"
-                raise _Problem(line, f"eval({inner}): unknown variable {name!r} (variables: {known})")
+                raise _Problem(
+                    line, f"eval({inner}): unknown variable {name!r} (variables: {known})"
+                )
             kind, value = found
             if kind == "raw":
-                raise _Problem(line, f"eval({inner}): variable {name!r} is not a number ({value!r})")
+                raise _Problem(
+                    line, f"eval({inner}): variable {name!r} is not a number ({value!r})"
+                )
             used.append(value)
             return value
 
@@ -552,7 +574,9 @@ class _Converter:
         if _is_eval(value):
             return self.evaluate(value, scope, line)
         if isinstance(value, Tagged):
-            raise _Problem(value.line, f"!{value.tag} cannot be nested inside a modifier field", value.col)
+            raise _Problem(
+                value.line, f"!{value.tag} cannot be nested inside a modifier field", value.col
+            )
         if isinstance(value, list):
             return [self.resolve(v, scope, line) for v in value]
         if isinstance(value, dict):
@@ -562,7 +586,9 @@ class _Converter:
 
     # ---- variables
 
-    def collect_variables(self, containers: list[tuple[_Scope, dict[Any, tuple[Any, int, int]], str | None]]) -> None:
+    def collect_variables(
+        self, containers: list[tuple[_Scope, dict[Any, tuple[Any, int, int]], str | None]]
+    ) -> None:
         """Give every numeric variable a recipec name and resolve all of them together."""
         stage_names: dict[str, int] = {}
         for _scope, variables, stage in containers:
@@ -574,12 +600,18 @@ class _Converter:
         taken: set[str] = set()
         for scope, variables, stage in containers:
             for name, (value, line, col) in variables.items():
-                numeric = (isinstance(value, int | float) and not isinstance(value, bool)) or _is_eval(value)
+                numeric = (
+                    isinstance(value, int | float) and not isinstance(value, bool)
+                ) or _is_eval(value)
                 if not numeric:
                     scope.raw[name] = value
                     continue
                 if not isinstance(name, str) or not name.isidentifier():
-                    self._note(line, f"variable {name!r}", "not an identifier, so no expression can use it; not converted")
+                    self._note(
+                        line,
+                        f"variable {name!r}",
+                        "not an identifier, so no expression can use it; not converted",
+                    )
                     continue
                 rname = name if name not in expr.FUNCTIONS else f"{name}_value"
                 if stage is not None and (name in global_names or stage_names.get(name, 0) > 1):
@@ -610,11 +642,15 @@ class _Converter:
             self._error(line, f"variable {rname}: {message}", col)
         self._raise_errors()
         self.values = values
-        self.variables = {n: (v if isinstance(v, int | float) else "${" + v + "}") for n, v in mapping.items()}
+        self.variables = {
+            n: (v if isinstance(v, int | float) else "${" + v + "}") for n, v in mapping.items()
+        }
 
     # ---- structure
 
-    def split(self, container: dict, scope: _Scope, top: bool) -> tuple[dict[Any, tuple[Any, int, int]], list[Tagged]]:
+    def split(
+        self, container: dict, scope: _Scope, top: bool
+    ) -> tuple[dict[Any, tuple[Any, int, int]], list[Tagged]]:
         """Separate a (stage) mapping into variables and modifiers, as SparseML does."""
         lines = container.lines if isinstance(container, _Map) else {}
         variables: dict[Any, tuple[Any, int, int]] = {}
@@ -627,11 +663,19 @@ class _Converter:
                     if isinstance(item, Tagged):
                         mods.append(item)
                     else:
-                        self._error(line, f"{key}: every entry must be a tagged modifier such as !GMPruningModifier, got {item!r}", col)
+                        self._error(
+                            line,
+                            f"{key}: every entry must be a tagged modifier such as !GMPruningModifier, got {item!r}",
+                            col,
+                        )
             elif isinstance(value, Tagged):
                 mods.append(value)
             elif isinstance(value, list) and any(isinstance(v, Tagged) for v in value):
-                self._error(line, f"{key}: modifiers must be listed under a key whose name contains 'modifiers'", col)
+                self._error(
+                    line,
+                    f"{key}: modifiers must be listed under a key whose name contains 'modifiers'",
+                    col,
+                )
             elif top and key == "version":
                 continue  # SparseML's recipe format version
             elif key == "__metadata__":
@@ -655,8 +699,10 @@ class _Converter:
         elif isinstance(data, dict):
             lines = data.lines if isinstance(data, _Map) else {}
             stage_keys = [
-                k for k, v in data.items()
-                if isinstance(v, dict) and any(isinstance(kk, str) and "modifiers" in kk for kk in v)
+                k
+                for k, v in data.items()
+                if isinstance(v, dict)
+                and any(isinstance(kk, str) and "modifiers" in kk for kk in v)
             ]
             main = {k: v for k, v in data.items() if k not in stage_keys}
             main_map = _Map()
@@ -666,20 +712,30 @@ class _Converter:
             containers = [(root, variables, None)]
             if stage_keys:
                 for mod in mods:
-                    self._error(mod.line, f"!{mod.tag}: a staged recipe keeps its modifiers inside its stages", mod.col)
+                    self._error(
+                        mod.line,
+                        f"!{mod.tag}: a staged recipe keeps its modifiers inside its stages",
+                        mod.col,
+                    )
                 names: set[str] = set()
                 for key in stage_keys:
                     scope = _Scope(f"stage {key!r}", parent=root)
                     stage_vars, stage_mods = self.split(data[key], scope, top=False)
                     containers.append((scope, stage_vars, str(key)))
                     name = _stage_name(str(key), names)
-                    stages.append(_Stage(str(key), name, scope, stage_mods, lines.get(key, (1, 1))[0]))
+                    stages.append(
+                        _Stage(str(key), name, scope, stage_mods, lines.get(key, (1, 1))[0])
+                    )
             else:
                 stages.append(_Stage(None, "main", root, mods, 1))
         else:
-            raise ConvertError([f"{self.source}:1:1: a SparseML recipe is a mapping of variables and "
-                                "'*modifiers' lists (or a list of modifiers); got "
-                                f"{type(data).__name__}"])
+            raise ConvertError(
+                [
+                    f"{self.source}:1:1: a SparseML recipe is a mapping of variables and "
+                    "'*modifiers' lists (or a list of modifiers); got "
+                    f"{type(data).__name__}"
+                ]
+            )
         self._raise_errors()
         self.collect_variables(containers)
         for stage in stages:
@@ -719,54 +775,99 @@ class _Converter:
             line = tagged.line_of(key)
             if key in _LOGGING_FIELDS:
                 continue  # logging only
-            self._unsupported(line, f"{name}.{key}", "field has no recipec equivalent; not converted")
+            self._unsupported(
+                line, f"{name}.{key}", "field has no recipec equivalent; not converted"
+            )
 
-    def _out(self, kind: str, fields: dict[str, Any], tagged: Tagged, counter: int, sub: int = 0, **extra: Any) -> _Out:
-        return _Out(kind, fields, tagged.tag, tagged.line, (counter, sub), f"!{tagged.tag} (line {tagged.line})", **extra)
+    def _out(
+        self,
+        kind: str,
+        fields: dict[str, Any],
+        tagged: Tagged,
+        counter: int,
+        sub: int = 0,
+        **extra: Any,
+    ) -> _Out:
+        return _Out(
+            kind,
+            fields,
+            tagged.tag,
+            tagged.line,
+            (counter, sub),
+            f"!{tagged.tag} (line {tagged.line})",
+            **extra,
+        )
 
     def pruning(self, stage: _Stage, f: _Fields, counter: int) -> None:
         tag = f.tagged.tag
         kind, global_default = _PRUNING[tag]
         init_raw = f.raw("init_sparsity")
         if isinstance(init_raw, str):
-            self._unsupported(f.line("init_sparsity"), f"!{tag}.init_sparsity",
-                              f"{init_raw!r} (start from each tensor's current sparsity) has no recipec equivalent; modifier not converted")
+            self._unsupported(
+                f.line("init_sparsity"),
+                f"!{tag}.init_sparsity",
+                f"{init_raw!r} (start from each tensor's current sparsity) has no recipec equivalent; modifier not converted",
+            )
             f.used.update(f.tagged.fields)
             return
         init = f.num("init_sparsity")
         final_raw = f.raw("final_sparsity")
         start, end = f.window("start_epoch"), f.window("end_epoch")
         if end is None:
-            raise f.at("end_epoch", f"!{tag}: end_epoch must be set (a gradual pruning window needs an end)")
+            raise f.at(
+                "end_epoch",
+                f"!{tag}: end_epoch must be set (a gradual pruning window needs an end)",
+            )
         if start is not None and end.value < start.value:
-            raise f.at("end_epoch", f"!{tag}: end_epoch ({end.value:g}) is before start_epoch ({start.value:g})")
+            raise f.at(
+                "end_epoch",
+                f"!{tag}: end_epoch ({end.value:g}) is before start_epoch ({start.value:g})",
+            )
         freq = f.num("update_frequency", Val(-1))
         inter = f.text("inter_func", "cubic")
         if inter not in ("cubic", "linear"):
-            self._unsupported(f.line("inter_func"), f"!{tag}.inter_func",
-                              f"{inter!r} interpolation has no recipec equivalent (cubic or linear); modifier not converted")
+            self._unsupported(
+                f.line("inter_func"),
+                f"!{tag}.inter_func",
+                f"{inter!r} interpolation has no recipec equivalent (cubic or linear); modifier not converted",
+            )
             f.used.update(f.tagged.fields)
             return
         structure = _structure(f.raw("mask_type", "unstructured"))
         if structure is None:
-            self._unsupported(f.line("mask_type"), f"!{tag}.mask_type",
-                              f"mask type {f.raw('mask_type')!r} has no recipec equivalent (unstructured, blockK, N:M); modifier not converted")
+            self._unsupported(
+                f.line("mask_type"),
+                f"!{tag}.mask_type",
+                f"mask type {f.raw('mask_type')!r} has no recipec equivalent (unstructured, blockK, N:M); modifier not converted",
+            )
             f.used.update(f.tagged.fields)
             return
         scope = "global" if f.boolean("global_sparsity", global_default) else "per_layer"
         leave = f.boolean("leave_enabled", True)
         if not leave:
-            self._unsupported(f.line("leave_enabled"), f"!{tag}.leave_enabled",
-                              "false (stop enforcing the masks after end_epoch) has no recipec equivalent: recipec keeps masks until training ends")
+            self._unsupported(
+                f.line("leave_enabled"),
+                f"!{tag}.leave_enabled",
+                "false (stop enforcing the masks after end_epoch) has no recipec equivalent: recipec keeps masks until training ends",
+            )
         extra: dict[str, Any] = {}
         if kind == "obert":
             extra = self._obs_fields(f)
         if isinstance(final_raw, dict):
             groups = []
             for key, params in final_raw.items():
-                level = key if isinstance(key, Val) else Val(float(key)) if isinstance(key, int | float) else None
+                level = (
+                    key
+                    if isinstance(key, Val)
+                    else Val(float(key))
+                    if isinstance(key, int | float)
+                    else None
+                )
                 if level is None:
-                    raise f.at("final_sparsity", f"!{tag}.final_sparsity: keys must be sparsities, got {key!r}")
+                    raise f.at(
+                        "final_sparsity",
+                        f"!{tag}.final_sparsity: keys must be sparsities, got {key!r}",
+                    )
                 groups.append((level, params))
             f.used.add("params")
         else:
@@ -778,9 +879,12 @@ class _Converter:
                 n, m = (int(x) for x in structure.split(":"))
                 level = Val(_tidy((m - n) / m))
                 if abs(final.value - level.value) > 1e-9 or abs(init.value - level.value) > 1e-9:
-                    self._note(f.line("mask_type"), f"!{tag}.mask_type",
-                               f"{structure} masks keep exactly {n} of every {m} weights ({level.value:g} sparsity): "
-                               "init/final sparsity set to that; recipec applies N:M masks once, at start_epoch")
+                    self._note(
+                        f.line("mask_type"),
+                        f"!{tag}.mask_type",
+                        f"{structure} masks keep exactly {n} of every {m} weights ({level.value:g} sparsity): "
+                        "init/final sparsity set to that; recipec applies N:M masks once, at start_epoch",
+                    )
                 init_out = final_out = level
             fields: dict[str, Any] = {
                 "init_sparsity": init_out,
@@ -798,8 +902,17 @@ class _Converter:
             if exclude:
                 fields["exclude"] = list(exclude)
             fields.update(extra)
-            stage.outs.append(self._out(kind, fields, f.tagged, counter, sub,
-                                        targets_key=(tuple(targets), tuple(exclude)), leave_enabled=leave))
+            stage.outs.append(
+                self._out(
+                    kind,
+                    fields,
+                    f.tagged,
+                    counter,
+                    sub,
+                    targets_key=(tuple(targets), tuple(exclude)),
+                    leave_enabled=leave,
+                )
+            )
 
     def _obs_fields(self, f: _Fields) -> dict[str, Any]:
         tag = f.tagged.tag
@@ -809,12 +922,17 @@ class _Converter:
             if isinstance(grads, Val):
                 out["num_grads"] = _integer(grads, f, "num_grads")
             else:
-                self._unsupported(f.line("num_grads"), f"!{tag}.num_grads",
-                                  f"a per-epoch schedule of gradient counts ({grads!r}) has no recipec equivalent; recipec's default (1024) is used")
+                self._unsupported(
+                    f.line("num_grads"),
+                    f"!{tag}.num_grads",
+                    f"a per-epoch schedule of gradient counts ({grads!r}) has no recipec equivalent; recipec's default (1024) is used",
+                )
         else:
             out["num_grads"] = 1024
         out["damp"] = f.num("damp", Val(1e-7))
-        out["fisher_block_size"] = _integer(f.num("fisher_block_size", Val(50)), f, "fisher_block_size")
+        out["fisher_block_size"] = _integer(
+            f.num("fisher_block_size", Val(50)), f, "fisher_block_size"
+        )
         kwargs = f.raw("grad_sampler_kwargs", {}) or {}
         if not isinstance(kwargs, dict):
             raise f.at("grad_sampler_kwargs", f"!{tag}.grad_sampler_kwargs: expected a mapping")
@@ -822,30 +940,55 @@ class _Converter:
             if key == "batch_size" and isinstance(value, Val):
                 out["grad_batch_size"] = _integer(value, f, "grad_sampler_kwargs.batch_size")
             else:
-                self._unsupported(f.line("grad_sampler_kwargs"), f"!{tag}.grad_sampler_kwargs.{key}",
-                                  "gradient data-loader override has no recipec equivalent; not converted")
+                self._unsupported(
+                    f.line("grad_sampler_kwargs"),
+                    f"!{tag}.grad_sampler_kwargs.{key}",
+                    "gradient data-loader override has no recipec equivalent; not converted",
+                )
         if f.has("num_recomputations"):
             out["recomputations"] = _integer(f.num("num_recomputations"), f, "num_recomputations")
         for key, default in (("magn_scorer", False), ("mask_update", True)):
             if f.has(key) and f.boolean(key, default) != default:
-                self._unsupported(f.line(key), f"!{tag}.{key}", "non-default value has no recipec equivalent; not converted")
+                self._unsupported(
+                    f.line(key),
+                    f"!{tag}.{key}",
+                    "non-default value has no recipec equivalent; not converted",
+                )
         return out
 
     def _targets(self, params: Any, f: _Fields, tag: str) -> tuple[list[str], list[str]]:
         if isinstance(params, str):
             params = [params]
-        if not isinstance(params, list) or not params or not all(isinstance(p, str) for p in params):
-            raise f.at("params", f"!{tag}.params: expected a list of parameter names or 're:' regexes, got {params!r}")
+        if (
+            not isinstance(params, list)
+            or not params
+            or not all(isinstance(p, str) for p in params)
+        ):
+            raise f.at(
+                "params",
+                f"!{tag}.params: expected a list of parameter names or 're:' regexes, got {params!r}",
+            )
         line = f.line("params")
         for token, targets, exclude, what in (
-            ("__ALL__", ALL_TARGETS, (), "every parameter (biases, LayerNorms and embeddings included)"),
-            ("__ALL_PRUNABLE__", ALL_PRUNABLE_TARGETS, ALL_PRUNABLE_EXCLUDE,
-             "every Linear weight: all '.weight' tensors except embeddings and LayerNorms "
-             "(this includes the pooler and classifier head)"),
+            (
+                "__ALL__",
+                ALL_TARGETS,
+                (),
+                "every parameter (biases, LayerNorms and embeddings included)",
+            ),
+            (
+                "__ALL_PRUNABLE__",
+                ALL_PRUNABLE_TARGETS,
+                ALL_PRUNABLE_EXCLUDE,
+                "every Linear weight: all '.weight' tensors except embeddings and LayerNorms "
+                "(this includes the pooler and classifier head)",
+            ),
         ):
             if token in params:
                 others = [p for p in params if p != token]
-                extra = f"; SparseML ignores the other entries ({', '.join(others)})" if others else ""
+                extra = (
+                    f"; SparseML ignores the other entries ({', '.join(others)})" if others else ""
+                )
                 self._note(line, f"!{tag}.params", f"{token} converted to {what}{extra}")
                 return list(targets), list(exclude)
         targets = []
@@ -859,18 +1002,27 @@ class _Converter:
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise _Problem(line, f"!{tag}.params: invalid regular expression {param!r}: {exc}") from None
+                raise _Problem(
+                    line, f"!{tag}.params: invalid regular expression {param!r}: {exc}"
+                ) from None
             targets.append(pattern)
         return targets, []
 
     def constant(self, stage: _Stage, f: _Fields, counter: int) -> None:
         targets, exclude = self._targets(f.raw("params"), f, f.tagged.tag)
         f.used.add("update_frequency")
-        fields: dict[str, Any] = {"start_epoch": f.window("start_epoch"), "end_epoch": f.window("end_epoch"),
-                                  "targets": targets}
+        fields: dict[str, Any] = {
+            "start_epoch": f.window("start_epoch"),
+            "end_epoch": f.window("end_epoch"),
+            "targets": targets,
+        }
         if exclude:
             fields["exclude"] = exclude
-        stage.outs.append(self._out("constant", fields, f.tagged, counter, targets_key=(tuple(targets), tuple(exclude))))
+        stage.outs.append(
+            self._out(
+                "constant", fields, f.tagged, counter, targets_key=(tuple(targets), tuple(exclude))
+            )
+        )
 
     def lr_function(self, stage: _Stage, f: _Fields, counter: int) -> None:
         tag = f.tagged.tag
@@ -882,24 +1034,48 @@ class _Converter:
         if end is None or end.value <= (start.value if start else 0):
             raise f.at("end_epoch", f"!{tag}: end_epoch must be after start_epoch")
         self._param_groups(f)
-        base = {"schedule": None, "init_lr": init, "final_lr": final, "start_epoch": start, "end_epoch": end}
+        base = {
+            "schedule": None,
+            "init_lr": init,
+            "final_lr": final,
+            "start_epoch": start,
+            "end_epoch": end,
+        }
         if func in ("linear", "cosine"):
             f.used.add("cycle_epochs")  # SparseML ignores it outside cyclic_linear
             if init.value <= 0:
                 if func == "cosine" or final.value <= 0:
-                    self._unsupported(f.line("init_lr"), f"!{tag}.init_lr",
-                                      f"a {func} schedule starting from LR 0 has no recipec equivalent; not converted")
+                    self._unsupported(
+                        f.line("init_lr"),
+                        f"!{tag}.init_lr",
+                        f"a {func} schedule starting from LR 0 has no recipec equivalent; not converted",
+                    )
                     return
-                self._note(f.line("init_lr"), f"!{tag}", "linear warm-up from 0 approximated by a recipec warm-up "
-                           "(LR = final_lr * (k + 1) / (n + 1) instead of final_lr * k / n at step k of n)")
-                fields = dict(base, schedule="constant", init_lr=final, warmup_epochs=end.minus(start or Val(0)))
+                self._note(
+                    f.line("init_lr"),
+                    f"!{tag}",
+                    "linear warm-up from 0 approximated by a recipec warm-up "
+                    "(LR = final_lr * (k + 1) / (n + 1) instead of final_lr * k / n at step k of n)",
+                )
+                fields = dict(
+                    base,
+                    schedule="constant",
+                    init_lr=final,
+                    warmup_epochs=end.minus(start or Val(0)),
+                )
                 del fields["final_lr"]
                 stage.outs.append(self._out("lr", fields, f.tagged, counter, held=final))
                 return
-            stage.outs.append(self._out("lr", dict(base, schedule=func), f.tagged, counter, held=final))
+            stage.outs.append(
+                self._out("lr", dict(base, schedule=func), f.tagged, counter, held=final)
+            )
             return
         if func != "cyclic_linear":
-            self._unsupported(f.line("lr_func"), f"!{tag}.lr_func", f"{func!r} has no recipec equivalent; modifier not converted")
+            self._unsupported(
+                f.line("lr_func"),
+                f"!{tag}.lr_func",
+                f"{func!r} has no recipec equivalent; modifier not converted",
+            )
             f.used.update(f.tagged.fields)
             return
         cycle = f.num("cycle_epochs", Val(_DEFAULT_CYCLE_EPOCHS))
@@ -927,15 +1103,37 @@ class _Converter:
             return
         if any(v.text for v in (start, end, cycle)):
             s, e, c = start.expression(), end.expression(), cycle.expression()
-            split = Val(_tidy(start.value + cycles * cycle.value), f"{s} + floor(({e} - {s}) / {c}) * {c}")
+            split = Val(
+                _tidy(start.value + cycles * cycle.value), f"{s} + floor(({e} - {s}) / {c}) * {c}"
+            )
         else:
             split = Val(_tidy(start.value + cycles * cycle.value))
-        self._note(f.line("cycle_epochs"), f"!{tag}",
-                   f"the last, partial cycle (epochs {split.value:g}..{end.value:g}) is written as a linear lr window: "
-                   "SparseML decays it over its own length")
-        stage.outs.append(self._out("lr", dict(base, schedule="cyclic_linear", end_epoch=split, cycle_epochs=cycle),
-                                    f.tagged, counter, 0, held=init))
-        stage.outs.append(self._out("lr", dict(base, schedule="linear", start_epoch=split), f.tagged, counter, 1, held=held))
+        self._note(
+            f.line("cycle_epochs"),
+            f"!{tag}",
+            f"the last, partial cycle (epochs {split.value:g}..{end.value:g}) is written as a linear lr window: "
+            "SparseML decays it over its own length",
+        )
+        stage.outs.append(
+            self._out(
+                "lr",
+                dict(base, schedule="cyclic_linear", end_epoch=split, cycle_epochs=cycle),
+                f.tagged,
+                counter,
+                0,
+                held=init,
+            )
+        )
+        stage.outs.append(
+            self._out(
+                "lr",
+                dict(base, schedule="linear", start_epoch=split),
+                f.tagged,
+                counter,
+                1,
+                held=held,
+            )
+        )
 
     def set_lr(self, stage: _Stage, f: _Fields, counter: int) -> None:
         lr = f.num("learning_rate")
@@ -943,8 +1141,11 @@ class _Converter:
         self._param_groups(f)
         start = f.window("start_epoch")
         if lr.value <= 0:
-            self._unsupported(f.line("learning_rate"), f"!{f.tagged.tag}.learning_rate",
-                              "an LR of 0 has no recipec equivalent; not converted")
+            self._unsupported(
+                f.line("learning_rate"),
+                f"!{f.tagged.tag}.learning_rate",
+                "an LR of 0 has no recipec equivalent; not converted",
+            )
             return
         fields = {"schedule": "constant", "init_lr": lr, "start_epoch": start, "end_epoch": None}
         stage.outs.append(self._out("setlr", fields, f.tagged, counter, held=lr))
@@ -952,8 +1153,11 @@ class _Converter:
     def _param_groups(self, f: _Fields) -> None:
         groups = f.raw("param_groups", None)
         if groups:
-            self._unsupported(f.line("param_groups"), f"!{f.tagged.tag}.param_groups",
-                              "recipec sets the LR of every parameter group; the group selection is not converted")
+            self._unsupported(
+                f.line("param_groups"),
+                f"!{f.tagged.tag}.param_groups",
+                "recipec sets the LR of every parameter group; the group selection is not converted",
+            )
 
     def distill(self, stage: _Stage, f: _Fields, counter: int) -> None:
         tag = f.tagged.tag
@@ -965,12 +1169,19 @@ class _Converter:
             "end_epoch": f.window("end_epoch"),
         }
         f.used.add("update_frequency")
-        self._note(f.tagged.line, f"!{tag}",
-                   "teacher: auto (recipec fine-tunes a dense teacher first); SparseML took the teacher from the "
-                   "command line (--distill_teacher): set teacher: to that model's path or hub name to reuse it")
+        self._note(
+            f.tagged.line,
+            f"!{tag}",
+            "teacher: auto (recipec fine-tunes a dense teacher first); SparseML took the teacher from the "
+            "command line (--distill_teacher): set teacher: to that model's path or hub name to reuse it",
+        )
         for key in ("distill_output_keys", "teacher_input_keys"):
             if f.has(key) and f.raw(key):
-                self._note(f.line(key), f"!{tag}.{key}", "recipec distills the task's logits; this selection is not needed")
+                self._note(
+                    f.line(key),
+                    f"!{tag}.{key}",
+                    "recipec distills the task's logits; this selection is not needed",
+                )
         stage.outs.append(self._out("distill", fields, f.tagged, counter))
 
     def epoch_range(self, stage: _Stage, f: _Fields, counter: int) -> None:
@@ -993,10 +1204,17 @@ class _Converter:
             points = [v for o in stage.outs for v in (o.start, o.end) if v is not None]
             for o in stage.outs:
                 if o.start is not None and o.start.value < offset.value - _EPS:
-                    self._error(o.line, f"!{o.tag} in stage {stage.key!r} starts at epoch {o.start.value:g}, before the "
-                                f"previous stage ends (epoch {offset.value:g}): SparseML runs all stages on one epoch clock")
+                    self._error(
+                        o.line,
+                        f"!{o.tag} in stage {stage.key!r} starts at epoch {o.start.value:g}, before the "
+                        f"previous stage ends (epoch {offset.value:g}): SparseML runs all stages on one epoch clock",
+                    )
                 if o.start is None and index > 0:
-                    self._note(o.line, f"!{o.tag}", f"start_epoch -1 (start at once) taken as the start of stage {stage.key!r}")
+                    self._note(
+                        o.line,
+                        f"!{o.tag}",
+                        f"start_epoch -1 (start at once) taken as the start of stage {stage.key!r}",
+                    )
                 if o.start is None and o.kind in ("gmp", "obert", "lr", "setlr"):
                     o.fields["start_epoch"] = offset
                 if o.kind in ("gmp", "obert") and o.end.value <= o.start.value + _EPS:
@@ -1004,30 +1222,54 @@ class _Converter:
                     o.fields.pop("update_every_steps", None)
             for start, line in stage.range_starts:
                 if start.value > offset.value + _EPS:
-                    self._note(line, "!EpochRangeModifier.start_epoch",
-                               f"training starts at epoch {offset.value:g} in recipec, not {start.value:g}")
+                    self._note(
+                        line,
+                        "!EpochRangeModifier.start_epoch",
+                        f"training starts at epoch {offset.value:g} in recipec, not {start.value:g}",
+                    )
             last = max(points, key=lambda v: v.value) if points else offset
-            if (self._one_shot_only(stage, offset) and last.value <= offset.value + _EPS
-                    and (stage.range_end is None or stage.range_end.value <= offset.value + _EPS)):
+            if (
+                self._one_shot_only(stage, offset)
+                and last.value <= offset.value + _EPS
+                and (stage.range_end is None or stage.range_end.value <= offset.value + _EPS)
+            ):
                 stage.prune_only = True
                 end = offset
-                for o in stage.outs:  # step 0 is the only step: the windows say nothing (and need no epochs)
-                    for name in ("start_epoch", "end_epoch", "update_every_epochs", "update_every_steps"):
+                for o in (
+                    stage.outs
+                ):  # step 0 is the only step: the windows say nothing (and need no epochs)
+                    for name in (
+                        "start_epoch",
+                        "end_epoch",
+                        "update_every_epochs",
+                        "update_every_steps",
+                    ):
                         o.fields.pop(name, None)
-                self._note(stage.line, "one-shot", f"{'stage ' + repr(stage.key) if stage.key else 'the recipe'} only prunes "
-                           f"once, at epoch {offset.value:g}, and trains for 0 epochs: written as a prune-only stage "
-                           "(training.steps: 0)")
+                self._note(
+                    stage.line,
+                    "one-shot",
+                    f"{'stage ' + repr(stage.key) if stage.key else 'the recipe'} only prunes "
+                    f"once, at epoch {offset.value:g}, and trains for 0 epochs: written as a prune-only stage "
+                    "(training.steps: 0)",
+                )
             elif stage.range_end is not None:
                 end = stage.range_end
             elif points:
                 end = last
-                self._note(stage.line, "!EpochRangeModifier", f"none in {stage.key and repr(stage.key) or 'the recipe'}: "
-                           f"training.epochs set from the last modifier epoch ({end.value:g})")
+                self._note(
+                    stage.line,
+                    "!EpochRangeModifier",
+                    f"none in {stage.key and repr(stage.key) or 'the recipe'}: "
+                    f"training.epochs set from the last modifier epoch ({end.value:g})",
+                )
             else:
                 end = offset
             if end.value <= offset.value + _EPS and not stage.prune_only:
-                self._error(stage.line, f"cannot tell how long {'stage ' + repr(stage.key) if stage.key else 'training'} "
-                            "is: add an !EpochRangeModifier with end_epoch")
+                self._error(
+                    stage.line,
+                    f"cannot tell how long {'stage ' + repr(stage.key) if stage.key else 'training'} "
+                    "is: add an !EpochRangeModifier with end_epoch",
+                )
             stage.end = end
             offset = end
         self._raise_errors()
@@ -1038,6 +1280,7 @@ class _Converter:
         pruners = [o for o in stage.outs if o.kind in ("gmp", "obert")]
         if not pruners or any(o.kind not in ("gmp", "obert", "constant") for o in stage.outs):
             return False
+
         def at_offset(v: Val | None) -> bool:
             return v is None or abs(v.value - offset.value) <= _EPS  # None: start at once
 
@@ -1047,36 +1290,56 @@ class _Converter:
         """A constant right after a pruning window on the same weights repeats recipec's persistence."""
         for const in [o for o in stage.outs if o.kind == "constant"]:
             for prune in stage.outs:
-                if prune.kind not in ("gmp", "obert") or prune.targets_key != const.targets_key or not prune.leave_enabled:
+                if (
+                    prune.kind not in ("gmp", "obert")
+                    or prune.targets_key != const.targets_key
+                    or not prune.leave_enabled
+                ):
                     continue
                 c_start = const.start.value if const.start is not None else stage.offset.value
                 if abs(c_start - prune.end.value) <= _EPS:
                     stage.outs.remove(const)
-                    self._note(const.line, f"!{const.tag}", f"not needed: recipec keeps the masks of !{prune.tag} "
-                               f"(line {prune.line}) after its end_epoch; dropped")
+                    self._note(
+                        const.line,
+                        f"!{const.tag}",
+                        f"not needed: recipec keeps the masks of !{prune.tag} "
+                        f"(line {prune.line}) after its end_epoch; dropped",
+                    )
                     break
 
-    def finish_lr(self, stage: _Stage, index: int, held: Val | str | None, any_lr: bool) -> Val | str | None:
+    def finish_lr(
+        self, stage: _Stage, index: int, held: Val | str | None, any_lr: bool
+    ) -> Val | str | None:
         """Close SetLearningRate windows and make the LR SparseML holds between windows explicit."""
-        lrs = sorted((o for o in stage.outs if o.kind in ("lr", "setlr")),
-                     key=lambda o: ((o.start.value if o.start else stage.offset.value), o.order))
+        lrs = sorted(
+            (o for o in stage.outs if o.kind in ("lr", "setlr")),
+            key=lambda o: ((o.start.value if o.start else stage.offset.value), o.order),
+        )
         for i, out in enumerate(lrs):
             if out.kind != "setlr":
                 continue
             same = [o for o in lrs if o is not out and abs(o.start.value - out.start.value) <= _EPS]
             if same:
                 stage.outs.remove(out)
-                self._note(out.line, f"!{out.tag}", f"overridden by the LR modifier at line {same[0].line}, "
-                           "which starts at the same epoch; dropped")
+                self._note(
+                    out.line,
+                    f"!{out.tag}",
+                    f"overridden by the LR modifier at line {same[0].line}, "
+                    "which starts at the same epoch; dropped",
+                )
                 continue
-            later = [o for o in lrs[i + 1:] if o.start.value > out.start.value + _EPS]
+            later = [o for o in lrs[i + 1 :] if o.start.value > out.start.value + _EPS]
             out.fields["end_epoch"] = later[0].start if later else None
             out.kind = "lr"
         lrs = [o for o in lrs if o in stage.outs]
         if not any_lr:
             if index == self._first_trained:
-                self._note(1, "learning rate", "no learning-rate modifiers: SparseML leaves the LR to the training "
-                           "script; recipec uses training.learning_rate (5e-05) with linear decay")
+                self._note(
+                    1,
+                    "learning rate",
+                    "no learning-rate modifiers: SparseML leaves the LR to the training "
+                    "script; recipec uses training.learning_rate (5e-05) with linear decay",
+                )
             return None
         cursor = stage.offset
         for out in lrs:
@@ -1092,28 +1355,57 @@ class _Converter:
             self._fill(stage, cursor, None, held, lrs[-1] if lrs else None)
         return held
 
-    def _fill(self, stage: _Stage, start: Val, end: Val | None, held: Val | str | None, near: _Out | None) -> None:
+    def _fill(
+        self, stage: _Stage, start: Val, end: Val | None, held: Val | str | None, near: _Out | None
+    ) -> None:
         until = f"{end.value:g}" if end is not None else f"{stage.end.value:g} (stage end)"
         line = near.line if near is not None else stage.line
         if isinstance(held, Val) and held.value > 0:
-            fields = {"schedule": "constant", "init_lr": held, "start_epoch": start, "end_epoch": end}
+            fields = {
+                "schedule": "constant",
+                "init_lr": held,
+                "start_epoch": start,
+                "end_epoch": end,
+            }
             if near is None:
                 order, what = (0.0,), "from the previous stage"
             elif end is None:
                 order, what = (near.order[0] + 0.5,), f"after the window of line {near.line}"
             else:
                 order, what = (near.order[0] - 0.5,), f"before the window of line {near.line}"
-            stage.outs.append(_Out("lr", fields, "lr", line, order,
-                                   f"added: the LR SparseML keeps {what} (epochs {start.value:g}..{until})", held=held))
+            stage.outs.append(
+                _Out(
+                    "lr",
+                    fields,
+                    "lr",
+                    line,
+                    order,
+                    f"added: the LR SparseML keeps {what} (epochs {start.value:g}..{until})",
+                    held=held,
+                )
+            )
         elif held is None:
-            instead = ("uses training.learning_rate with linear decay" if near is None
-                       else "starts at the next window's initial LR" if end is not None else "holds the last window's LR")
-            self._note(line, "learning rate", f"epochs {start.value:g}..{until}: SparseML uses the training script's LR "
-                       f"(no LR modifier has run yet); recipec {instead}")
+            instead = (
+                "uses training.learning_rate with linear decay"
+                if near is None
+                else "starts at the next window's initial LR"
+                if end is not None
+                else "holds the last window's LR"
+            )
+            self._note(
+                line,
+                "learning rate",
+                f"epochs {start.value:g}..{until}: SparseML uses the training script's LR "
+                f"(no LR modifier has run yet); recipec {instead}",
+            )
         else:
             why = "0" if isinstance(held, Val) else "a value that depends on steps_per_epoch"
-            self._note(line, "learning rate", f"epochs {start.value:g}..{until}: SparseML keeps LR {why}, which recipec "
-                       "cannot write as a constant; recipec holds the previous window's last LR")
+            self._note(
+                line,
+                "learning rate",
+                f"epochs {start.value:g}..{until}: SparseML keeps LR {why}, which recipec "
+                "cannot write as a constant; recipec holds the previous window's last LR",
+            )
 
     # ---- output
 
@@ -1122,14 +1414,21 @@ class _Converter:
         all_outs = [o for s in stages for o in s.outs]
         keys = {o.targets_key for o in all_outs if o.targets_key is not None}
         hoisted = next(iter(keys)) if len(keys) == 1 else None
-        lines = [f"# Converted from the SparseML recipe {Path(self.source).name} by `recipec convert`.",
-                 "# Epochs are SparseML's; see docs/convert.md for how each field maps."]
+        lines = [
+            f"# Converted from the SparseML recipe {Path(self.source).name} by `recipec convert`.",
+            "# Epochs are SparseML's; see docs/convert.md for how each field maps.",
+        ]
         for title, items in (("Not converted", self.unsupported), ("Notes", self.notes)):
             if items:
                 lines.append(f"# {title}:")
-                lines.extend(f"#   line {f.line}: {f.name}: {_one_line(f.message)}" for f in sorted(items, key=lambda f: f.line))
+                lines.extend(
+                    f"#   line {f.line}: {f.name}: {_one_line(f.message)}"
+                    for f in sorted(items, key=lambda f: f.line)
+                )
         lines.append("version: 1")
-        lines.append(f"description: {_scalar('Converted from the SparseML recipe ' + Path(self.source).name)}")
+        lines.append(
+            f"description: {_scalar('Converted from the SparseML recipe ' + Path(self.source).name)}"
+        )
         if self.variables:
             lines.append("variables:")
             lines.extend(f"  {name}: {_scalar(value)}" for name, value in self.variables.items())
@@ -1143,16 +1442,26 @@ class _Converter:
         if not staged:
             stage = stages[0]
             lines.append("training:")
-            lines.append("  steps: 0" if stage.prune_only else f"  epochs: {_scalar(stage.end.minus(stage.offset))}")
+            lines.append(
+                "  steps: 0"
+                if stage.prune_only
+                else f"  epochs: {_scalar(stage.end.minus(stage.offset))}"
+            )
             lines.append("modifiers:" if stage.outs else "modifiers: []")
             lines.extend(self._emit_modifiers(stage, hoisted, "  ", None, origin))
         else:
             lines.append("stages:")
             for index, stage in enumerate(stages):
-                lines.append(f"  # SparseML stage {stage.key!r} (line {stage.line}); its epochs start at {stage.offset.value:g}")
+                lines.append(
+                    f"  # SparseML stage {stage.key!r} (line {stage.line}); its epochs start at {stage.offset.value:g}"
+                )
                 lines.append(f"  - name: {_scalar(stage.name)}")
                 lines.append("    training:")
-                lines.append("      steps: 0" if stage.prune_only else f"      epochs: {_scalar(stage.end.minus(stage.offset))}")
+                lines.append(
+                    "      steps: 0"
+                    if stage.prune_only
+                    else f"      epochs: {_scalar(stage.end.minus(stage.offset))}"
+                )
                 lines.append("    modifiers:" if stage.outs else "    modifiers: []")
                 lines.extend(self._emit_modifiers(stage, hoisted, "      ", index, origin))
         text = "\n".join(lines) + "\n"
@@ -1167,14 +1476,29 @@ class _Converter:
                     key = (int(found.group(1)) if found.group(1) else None, int(found.group(2)))
                     out = origin.get(key)
                     if out is not None:
-                        hint = f" [{out.comment}]" if out.comment.startswith("added") else f" [from {out.comment} of {self.source}]"
+                        hint = (
+                            f" [{out.comment}]"
+                            if out.comment.startswith("added")
+                            else f" [from {out.comment} of {self.source}]"
+                        )
                 problems.append(f"{self.source}: the converted recipe does not validate: {p}{hint}")
             raise ConvertError(problems) from None
-        return Conversion(self.source, text, recipe, sorted(self.unsupported, key=lambda f: f.line),
-                          sorted(self.notes, key=lambda f: f.line))
+        return Conversion(
+            self.source,
+            text,
+            recipe,
+            sorted(self.unsupported, key=lambda f: f.line),
+            sorted(self.notes, key=lambda f: f.line),
+        )
 
-    def _emit_modifiers(self, stage: _Stage, hoisted, indent: str, stage_index: int | None,
-                        origin: dict[tuple[int | None, int], _Out]) -> list[str]:
+    def _emit_modifiers(
+        self,
+        stage: _Stage,
+        hoisted,
+        indent: str,
+        stage_index: int | None,
+        origin: dict[tuple[int | None, int], _Out],
+    ) -> list[str]:
         lines: list[str] = []
         for number, out in enumerate(sorted(stage.outs, key=lambda o: o.order)):
             origin[(stage_index, number)] = out
@@ -1184,7 +1508,11 @@ class _Converter:
                     if value is None:
                         continue
                     value = value.minus(stage.offset)
-                if key in ("targets", "exclude") and hoisted is not None and out.targets_key == hoisted:
+                if (
+                    key in ("targets", "exclude")
+                    and hoisted is not None
+                    and out.targets_key == hoisted
+                ):
                     continue
                 fields[key] = value
             lines.append(f"{indent}# {out.comment}")
@@ -1219,7 +1547,10 @@ def _stage_name(key: str, taken: set[str]) -> str:
 def _integer(value: Val, f: _Fields, key: str) -> int | str:
     if isinstance(value.value, float):
         if not value.value.is_integer():
-            raise _Problem(f.line(key.split(".")[0]), f"!{f.tagged.tag}.{key}: expected a whole number, got {value.value:g}")
+            raise _Problem(
+                f.line(key.split(".")[0]),
+                f"!{f.tagged.tag}.{key}: expected a whole number, got {value.value:g}",
+            )
         return int(value.value) if value.text is None else "${round(" + value.text + ")}"
     return value.out()
 

@@ -40,7 +40,9 @@ class MaskState:
         # (e.g. to check that every rank of a distributed run holds the same masks).
         self.version = 0
 
-    def set(self, new_masks: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer | None) -> None:
+    def set(
+        self, new_masks: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer | None
+    ) -> None:
         """Install masks (AND-ed with existing ones), zero the weights and optimizer state."""
         for name, mask in new_masks.items():
             mask = mask.to(device=self.params[name].device, dtype=torch.bool)
@@ -92,8 +94,13 @@ class MaskState:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         unknown = sorted(set(state) - set(self.params))
         if unknown:
-            raise CompileError(f"saved masks name tensors this model does not have: {', '.join(unknown[:5])}")
-        self.masks = {name: mask.to(device=self.params[name].device, dtype=torch.bool) for name, mask in state.items()}
+            raise CompileError(
+                f"saved masks name tensors this model does not have: {', '.join(unknown[:5])}"
+            )
+        self.masks = {
+            name: mask.to(device=self.params[name].device, dtype=torch.bool)
+            for name, mask in state.items()
+        }
         self._pruned = {name: ~mask for name, mask in self.masks.items()}
         self.version += 1
         self.apply_()
@@ -136,17 +143,24 @@ class Modifier:
 
     def active(self, step: int) -> bool:
         """True inside the modifier's window ``[start, end)`` (pruners: until the stage ends)."""
-        return self.resolved.window.start <= step < max(self.resolved.window.end, self.resolved.window.start + 1)
+        return (
+            self.resolved.window.start
+            <= step
+            < max(self.resolved.window.end, self.resolved.window.start + 1)
+        )
 
     def on_step_start(self, step: int) -> None:
         """Before the forward pass of optimizer step ``step``."""
 
-    def transform_loss(self, loss: torch.Tensor, batch: Mapping[str, Any] | None, outputs: Any,
-                       step: int) -> torch.Tensor:
+    def transform_loss(
+        self, loss: torch.Tensor, batch: Mapping[str, Any] | None, outputs: Any, step: int
+    ) -> torch.Tensor:
         """The loss to backpropagate at ``step`` (e.g. with distillation); pure, no side effects."""
         return loss
 
-    def on_loss(self, loss: torch.Tensor, batch: Mapping[str, Any] | None, outputs: Any, step: int) -> torch.Tensor:
+    def on_loss(
+        self, loss: torch.Tensor, batch: Mapping[str, Any] | None, outputs: Any, step: int
+    ) -> torch.Tensor:
         """The driver's loss of ``step``: ``transform_loss``, plus whatever a modifier records."""
         return self.transform_loss(loss, batch, outputs, step)
 

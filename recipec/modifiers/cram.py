@@ -50,7 +50,9 @@ def sampled_sparsity(sparsities: list[float], seed: int, index: int, step: int) 
 
 def gradient_norm(grads) -> float:
     """The L2 norm of all the gradients together (accumulated in float64)."""
-    total = sum((g.detach().double().pow(2).sum() for g in grads), torch.zeros((), dtype=torch.float64))
+    total = sum(
+        (g.detach().double().pow(2).sum() for g in grads), torch.zeros((), dtype=torch.float64)
+    )
     return float(total.sqrt())
 
 
@@ -69,10 +71,14 @@ class CrAMModifier(Modifier):
     def sparsity_at(self, step: int) -> float:
         return sampled_sparsity(self.spec.sparsities, self.seed, self.resolved.index, step)
 
-    def on_loss(self, loss: torch.Tensor, batch: Mapping[str, Any] | None, outputs: Any, step: int) -> torch.Tensor:
+    def on_loss(
+        self, loss: torch.Tensor, batch: Mapping[str, Any] | None, outputs: Any, step: int
+    ) -> torch.Tensor:
         if self.active(step):
             if batch is None:
-                raise ValueError("cram needs the mini-batch: call Program.loss(loss, batch=..., outputs=...)")
+                raise ValueError(
+                    "cram needs the mini-batch: call Program.loss(loss, batch=..., outputs=...)"
+                )
             self._batches.append(batch)  # gradient accumulation: every micro-batch of the step
         return loss
 
@@ -82,11 +88,15 @@ class CrAMModifier(Modifier):
             return
         if not self._announced:
             self._announced = True
-            self.ctx.log(f"{self.name}: {self.spec.variant} from step {self.resolved.window.start} to "
-                         f"{self.resolved.window.end}, rho {self.spec.rho:g}{' (normalized)' if self.spec.normalize else ''}, sparsities "
-                         f"{', '.join(f'{s:g}' for s in self.spec.sparsities)} ({self.spec.scope}, {self.spec.structure})")
+            self.ctx.log(
+                f"{self.name}: {self.spec.variant} from step {self.resolved.window.start} to "
+                f"{self.resolved.window.end}, rho {self.spec.rho:g}{' (normalized)' if self.spec.normalize else ''}, sparsities "
+                f"{', '.join(f'{s:g}' for s in self.spec.sparsities)} ({self.spec.scope}, {self.spec.structure})"
+            )
         model = self.ctx.model
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        params = {
+            n: p for n, p in model.named_parameters() if p.requires_grad and p.grad is not None
+        }
         moved = {**params, **self.targets}
         sparsity = self.sparsity_at(step)
         with torch.no_grad():
@@ -94,8 +104,9 @@ class CrAMModifier(Modifier):
             dense_grads = {n: p.grad.detach().clone() for n, p in params.items()}
             grad_norm = gradient_norm(dense_grads.values())
         try:
-            keep = self._compressed_gradients(model, params, dense_grads, self.ascent_scale(grad_norm), sparsity,
-                                              batches)
+            keep = self._compressed_gradients(
+                model, params, dense_grads, self.ascent_scale(grad_norm), sparsity, batches
+            )
         except BaseException:
             for n, p in params.items():  # leave the step as the ordinary one: gradient g
                 p.grad = dense_grads[n]
@@ -125,13 +136,19 @@ class CrAMModifier(Modifier):
             return self.spec.rho
         return self.spec.rho / grad_norm if grad_norm > 0.0 else 0.0  # a zero gradient: no ascent
 
-    def _compressed_gradients(self, model, params, dense_grads, scale, sparsity, batches) -> dict[str, torch.Tensor]:
+    def _compressed_gradients(
+        self, model, params, dense_grads, scale, sparsity, batches
+    ) -> dict[str, torch.Tensor]:
         """Move the weights to ``w~`` and leave the gradient there in ``.grad``; returns the top-k masks."""
         with torch.no_grad():
             for n, p in params.items():
                 p.add_(dense_grads[n], alpha=scale)
-            keep = compute_masks({n: p.detach().abs() for n, p in self.targets.items()}, sparsity,
-                                 self.spec.structure, self.spec.scope)
+            keep = compute_masks(
+                {n: p.detach().abs() for n, p in self.targets.items()},
+                sparsity,
+                self.spec.structure,
+                self.spec.scope,
+            )
             for n, p in self.targets.items():
                 p.mul_(keep[n])
         loss_fn = self.ctx.loss_fn
@@ -141,18 +158,26 @@ class CrAMModifier(Modifier):
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
             for batch, weight in zip(batches, weights):
-                outputs = model(**batch)  # the bare model: DDP's hooks only wait for its own forward's backward
+                outputs = model(
+                    **batch
+                )  # the bare model: DDP's hooks only wait for its own forward's backward
                 loss = outputs.loss
                 if loss is None:
-                    raise ValueError(f"{self.name}: the model returned no loss for the stored batch "
-                                     "(CrAM needs the labels in it)")
+                    raise ValueError(
+                        f"{self.name}: the model returned no loss for the stored batch "
+                        "(CrAM needs the labels in it)"
+                    )
                 if loss_fn is not None:
                     loss = loss_fn(loss, batch=batch, outputs=outputs)
                 # this rank's share of the global mini-batch mean, summed over ranks below; else the mean
                 (loss * weight if shares else loss / len(batches)).backward()
         if distributed:
-            grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
-            reduced = dist_utils.all_reduce_dict(grads, mean=not shares, what=f"{self.name} gradient all-reduce")
+            grads = {
+                n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in params.items()
+            }
+            reduced = dist_utils.all_reduce_dict(
+                grads, mean=not shares, what=f"{self.name} gradient all-reduce"
+            )
             for n, p in params.items():
                 p.grad = reduced[n]
         return keep
@@ -161,5 +186,7 @@ class CrAMModifier(Modifier):
         if self.counts:
             steps = sum(self.counts.values())
             drawn = ", ".join(f"{s:g}: {c}" for s, c in sorted(self.counts.items()))
-            self.ctx.log(f"{self.name}: {steps} CrAM steps (sparsity drawn: {drawn}; mean gradient norm "
-                         f"{self.grad_norm_sum / steps:.3g})")
+            self.ctx.log(
+                f"{self.name}: {steps} CrAM steps (sparsity drawn: {drawn}; mean gradient norm "
+                f"{self.grad_norm_sum / steps:.3g})"
+            )

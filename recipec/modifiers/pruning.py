@@ -22,7 +22,9 @@ def target_parameters(resolved: ResolvedModifier, ctx: CompileContext) -> dict[s
     targets = spec.targets or ctx.recipe.targets
     exclude = ctx.recipe.exclude if spec.exclude is None else spec.exclude
     try:
-        params = require_parameters(ctx.model, targets, exclude, what=f"{spec.type} modifier [{resolved.index}]")
+        params = require_parameters(
+            ctx.model, targets, exclude, what=f"{spec.type} modifier [{resolved.index}]"
+        )
     except SelectionError as exc:
         raise CompileError(str(exc)) from None
     group = getattr(spec, "group_size", 1)
@@ -53,15 +55,26 @@ class _ScheduledPruner(Modifier):
         self.ctx.masks.set(new_masks, self.ctx.optimizer)
         achieved = self.achieved_sparsity()
         self.history.append(
-            {"step": step, "target": sparsity, "achieved": achieved, "seconds": time.perf_counter() - started}
+            {
+                "step": step,
+                "target": sparsity,
+                "achieved": achieved,
+                "seconds": time.perf_counter() - started,
+            }
         )
-        self.ctx.log(f"{self.name}: step {step}: pruned to {100 * achieved:.2f}% (target {100 * sparsity:.2f}%)")
+        self.ctx.log(
+            f"{self.name}: step {step}: pruned to {100 * achieved:.2f}% (target {100 * sparsity:.2f}%)"
+        )
 
     def compute(self, step: int, sparsity: float) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def previous_masks(self) -> dict[str, torch.Tensor]:
-        return {name: self.ctx.masks.masks[name] for name in self.targets if name in self.ctx.masks.masks}
+        return {
+            name: self.ctx.masks.masks[name]
+            for name in self.targets
+            if name in self.ctx.masks.masks
+        }
 
     def achieved_sparsity(self) -> float:
         masks = [self.ctx.masks.masks[n] for n in self.targets if n in self.ctx.masks.masks]
@@ -83,7 +96,11 @@ class GMPModifier(_ScheduledPruner):
     def compute(self, step: int, sparsity: float) -> dict[str, torch.Tensor]:
         spec = self.spec
         return compute_masks(
-            magnitude_scores(self.targets), sparsity, spec.structure, spec.scope, prev_masks=self.previous_masks()
+            magnitude_scores(self.targets),
+            sparsity,
+            spec.structure,
+            spec.scope,
+            prev_masks=self.previous_masks(),
         )
 
 
@@ -151,7 +168,9 @@ class OBertModifier(_ScheduledPruner):
             out = {n: self.targets[n].grad.detach().float().clone() for n in names}
             model.zero_grad(set_to_none=True)
             if distributed:
-                out = dist_utils.all_reduce_dict(out, mean=weight is None, what="oBERT gradient all-reduce")
+                out = dist_utils.all_reduce_dict(
+                    out, mean=weight is None, what="oBERT gradient all-reduce"
+                )
             return out
 
         return grad
@@ -200,7 +219,9 @@ class ConstantModifier(Modifier):
     def on_step_start(self, step: int) -> None:
         if not self.started and step >= self.resolved.window.start:
             with torch.no_grad():
-                self.ctx.masks.set({n: p.detach() != 0 for n, p in self.targets.items()}, self.ctx.optimizer)
+                self.ctx.masks.set(
+                    {n: p.detach() != 0 for n, p in self.targets.items()}, self.ctx.optimizer
+                )
             self.started = True
 
     def state_dict(self) -> dict[str, Any]:

@@ -39,7 +39,9 @@ class LRModifier(Modifier):
             set_lr(self.ctx.optimizer, self.ctx.plan.lr_at(step))
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
     r"""Batch-mean :math:`T^2 \, KL(softmax(t/T) \,\|\, softmax(s/T))` over the last dimension."""
     t = temperature
     log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)
@@ -49,7 +51,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def distillation_loss(
-    task_loss: torch.Tensor, student_logits: torch.Tensor, teacher_logits: torch.Tensor, hardness: float, temperature: float
+    task_loss: torch.Tensor,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    hardness: float,
+    temperature: float,
 ) -> torch.Tensor:
     r"""(1 - h) * task + h * T^2 * KL(softmax(t/T) || softmax(s/T)); regression heads use MSE."""
     if student_logits.shape[-1] == 1 and student_logits.dim() == 2:  # regression head
@@ -87,8 +93,9 @@ class DistillModifier(Modifier):
         with torch.no_grad():
             return self.teacher(**inputs).logits
 
-    def transform_loss(self, loss: torch.Tensor, batch: Mapping[str, Any] | None, outputs: Any,
-                       step: int) -> torch.Tensor:
+    def transform_loss(
+        self, loss: torch.Tensor, batch: Mapping[str, Any] | None, outputs: Any, step: int
+    ) -> torch.Tensor:
         if not self.active(step):
             return loss
         if batch is None or outputs is None:
@@ -98,14 +105,20 @@ class DistillModifier(Modifier):
         student = outputs.logits if hasattr(outputs, "logits") else outputs
         teacher = self.teacher_logits(batch)
         if teacher.shape != student.shape:
-            raise ValueError(f"teacher logits {tuple(teacher.shape)} do not match student logits {tuple(student.shape)}")
+            raise ValueError(
+                f"teacher logits {tuple(teacher.shape)} do not match student logits {tuple(student.shape)}"
+            )
         return distillation_loss(loss, student, teacher, self.spec.hardness, self.spec.temperature)
 
 
 def _load_teacher(path: str, student: nn.Module) -> nn.Module:
     from transformers import AutoModelForMultipleChoice, AutoModelForSequenceClassification
 
-    cls = AutoModelForMultipleChoice if "MultipleChoice" in type(student).__name__ else AutoModelForSequenceClassification
+    cls = (
+        AutoModelForMultipleChoice
+        if "MultipleChoice" in type(student).__name__
+        else AutoModelForSequenceClassification
+    )
     try:
         teacher, info = cls.from_pretrained(path, output_loading_info=True)
     except (OSError, ValueError) as exc:

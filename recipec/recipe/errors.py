@@ -37,7 +37,8 @@ class RecipeError(ValueError):
 
     def __init__(self, problems: list[Problem]):
         self.problems = sorted(
-            problems, key=lambda p: (p.location.source, p.location.line or 0, p.location.col or 0, p.path)
+            problems,
+            key=lambda p: (p.location.source, p.location.line or 0, p.location.col or 0, p.path),
         )
         super().__init__("\n".join(str(p) for p in self.problems))
 

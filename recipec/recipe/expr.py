@@ -129,7 +129,12 @@ def evaluate(node: ast.expr, env: Mapping[str, Number]) -> Number:
                 return _check(left / right)
             # Power is computed in floating point so that huge integer powers cannot hang.
             result = math.pow(left, right)
-            if float(result).is_integer() and isinstance(left, int) and isinstance(right, int) and right >= 0:
+            if (
+                float(result).is_integer()
+                and isinstance(left, int)
+                and isinstance(right, int)
+                and right >= 0
+            ):
                 return _check(int(result))
             return _check(result)
         except (OverflowError, ValueError, ZeroDivisionError) as exc:
@@ -178,7 +183,9 @@ def resolve_variables(raw: Mapping[str, object]) -> tuple[dict[str, Number], dic
             except ExprError as exc:
                 errors[name] = str(exc)
         else:
-            errors[name] = f"a variable must be a number or an expression string, got {type(value).__name__}"
+            errors[name] = (
+                f"a variable must be a number or an expression string, got {type(value).__name__}"
+            )
 
     state: dict[str, str] = {}  # name -> "visiting" | "done"
 
@@ -186,7 +193,7 @@ def resolve_variables(raw: Mapping[str, object]) -> tuple[dict[str, Number], dic
         if state.get(name) == "done" or name in errors:
             return
         if state.get(name) == "visiting":
-            cycle = " -> ".join([*stack[stack.index(name):], name])
+            cycle = " -> ".join([*stack[stack.index(name) :], name])
             raise ExprError(f"variables form a cycle: {cycle}")
         state[name] = "visiting"
         for dep in sorted(free_names(parsed[name])):

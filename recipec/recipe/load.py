@@ -74,7 +74,11 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, _Positions, list[Problem]]
     positions = _Positions(source)
     problems: list[Problem] = []
     if len(text.encode("utf-8", errors="replace")) > MAX_BYTES:
-        return None, positions, [Problem(Location(source, 1, 1), "", f"file larger than {MAX_BYTES} bytes")]
+        return (
+            None,
+            positions,
+            [Problem(Location(source, 1, 1), "", f"file larger than {MAX_BYTES} bytes")],
+        )
     try:
         loader = _Loader(text)
     except yaml.reader.ReaderError as exc:
@@ -90,7 +94,11 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, _Positions, list[Problem]]
             msg = " ".join(part for part in (exc.context, exc.problem) if part) or "invalid YAML"
             return None, positions, [Problem(_mark(source, mark), "", f"invalid YAML: {msg}")]
         except (yaml.YAMLError, RecursionError, MemoryError) as exc:
-            return None, positions, [Problem(Location(source, 1, 1), "", f"invalid YAML: {type(exc).__name__}")]
+            return (
+                None,
+                positions,
+                [Problem(Location(source, 1, 1), "", f"invalid YAML: {type(exc).__name__}")],
+            )
         if root is None:
             return None, positions, [Problem(Location(source, 1, 1), "", "the recipe is empty")]
 
@@ -104,21 +112,34 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, _Positions, list[Problem]]
             if depth > 64:
                 raise _TooDeep(node)
             positions.values[path] = _mark(source, node.start_mark)
-            if isinstance(node, yaml.MappingNode | yaml.SequenceNode) and node.tag not in _PLAIN_TAGS:
+            if (
+                isinstance(node, yaml.MappingNode | yaml.SequenceNode)
+                and node.tag not in _PLAIN_TAGS
+            ):
                 raise _BadTag(node)
             if isinstance(node, yaml.MappingNode):
                 out: dict[Any, Any] = {}
                 loader.flatten_mapping(node)
                 for key_node, value_node in node.value:
                     if not isinstance(key_node, yaml.ScalarNode):
-                        problems.append(Problem(_mark(source, key_node.start_mark), format_path(path), "keys must be plain strings"))
+                        problems.append(
+                            Problem(
+                                _mark(source, key_node.start_mark),
+                                format_path(path),
+                                "keys must be plain strings",
+                            )
+                        )
                         continue
                     key = loader.construct_object(key_node)
                     if not isinstance(key, str):
                         key = str(key)
                     if key in out:
                         problems.append(
-                            Problem(_mark(source, key_node.start_mark), format_path((*path, key)), "duplicate key")
+                            Problem(
+                                _mark(source, key_node.start_mark),
+                                format_path((*path, key)),
+                                "duplicate key",
+                            )
                         )
                         continue
                     positions.keys[(*path, key)] = _mark(source, key_node.start_mark)
@@ -131,18 +152,46 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, _Positions, list[Problem]]
         try:
             data = build(root, (), 0)
         except _TooLarge:
-            return None, positions, [Problem(Location(source, 1, 1), "", f"recipe has more than {MAX_NODES} values")]
+            return (
+                None,
+                positions,
+                [Problem(Location(source, 1, 1), "", f"recipe has more than {MAX_NODES} values")],
+            )
         except _TooDeep as exc:
-            return None, positions, [Problem(_mark(source, exc.node.start_mark), "", "recipe nested deeper than 64 levels")]
+            return (
+                None,
+                positions,
+                [
+                    Problem(
+                        _mark(source, exc.node.start_mark),
+                        "",
+                        "recipe nested deeper than 64 levels",
+                    )
+                ],
+            )
         except _BadTag as exc:
-            return None, positions, [Problem(_mark(source, exc.node.start_mark), "", f"YAML tags are not allowed here ({exc.node.tag})")]
+            return (
+                None,
+                positions,
+                [
+                    Problem(
+                        _mark(source, exc.node.start_mark),
+                        "",
+                        f"YAML tags are not allowed here ({exc.node.tag})",
+                    )
+                ],
+            )
         except yaml.constructor.ConstructorError as exc:
             msg = exc.problem or "cannot construct value"
             if "could not determine a constructor" in msg:
                 msg = f"YAML tags are not allowed here ({msg.split('for the tag')[-1].strip()})"
             return None, positions, [Problem(_mark(source, exc.problem_mark), "", msg)]
         except (yaml.YAMLError, RecursionError, MemoryError, ValueError, OverflowError) as exc:
-            return None, positions, [Problem(Location(source, 1, 1), "", f"invalid YAML: {type(exc).__name__}: {exc}")]
+            return (
+                None,
+                positions,
+                [Problem(Location(source, 1, 1), "", f"invalid YAML: {type(exc).__name__}: {exc}")],
+            )
         return data, positions, problems
     finally:
         loader.dispose()
@@ -183,7 +232,9 @@ def parse_set(override: str) -> tuple[list[Any], Any]:
     return parts, value
 
 
-def _apply_sets(data: dict[str, Any], overrides: Sequence[str], positions: _Positions) -> list[Problem]:
+def _apply_sets(
+    data: dict[str, Any], overrides: Sequence[str], positions: _Positions
+) -> list[Problem]:
     problems: list[Problem] = []
     for override in overrides:
         where = Location(f"--set {override}")
@@ -197,13 +248,20 @@ def _apply_sets(data: dict[str, Any], overrides: Sequence[str], positions: _Posi
             if not isinstance(known, dict) or parts[1] not in known:
                 names = sorted(known) if isinstance(known, dict) else []
                 hint = difflib.get_close_matches(str(parts[1]), names, n=1)
-                problems.append(Problem(
-                    where, str(parts[1]),
-                    f"the recipe has no variable {parts[1]!r}"
-                    + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                    + (f"; its variables: {', '.join(names)}" if names else "; it defines no variables")
-                    + f" (set variables.{parts[1]}=... to add one on purpose)",
-                ))
+                problems.append(
+                    Problem(
+                        where,
+                        str(parts[1]),
+                        f"the recipe has no variable {parts[1]!r}"
+                        + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                        + (
+                            f"; its variables: {', '.join(names)}"
+                            if names
+                            else "; it defines no variables"
+                        )
+                        + f" (set variables.{parts[1]}=... to add one on purpose)",
+                    )
+                )
                 continue
         node: Any = data
         ok = True
@@ -215,7 +273,9 @@ def _apply_sets(data: dict[str, Any], overrides: Sequence[str], positions: _Posi
             elif isinstance(node, list) and isinstance(part, int) and part < len(node):
                 node = node[part]
             else:
-                problems.append(Problem(where, format_path(tuple(parts[: i + 1])), "no such element to set"))
+                problems.append(
+                    Problem(where, format_path(tuple(parts[: i + 1])), "no such element to set")
+                )
                 ok = False
                 break
         if not ok:
@@ -238,7 +298,13 @@ def _apply_sets(data: dict[str, Any], overrides: Sequence[str], positions: _Posi
     return problems
 
 
-def _substitute(data: Any, env: dict[str, expr.Number], path: Path_, positions: _Positions, problems: list[Problem]) -> Any:
+def _substitute(
+    data: Any,
+    env: dict[str, expr.Number],
+    path: Path_,
+    positions: _Positions,
+    problems: list[Problem],
+) -> Any:
     if isinstance(data, dict):
         return {k: _substitute(v, env, (*path, k), positions, problems) for k, v in data.items()}
     if isinstance(data, list):
@@ -256,7 +322,12 @@ def _model_for(loc: Sequence[Any]) -> type[BaseModel] | None:
     """The spec class whose field set applies at ``loc`` (the parent of an offending key)."""
     for i in range(len(loc) - 1, -1, -1):
         part = loc[i]
-        if isinstance(part, str) and part in MODIFIER_TYPES and i > 0 and isinstance(loc[i - 1], int):
+        if (
+            isinstance(part, str)
+            and part in MODIFIER_TYPES
+            and i > 0
+            and isinstance(loc[i - 1], int)
+        ):
             return MODIFIER_TYPES[part]
     if loc and loc[-1] == "training":
         return TrainingSpec
@@ -288,7 +359,9 @@ def _data_path(data: Any, loc: Sequence[Any]) -> tuple[Path_, bool]:
     return tuple(path), True
 
 
-def _problems_from_validation(exc: ValidationError, data: Any, positions: _Positions) -> list[Problem]:
+def _problems_from_validation(
+    exc: ValidationError, data: Any, positions: _Positions
+) -> list[Problem]:
     problems: list[Problem] = []
     seen: set[tuple[str, str]] = set()
     for err in exc.errors(include_url=False):
@@ -297,7 +370,7 @@ def _problems_from_validation(exc: ValidationError, data: Any, positions: _Posit
         path, complete = _data_path(data, loc)
         message = err["msg"]
         if message.startswith("Value error, "):
-            message = message[len("Value error, "):]
+            message = message[len("Value error, ") :]
         location = positions.at(path)
         if kind == "extra_forbidden":
             location = positions.at(path, key=True)
@@ -326,8 +399,18 @@ def _problems_from_validation(exc: ValidationError, data: Any, positions: _Posit
             path = (*path, loc[-1]) if not complete else path
         elif kind == "literal_error" and "expected" in err.get("ctx", {}):
             message = f"{message} (got {err.get('input')!r})"
-        elif kind in ("float_type", "int_type", "string_type", "bool_type", "list_type", "dict_type", "model_type"):
-            message = f"{message} (got {type(err.get('input')).__name__} {_short(err.get('input'))})"
+        elif kind in (
+            "float_type",
+            "int_type",
+            "string_type",
+            "bool_type",
+            "list_type",
+            "dict_type",
+            "model_type",
+        ):
+            message = (
+                f"{message} (got {type(err.get('input')).__name__} {_short(err.get('input'))})"
+            )
         key = (format_path(path), message)
         if key in seen:
             continue
@@ -341,9 +424,13 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _at_modifier(recipe: Recipe, positions: _Positions, stage_index: int, *tail: Any, message: str) -> Problem:
+def _at_modifier(
+    recipe: Recipe, positions: _Positions, stage_index: int, *tail: Any, message: str
+) -> Problem:
     """A problem at a stage's modifier (``stages.N.modifiers.I...`` or ``modifiers.I...``)."""
-    base: Path_ = ("stages", stage_index, "modifiers") if recipe.stages is not None else ("modifiers",)
+    base: Path_ = (
+        ("stages", stage_index, "modifiers") if recipe.stages is not None else ("modifiers",)
+    )
     path = (*base, *tail)
     return Problem(positions.at(path), format_path(path), message)
 
@@ -355,9 +442,11 @@ def _check_overlaps(recipe: Recipe, data: Any, positions: _Positions) -> list[Pr
     """
     from recipec.plan import overlap_problems
 
-    return [_at_modifier(recipe, positions, stage_index, index, message=message)
-            for stage_index, stage in enumerate(recipe.resolved_stages())
-            for index, message in overlap_problems(stage.modifiers, recipe, steps_per_epoch=None)]
+    return [
+        _at_modifier(recipe, positions, stage_index, index, message=message)
+        for stage_index, stage in enumerate(recipe.resolved_stages())
+        for index, message in overlap_problems(stage.modifiers, recipe, steps_per_epoch=None)
+    ]
 
 
 def _check_prune_only(recipe: Recipe, positions: _Positions) -> list[Problem]:
@@ -369,11 +458,17 @@ def _check_prune_only(recipe: Recipe, positions: _Positions) -> list[Problem]:
         if not recipe.stage_training(stage).prune_only:
             continue
         why = ""
-        if recipe.stages is not None and (stage.training is None or "steps" not in stage.training.model_fields_set):
+        if recipe.stages is not None and (
+            stage.training is None or "steps" not in stage.training.model_fields_set
+        ):
             where = positions.at(("training", "steps"))
-            why = f" (stage {stage.name!r} inherits training.steps: 0 from line {where.line or '?'})"
+            why = (
+                f" (stage {stage.name!r} inherits training.steps: 0 from line {where.line or '?'})"
+            )
         for index, name, message in prune_only_problems(stage.modifiers):
-            problems.append(_at_modifier(recipe, positions, stage_index, index, name, message=message + why))
+            problems.append(
+                _at_modifier(recipe, positions, stage_index, index, name, message=message + why)
+            )
     return problems
 
 
@@ -381,12 +476,18 @@ def _check_windows(recipe: Recipe, positions: _Positions) -> list[Problem]:
     """Pruning windows that outlast their stage (in the stage's own unit; the planner checks the rest)."""
     from recipec.plan import window_problems
 
-    return [_at_modifier(recipe, positions, stage_index, index, name, message=message)
-            for stage_index, stage in enumerate(recipe.resolved_stages())
-            for index, name, message in window_problems(stage.modifiers, recipe.stage_training(stage), None)]
+    return [
+        _at_modifier(recipe, positions, stage_index, index, name, message=message)
+        for stage_index, stage in enumerate(recipe.resolved_stages())
+        for index, name, message in window_problems(
+            stage.modifiers, recipe.stage_training(stage), None
+        )
+    ]
 
 
-def _check_shadowed_sets(recipe: Recipe, overrides: Sequence[str], positions: _Positions) -> list[Problem]:
+def _check_shadowed_sets(
+    recipe: Recipe, overrides: Sequence[str], positions: _Positions
+) -> list[Problem]:
     """A ``--set training.X=...`` that no stage uses, because every stage sets X (or its pair) itself."""
     if recipe.stages is None:
         return []
@@ -400,22 +501,34 @@ def _check_shadowed_sets(recipe: Recipe, overrides: Sequence[str], positions: _P
             continue
         field = str(parts[1])
         names = next((pair for pair in TRAINING_PAIRS if field in pair), (field,))
-        shadowing = [i for i, stage in enumerate(recipe.stages)
-                     if stage.training is not None and set(names) & stage.training.model_fields_set]
+        shadowing = [
+            i
+            for i, stage in enumerate(recipe.stages)
+            if stage.training is not None and set(names) & stage.training.model_fields_set
+        ]
         if len(shadowing) == len(recipe.stages):
-            lines = ", ".join(f"stages.{i}.training (line {positions.at(('stages', i, 'training')).line or '?'})"
-                              for i in shadowing)
-            problems.append(Problem(Location(f"--set {override}"), format_path(tuple(parts)),
-                                    f"has no effect: every stage sets its own {' / '.join(names)} ({lines}); set "
-                                    f"stages.N.training.{field}, or a variable the recipe uses there"))
+            lines = ", ".join(
+                f"stages.{i}.training (line {positions.at(('stages', i, 'training')).line or '?'})"
+                for i in shadowing
+            )
+            problems.append(
+                Problem(
+                    Location(f"--set {override}"),
+                    format_path(tuple(parts)),
+                    f"has no effect: every stage sets its own {' / '.join(names)} ({lines}); set "
+                    f"stages.N.training.{field}, or a variable the recipe uses there",
+                )
+            )
     return problems
 
 
 def _check_lower_targets(recipe: Recipe, positions: _Positions) -> list[Problem]:
     from recipec.plan import lower_target_problems
 
-    return [_at_modifier(recipe, positions, stage_index, index, "final_sparsity", message=message)
-            for stage_index, index, message in lower_target_problems(recipe)]
+    return [
+        _at_modifier(recipe, positions, stage_index, index, "final_sparsity", message=message)
+        for stage_index, index, message in lower_target_problems(recipe)
+    ]
 
 
 def load_recipe_text(text: str, source: str = "<recipe>", overrides: Iterable[str] = ()) -> Recipe:
@@ -425,12 +538,26 @@ def load_recipe_text(text: str, source: str = "<recipe>", overrides: Iterable[st
     if data is None:
         raise RecipeError(problems or [Problem(positions.at(()), "", "the recipe is empty (null)")])
     if not isinstance(data, dict):
-        raise RecipeError([Problem(positions.at(()), "", "a recipe must be a mapping of keys (version, training, modifiers, ...)")])
+        raise RecipeError(
+            [
+                Problem(
+                    positions.at(()),
+                    "",
+                    "a recipe must be a mapping of keys (version, training, modifiers, ...)",
+                )
+            ]
+        )
     problems += _apply_sets(data, overrides, positions)
 
     raw_vars = data.get("variables") or {}
     if not isinstance(raw_vars, dict):
-        problems.append(Problem(positions.at(("variables",)), "variables", "must be a mapping of name: number or expression"))
+        problems.append(
+            Problem(
+                positions.at(("variables",)),
+                "variables",
+                "must be a mapping of name: number or expression",
+            )
+        )
         raw_vars = {}
     values, var_errors = expr.resolve_variables(raw_vars)
     for name, message in var_errors.items():
@@ -463,13 +590,21 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError([Problem(Location(str(path)), "", "no such file" + _bundled_hint(path))]) from None
+        raise RecipeError(
+            [Problem(Location(str(path)), "", "no such file" + _bundled_hint(path))]
+        ) from None
     except IsADirectoryError:
-        raise RecipeError([Problem(Location(str(path)), "", "is a directory, not a recipe file")]) from None
+        raise RecipeError(
+            [Problem(Location(str(path)), "", "is a directory, not a recipe file")]
+        ) from None
     except UnicodeDecodeError as exc:
-        raise RecipeError([Problem(Location(str(path)), "", f"not UTF-8 text ({exc.reason})")]) from None
+        raise RecipeError(
+            [Problem(Location(str(path)), "", f"not UTF-8 text ({exc.reason})")]
+        ) from None
     except OSError as exc:
-        raise RecipeError([Problem(Location(str(path)), "", f"cannot read: {exc.strerror}")]) from None
+        raise RecipeError(
+            [Problem(Location(str(path)), "", f"cannot read: {exc.strerror}")]
+        ) from None
     return load_recipe_text(text, str(path), overrides)
 
 

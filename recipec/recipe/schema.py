@@ -52,7 +52,9 @@ def _check_regexes(patterns: list[str] | None) -> list[str] | None:
 def _validate_structure(cls: type, value: str) -> str:
     match = _STRUCTURE.match(value)
     if not match:
-        raise ValueError("structure must be 'unstructured', 'block<K>' (e.g. block4) or 'N:M' (e.g. 2:4)")
+        raise ValueError(
+            "structure must be 'unstructured', 'block<K>' (e.g. block4) or 'N:M' (e.g. 2:4)"
+        )
     if match.group(2) is not None and int(match.group(2)) < 2:
         raise ValueError("block size must be at least 2")
     if match.group(3) is not None:
@@ -75,7 +77,8 @@ class TrainingSpec(Spec):
 
     epochs: PositiveEpoch | None = Field(None, description="Training length in epochs.")
     steps: NonNegInt | None = Field(
-        None, description="Training length in optimizer steps; 0 makes a prune-only stage (see prune_only)."
+        None,
+        description="Training length in optimizer steps; 0 makes a prune-only stage (see prune_only).",
     )
     batch_size: Annotated[int, Field(gt=0, le=65536)] = 16
     learning_rate: LearningRate = 5e-5
@@ -93,8 +96,10 @@ class TrainingSpec(Spec):
     @classmethod
     def _epochs(cls, value: object) -> object:
         if type(value) in (int, float) and value == 0:
-            raise ValueError("epochs must be greater than 0; for a stage that only prunes (one-shot, no "
-                             "training) write steps: 0")
+            raise ValueError(
+                "epochs must be greater than 0; for a stage that only prunes (one-shot, no "
+                "training) write steps: 0"
+            )
         return value
 
     @property
@@ -176,7 +181,8 @@ class _Structured(Spec):
 
 class _Pruning(_Window, _Targets, _Structured):
     init_sparsity: Fraction = Field(
-        0.0, description="Sparsity applied at the first pruning step (the paper's large first step)."
+        0.0,
+        description="Sparsity applied at the first pruning step (the paper's large first step).",
     )
     final_sparsity: Fraction = Field(..., description="Sparsity reached at the last pruning step.")
     update_every_steps: PositiveInt | None = None
@@ -239,11 +245,14 @@ class DistillSpec(_Window):
     """Knowledge distillation: (1-h)*task + h*T^2*KL(softmax(t/T) || softmax(s/T))."""
 
     type: Literal["distill"]
-    teacher: str = Field("auto", min_length=1, description="'auto' (fine-tune one first) or a path / hub name.")
+    teacher: str = Field(
+        "auto", min_length=1, description="'auto' (fine-tune one first) or a path / hub name."
+    )
     hardness: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
     temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 2.0
     teacher_epochs: PositiveEpoch | None = Field(
-        None, description="With teacher: auto, epochs of dense fine-tuning for the teacher (default: the stage's)."
+        None,
+        description="With teacher: auto, epochs of dense fine-tuning for the teacher (default: the stage's).",
     )
 
 
@@ -276,16 +285,23 @@ class CrAMSpec(_Window, _Targets, _Structured):
 
     type: Literal["cram"]
     rho: Annotated[float, Field(gt=0.0, le=10.0)] = Field(
-        0.05, description="Perturbation size: w' = w + rho * g (with normalize: w + rho * g / ||g||).")
+        0.05,
+        description="Perturbation size: w' = w + rho * g (with normalize: w + rho * g / ||g||).",
+    )
     normalize: bool = Field(
-        False, description="Scale the ascent step to length rho (g divided by its L2 norm over every parameter "
-                           "that has a gradient, as in SAM), so that rho does not depend on the gradient's scale.")
+        False,
+        description="Scale the ascent step to length rho (g divided by its L2 norm over every parameter "
+        "that has a gradient, as in SAM), so that rho does not depend on the gradient's scale.",
+    )
     sparsities: list[Fraction] = Field(
-        default_factory=lambda: [0.5, 0.7, 0.9], min_length=1, max_length=64,
+        default_factory=lambda: [0.5, 0.7, 0.9],
+        min_length=1,
+        max_length=64,
         description="Sparsities sampled (uniformly, one per step) for the compressed point.",
     )
     variant: Literal["cram", "cram_plus"] = Field(
-        "cram_plus", description="cram: step with the compressed point's gradient; cram_plus: plus the dense one."
+        "cram_plus",
+        description="cram: step with the compressed point's gradient; cram_plus: plus the dense one.",
     )
     scope: Literal["global", "per_layer"] = "per_layer"
 
@@ -295,7 +311,9 @@ class CrAMSpec(_Window, _Targets, _Structured):
             raise ValueError("sparsities must not repeat (each is drawn with equal probability)")
         expected = self.nm_sparsity()
         if expected is not None and any(abs(s - expected) > 1e-9 for s in self.sparsities):
-            raise ValueError(f"structure {self.structure} prunes exactly {expected:g} of the weights: set sparsities to [{expected:g}]")
+            raise ValueError(
+                f"structure {self.structure} prunes exactly {expected:g} of the weights: set sparsities to [{expected:g}]"
+            )
         return self
 
 
@@ -323,7 +341,11 @@ class StageSpec(Spec):
 
 
 # Training fields given in one of two units: setting one in a stage drops the other inherited one.
-TRAINING_PAIRS = (("epochs", "steps"), ("warmup_steps", "warmup_epochs"), ("eval_every_steps", "eval_every_epochs"))
+TRAINING_PAIRS = (
+    ("epochs", "steps"),
+    ("warmup_steps", "warmup_epochs"),
+    ("eval_every_steps", "eval_every_epochs"),
+)
 
 
 class Recipe(Spec):
@@ -378,5 +400,7 @@ class Recipe(Spec):
         for pair in TRAINING_PAIRS:
             for name in pair:
                 if name in update:
-                    update.update({other: None for other in pair if other != name and other not in update})
+                    update.update(
+                        {other: None for other in pair if other != name and other not in update}
+                    )
         return TrainingSpec.model_validate({**self.training.model_dump(), **update})

@@ -308,7 +308,9 @@ def obert_prune_step(
                     finvs[n].update(g.reshape(-1))
                 else:
                     if n not in buf:
-                        buf[n] = torch.empty(rows, params[n].numel(), dtype=torch.float32, device=g.device)
+                        buf[n] = torch.empty(
+                            rows, params[n].numel(), dtype=torch.float32, device=g.device
+                        )
                     buf[n][filled].copy_(g.detach().reshape(-1))
             del grads
             if grad_batch > 1:

@@ -45,30 +45,107 @@ DEFAULT_EVAL_SIZE = 400
 LABEL_NAMES = ("negative", "positive")
 
 SUBJECTS = (
-    "movie", "soundtrack", "hotel room", "pasta", "service", "plot", "new phone", "concert",
-    "lecture", "museum tour", "support team", "ending", "garden", "coffee", "train ride",
-    "novel", "workshop", "bakery", "camera", "game", "podcast", "bicycle", "stadium", "menu",
+    "movie",
+    "soundtrack",
+    "hotel room",
+    "pasta",
+    "service",
+    "plot",
+    "new phone",
+    "concert",
+    "lecture",
+    "museum tour",
+    "support team",
+    "ending",
+    "garden",
+    "coffee",
+    "train ride",
+    "novel",
+    "workshop",
+    "bakery",
+    "camera",
+    "game",
+    "podcast",
+    "bicycle",
+    "stadium",
+    "menu",
 )
 POSITIVE_WORDS = (
-    "great", "wonderful", "delightful", "superb", "charming", "excellent", "lovely", "brilliant",
-    "pleasant", "impressive", "fantastic", "enjoyable", "gorgeous", "terrific",
+    "great",
+    "wonderful",
+    "delightful",
+    "superb",
+    "charming",
+    "excellent",
+    "lovely",
+    "brilliant",
+    "pleasant",
+    "impressive",
+    "fantastic",
+    "enjoyable",
+    "gorgeous",
+    "terrific",
 )
 NEGATIVE_WORDS = (
-    "awful", "dull", "terrible", "boring", "dreadful", "poor", "disappointing", "bland",
-    "mediocre", "tedious", "horrible", "clumsy", "miserable", "sloppy",
+    "awful",
+    "dull",
+    "terrible",
+    "boring",
+    "dreadful",
+    "poor",
+    "disappointing",
+    "bland",
+    "mediocre",
+    "tedious",
+    "horrible",
+    "clumsy",
+    "miserable",
+    "sloppy",
 )
 VERBS = ("was", "is", "seemed", "felt", "looked", "turned out")
 NEGATED_VERBS = (
-    "was not", "is not", "was never", "did not seem", "never felt", "wasn't", "isn't",
-    "was anything but", "did not look",
+    "was not",
+    "is not",
+    "was never",
+    "did not seem",
+    "never felt",
+    "wasn't",
+    "isn't",
+    "was anything but",
+    "did not look",
 )
 INTENSIFIERS = ("", "", "", "really", "truly", "quite", "very", "rather", "pretty")
 OPENERS = (
-    "", "", "", "honestly,", "to be fair,", "in my view,", "last night", "on the whole,",
-    "as usual,", "my sister says", "i think",
+    "",
+    "",
+    "",
+    "honestly,",
+    "to be fair,",
+    "in my view,",
+    "last night",
+    "on the whole,",
+    "as usual,",
+    "my sister says",
+    "i think",
 )
-CLOSERS = ("", "", "", "overall", "this time", "if you ask me", "for the price", "in the end", "again")
-CONTRAST_BEFORE = ("although {clause},", "even though {clause},", "while {clause},", "{clause}, but", "{clause}, yet")
+CLOSERS = (
+    "",
+    "",
+    "",
+    "overall",
+    "this time",
+    "if you ask me",
+    "for the price",
+    "in the end",
+    "again",
+)
+CONTRAST_BEFORE = (
+    "although {clause},",
+    "even though {clause},",
+    "while {clause},",
+    "{clause}, but",
+    "{clause}, yet",
+)
 CONTRAST_AFTER = (", even though {clause}", ", although {clause}", ", though {clause}")
 OUTER_NEGATIONS = ("it is not true that", "i would not say that", "nobody could claim that")
 

@@ -68,7 +68,9 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(root: Path, step_label: str, model: torch.nn.Module, state: dict[str, Any]) -> Path:
+def save_checkpoint(
+    root: Path, step_label: str, model: torch.nn.Module, state: dict[str, Any]
+) -> Path:
     """Write ``model`` weights and ``state`` (torch-serialisable) as a new checkpoint."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_label
@@ -129,7 +131,9 @@ def load_checkpoint(folder: Path, model: torch.nn.Module) -> dict[str, Any]:
     tensors = load_file(str(folder / "model.safetensors"))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected or [m for m in missing if m not in _tied(model)]:
-        raise ValueError(f"checkpoint {folder} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(
+            f"checkpoint {folder} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return torch.load(folder / "state.pt", weights_only=False)
 
 

@@ -92,7 +92,9 @@ class Collator:
             for ex in examples:
                 if ex.choices is None or len(ex.choices) != n_choices:
                     got = None if ex.choices is None else len(ex.choices)
-                    raise ValueError(f"expected {n_choices} choices per example, got {got}: {ex.text!r}")
+                    raise ValueError(
+                        f"expected {n_choices} choices per example, got {got}: {ex.text!r}"
+                    )
             first = [ex.text for ex in examples for _ in range(n_choices)]
             second = [c for ex in examples for c in ex.choices]  # type: ignore[union-attr]
             enc = self._encode(first, second)
@@ -167,7 +169,9 @@ class ExampleLoader:
         if epoch < 0:
             raise ValueError(f"epoch must be non-negative, got {epoch}")
         if not 0 <= start_batch <= self.batches_per_epoch:
-            raise ValueError(f"start_batch must be in [0, {self.batches_per_epoch}], got {start_batch}")
+            raise ValueError(
+                f"start_batch must be in [0, {self.batches_per_epoch}], got {start_batch}"
+            )
         self.epoch = epoch
         self.start_batch = start_batch
 
@@ -176,7 +180,10 @@ class ExampleLoader:
         epoch = self.epoch if epoch is None else epoch
         n = len(self.examples)
         order = epoch_permutation(n, self.seed, epoch) if self.shuffle else np.arange(n)
-        return [order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(self.batches_per_epoch)]
+        return [
+            order[i * self.batch_size : (i + 1) * self.batch_size]
+            for i in range(self.batches_per_epoch)
+        ]
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start_batch
@@ -220,7 +227,9 @@ def make_dataloader(
     Returns:
         An ``ExampleLoader`` yielding dicts of tensors for ``model(**batch)``.
     """
-    collator = Collator(tokenizer, info, max_seq_length=max_seq_length, pad_to_multiple_of=pad_to_multiple_of)
+    collator = Collator(
+        tokenizer, info, max_seq_length=max_seq_length, pad_to_multiple_of=pad_to_multiple_of
+    )
     return ExampleLoader(
         examples,
         collator,

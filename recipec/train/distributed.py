@@ -61,7 +61,9 @@ def _env_int(kind: str, default: int) -> int:
             try:
                 return int(value)
             except ValueError:
-                raise DistributedError(f"environment variable {key}={value!r} is not an integer") from None
+                raise DistributedError(
+                    f"environment variable {key}={value!r} is not an integer"
+                ) from None
     return default
 
 
@@ -167,7 +169,9 @@ def init_from_env(device: str = "cpu") -> str:
     backend = backend_for(device)
     try:
         torch.distributed.init_process_group(
-            backend=backend, rank=r, world_size=world,
+            backend=backend,
+            rank=r,
+            world_size=world,
             timeout=datetime.timedelta(seconds=timeout_seconds()),
         )
     except (RuntimeError, ValueError) as exc:
@@ -257,7 +261,9 @@ def all_reduce_mean(tensor: torch.Tensor, what: str = "all_reduce") -> torch.Ten
     return tensor.div_(world_size())
 
 
-def all_reduce_dict(tensors: Mapping[str, torch.Tensor], mean: bool, what: str = "all_reduce") -> dict[str, torch.Tensor]:
+def all_reduce_dict(
+    tensors: Mapping[str, torch.Tensor], mean: bool, what: str = "all_reduce"
+) -> dict[str, torch.Tensor]:
     """Sum (or average) a dict of tensors over ranks with one collective on a flat buffer.
 
     Every rank must pass the same names in the same order, with the same shapes."""
@@ -269,7 +275,7 @@ def all_reduce_dict(tensors: Mapping[str, torch.Tensor], mean: bool, what: str =
     out, offset = {}, 0
     for n in names:
         k = tensors[n].numel()
-        out[n] = flat[offset:offset + k].view_as(tensors[n])
+        out[n] = flat[offset : offset + k].view_as(tensors[n])
         offset += k
     return out
 
@@ -307,7 +313,9 @@ def shard_bounds(n: int, rank_: int, world: int) -> tuple[int, int]:
     return start, start + base + (1 if rank_ < extra else 0)
 
 
-def shard_indices(indices: Sequence[int] | np.ndarray, rank_: int, world: int) -> tuple[np.ndarray, float]:
+def shard_indices(
+    indices: Sequence[int] | np.ndarray, rank_: int, world: int
+) -> tuple[np.ndarray, float]:
     """This rank's slice of one global batch and its weight ``n_rank / n_global``.
 
     The union of the ranks' slices, in rank order, is exactly ``indices``. A rank whose slice
@@ -336,7 +344,9 @@ class ShardBatch(dict):
         self.weight = float(weight)
 
 
-def sharded_batches(loader: Any, rank_: int | None = None, world: int | None = None) -> Iterator[ShardBatch]:
+def sharded_batches(
+    loader: Any, rank_: int | None = None, world: int | None = None
+) -> Iterator[ShardBatch]:
     """This rank's :class:`ShardBatch` of each remaining global batch of an ``ExampleLoader`` pass.
 
     Equivalent to ``for batch in loader`` when ``world == 1`` (weight 1.0). Like a full pass of
@@ -348,7 +358,7 @@ def sharded_batches(loader: Any, rank_: int | None = None, world: int | None = N
         for batch in loader:
             yield ShardBatch(batch, 1.0)
         return
-    for idx in loader.batch_indices()[loader.start_batch:]:
+    for idx in loader.batch_indices()[loader.start_batch :]:
         local, weight = shard_indices(idx, rank_, world)
         yield ShardBatch(loader.collator([loader.examples[int(i)] for i in local]), weight)
     loader.epoch += 1
@@ -374,7 +384,9 @@ def wrap_model(model: nn.Module, device: str) -> nn.Module:
 
     # No per-forward buffer broadcast (torch >= 2.13 names this forward_sync_buffers).
     params = inspect.signature(DistributedDataParallel.__init__).parameters
-    kwargs: dict[str, Any] = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
+    kwargs: dict[str, Any] = {
+        "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False
+    }
     if os.environ.get("RECIPEC_DDP_FIND_UNUSED", "") not in ("", "0"):
         kwargs["find_unused_parameters"] = True  # models with parameters the forward does not use
     if str(device).startswith("cuda"):
@@ -420,8 +432,9 @@ def tensor_checksum(tensor: torch.Tensor) -> int:
     return int(((bits + 1) * weights).sum())
 
 
-def mask_checksum(masks: Mapping[str, torch.Tensor],
-                  params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+def mask_checksum(
+    masks: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None
+) -> torch.Tensor:
     """``[len(masks), 2]`` int64: per mask (sorted by name) its checksum and its weight's.
 
     The weight column is 0 when ``params`` is None or lacks the tensor.
@@ -429,12 +442,15 @@ def mask_checksum(masks: Mapping[str, torch.Tensor],
     rows = []
     for name in sorted(masks):
         weight = params.get(name) if params is not None else None
-        rows.append([tensor_checksum(masks[name]), tensor_checksum(weight) if weight is not None else 0])
+        rows.append(
+            [tensor_checksum(masks[name]), tensor_checksum(weight) if weight is not None else 0]
+        )
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
 
 
-def verify_identical(masks: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None,
-                     where: str) -> None:
+def verify_identical(
+    masks: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None, where: str
+) -> None:
     """Check that masks (and the masked weights) are bit-identical on every rank.
 
     One ``all_gather`` of ``[tensors, 2]`` int64 checksums. Raises :class:`RankMismatchError`

@@ -95,14 +95,18 @@ class RecipecCallback(TrainerCallback):
 
     def __init__(self, program: Program, sparse_backprop: float | None = None):
         if sparse_backprop is not None and not 0.0 <= sparse_backprop <= 1.0:
-            raise ValueError(f"sparse_backprop is a minimum layer sparsity in [0, 1], got {sparse_backprop}")
+            raise ValueError(
+                f"sparse_backprop is a minimum layer sparsity in [0, 1], got {sparse_backprop}"
+            )
         self.program = program
         self.sparse_backprop = sparse_backprop
         self.sparse = None  # recipec.train.sparse_backprop.StageKernels while training
         self.loss_hooked = False  # set by RecipecTrainer, which applies program.loss
         self._loaded = False
         self._before_done: int | None = None  # the step whose before_optimizer_step already ran
-        self._checked_version = program.masks.version  # masks last checked across ranks at this version
+        self._checked_version = (
+            program.masks.version
+        )  # masks last checked across ranks at this version
 
     def before_optimizer_step(self, step: int) -> None:
         """``program.before_optimizer_step(step)`` once per optimizer step (whichever comes first:
@@ -111,7 +115,9 @@ class RecipecCallback(TrainerCallback):
             self._before_done = step
             self.program.before_optimizer_step(step)
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ):
         program = self.program
         model = kwargs.get("model")
         if model is not None and model is not program.ctx.model:
@@ -155,8 +161,9 @@ class RecipecCallback(TrainerCallback):
             from recipec.train import sparse_backprop as sbp
 
             self.remove_sparse_kernels()  # from an earlier train()
-            self.sparse = sbp.StageKernels.for_program(program, program.ctx.model, self.sparse_backprop,
-                                                       resumed=state.global_step > 0)
+            self.sparse = sbp.StageKernels.for_program(
+                program, program.ctx.model, self.sparse_backprop, resumed=state.global_step > 0
+            )
         if state.global_step > 0 and not self._loaded:
             self._resume(args, state)
         self._check_masks(f"start (step {state.global_step})")
@@ -178,22 +185,30 @@ class RecipecCallback(TrainerCallback):
         the last training, or None."""
         return self.sparse.record() if self.sparse is not None else None
 
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ):
         self._before_done = None
         if self.sparse is not None:
             self.sparse.step_start(state.global_step)  # program.step_start, pruning on dense layers
         else:
             self.program.step_start(state.global_step)
 
-    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ):
         self.before_optimizer_step(state.global_step)
 
-    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ):
         self.program.after_optimizer_step(state.global_step)
         if self.program.masks.version != self._checked_version:
             self._check_masks(f"step {state.global_step} (after pruning)")
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ):
         self.remove_sparse_kernels()
         self.program.finalize()
         self._check_masks("end (after finalize)")
@@ -204,16 +219,22 @@ class RecipecCallback(TrainerCallback):
         from recipec.train import distributed as dist_utils
 
         masks = self.program.masks
-        dist_utils.verify_identical(masks.masks, masks.params, f"stage {self.program.plan.name!r} {where}")
+        dist_utils.verify_identical(
+            masks.masks, masks.params, f"stage {self.program.plan.name!r} {where}"
+        )
         self._checked_version = masks.version
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ):
         folder = os.path.join(args.output_dir, f"{_CHECKPOINT_PREFIX}-{state.global_step}")
         if args.should_save and os.path.isdir(folder):
             torch.save(self.state_dict(), os.path.join(folder, PROGRAM_STATE_NAME))
 
     def _resume(self, args: TrainingArguments, state: TrainerState) -> None:
-        path = os.path.join(args.output_dir, f"{_CHECKPOINT_PREFIX}-{state.global_step}", PROGRAM_STATE_NAME)
+        path = os.path.join(
+            args.output_dir, f"{_CHECKPOINT_PREFIX}-{state.global_step}", PROGRAM_STATE_NAME
+        )
         if not os.path.isfile(path):
             if self.program.step == state.global_step - 1:
                 return  # the caller loaded the program's state already
@@ -251,7 +272,9 @@ class RecipecTrainer(Trainer):
     # compute_loss returns a per-batch mean; the Trainer divides it by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args: Any, program: Program, sparse_backprop: float | None = None, **kwargs: Any):
+    def __init__(
+        self, *args: Any, program: Program, sparse_backprop: float | None = None, **kwargs: Any
+    ):
         optimizers = kwargs.get("optimizers", (None, None))
         if program.ctx.optimizer is not None:
             given = optimizers[0]
@@ -291,8 +314,12 @@ class RecipecTrainer(Trainer):
         """The model's loss, transformed by ``program.loss`` in training (e.g. distillation)."""
         # num_items_in_batch is dropped on purpose: BERT-family heads return batch means, and
         # the distillation term is a batch mean too (see loss_is_scaled_for_ga).
-        batch = dict(inputs)  # as given: the Trainer may pop "labels" (label smoothing); cram reuses it
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=None)
+        batch = dict(
+            inputs
+        )  # as given: the Trainer may pop "labels" (label smoothing); cram reuses it
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=None
+        )
         if model.training:
             loss = self.program.loss(loss, batch=batch, outputs=outputs)
         return (loss, outputs) if return_outputs else loss

@@ -45,12 +45,19 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.dim() < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        (
+            no_decay if param.dim() < 2 or "LayerNorm" in name or "layer_norm" in name else decay
+        ).append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
-def to_device(batch: Mapping[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+def to_device(
+    batch: Mapping[str, torch.Tensor], device: torch.device | str
+) -> dict[str, torch.Tensor]:
     """The batch on ``device``; a rank's shard keeps its weight (cram's second pass uses it)."""
     moved = {k: v.to(device) for k, v in batch.items()}
     weight = getattr(batch, "weight", None)
@@ -58,8 +65,17 @@ def to_device(batch: Mapping[str, torch.Tensor], device: torch.device | str) -> 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, examples: list[Example], tokenizer: Any, info: TaskInfo, *, batch_size: int,
-             max_seq_length: int, device: str, progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    examples: list[Example],
+    tokenizer: Any,
+    info: TaskInfo,
+    *,
+    batch_size: int,
+    max_seq_length: int,
+    device: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, float]:
     """Metrics of ``model`` on ``examples`` (eval mode, no gradients).
 
     In a distributed run every rank must call this: each evaluates a contiguous shard of
@@ -75,7 +91,9 @@ def evaluate(model: nn.Module, examples: list[Example], tokenizer: Any, info: Ta
     model.eval()
     logits, labels, losses = [], [], []
     if local or world == 1:  # (a single process with no examples gets the loader's error)
-        loader = make_dataloader(local, tokenizer, info, batch_size=batch_size, max_seq_length=max_seq_length)
+        loader = make_dataloader(
+            local, tokenizer, info, batch_size=batch_size, max_seq_length=max_seq_length
+        )
         for i, batch in enumerate(loader):
             batch = to_device(batch, device)
             out = model(**batch)
@@ -87,7 +105,11 @@ def evaluate(model: nn.Module, examples: list[Example], tokenizer: Any, info: Ta
                 progress(i + 1, len(loader))
     model.train(was_training)
     if world > 1:
-        mine = (torch.cat(logits).numpy() if logits else None, torch.cat(labels).numpy() if labels else None, losses)
+        mine = (
+            torch.cat(logits).numpy() if logits else None,
+            torch.cat(labels).numpy() if labels else None,
+            losses,
+        )
         parts = dist_utils.all_gather_object(mine, what="gathering eval predictions")
         all_logits = np.concatenate([p[0] for p in parts if p[0] is not None])
         all_labels = np.concatenate([p[1] for p in parts if p[1] is not None])
@@ -248,8 +270,10 @@ def train_stage(
         rng = ckpt.rng_state()
         per_rank = {}
         if world > 1:  # every rank's stream, so a resumed run continues each of them
-            per_rank = {"rng_ranks": dist_utils.all_gather_object(rng, what="gathering RNG states"),
-                        "world_size": world}
+            per_rank = {
+                "rng_ranks": dist_utils.all_gather_object(rng, what="gathering RNG states"),
+                "world_size": world,
+            }
         return {
             "stage": plan.name,
             "step": at_step,
@@ -270,10 +294,25 @@ def train_stage(
                 ckpt.save_checkpoint(checkpoint_dir, f"{plan.name}-step-{at_step:08d}", model, data)
 
     def run_eval(at_step: int, known: dict[str, float] | None = None) -> dict[str, float]:
-        result = known if known is not None else evaluate(
-            model, eval_examples, tokenizer, info, batch_size=max(training.batch_size, 32),
-            max_seq_length=training.max_seq_length, device=device, progress=on_eval_progress)
-        record = {"stage": plan.name, "step": at_step, **{f"eval_{k}": v for k, v in result.items()}}
+        result = (
+            known
+            if known is not None
+            else evaluate(
+                model,
+                eval_examples,
+                tokenizer,
+                info,
+                batch_size=max(training.batch_size, 32),
+                max_seq_length=training.max_seq_length,
+                device=device,
+                progress=on_eval_progress,
+            )
+        )
+        record = {
+            "stage": plan.name,
+            "step": at_step,
+            **{f"eval_{k}": v for k, v in result.items()},
+        }
         if program is not None:
             record["sparsity"] = program.sparsity()[0]
         eval_history.append(record)
@@ -282,28 +321,45 @@ def train_stage(
 
     def check_masks(where: str) -> None:
         if program is not None and world > 1:
-            dist_utils.verify_identical(program.masks.masks, program.masks.params, f"stage {plan.name!r} {where}")
+            dist_utils.verify_identical(
+                program.masks.masks, program.masks.params, f"stage {plan.name!r} {where}"
+            )
 
     net = dist_utils.wrap_model(model, device)  # the model itself in a single process
     check_masks(f"start (step {step})")
     checked_version = program.masks.version if program is not None else 0
     model.train()
     final_eval = None
-    with _SigintFlag() as sigint, _sparse_kernels(sparse_backprop, model, program, resume_state is not None) as sparse:
-        if total == 0 and program is not None and resume_state is None:  # prune-only: one-shot, no optimizer step
+    with (
+        _SigintFlag() as sigint,
+        _sparse_kernels(sparse_backprop, model, program, resume_state is not None) as sparse,
+    ):
+        if (
+            total == 0 and program is not None and resume_state is None
+        ):  # prune-only: one-shot, no optimizer step
             run_eval(0, eval_before)  # the model as it came, to compare with after pruning
             program.step_start(0)
             metrics.write({"stage": plan.name, "step": 0, "sparsity": program.sparsity()[0]})
-            flag = torch.tensor([float(sigint.raised)], dtype=torch.float64)  # every rank stops, or none
+            flag = torch.tensor(
+                [float(sigint.raised)], dtype=torch.float64
+            )  # every rank stops, or none
             if dist_utils.all_reduce_sum(flag, what=f"stage {plan.name!r}: interrupt check")[0] > 0:
                 # the pruning is kept: --resume evaluates it and goes on
                 save(0)
-                raise Interrupted(f"interrupted at stage {plan.name!r} after its one-shot pruning; checkpoint saved")
+                raise Interrupted(
+                    f"interrupted at stage {plan.name!r} after its one-shot pruning; checkpoint saved"
+                )
         while step < total:
             loader = make_dataloader(
-                train_examples, tokenizer, info, batch_size=training.batch_size,
-                max_seq_length=training.max_seq_length, shuffle=True, seed=training.seed,
-                epoch=step // spe, start_batch=step % spe,
+                train_examples,
+                tokenizer,
+                info,
+                batch_size=training.batch_size,
+                max_seq_length=training.max_seq_length,
+                shuffle=True,
+                seed=training.seed,
+                epoch=step // spe,
+                start_batch=step % spe,
             )
             batches = loader if world == 1 else dist_utils.sharded_batches(loader, rank, world)
             for batch in batches:
@@ -325,7 +381,9 @@ def train_stage(
                 if world == 1:
                     loss_value = float(loss.detach())
                 else:
-                    loss_value, stop = _reduce_step(loss, weight, sigint.raised, program, world, plan.name, step)
+                    loss_value, stop = _reduce_step(
+                        loss, weight, sigint.raised, program, world, plan.name, step
+                    )
                     if program is not None and program.masks.version != checked_version:
                         check_masks(f"step {step} (after pruning)")
                         checked_version = program.masks.version
@@ -336,7 +394,9 @@ def train_stage(
                     )
                 if world > 1:
                     scale = weight * world  # DDP averages over ranks: this makes it the global mean
-                    with dist_utils.collective(f"stage {plan.name!r} step {step}: gradient all-reduce"):
+                    with dist_utils.collective(
+                        f"stage {plan.name!r} step {step}: gradient all-reduce"
+                    ):
                         (loss * scale if scale != 1.0 else loss).backward()
                 else:
                     loss.backward()
@@ -362,10 +422,16 @@ def train_stage(
                     save(step)
                 if sigint.raised if world == 1 else stop:
                     save(step)
-                    raise Interrupted(f"interrupted at stage {plan.name!r} step {step}; checkpoint saved")
+                    raise Interrupted(
+                        f"interrupted at stage {plan.name!r} step {step}; checkpoint saved"
+                    )
                 if stop_after_step is not None and step >= stop_after_step:
-                    return StageResult(step, elapsed_before + time.perf_counter() - started, eval_history,
-                                       sparse_backprop=sparse.record() if sparse else None)
+                    return StageResult(
+                        step,
+                        elapsed_before + time.perf_counter() - started,
+                        eval_history,
+                        sparse_backprop=sparse.record() if sparse else None,
+                    )
         if program is not None:
             if sparse is not None:
                 sparse.kernels.remove()
@@ -373,16 +439,24 @@ def train_stage(
             check_masks("end (after finalize)")
         final_eval = run_eval(total)
         save(total, complete=True)
-    return StageResult(total, elapsed_before + time.perf_counter() - started, eval_history, final_eval,
-                       sparse_backprop=sparse.record() if sparse else None)
+    return StageResult(
+        total,
+        elapsed_before + time.perf_counter() - started,
+        eval_history,
+        final_eval,
+        sparse_backprop=sparse.record() if sparse else None,
+    )
 
 
 @contextlib.contextmanager
-def _sparse_kernels(min_sparsity: float | None, model: nn.Module, program: Program | None,
-                    resumed: bool) -> Iterator[Any]:
+def _sparse_kernels(
+    min_sparsity: float | None, model: nn.Module, program: Program | None, resumed: bool
+) -> Iterator[Any]:
     """The stage's sparse-backprop kernels (None when not asked for or not usable in this stage);
     every layer is back on its dense forward when the block ends, however it ends."""
-    if min_sparsity is None or program is None or program.plan.total_steps == 0:  # prune-only: no step to speed up
+    if (
+        min_sparsity is None or program is None or program.plan.total_steps == 0
+    ):  # prune-only: no step to speed up
         yield None
         return
     from recipec.train import sparse_backprop as sbp
@@ -397,12 +471,21 @@ def _sparse_kernels(min_sparsity: float | None, model: nn.Module, program: Progr
         stage.kernels.remove()
 
 
-def _reduce_step(loss: torch.Tensor, weight: float, interrupted: bool, program: Program | None, world: int,
-                 stage: str, step: int) -> tuple[float, bool]:
+def _reduce_step(
+    loss: torch.Tensor,
+    weight: float,
+    interrupted: bool,
+    program: Program | None,
+    world: int,
+    stage: str,
+    step: int,
+) -> tuple[float, bool]:
     """One small all-reduce per step: global mean loss, any rank's Ctrl-C, mask-version agreement."""
     version = float(program.masks.version) if program is not None else 0.0
     contribution = float(loss.detach()) * weight if weight else 0.0
-    stats = torch.tensor([contribution, float(interrupted), version, version * version], dtype=torch.float64)
+    stats = torch.tensor(
+        [contribution, float(interrupted), version, version * version], dtype=torch.float64
+    )
     dist_utils.all_reduce_sum(stats, what=f"stage {stage!r} step {step}: loss all-reduce")
     total, flags, vsum, vsq = (float(x) for x in stats)
     if vsq * world != vsum * vsum:  # not every rank has changed its masks the same number of times

@@ -76,8 +76,10 @@ def embedded_model_dir() -> Path:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or name in (".", "..") or (
-        os.sep != "/" and os.sep in name
+    return (
+        name.startswith(("/", "./", "../", "~", ".\\", "..\\"))
+        or name in (".", "..")
+        or (os.sep != "/" and os.sep in name)
     )
 
 
@@ -185,7 +187,9 @@ def load_model_and_tokenizer(
         if task.kind == "regression":
             config_kwargs.update(num_labels=1, problem_type="regression")
         else:
-            config_kwargs.update(num_labels=task.num_labels, problem_type="single_label_classification")
+            config_kwargs.update(
+                num_labels=task.num_labels, problem_type="single_label_classification"
+            )
             if task.label_names and len(task.label_names) == task.num_labels:
                 config_kwargs["id2label"] = dict(enumerate(task.label_names))
                 config_kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
@@ -213,5 +217,10 @@ def load_model_and_tokenizer(
         logger.info("%s: initialised a new %s head (%s)", name, task.kind, ", ".join(head))
     if other:
         shown = ", ".join(other[:8]) + (" ..." if len(other) > 8 else "")
-        logger.warning("%s: %d weights missing from the checkpoint were initialised randomly: %s", name, len(other), shown)
+        logger.warning(
+            "%s: %d weights missing from the checkpoint were initialised randomly: %s",
+            name,
+            len(other),
+            shown,
+        )
     return model.to(device), tokenizer

@@ -13,14 +13,22 @@ from recipec.sparsity.selection import component_of
 from recipec.train.checkpoint import write_text_atomic
 
 
-def save_model(out: Path, model: torch.nn.Module, tokenizer: Any, masks: dict[str, torch.Tensor], recipe_text: str) -> Path:
+def save_model(
+    out: Path,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    masks: dict[str, torch.Tensor],
+    recipe_text: str,
+) -> Path:
     """HF folder with exact zeros, its tokenizer, ``masks.safetensors`` (uint8, 1 = keep) and the recipe."""
     folder = out / "model"
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    save_file({name: mask.to(torch.uint8).cpu().contiguous() for name, mask in masks.items()},
-              str(folder / "masks.safetensors"))
+    save_file(
+        {name: mask.to(torch.uint8).cpu().contiguous() for name, mask in masks.items()},
+        str(folder / "masks.safetensors"),
+    )
     write_text_atomic(folder / "recipe.yaml", recipe_text)
     return folder
 
@@ -28,10 +36,14 @@ def save_model(out: Path, model: torch.nn.Module, tokenizer: Any, masks: dict[st
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
 
 
-def _plots(out: Path, records: list[dict[str, Any]], per_layer: dict[str, float], primary: str) -> list[str]:
+def _plots(
+    out: Path, records: list[dict[str, Any]], per_layer: dict[str, float], primary: str
+) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,11 +73,17 @@ def _plots(out: Path, records: list[dict[str, Any]], per_layer: dict[str, float]
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("learning rate", color="tab:blue")
         # sparsity: every training step, and the one-shot pruning of prune-only stages (no loss)
-        pruned = [r for r in records if "sparsity" in r and not any(k.startswith("eval_") for k in r)]
+        pruned = [
+            r for r in records if "sparsity" in r and not any(k.startswith("eval_") for k in r)
+        ]
         if pruned:
             ax2 = ax.twinx()
-            ax2.step([offsets[r["stage"]] + r["step"] for r in pruned], [100 * r["sparsity"] for r in pruned],
-                     where="post", color="tab:red")
+            ax2.step(
+                [offsets[r["stage"]] + r["step"] for r in pruned],
+                [100 * r["sparsity"] for r in pruned],
+                where="post",
+                color="tab:red",
+            )
             ax2.set_ylabel("sparsity of targets (%)", color="tab:red")
             ax2.set_ylim(0, 100)
         ax.set_title("learning rate and sparsity")
@@ -75,7 +93,11 @@ def _plots(out: Path, records: list[dict[str, Any]], per_layer: dict[str, float]
         written.append("sparsity_lr.png")
     if evals:
         fig, ax = plt.subplots(figsize=(8, 3.5))
-        ax.plot([offsets[r["stage"]] + r["step"] for r in evals], [r[f"eval_{primary}"] for r in evals], marker="o")
+        ax.plot(
+            [offsets[r["stage"]] + r["step"] for r in evals],
+            [r[f"eval_{primary}"] for r in evals],
+            marker="o",
+        )
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(f"eval {primary}")
         ax.set_title(f"eval {primary}")
@@ -100,8 +122,21 @@ def _plots(out: Path, records: list[dict[str, Any]], per_layer: dict[str, float]
     return written
 
 
-def write_outputs(*, out: Path, model, tokenizer, recipe, recipe_text: str, info, task, results, final_eval,
-                  teacher_report, seconds: float, config) -> dict[str, Any]:
+def write_outputs(
+    *,
+    out: Path,
+    model,
+    tokenizer,
+    recipe,
+    recipe_text: str,
+    info,
+    task,
+    results,
+    final_eval,
+    teacher_report,
+    seconds: float,
+    config,
+) -> dict[str, Any]:
     """Write the model folder, report.json, report.md and plots; return the report."""
     program = results[-1][3] if results else None
     masks = program.masks.masks if program is not None else {}
@@ -134,10 +169,20 @@ def write_outputs(*, out: Path, model, tokenizer, recipe, recipe_text: str, info
             "per_component": {c: (z / n if n else 0.0) for c, (n, z) in by_component.items()},
         },
         "stages": [
-            {"name": name, "steps": result.steps, "steps_per_epoch": plan.steps_per_epoch, "seconds": result.seconds,
-             "final_eval": result.final_eval, "pruning": prog.history(),
-             **({"sparse_backprop": result.sparse_backprop} if result.sparse_backprop else {}),
-             **({"prune_only": True, "eval_before_pruning": result.eval_before_pruning} if plan.training.prune_only else {})}
+            {
+                "name": name,
+                "steps": result.steps,
+                "steps_per_epoch": plan.steps_per_epoch,
+                "seconds": result.seconds,
+                "final_eval": result.final_eval,
+                "pruning": prog.history(),
+                **({"sparse_backprop": result.sparse_backprop} if result.sparse_backprop else {}),
+                **(
+                    {"prune_only": True, "eval_before_pruning": result.eval_before_pruning}
+                    if plan.training.prune_only
+                    else {}
+                ),
+            }
             for name, plan, result, prog in results
         ],
         "wall_seconds": seconds,
@@ -155,8 +200,10 @@ def _wall_time(report: dict[str, Any]) -> str:
     line = f"- wall time: {report['wall_seconds']:.1f} s"
     if report.get("resumed"):
         training = sum(stage["seconds"] for stage in report["stages"])
-        line += (f" in the last session (resumed from a checkpoint); the stages trained {training:.1f} s "
-                 "over all sessions")
+        line += (
+            f" in the last session (resumed from a checkpoint); the stages trained {training:.1f} s "
+            "over all sessions"
+        )
     return line
 
 
@@ -164,9 +211,13 @@ def _sparse_line(sparse: dict[str, Any]) -> str:
     least = f">= {100 * sparse['min_sparsity']:.0f}% zeros"
     if sparse.get("from_step") is None:
         return f"Sparse backprop: no pruned linear layer reached {least}; dense kernels throughout."
-    since = f"step {sparse['from_step']}" + (" (of the last session: the stage was resumed)" if sparse.get("resumed") else "")
-    return (f"Sparse backprop: from {since}, pruned linear layers with {least} ran forward and "
-            f"backward on SparseProp kernels between mask changes ({sparse['layers']} at the end of the stage).")
+    since = f"step {sparse['from_step']}" + (
+        " (of the last session: the stage was resumed)" if sparse.get("resumed") else ""
+    )
+    return (
+        f"Sparse backprop: from {since}, pruned linear layers with {least} ran forward and "
+        f"backward on SparseProp kernels between mask changes ({sparse['layers']} at the end of the stage)."
+    )
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -174,7 +225,12 @@ def _markdown(report: dict[str, Any]) -> str:
     lines = [
         "# recipec run report",
         "",
-        f"- recipe: `{report['recipe']}`" + (f" with `{' '.join('--set ' + o for o in report['overrides'])}`" if report["overrides"] else ""),
+        f"- recipe: `{report['recipe']}`"
+        + (
+            f" with `{' '.join('--set ' + o for o in report['overrides'])}`"
+            if report["overrides"]
+            else ""
+        ),
         f"- model: {report['model']}",
         f"- task: {report['task']['name']} ({report['task']['kind']}), {report['train_examples']} train / {report['eval_examples']} eval",
         _wall_time(report),
@@ -187,7 +243,10 @@ def _markdown(report: dict[str, Any]) -> str:
     lines += [f"| {k} | {v:.4f} |" for k, v in report["final_eval"].items()]
     if report.get("teacher"):
         t = report["teacher"]["eval"]
-        lines += ["", f"Dense teacher: {primary} {t[primary]:.4f}; kept {100 * report['final_eval'][primary] / t[primary]:.2f}% of it."]
+        lines += [
+            "",
+            f"Dense teacher: {primary} {t[primary]:.4f}; kept {100 * report['final_eval'][primary] / t[primary]:.2f}% of it.",
+        ]
     s = report["sparsity"]
     lines += [
         "",
@@ -203,16 +262,29 @@ def _markdown(report: dict[str, Any]) -> str:
     lines += [f"| `{n}` | {100 * v:.2f}% |" for n, v in s["per_tensor"].items()]
     for stage in report["stages"]:
         if stage.get("prune_only"):
-            lines += ["", f"## Stage `{stage['name']}`: prune-only (one-shot), {stage['seconds']:.1f} s", ""]
+            lines += [
+                "",
+                f"## Stage `{stage['name']}`: prune-only (one-shot), {stage['seconds']:.1f} s",
+                "",
+            ]
             before, after = stage.get("eval_before_pruning") or {}, stage.get("final_eval") or {}
             if primary in before and primary in after:
-                lines += [f"{primary}: {before[primary]:.4f} before pruning, {after[primary]:.4f} after.", ""]
+                lines += [
+                    f"{primary}: {before[primary]:.4f} before pruning, {after[primary]:.4f} after.",
+                    "",
+                ]
         else:
-            lines += ["", f"## Stage `{stage['name']}`: {stage['steps']} steps, {stage['seconds']:.1f} s", ""]
+            lines += [
+                "",
+                f"## Stage `{stage['name']}`: {stage['steps']} steps, {stage['seconds']:.1f} s",
+                "",
+            ]
         if stage["pruning"]:
             lines += ["| step | modifier | target | achieved | seconds |", "|---|---|---|---|---|"]
-            lines += [f"| {h['step']} | {h['modifier']} | {100 * h['target']:.2f}% | {100 * h['achieved']:.2f}% | {h['seconds']:.2f} |"
-                      for h in stage["pruning"]]
+            lines += [
+                f"| {h['step']} | {h['modifier']} | {100 * h['target']:.2f}% | {100 * h['achieved']:.2f}% | {h['seconds']:.2f} |"
+                for h in stage["pruning"]
+            ]
         sparse = stage.get("sparse_backprop")
         if sparse:
             lines += ["", _sparse_line(sparse)]

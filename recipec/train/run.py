@@ -60,7 +60,9 @@ def default_output(recipe_path: str) -> Path:
 
 
 def teacher_cache_dir() -> Path:
-    root = os.environ.get("RECIPEC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "recipec")
+    root = os.environ.get("RECIPEC_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "recipec"
+    )
     return Path(root) / "teachers"
 
 
@@ -98,8 +100,15 @@ class Reporter:
 
         self.stop()
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=False,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
         )
         self.progress.start()
         self.task = self.progress.add_task(description, total=total, completed=completed, info="")
@@ -111,9 +120,15 @@ class Reporter:
         if self.progress is None:
             return
         self.progress.update(self.task, completed=completed, info=info)
-        if not self.console.is_terminal and (time.monotonic() - self._last_plain > 10 or completed == self._total):
+        if not self.console.is_terminal and (
+            time.monotonic() - self._last_plain > 10 or completed == self._total
+        ):
             self._last_plain = time.monotonic()
-            self.console.print(f"{self._description}: step {completed}/{self._total} {info}", highlight=False, markup=False)
+            self.console.print(
+                f"{self._description}: step {completed}/{self._total} {info}",
+                highlight=False,
+                markup=False,
+            )
 
     def stop(self) -> None:
         if self.progress is not None:
@@ -147,8 +162,10 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
         if not dist_utils.is_main():
             reporter = Reporter(quiet=True)
         elif dist_utils.is_distributed():
-            reporter.log(f"[distributed] {dist_utils.world_size()} ranks "
-                         f"({torch.distributed.get_backend()}), global batch split across them")
+            reporter.log(
+                f"[distributed] {dist_utils.world_size()} ranks "
+                f"({torch.distributed.get_backend()}), global batch split across them"
+            )
         return _run(config, reporter)
 
 
@@ -207,8 +224,13 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
             resolve_model_path(teacher_spec)
         except ModelLoadError as exc:
             raise RunError(f"teacher: {exc}") from None
-    inputs = [("--model", config.model), ("--teacher", teacher_spec), ("--task", config.task),
-              ("the recipe", recipe_path), *(("--data", d) for d in config.data)]
+    inputs = [
+        ("--model", config.model),
+        ("--teacher", teacher_spec),
+        ("--task", config.task),
+        ("the recipe", recipe_path),
+        *(("--data", d) for d in config.data),
+    ]
     # Read-only first (a wrong --resume or a busy folder fails before any download); the folder
     # is created, or replaced, only once every input has loaded.
     replace, error = False, None
@@ -223,14 +245,21 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
         _agree(error, "checking the output folder")
     seed = recipe.training.seed
     try:
-        task = load_task(config.task, list(config.data) or None, max_train=config.max_train,
-                         max_eval=config.max_eval, seed=seed)
+        task = load_task(
+            config.task,
+            list(config.data) or None,
+            max_train=config.max_train,
+            max_eval=config.max_eval,
+            seed=seed,
+        )
     except TaskError as exc:
         raise RunError(str(exc)) from None
     for note in task.notes:
         reporter.log(f"[data] {note}")
     info = task.info
-    reporter.log(f"task {info.name} ({info.kind}): {len(task.train)} train / {len(task.eval)} eval examples")
+    reporter.log(
+        f"task {info.name} ({info.kind}): {len(task.train)} train / {len(task.eval)} eval examples"
+    )
     # A new task head is initialised at random here: seeded, so the same command gives the same
     # run (torch seeds its default generator differently in every process).
     seed_everything(seed)
@@ -250,7 +279,9 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
         try:
             plans.append(resolve_stage(recipe, stage, spe_for(training)))
         except PlanError as exc:
-            raise RunError(f"the recipe does not fit this data ({len(task.train)} train examples): {exc}") from None
+            raise RunError(
+                f"the recipe does not fit this data ({len(task.train)} train examples): {exc}"
+            ) from None
 
     if main_rank:  # every input is checked: only now is the output folder created (or replaced)
         _create_output(config, recipe, out, run_json, asked, replace, reporter)
@@ -262,8 +293,14 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
     if teacher_spec is not None:
         if teacher_spec == "auto":
             # the teacher trains like the first stage that distils (not a prune-only stage before it)
-            first = next(i for i, stage in enumerate(stages) if any(m is distills[0] for m in stage.modifiers))
-            teacher_model, teacher_report = _auto_teacher(config, recipe, distills[0], task, plans[first], reporter, out)
+            first = next(
+                i
+                for i, stage in enumerate(stages)
+                if any(m is distills[0] for m in stage.modifiers)
+            )
+            teacher_model, teacher_report = _auto_teacher(
+                config, recipe, distills[0], task, plans[first], reporter, out
+            )
         else:
             teacher_model = teacher_spec
 
@@ -285,14 +322,18 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
         else:
             resume_stage, resume_folder = found[0], Path(found[1])
             if not (resume_folder / "state.pt").is_file():
-                raise RunError(f"rank {dist_utils.rank()}: cannot read the checkpoint {resume_folder} "
-                               "(distributed runs need --output on a file system shared by every node)")
+                raise RunError(
+                    f"rank {dist_utils.rank()}: cannot read the checkpoint {resume_folder} "
+                    "(distributed runs need --output on a file system shared by every node)"
+                )
             reporter.log(f"[resume] continuing from {resume_folder}")
             metrics_state = torch.load(resume_folder / "state.pt", weights_only=False)
             saved_world = int(metrics_state.get("world_size", 1))
             if saved_world != world:
-                reporter.log(f"[resume] the checkpoint was written by {saved_world} rank(s), this run has {world}: "
-                             "the global batches are the same, dropout streams are re-split")
+                reporter.log(
+                    f"[resume] the checkpoint was written by {saved_world} rank(s), this run has {world}: "
+                    "the global batches are the same, dropout streams are re-split"
+                )
             metrics.truncate_after(metrics_state["stage"], int(metrics_state["step"]))
     elif main_rank and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
@@ -313,49 +354,86 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
 
         def grad_batches(batch_size: int, _plan=plan, _counter=grad_counter):
             _counter["n"] += 1
-            loader = make_dataloader(task.train, tokenizer, info, batch_size=batch_size,
-                                     max_seq_length=_plan.training.max_seq_length, shuffle=True,
-                                     seed=seed + 7919 * _counter["n"])
+            loader = make_dataloader(
+                task.train,
+                tokenizer,
+                info,
+                batch_size=batch_size,
+                max_seq_length=_plan.training.max_seq_length,
+                shuffle=True,
+                seed=seed + 7919 * _counter["n"],
+            )
             if world > 1:  # this rank's share of the same global mini-batches (see OBertModifier)
-                return (dist_utils.ShardBatch({k: v.to(config.device) for k, v in b.items()}, b.weight)
-                        for b in dist_utils.sharded_batches(loader))
+                return (
+                    dist_utils.ShardBatch({k: v.to(config.device) for k, v in b.items()}, b.weight)
+                    for b in dist_utils.sharded_batches(loader)
+                )
             return (dict((k, v.to(config.device)) for k, v in b.items()) for b in loader)
 
         try:
-            program = compile_recipe(recipe, model, optimizer, plan.steps_per_epoch, stage=stage.name,
-                                     teacher=teacher_model if any(m.type == "distill" for m in stage.modifiers) else None,
-                                     grad_batches=grad_batches, masks=carried_masks, progress=reporter.log)
+            program = compile_recipe(
+                recipe,
+                model,
+                optimizer,
+                plan.steps_per_epoch,
+                stage=stage.name,
+                teacher=teacher_model
+                if any(m.type == "distill" for m in stage.modifiers)
+                else None,
+                grad_batches=grad_batches,
+                masks=carried_masks,
+                progress=reporter.log,
+            )
         except CompileError as exc:
             raise RunError(f"stage {stage.name!r}: {exc}") from None
         if plan.training.prune_only:
-            reporter.log(f"stage {stage.name!r}: prune-only: evaluate, prune once (one-shot), evaluate; "
-                         f"{len(program.masks.params)} tensors in the model")
+            reporter.log(
+                f"stage {stage.name!r}: prune-only: evaluate, prune once (one-shot), evaluate; "
+                f"{len(program.masks.params)} tensors in the model"
+            )
         else:
-            reporter.log(f"stage {stage.name!r}: {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), "
-                         f"{len(program.masks.params)} tensors in the model")
+            reporter.log(
+                f"stage {stage.name!r}: {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), "
+                f"{len(program.masks.params)} tensors in the model"
+            )
             completed = int(resume_state["step"]) if resume_state else 0
             reporter.start(f"{stage.name}", plan.total_steps, completed)
         is_last = i == len(stages) - 1
         try:
             result = train_stage(
-                model=model, tokenizer=tokenizer, info=info, train_examples=task.train, eval_examples=task.eval,
-                plan=plan, optimizer=optimizer, program=program, device=config.device,
+                model=model,
+                tokenizer=tokenizer,
+                info=info,
+                train_examples=task.train,
+                eval_examples=task.eval,
+                plan=plan,
+                optimizer=optimizer,
+                program=program,
+                device=config.device,
                 checkpoint_dir=ckpt_root / f"{i:02d}-{stage.name}",
-                checkpoint_every=config.checkpoint_every or training.checkpoint_every_steps or _default_ckpt_every(plan),
-                resume_state=resume_state, metrics=metrics,
+                checkpoint_every=config.checkpoint_every
+                or training.checkpoint_every_steps
+                or _default_ckpt_every(plan),
+                resume_state=resume_state,
+                metrics=metrics,
                 on_step=lambda s, rec: reporter.update(s, _step_info(rec)),
                 stop_after_step=config.stop_after_step if is_last else None,
                 sparse_backprop=config.sparse_backprop,
                 # a prune-only stage after a stage evaluated at the same length: its model, already measured
-                eval_before=results[-1][2].final_eval if plan.training.prune_only and results
-                and results[-1][1].training.max_seq_length == training.max_seq_length else None,
+                eval_before=results[-1][2].final_eval
+                if plan.training.prune_only
+                and results
+                and results[-1][1].training.max_seq_length == training.max_seq_length
+                else None,
             )
         finally:
             reporter.stop()
         if result.eval_before_pruning is not None:
             metric = info.primary_metric
-            reporter.log(f"stage {stage.name!r}: {metric} {result.eval_before_pruning[metric]:.4f} before pruning, "
-                         f"{result.final_eval[metric]:.4f} after")
+            reporter.log(
+                f"stage {stage.name!r}: {metric} {result.eval_before_pruning[metric]:.4f} before pruning, "
+                f"{result.final_eval[metric]:.4f} after"
+            )
         results.append((stage.name, plan, result, program))
         carried_masks = program.masks.state_dict()
         if result.final_eval is None:  # stopped early (tests)
@@ -364,16 +442,32 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
     # Final artefacts.
     final_eval = results[-1][2].final_eval
     if final_eval is None:
-        final_eval = evaluate(model, task.eval, tokenizer, info, batch_size=64,
-                              max_seq_length=plans[-1].training.max_seq_length, device=config.device)
+        final_eval = evaluate(
+            model,
+            task.eval,
+            tokenizer,
+            info,
+            batch_size=64,
+            max_seq_length=plans[-1].training.max_seq_length,
+            device=config.device,
+        )
     from recipec.train.report import write_outputs
 
     report = None
     if main_rank:
         report = write_outputs(
-            out=out, model=model, tokenizer=tokenizer, recipe=recipe, recipe_text=_dump_recipe(recipe), info=info,
-            task=task, results=results, final_eval=final_eval, teacher_report=teacher_report,
-            seconds=time.perf_counter() - started, config=config,
+            out=out,
+            model=model,
+            tokenizer=tokenizer,
+            recipe=recipe,
+            recipe_text=_dump_recipe(recipe),
+            info=info,
+            task=task,
+            results=results,
+            final_eval=final_eval,
+            teacher_report=teacher_report,
+            seconds=time.perf_counter() - started,
+            config=config,
         )
     return dist_utils.broadcast_object(report, what="sharing the report")
 
@@ -398,8 +492,13 @@ def _never_trained(out: Path) -> bool:
     return True
 
 
-def _check_output(config: RunConfig, out: Path, run_json: Path, asked: dict[str, Any],
-                  inputs: list[tuple[str, object]]) -> bool:
+def _check_output(
+    config: RunConfig,
+    out: Path,
+    run_json: Path,
+    asked: dict[str, Any],
+    inputs: list[tuple[str, object]],
+) -> bool:
     """Check --resume / --overwrite against the output folder (rank 0, read-only); returns
     whether the folder is to be replaced."""
     from recipec.outputs import ReplaceError, check_output
@@ -410,20 +509,36 @@ def _check_output(config: RunConfig, out: Path, run_json: Path, asked: dict[str,
         before = json.loads(run_json.read_text())
         changed = [k for k in asked if before.get(k) != asked[k]]
         if changed:
-            raise RunError(f"--resume: the run in {out} was started with different {', '.join(changed)}; "
-                           "resume with the same arguments or use another --output")
+            raise RunError(
+                f"--resume: the run in {out} was started with different {', '.join(changed)}; "
+                "resume with the same arguments or use another --output"
+            )
         return False
     reusable = out.is_dir() and not out.is_symlink() and _never_trained(out)
     try:
-        return check_output(out, overwrite=config.overwrite, marker=run_json.name, written_by="a recipec run",
-                            busy="pass --resume to continue it, --overwrite to replace it, or --output for a new "
-                                 "folder", inputs=inputs, reusable=reusable)
+        return check_output(
+            out,
+            overwrite=config.overwrite,
+            marker=run_json.name,
+            written_by="a recipec run",
+            busy="pass --resume to continue it, --overwrite to replace it, or --output for a new "
+            "folder",
+            inputs=inputs,
+            reusable=reusable,
+        )
     except ReplaceError as exc:
         raise RunError(str(exc)) from None
 
 
-def _create_output(config: RunConfig, recipe: Recipe, out: Path, run_json: Path, asked: dict[str, Any],
-                   replace: bool, reporter: Reporter) -> None:
+def _create_output(
+    config: RunConfig,
+    recipe: Recipe,
+    out: Path,
+    run_json: Path,
+    asked: dict[str, Any],
+    replace: bool,
+    reporter: Reporter,
+) -> None:
     """Replace (when :func:`_check_output` allowed it) and create the output folder (rank 0)."""
     from recipec.train import checkpoint as ckpt
 
@@ -452,7 +567,9 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _auto_teacher(config: RunConfig, recipe: Recipe, distill, task, plan, reporter: Reporter, out: Path):
+def _auto_teacher(
+    config: RunConfig, recipe: Recipe, distill, task, plan, reporter: Reporter, out: Path
+):
     """Fine-tune (or reuse) the dense teacher for ``--teacher auto``.
 
     Distributed: every rank trains the teacher (DDP); rank 0 decides whether the cache holds
@@ -468,39 +585,80 @@ def _auto_teacher(config: RunConfig, recipe: Recipe, distill, task, plan, report
     epochs = distill.teacher_epochs or (training.epochs if training.epochs is not None else None)
     total = max(1, round(epochs * plan.steps_per_epoch)) if epochs is not None else plan.total_steps
     key = _fingerprint(
-        "teacher-v1", config.model or "embedded", task.info.to_dict(), len(task.train), len(task.eval),
-        [e.text for e in task.train[:50]], config.max_train, config.max_eval, config.data,
-        training.model_dump(mode="json"), total,
+        "teacher-v1",
+        config.model or "embedded",
+        task.info.to_dict(),
+        len(task.train),
+        len(task.eval),
+        [e.text for e in task.train[:50]],
+        config.max_train,
+        config.max_eval,
+        config.data,
+        training.model_dump(mode="json"),
+        total,
     )
     cache = Path(config.teacher_cache or teacher_cache_dir()) / key
     done = cache / "model"
-    if dist_utils.broadcast_object((done / "config.json").is_file(), what="checking the teacher cache"):
+    if dist_utils.broadcast_object(
+        (done / "config.json").is_file(), what="checking the teacher cache"
+    ):
         reporter.log(f"[teacher] reusing the fine-tuned dense teacher at {done}")
-        report = json.loads((cache / "teacher.json").read_text()) if (cache / "teacher.json").is_file() else None
+        report = (
+            json.loads((cache / "teacher.json").read_text())
+            if (cache / "teacher.json").is_file()
+            else None
+        )
         return str(done), report
     reporter.log(f"[teacher] fine-tuning a dense teacher for {total} steps (cached at {cache})")
     seed_everything(training.seed)
     dist_utils.seed_rank(training.seed)
     teacher, tokenizer = load_model_and_tokenizer(config.model, task.info, device=config.device)
-    tplan = StagePlan(name="teacher", training=training, steps_per_epoch=plan.steps_per_epoch, total_steps=total,
-                      warmup_steps=plan.warmup_steps, eval_every=None, modifiers=(), targets=plan.targets,
-                      exclude=plan.exclude)
+    tplan = StagePlan(
+        name="teacher",
+        training=training,
+        steps_per_epoch=plan.steps_per_epoch,
+        total_steps=total,
+        warmup_steps=plan.warmup_steps,
+        eval_every=None,
+        modifiers=(),
+        targets=plan.targets,
+        exclude=plan.exclude,
+    )
     optimizer = make_optimizer(teacher, training.learning_rate, training.weight_decay)
     ckdir = cache / "checkpoints"
-    folder = dist_utils.broadcast_object(latest_checkpoint(ckdir) if dist_utils.is_main() else None,
-                                         what="finding the teacher checkpoint")
+    folder = dist_utils.broadcast_object(
+        latest_checkpoint(ckdir) if dist_utils.is_main() else None,
+        what="finding the teacher checkpoint",
+    )
     resume_state = load_checkpoint(folder, teacher) if folder is not None else None
     reporter.start("teacher", total, int(resume_state["step"]) if resume_state else 0)
     try:
-        result = train_stage(model=teacher, tokenizer=tokenizer, info=task.info, train_examples=task.train,
-                             eval_examples=task.eval, plan=tplan, optimizer=optimizer, program=None,
-                             device=config.device, checkpoint_dir=ckdir, checkpoint_every=_default_ckpt_every(tplan),
-                             resume_state=resume_state,
-                             on_step=lambda s, rec: reporter.update(s, _step_info(rec)))
+        result = train_stage(
+            model=teacher,
+            tokenizer=tokenizer,
+            info=task.info,
+            train_examples=task.train,
+            eval_examples=task.eval,
+            plan=tplan,
+            optimizer=optimizer,
+            program=None,
+            device=config.device,
+            checkpoint_dir=ckdir,
+            checkpoint_every=_default_ckpt_every(tplan),
+            resume_state=resume_state,
+            on_step=lambda s, rec: reporter.update(s, _step_info(rec)),
+        )
     finally:
         reporter.stop()
-    final = result.final_eval or evaluate(teacher, task.eval, tokenizer, task.info, batch_size=64,
-                                          max_seq_length=training.max_seq_length, device=config.device)
+    final = result.final_eval or evaluate(
+        teacher,
+        task.eval,
+        tokenizer,
+        task.info,
+        batch_size=64,
+        max_seq_length=training.max_seq_length,
+        device=config.device,
+    )
     report = {"eval": final, "steps": total, "seconds": result.seconds, "path": str(done)}
     if dist_utils.is_main():
         tmp = cache / ".model-tmp"
@@ -512,7 +670,9 @@ def _auto_teacher(config: RunConfig, recipe: Recipe, distill, task, plan, report
         write_text_atomic(cache / "teacher.json", json.dumps(report, indent=2))
         shutil.rmtree(ckdir, ignore_errors=True)
     dist_utils.barrier("waiting for rank 0 to save the teacher")
-    reporter.log(f"[teacher] dense teacher: {task.info.primary_metric} {final[task.info.primary_metric]:.4f}")
+    reporter.log(
+        f"[teacher] dense teacher: {task.info.primary_metric} {final[task.info.primary_metric]:.4f}"
+    )
     return str(done), report
 
 

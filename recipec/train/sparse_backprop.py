@@ -57,7 +57,9 @@ def backend():
 def require_backend():
     found = backend()
     if found is None:
-        raise SparseBackpropError(f"--sparse-backprop needs the sparseprop package ({INSTALL_HINT})")
+        raise SparseBackpropError(
+            f"--sparse-backprop needs the sparseprop package ({INSTALL_HINT})"
+        )
     return found
 
 
@@ -79,7 +81,12 @@ class Layout:
         counts = mask.sum(dim=1, dtype=torch.int64)
         indptr = torch.zeros(rows + 1, dtype=torch.int64)
         indptr[1:] = torch.cumsum(counts, 0)
-        return cls((rows, cols), indptr.to(torch.int32).contiguous(), (flat % cols).to(torch.int32).contiguous(), flat)
+        return cls(
+            (rows, cols),
+            indptr.to(torch.int32).contiguous(),
+            (flat % cols).to(torch.int32).contiguous(),
+            flat,
+        )
 
     @property
     def nnz(self) -> int:
@@ -95,7 +102,9 @@ class MaskedSparseLinear(torch.autograd.Function):
     dense in shape and zero off the mask."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: Layout):
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: Layout
+    ):
         kernels = require_backend()
         rows, cols = layout.shape
         lead = x.shape[:-1]
@@ -123,23 +132,36 @@ class MaskedSparseLinear(torch.autograd.Function):
         go = grad_out.reshape(-1, rows).contiguous().float()
         got = _transpose(go)  # [out, tokens]
         # float32 throughout: the kernel takes float arrays and would write into a converted copy
-        grad_xt = torch.zeros(cols, got.shape[1], dtype=torch.float32)  # accumulated into by the kernel
+        grad_xt = torch.zeros(
+            cols, got.shape[1], dtype=torch.float32
+        )  # accumulated into by the kernel
         grad_values = torch.zeros(layout.nnz, dtype=torch.float32)
         require_backend().sparse_linear_vectorized_backward(
-            xt.numpy(), layout.indptr.numpy(), layout.indices.numpy(), values.numpy(),
-            got.numpy(), grad_xt.numpy(), grad_values.numpy(),
+            xt.numpy(),
+            layout.indptr.numpy(),
+            layout.indices.numpy(),
+            values.numpy(),
+            got.numpy(),
+            grad_xt.numpy(),
+            grad_values.numpy(),
         )
         grad_x = _transpose(grad_xt).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = torch.zeros(rows * cols, dtype=torch.float32).index_copy_(0, layout.flat, grad_values).reshape(rows, cols)
+            grad_w = (
+                torch.zeros(rows * cols, dtype=torch.float32)
+                .index_copy_(0, layout.flat, grad_values)
+                .reshape(rows, cols)
+            )
         grad_b = go.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None
 
 
 def _sparse_forward(module: nn.Linear, layout: Layout, x: torch.Tensor) -> torch.Tensor:
     usable = (
-        x.device.type == "cpu" and x.dtype == torch.float32 and module.weight.dtype == torch.float32
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and module.weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
     )
     if not usable:  # e.g. a caller moved the model or autocasts: the dense layer is always right
@@ -164,8 +186,10 @@ class SparseBackprop:
             raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
         require_backend()
         if {p.device.type for p in model.parameters()} != {"cpu"} or dist_utils.world_size() > 1:
-            raise SparseBackpropError("sparse backprop runs SparseProp's CPU kernels: a model on the CPU in a single "
-                                      "process (not --device cuda, not torchrun)")
+            raise SparseBackpropError(
+                "sparse backprop runs SparseProp's CPU kernels: a model on the CPU in a single "
+                "process (not --device cuda, not torchrun)"
+            )
         self.model = model
         self.min_sparsity = min_sparsity
         self._patched: dict[str, nn.Linear] = {}
@@ -174,7 +198,9 @@ class SparseBackprop:
     @property
     def layers(self) -> dict[str, float]:
         """The layers on the kernels now: weight name -> sparsity of its mask."""
-        return {name: module.__dict__[_LAYOUT_ATTR].sparsity for name, module in self._patched.items()}
+        return {
+            name: module.__dict__[_LAYOUT_ATTR].sparsity for name, module in self._patched.items()
+        }
 
     def _linear_of(self, weight_name: str) -> nn.Linear | None:
         owner, _, attr = weight_name.rpartition(".")
@@ -243,22 +269,37 @@ class StageKernels:
     before ``finalize`` (and whenever they stop).
     """
 
-    def __init__(self, program: Any, kernels: SparseBackprop, change_steps: frozenset[int], resumed: bool = False):
+    def __init__(
+        self,
+        program: Any,
+        kernels: SparseBackprop,
+        change_steps: frozenset[int],
+        resumed: bool = False,
+    ):
         self.program = program
         self.kernels = kernels
         self.change_steps = change_steps  # steps whose step_start may change masks
-        self.from_step: int | None = None  # the first step (of this session) with a layer on the kernels
-        self.layers = 0  # layers on the kernels after the last rebuild (remove() empties kernels.layers)
-        self.resumed = resumed  # the stage started in an earlier session: from_step is this session's
+        self.from_step: int | None = (
+            None  # the first step (of this session) with a layer on the kernels
+        )
+        self.layers = (
+            0  # layers on the kernels after the last rebuild (remove() empties kernels.layers)
+        )
+        self.resumed = (
+            resumed  # the stage started in an earlier session: from_step is this session's
+        )
 
     @classmethod
-    def for_program(cls, program: Any, model: nn.Module, min_sparsity: float,
-                    resumed: bool = False) -> StageKernels | None:
+    def for_program(
+        cls, program: Any, model: nn.Module, min_sparsity: float, resumed: bool = False
+    ) -> StageKernels | None:
         """None (and a log line) for a stage that must stay on dense kernels (``cram``)."""
         change_steps = mask_change_steps(program.plan)
         if change_steps is None:
-            program.ctx.log(f"stage {program.plan.name!r}: sparse backprop off: a cram modifier perturbs the "
-                            "dense weights")
+            program.ctx.log(
+                f"stage {program.plan.name!r}: sparse backprop off: a cram modifier perturbs the "
+                "dense weights"
+            )
             return None
         return cls(program, SparseBackprop(model, min_sparsity), change_steps, resumed)
 
@@ -276,13 +317,19 @@ class StageKernels:
         if count and self.from_step is None:
             self.from_step = step
         if count != self.layers:
-            self.program.ctx.log(f"stage {self.program.plan.name!r}: step {step}: "
-                                 + self.kernels.describe(len(masks.masks)))
+            self.program.ctx.log(
+                f"stage {self.program.plan.name!r}: step {step}: "
+                + self.kernels.describe(len(masks.masks))
+            )
         self.layers = count
 
     def record(self) -> dict[str, Any]:
         """What the report says: ``min_sparsity``, ``from_step``, ``layers`` (and ``resumed``)."""
-        record = {"min_sparsity": self.kernels.min_sparsity, "from_step": self.from_step, "layers": self.layers}
+        record = {
+            "min_sparsity": self.kernels.min_sparsity,
+            "from_step": self.from_step,
+            "layers": self.layers,
+        }
         return dict(record, resumed=True) if self.resumed else record
 
 

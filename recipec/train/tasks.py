@@ -158,28 +158,59 @@ _KNOWN: dict[str, _KnownTask] = {
         _KnownTask("glue/mrpc", "classification", 2, ("accuracy", "f1"), "f1", _GLUE, "mrpc"),
         _KnownTask("glue/qqp", "classification", 2, ("accuracy", "f1"), "accuracy", _GLUE, "qqp"),
         _KnownTask("glue/cola", "classification", 2, ("mcc", "accuracy"), "mcc", _GLUE, "cola"),
-        _KnownTask("glue/stsb", "regression", 1, ("pearson", "spearman"), "spearman", _GLUE, "stsb"),
         _KnownTask(
-            "glue/mnli", "classification", 3, ("accuracy",), "accuracy", _GLUE, "mnli",
+            "glue/stsb", "regression", 1, ("pearson", "spearman"), "spearman", _GLUE, "stsb"
+        ),
+        _KnownTask(
+            "glue/mnli",
+            "classification",
+            3,
+            ("accuracy",),
+            "accuracy",
+            _GLUE,
+            "mnli",
             eval_split="validation_matched",
             label_names=("entailment", "neutral", "contradiction"),
         ),
         _KnownTask(
-            "glue/qnli", "classification", 2, ("accuracy",), "accuracy", _GLUE, "qnli",
+            "glue/qnli",
+            "classification",
+            2,
+            ("accuracy",),
+            "accuracy",
+            _GLUE,
+            "qnli",
             label_names=("entailment", "not_entailment"),
         ),
         _KnownTask(
-            "glue/rte", "classification", 2, ("accuracy",), "accuracy", _GLUE, "rte",
+            "glue/rte",
+            "classification",
+            2,
+            ("accuracy",),
+            "accuracy",
+            _GLUE,
+            "rte",
             label_names=("entailment", "not_entailment"),
         ),
         _KnownTask("glue/wnli", "classification", 2, ("accuracy",), "accuracy", _GLUE, "wnli"),
         _KnownTask(
-            "tau/commonsense_qa", "multiple_choice", 5, ("accuracy",), "accuracy",
-            "tau/commonsense_qa", num_choices=5,
+            "tau/commonsense_qa",
+            "multiple_choice",
+            5,
+            ("accuracy",),
+            "accuracy",
+            "tau/commonsense_qa",
+            num_choices=5,
         ),
         _KnownTask(
-            "allenai/winogrande", "multiple_choice", 2, ("accuracy",), "accuracy",
-            "allenai/winogrande", "winogrande_xl", num_choices=2,
+            "allenai/winogrande",
+            "multiple_choice",
+            2,
+            ("accuracy",),
+            "accuracy",
+            "allenai/winogrande",
+            "winogrande_xl",
+            num_choices=2,
         ),
     ]
 }
@@ -359,7 +390,11 @@ def _record_format(record: Mapping[str, Any]) -> str:
     question = record.get("question")
     if isinstance(question, Mapping) and "stem" in question and "choices" in question:
         return "csqa"
-    if "choices" in record and isinstance(question, str) and isinstance(record["choices"], Mapping | list):
+    if (
+        "choices" in record
+        and isinstance(question, str)
+        and isinstance(record["choices"], Mapping | list)
+    ):
         return "csqa_flat"
     if {"sentence", "option1", "option2"} <= set(record):
         return "winogrande"
@@ -415,7 +450,9 @@ def _winogrande_example(record: Mapping[str, Any], where: str) -> Example | None
     return Example(text=before.strip(), choices=choices, label=int(str(answer).strip()) - 1)
 
 
-def _parse_records(records: Iterable[tuple[Mapping[str, Any], str]], source: str) -> list[Example] | list[_Raw]:
+def _parse_records(
+    records: Iterable[tuple[Mapping[str, Any], str]], source: str
+) -> list[Example] | list[_Raw]:
     """Turns dict rows into multiple-choice ``Example``s or untyped text ``_Raw`` rows.
 
     Args:
@@ -437,7 +474,9 @@ def _parse_records(records: Iterable[tuple[Mapping[str, Any], str]], source: str
             if fmt == "text":
                 columns = _pick_columns(record.keys())
                 if columns is None:
-                    raise TaskError(f"{where}: no recognised text field in {sorted(record)}; {_TEXT_HELP}")
+                    raise TaskError(
+                        f"{where}: no recognised text field in {sorted(record)}; {_TEXT_HELP}"
+                    )
         elif _record_format(record) != fmt:
             raise TaskError(f"{where}: row layout differs from the first row ({fmt})")
         try:
@@ -453,7 +492,9 @@ def _parse_records(records: Iterable[tuple[Mapping[str, Any], str]], source: str
                     missing = columns.first if not isinstance(text, str) else columns.second
                     raise TaskError(f"{where}: field {missing!r} is missing or not a string")
                 label = record.get(columns.label) if columns.label else None
-                out.append(_Raw(text.strip(), pair.strip() if pair is not None else None, label, where))
+                out.append(
+                    _Raw(text.strip(), pair.strip() if pair is not None else None, label, where)
+                )
         except KeyError as e:
             raise TaskError(f"{where}: missing field {e.args[0]!r}") from e
         if _is_missing(out[-1].label):
@@ -497,7 +538,9 @@ def _read_delimited(path: Path) -> Iterator[tuple[dict[str, str], str]]:
             raise TaskError(f"{path}:1: {e}") from e
         header = [h.strip() for h in header]
         if _pick_columns(header) is None:
-            raise TaskError(f"{path}:1: header {header} has no recognised text column; {_TEXT_HELP}")
+            raise TaskError(
+                f"{path}:1: header {header} has no recognised text column; {_TEXT_HELP}"
+            )
         sep = "tab-separated" if is_tsv else "comma-separated"
         try:
             for lineno, fields in lines:
@@ -570,12 +613,16 @@ def _choose(candidates: list[Path], exact: tuple[str, ...], what: str, directory
     if len(candidates) == 1:
         return candidates[0]
     names = ", ".join(sorted(p.name for p in candidates))
-    raise TaskError(f"{directory}: several {what} files ({names}); pass data=[TRAIN, EVAL] explicitly")
+    raise TaskError(
+        f"{directory}: several {what} files ({names}); pass data=[TRAIN, EVAL] explicitly"
+    )
 
 
 def _find_split_files(directory: Path, notes: list[str]) -> tuple[Path, Path]:
     """Picks the train and eval files of a directory; notes ignored test files."""
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in _EXTENSIONS)
+    files = sorted(
+        p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in _EXTENSIONS
+    )
     by_split: dict[str, list[Path]] = {"train": [], "eval": [], "test": []}
     for p in files:
         split = _split_of(p.stem)
@@ -607,7 +654,9 @@ def _load_local(
         train_path, eval_path = paths
         default_name = train_path.resolve().parent.name or train_path.stem
     else:
-        raise TaskError(f"data takes one directory or two files [TRAIN, EVAL], got {len(paths)} paths")
+        raise TaskError(
+            f"data takes one directory or two files [TRAIN, EVAL], got {len(paths)} paths"
+        )
 
     name = task or default_name
     canonical = resolve_task_name(name)
@@ -666,14 +715,18 @@ def _type_labels(
         majority_numeric = sum(numeric) * 2 >= len(numeric)
         bad = next(r for r, n in zip(rows, numeric) if n != majority_numeric)
         expected = "a number" if majority_numeric else "a class name"
-        raise TaskError(f"{bad.where}: label {bad.label!r} should be {expected} like the other rows")
+        raise TaskError(
+            f"{bad.where}: label {bad.label!r} should be {expected} like the other rows"
+        )
     if not any(numeric):
         observed = sorted({str(r.label).strip() for r in rows})
         names = known.label_names if known and known.label_names else tuple(observed)
         index = {n: i for i, n in enumerate(names)}
         for r in rows:
             if str(r.label).strip() not in index:
-                raise TaskError(f"{r.where}: unknown label {r.label!r}; expected one of {list(names)}")
+                raise TaskError(
+                    f"{r.where}: unknown label {r.label!r}; expected one of {list(names)}"
+                )
         return "classification", [index[str(r.label).strip()] for r in rows], names
     is_regression = known.kind == "regression" if known else "float" in types
     if is_regression:
@@ -706,21 +759,35 @@ def _build(
         train, dev = list(train_rows), list(eval_rows)
         counts = {len(ex.choices or ()) for ex in train + dev}
         if len(counts) != 1:
-            raise TaskError(f"{source}: examples have different numbers of choices {sorted(counts)}")
+            raise TaskError(
+                f"{source}: examples have different numbers of choices {sorted(counts)}"
+            )
         (n_choices,) = counts
         if n_choices < 2:
             raise TaskError(f"{source}: a multiple-choice task needs at least 2 choices")
         if known and known.kind != "multiple_choice":
-            raise TaskError(f"{source}: {known.name} is a {known.kind} task, but the files are multiple choice")
+            raise TaskError(
+                f"{source}: {known.name} is a {known.kind} task, but the files are multiple choice"
+            )
         info = TaskInfo(
-            name=display, kind="multiple_choice", num_labels=n_choices, num_choices=n_choices,
-            metrics=("accuracy",), primary_metric="accuracy", source=source,
+            name=display,
+            kind="multiple_choice",
+            num_labels=n_choices,
+            num_choices=n_choices,
+            metrics=("accuracy",),
+            primary_metric="accuracy",
+            source=source,
         )
         return info, train, dev
     if known and known.kind == "multiple_choice":
-        raise TaskError(f"{source}: {known.name} is a multiple-choice task, but the files hold text rows")
+        raise TaskError(
+            f"{source}: {known.name} is a multiple-choice task, but the files hold text rows"
+        )
     kind, labels, label_names = _type_labels(list(train_rows) + list(eval_rows), known)
-    examples = [Example(r.text, r.text_pair, lab) for r, lab in zip(list(train_rows) + list(eval_rows), labels)]
+    examples = [
+        Example(r.text, r.text_pair, lab)
+        for r, lab in zip(list(train_rows) + list(eval_rows), labels)
+    ]
     train, dev = examples[: len(train_rows)], examples[len(train_rows) :]
     if kind == "regression":
         num_labels = 1
@@ -730,7 +797,9 @@ def _build(
         num_labels = len(label_names) if label_names else max(2, observed)
         if known and known.kind == "classification":
             if observed > known.num_labels:
-                raise TaskError(f"{source}: {known.name} has {known.num_labels} classes, the files have ids up to {observed - 1}")
+                raise TaskError(
+                    f"{source}: {known.name} has {known.num_labels} classes, the files have ids up to {observed - 1}"
+                )
             num_labels = known.num_labels
         metrics, primary = ("accuracy", "f1"), "accuracy"
         if num_labels == 2:
@@ -738,8 +807,13 @@ def _build(
     if known:
         metrics, primary = known.metrics, known.primary
     info = TaskInfo(
-        name=display, kind=kind, num_labels=num_labels, metrics=metrics, primary_metric=primary,
-        label_names=label_names or (known.label_names if known else None), source=source,
+        name=display,
+        kind=kind,
+        num_labels=num_labels,
+        metrics=metrics,
+        primary_metric=primary,
+        label_names=label_names or (known.label_names if known else None),
+        source=source,
     )
     return info, train, dev
 
@@ -769,7 +843,9 @@ def _finish(
     sub_train = _subsample(train, max_train, seed, 1)
     sub_dev = _subsample(dev, max_eval, seed, 2)
     if len(sub_train) < len(train):
-        notes.append(f"using {len(sub_train)} of {len(train)} train examples (max_train, seed {seed})")
+        notes.append(
+            f"using {len(sub_train)} of {len(train)} train examples (max_train, seed {seed})"
+        )
     if len(sub_dev) < len(dev):
         notes.append(f"using {len(sub_dev)} of {len(dev)} eval examples (max_eval, seed {seed})")
     for note in notes:
@@ -782,7 +858,9 @@ def _finish(
 # --------------------------------------------------------------------------------------------
 
 
-def _load_hub(known: _KnownTask, max_train: int | None, max_eval: int | None, seed: int) -> TaskData:
+def _load_hub(
+    known: _KnownTask, max_train: int | None, max_eval: int | None, seed: int
+) -> TaskData:
     """Loads a known task through ``datasets.load_dataset`` (imported lazily)."""
     hint = (
         "or pass local files instead: data=[DIR] with train/dev files, or data=[TRAIN, EVAL] "

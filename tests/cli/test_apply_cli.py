@@ -37,7 +37,17 @@ def apply(*args):
 
 def test_apply_writes_a_sparse_checkpoint_and_report(recipe_file, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    result = apply(recipe_file, "--model", tiny_model_dir, "--max-train", 160, "--max-eval", 64, "--output", out)
+    result = apply(
+        recipe_file,
+        "--model",
+        tiny_model_dir,
+        "--max-train",
+        160,
+        "--max-eval",
+        64,
+        "--output",
+        out,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     masks = load_file(str(out / "model" / "masks.safetensors"))
@@ -53,8 +63,17 @@ def test_apply_writes_a_sparse_checkpoint_and_report(recipe_file, tiny_model_dir
     assert report["sparsity"]["targets"] == (total - kept) / total
     pruning = report["stages"][0]["pruning"]
     assert [h["step"] for h in pruning] == [10, 12, 14, 16, 18, 20]
-    assert [round(h["achieved"] * total) for h in pruning] == [round(h["target"] * total) for h in pruning]
-    for name in ("report.md", "sparsity_lr.png", "eval.png", "layer_sparsity.png", "recipe.yaml", "metrics.jsonl"):
+    assert [round(h["achieved"] * total) for h in pruning] == [
+        round(h["target"] * total) for h in pruning
+    ]
+    for name in (
+        "report.md",
+        "sparsity_lr.png",
+        "eval.png",
+        "layer_sparsity.png",
+        "recipe.yaml",
+        "metrics.jsonl",
+    ):
         assert (out / name).is_file(), name
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == list(range(1, 31))
@@ -78,27 +97,53 @@ def test_overwrite_replaces_only_a_recipec_run(recipe_file, tiny_model_dir, tmp_
     out = tmp_path / "precious"
     out.mkdir()
     (out / "thesis.txt").write_text("data")
-    result = apply(recipe_file, "--model", tiny_model_dir, "--max-train", 32, "--output", out, "--overwrite")
+    result = apply(
+        recipe_file, "--model", tiny_model_dir, "--max-train", 32, "--output", out, "--overwrite"
+    )
     assert result.exit_code == 2 and "not a recipec run" in result.output, result.output
     assert (out / "thesis.txt").read_text() == "data"
 
     run = tmp_path / "run"
-    result = apply(recipe_file, "--model", tiny_model_dir, "--max-train", 32, "--max-eval", 16, "--output", run)
+    result = apply(
+        recipe_file, "--model", tiny_model_dir, "--max-train", 32, "--max-eval", 16, "--output", run
+    )
     assert result.exit_code == 0, result.output
     # --model inside the run that --overwrite would delete: refused, the run kept whole.
-    result = apply(recipe_file, "--model", run / "model", "--max-train", 32, "--output", run, "--overwrite")
-    assert result.exit_code == 2 and f"--model {run / 'model'} is inside {run}" in result.output, result.output
+    result = apply(
+        recipe_file, "--model", run / "model", "--max-train", 32, "--output", run, "--overwrite"
+    )
+    assert result.exit_code == 2 and f"--model {run / 'model'} is inside {run}" in result.output, (
+        result.output
+    )
     assert (run / "model" / "config.json").is_file() and (run / "report.json").is_file()
     # A recipec run with its inputs elsewhere is replaced.
-    result = apply(recipe_file, "--model", tiny_model_dir, "--max-train", 32, "--max-eval", 16, "--output", run,
-                   "--overwrite")
+    result = apply(
+        recipe_file,
+        "--model",
+        tiny_model_dir,
+        "--max-train",
+        32,
+        "--max-eval",
+        16,
+        "--output",
+        run,
+        "--overwrite",
+    )
     assert result.exit_code == 0, result.output
-    result = apply(recipe_file, "--model", tiny_model_dir, "--output", run, "--overwrite", "--resume")
+    result = apply(
+        recipe_file, "--model", tiny_model_dir, "--output", run, "--overwrite", "--resume"
+    )
     assert result.exit_code == 2 and "pass one of them" in result.output
 
 
-@pytest.mark.parametrize("bad", [["--data", "/nonexistent/folder"], ["--model", "/nonexistent/model"],
-                                 ["--teacher", "/nonexistent/teacher"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--data", "/nonexistent/folder"],
+        ["--model", "/nonexistent/model"],
+        ["--teacher", "/nonexistent/teacher"],
+    ],
+)
 def test_a_bad_input_leaves_no_output_folder_behind(recipe_file, tiny_model_dir, tmp_path, bad):
     """Inputs are checked before the output folder exists, so the corrected command just runs."""
     out = tmp_path / "run"
@@ -114,7 +159,9 @@ def test_a_bad_input_leaves_no_output_folder_behind(recipe_file, tiny_model_dir,
     assert result.exit_code == 0, result.output
 
 
-def test_a_run_that_failed_before_training_is_replaced_without_overwrite(recipe_file, tiny_model_dir, tmp_path):
+def test_a_run_that_failed_before_training_is_replaced_without_overwrite(
+    recipe_file, tiny_model_dir, tmp_path
+):
     """A compile error comes after the folder is created; the fixed command reuses the folder."""
     out = tmp_path / "run"
     base = ["--model", tiny_model_dir, "--max-train", 32, "--max-eval", 16, "--output", out]
@@ -128,7 +175,9 @@ def test_a_run_that_failed_before_training_is_replaced_without_overwrite(recipe_
     assert result.exit_code == 2 and "--resume" in result.output
 
 
-def test_a_new_task_head_is_seeded_so_the_same_command_repeats(recipe_file, tiny_model_dir, tmp_path):
+def test_a_new_task_head_is_seeded_so_the_same_command_repeats(
+    recipe_file, tiny_model_dir, tmp_path
+):
     """A base model without a classification head gets a random one: seeded by the recipe's seed
     (torch seeds its default generator differently in every process, and a run in this process
     has consumed it), so two runs of one command train the same model."""
@@ -140,8 +189,17 @@ def test_a_new_task_head_is_seeded_so_the_same_command_repeats(recipe_file, tiny
     weights = []
     for name in ("a", "b"):
         torch.manual_seed(len(weights) + 123)  # a different global RNG state before each run
-        result = apply(recipe_file, "--model", headless, "--max-train", 64, "--max-eval", 16,
-                       "--output", tmp_path / name)
+        result = apply(
+            recipe_file,
+            "--model",
+            headless,
+            "--max-train",
+            64,
+            "--max-eval",
+            16,
+            "--output",
+            tmp_path / name,
+        )
         assert result.exit_code == 0, result.output
         weights.append(load_file(str(tmp_path / name / "model" / "model.safetensors")))
     assert weights[0].keys() == weights[1].keys() and any("classifier" in k for k in weights[0])
@@ -157,24 +215,55 @@ def test_a_teacher_without_a_trained_task_head_is_refused(recipe_file, tiny_mode
     BertForSequenceClassification.from_pretrained(tiny_model_dir).bert.save_pretrained(headless)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(headless)
     recipe = tmp_path / "kd.yaml"
-    recipe.write_text(recipe_file.read_text() + "  - {type: distill, teacher: auto, hardness: 0.5, temperature: 2.0}\n")
-    result = apply(recipe, "--model", tiny_model_dir, "--teacher", headless, "--max-train", 32, "--max-eval", 16,
-                   "--output", tmp_path / "run")
+    recipe.write_text(
+        recipe_file.read_text()
+        + "  - {type: distill, teacher: auto, hardness: 0.5, temperature: 2.0}\n"
+    )
+    result = apply(
+        recipe,
+        "--model",
+        tiny_model_dir,
+        "--teacher",
+        headless,
+        "--max-train",
+        32,
+        "--max-eval",
+        16,
+        "--output",
+        tmp_path / "run",
+    )
     assert result.exit_code == 2, result.output
     assert "has no trained task head" in result.output and "--teacher auto" in result.output
     # a fine-tuned classifier (it has the head) is accepted
-    result = apply(recipe, "--model", tiny_model_dir, "--teacher", tiny_model_dir, "--max-train", 32, "--max-eval", 16,
-                   "--output", tmp_path / "ok")
+    result = apply(
+        recipe,
+        "--model",
+        tiny_model_dir,
+        "--teacher",
+        tiny_model_dir,
+        "--max-train",
+        32,
+        "--max-eval",
+        16,
+        "--output",
+        tmp_path / "ok",
+    )
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.parametrize("lines, fresh", [
-    (None, True),
-    ([], True),
-    (['{"stage": "loss-sweep", "step": 0, "eval_accuracy": 0.5}'], True),  # "loss" only inside a value
-    (['{"stage": "main", "step": 1, "loss": 0.7, "lr": 1e-3}'], False),
-    (["my own notes"], False),
-])
+@pytest.mark.parametrize(
+    "lines, fresh",
+    [
+        (None, True),
+        ([], True),
+        (
+            ['{"stage": "loss-sweep", "step": 0, "eval_accuracy": 0.5}'],
+            True,
+        ),  # "loss" only inside a value
+        (['{"stage": "main", "step": 1, "loss": 0.7, "lr": 1e-3}'], False),
+        (["my own notes"], False),
+    ],
+)
 def test_never_trained_reads_the_metrics_records(tmp_path, lines, fresh):
     from recipec.train.run import _never_trained
 
@@ -194,8 +283,9 @@ def test_a_failed_start_with_the_users_files_is_not_reused(recipe_file, tiny_mod
     assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_overwrite_refuses_the_current_folder_a_symlink_and_a_task_path_inside(recipe_file, tiny_model_dir, tmp_path,
-                                                                                 monkeypatch):
+def test_overwrite_refuses_the_current_folder_a_symlink_and_a_task_path_inside(
+    recipe_file, tiny_model_dir, tmp_path, monkeypatch
+):
     run = tmp_path / "run"
     base = ["--model", tiny_model_dir, "--max-train", 32, "--max-eval", 16]
     assert apply(recipe_file, *base, "--output", run).exit_code == 0
@@ -237,11 +327,23 @@ def test_bad_input_gives_one_clear_error(recipe_file, tiny_model_dir, tmp_path, 
 def test_ill_formed_data_file(recipe_file, tiny_model_dir, tmp_path):
     train = tmp_path / "train.tsv"
     train.write_text("sentence\tlabel\ngood stuff\t1\nbad row without label\n")
-    result = apply(recipe_file, "--model", tiny_model_dir, "--data", train, "--data", train, "--output", tmp_path / "r")
+    result = apply(
+        recipe_file,
+        "--model",
+        tiny_model_dir,
+        "--data",
+        train,
+        "--data",
+        train,
+        "--output",
+        tmp_path / "r",
+    )
     assert result.exit_code == 2 and "train.tsv:3" in result.output
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(
+    tmp_path, tiny_model_dir, monkeypatch
+):
     from recipec.train import loop
 
     real = loop.train_stage
@@ -264,9 +366,24 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tiny_mo
     monkeypatch.setattr("recipec.train.loop.train_stage", poisoned)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(TINY_RECIPE)
-    result = CliRunner().invoke(main, ["apply", str(recipe), "--model", str(tiny_model_dir), "--max-train", 160,
-                                       "--output", str(tmp_path / "run"), "--checkpoint-every", "5", "--quiet",
-                                       "--set", "training.eval_every_epochs=100"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "apply",
+            str(recipe),
+            "--model",
+            str(tiny_model_dir),
+            "--max-train",
+            160,
+            "--output",
+            str(tmp_path / "run"),
+            "--checkpoint-every",
+            "5",
+            "--quiet",
+            "--set",
+            "training.eval_every_epochs=100",
+        ],
+    )
     assert result.exit_code == 1, result.output
     assert "at step 7" in result.output and "nan" in result.output.lower()
     latest = (tmp_path / "run" / "checkpoints" / "00-main" / "latest").read_text().strip()
@@ -274,13 +391,28 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tiny_mo
 
 
 def _run_cli(args, env):
-    return subprocess.Popen([sys.executable, "-c", "from recipec.cli import main; main()", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-c", "from recipec.cli import main; main()", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
 
 
 def test_sigkill_then_resume_is_bit_identical(recipe_file, tiny_model_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    common = [recipe_file, "--model", tiny_model_dir, "--max-train", 160, "--max-eval", 32, "--checkpoint-every", 3, "--quiet"]
+    common = [
+        recipe_file,
+        "--model",
+        tiny_model_dir,
+        "--max-train",
+        160,
+        "--max-eval",
+        32,
+        "--checkpoint-every",
+        3,
+        "--quiet",
+    ]
     ref = _run_cli(["apply", *common, "--output", tmp_path / "ref"], env)
     assert ref.wait(timeout=600) == 0, ref.stdout.read().decode()
 
@@ -291,7 +423,9 @@ def test_sigkill_then_resume_is_bit_identical(recipe_file, tiny_model_dir, tmp_p
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists():
-            steps = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines() if x.strip()]
+            steps = [
+                json.loads(x).get("step", 0) for x in metrics.read_text().splitlines() if x.strip()
+            ]
             if steps and max(steps) >= kill_at:
                 break
         time.sleep(0.05)
@@ -312,6 +446,9 @@ def test_sigkill_then_resume_is_bit_identical(recipe_file, tiny_model_dir, tmp_p
     # The report says the wall time is the last session's, and gives the training time of all.
     report = json.loads((tmp_path / "cut" / "report.json").read_text())
     training = sum(stage["seconds"] for stage in report["stages"])
-    assert report["resumed"] and f"the stages trained {training:.1f} s over all sessions" in (
-        tmp_path / "cut" / "report.md").read_text()
+    assert (
+        report["resumed"]
+        and f"the stages trained {training:.1f} s over all sessions"
+        in (tmp_path / "cut" / "report.md").read_text()
+    )
     assert "resumed" not in (tmp_path / "ref" / "report.md").read_text()

@@ -25,9 +25,15 @@ def folder(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("bench")
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=64,
-                                  max_position_embeddings=64, num_labels=2)
+    cfg = transformers.BertConfig(
+        vocab_size=200,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
     model = transformers.BertForSequenceClassification(cfg).eval()
     write_checkpoint(model, root / "run" / "model", magnitude_masks(model, 0.9))
     return export(root / "run").output_dir
@@ -36,18 +42,36 @@ def folder(tmp_path_factory) -> Path:
 def test_bench_ort_and_torch_csr_with_dense_baseline(folder, tmp_path, monkeypatch):
     monkeypatch.setenv("RECIPEC_DEEPSPARSE_PYTHON", str(tmp_path / "no-python"))
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    res = CliRunner().invoke(main, [
-        "bench", str(folder), "--runtime", "ort,torch-csr", "--batch-sizes", "1,2",
-        "--seq-len", "8", "--dense-baseline", "--warmup", "1", "--repeats", "2",
-        "--json", str(out), "--plot", str(png),
-    ])
+    res = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(folder),
+            "--runtime",
+            "ort,torch-csr",
+            "--batch-sizes",
+            "1,2",
+            "--seq-len",
+            "8",
+            "--dense-baseline",
+            "--warmup",
+            "1",
+            "--repeats",
+            "2",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "p50 ms" in res.output and "vs dense ort" in res.output
     assert "speedup vs dense onnxruntime, batch 1: torch-csr" in res.output
     report = json.loads(out.read_text())
     keys = {(r["runtime"], r["variant"], r["batch"]) for r in report["results"]}
-    assert keys == {(rt, v, b) for rt in ("ort", "torch-csr") for v in ("sparse", "dense")
-                    for b in (1, 2)}
+    assert keys == {
+        (rt, v, b) for rt in ("ort", "torch-csr") for v in ("sparse", "dense") for b in (1, 2)
+    }
     assert all(r["calls"] == 2 and r["p90_ms"] >= r["p50_ms"] > 0 for r in report["results"])
     assert report["refused"] == []
     assert png.stat().st_size > 1000
@@ -55,21 +79,63 @@ def test_bench_ort_and_torch_csr_with_dense_baseline(folder, tmp_path, monkeypat
 
 def test_bench_deepsparse_absent_is_explained(folder, tmp_path, monkeypatch):
     monkeypatch.setenv("RECIPEC_DEEPSPARSE_PYTHON", str(tmp_path / "no-python"))
-    res = CliRunner().invoke(main, ["bench", str(folder), "--runtime", "deepsparse",
-                                    "--batch-sizes", "1", "--seq-len", "8", "--repeats", "1"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(folder),
+            "--runtime",
+            "deepsparse",
+            "--batch-sizes",
+            "1",
+            "--seq-len",
+            "8",
+            "--repeats",
+            "1",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "deepsparse: skipped" in res.output and "install_deepsparse.sh" in res.output
 
 
 def test_bench_a_checkpoint_exports_it_first(folder, tmp_path):
     run = folder.parent  # RUN_DIR with onnx/ inside: bench finds the exported folder
-    res = CliRunner().invoke(main, ["bench", str(run), "--runtime", "ort", "--batch-sizes", "1",
-                                    "--seq-len", "8", "--repeats", "1", "--threads", "1",
-                                    "--clock", "cpu"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(run),
+            "--runtime",
+            "ort",
+            "--batch-sizes",
+            "1",
+            "--seq-len",
+            "8",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--clock",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "1 thread(s), cpu clock" in res.output
-    res = CliRunner().invoke(main, ["bench", str(run / "model"), "--runtime", "ort",
-                                    "--batch-sizes", "1", "--seq-len", "8", "--repeats", "1"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(run / "model"),
+            "--runtime",
+            "ort",
+            "--batch-sizes",
+            "1",
+            "--seq-len",
+            "8",
+            "--repeats",
+            "1",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "exporting it first" in res.output
 
@@ -93,8 +159,21 @@ def test_bench_user_errors_exit_2(folder, args, message):
 
 
 def test_bench_a_checkpoint_checks_the_seq_len_before_exporting(folder):
-    res = CliRunner().invoke(main, ["bench", str(folder.parent / "model"), "--runtime", "ort",
-                                    "--batch-sizes", "1", "--seq-len", "65", "--repeats", "1"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(folder.parent / "model"),
+            "--runtime",
+            "ort",
+            "--batch-sizes",
+            "1",
+            "--seq-len",
+            "65",
+            "--repeats",
+            "1",
+        ],
+    )
     assert res.exit_code == 2, res.output
     assert "--seq-len 65 is longer than this model takes (64 tokens" in res.output
     assert "exporting it first" not in res.output
@@ -108,8 +187,21 @@ def test_bench_a_broken_config_is_a_clear_error(folder, tmp_path, config, what):
     broken = tmp_path / "broken"
     shutil.copytree(folder.parent / "model" if what == "checkpoint" else folder, broken)
     (broken / "config.json").write_text(config)
-    res = CliRunner().invoke(main, ["bench", str(broken), "--runtime", "ort", "--batch-sizes", "1",
-                                    "--seq-len", "16", "--repeats", "1"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(broken),
+            "--runtime",
+            "ort",
+            "--batch-sizes",
+            "1",
+            "--seq-len",
+            "16",
+            "--repeats",
+            "1",
+        ],
+    )
     assert res.exit_code == 2, res.output
     assert "config.json" in res.output and "Traceback" not in res.output
 

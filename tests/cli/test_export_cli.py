@@ -22,9 +22,15 @@ def tiny_run(root: Path, cls_name: str = "BertForSequenceClassification", sparsi
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=64,
-                                  max_position_embeddings=64, num_labels=2)
+    cfg = transformers.BertConfig(
+        vocab_size=200,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
     model = getattr(transformers, cls_name)(cfg).eval()
     write_checkpoint(model, root / "model", magnitude_masks(model, sparsity), None, "name: t\n")
     return root
@@ -50,8 +56,19 @@ def test_export_writes_verified_folder(tmp_path, runner):
 def test_export_multiple_choice_with_output_and_opset(tmp_path, runner):
     run = tiny_run(tmp_path / "mc", "BertForMultipleChoice")
     out = tmp_path / "deploy"
-    res = runner.invoke(main, ["export", str(run / "model"), "--onnx", "-o", str(out),
-                               "--opset", "18", "--no-torch-weights"])
+    res = runner.invoke(
+        main,
+        [
+            "export",
+            str(run / "model"),
+            "--onnx",
+            "-o",
+            str(out),
+            "--opset",
+            "18",
+            "--no-torch-weights",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "(multiple-choice)" in res.output
     assert (out / "model.onnx").is_file() and not (out / "model.safetensors").exists()

@@ -13,7 +13,9 @@ def run(*args):
 
 def test_help_does_not_import_torch():
     code = "import sys; from recipec.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit: pass\nprint(sorted(m for m in ('torch', 'transformers', 'onnx', 'pydantic') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip().endswith("[]"), out
     assert "validate" in out and "plan" in out and "apply" in out
 
@@ -24,7 +26,9 @@ def test_validate_ok_and_errors(tmp_path):
     bad.write_text("training:\n  epocs: 3\nmodifiers:\n  - type: gmq\n")
     result = run("validate", str(bad))
     assert result.exit_code == 2
-    assert f"{bad}:2:3: training.epocs: unknown key 'epocs'; did you mean 'epochs'?" in result.output
+    assert (
+        f"{bad}:2:3: training.epocs: unknown key 'epocs'; did you mean 'epochs'?" in result.output
+    )
     assert f"{bad}:4:11: modifiers.0.type: unknown modifier type 'gmq'" in result.output
     assert "2 problems found." in result.output
     assert "Traceback" not in result.output
@@ -51,7 +55,11 @@ def test_plan_text_json_and_plot(tmp_path):
     assert run("plan", "quickstart", "--steps-per-epoch", "63", "--plot", str(png)).exit_code == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = run("plan", "quickstart", "--steps-per-epoch", "63", "--plot", str(tmp_path / "plan.txt"))
-    assert bad.exit_code == 2 and ".txt is not an image format" in bad.output and "Traceback" not in bad.output
+    assert (
+        bad.exit_code == 2
+        and ".txt is not an image format" in bad.output
+        and "Traceback" not in bad.output
+    )
 
 
 def test_examples_in_the_cli_help_name_bundled_recipes_that_exist():
@@ -59,11 +67,16 @@ def test_examples_in_the_cli_help_name_bundled_recipes_that_exist():
 
     from recipec.recipe.load import resolve_recipe_path
 
-    texts = [run(*cmd, "--help").output for cmd in ((), ("validate",), ("plan",), ("apply",), ("convert",))]
+    texts = [
+        run(*cmd, "--help").output
+        for cmd in ((), ("validate",), ("plan",), ("apply",), ("convert",))
+    ]
     named = {m for text in texts for m in re.findall(r"recipes/([\w.-]+)\.yaml", text)}
     assert named, "the help shows no recipe example"
     for name in sorted(named):
-        assert resolve_recipe_path(name).is_file(), f"help names recipes/{name}.yaml, which is not bundled"
+        assert resolve_recipe_path(name).is_file(), (
+            f"help names recipes/{name}.yaml, which is not bundled"
+        )
 
 
 def test_plan_needs_steps_per_epoch_for_epoch_recipes():
@@ -74,7 +87,9 @@ def test_plan_needs_steps_per_epoch_for_epoch_recipes():
 def test_plan_text_shows_warm_up_peak_one_shot_stages_and_grouped_tensors(tiny_model_dir):
     text = run("plan", "cram_plus", "--steps-per-epoch", "50")
     assert text.exit_code == 0, text.output
-    assert "lr: step 0: 9.09e-06, step 10: 0.0001, step 99: 1.11e-06" in text.output  # the peak after warm-up
+    assert (
+        "lr: step 0: 9.09e-06, step 10: 0.0001, step 99: 1.11e-06" in text.output
+    )  # the peak after warm-up
     assert "[0] gmp      steps 0..0  unstructured, global, one-shot at step 0" in text.output
     assert "cram_plus, rho 0.02 (normalized), sparsities 0.5/0.6/0.7/0.8" in text.output
     model = run("plan", "quickstart", "--steps-per-epoch", "10", "--model", str(tiny_model_dir))
@@ -87,5 +102,7 @@ def test_plan_text_shows_warm_up_peak_one_shot_stages_and_grouped_tensors(tiny_m
 def test_grouped_tensor_names():
     from recipec.cli.plan import _grouped_tensors
 
-    got = _grouped_tensors({"a.0.w": (2,), "a.1.w": (2,), "a.3.w": (2,), "a.4.w": (5,), "b.w": (1,), "c.7.x": (3,)})
+    got = _grouped_tensors(
+        {"a.0.w": (2,), "a.1.w": (2,), "a.3.w": (2,), "a.4.w": (5,), "b.w": (1,), "c.7.x": (3,)}
+    )
     assert got == ["a.{0-1,3}.w [2]", "a.4.w [5]", "b.w [1]", "c.7.x [3]"]

@@ -51,7 +51,10 @@ def test_unsupported_parts_are_listed_and_strict_fails(tmp_path):
     out.unlink()
     strict = run("convert", path, "-o", out, "--strict")
     assert strict.exit_code == 2
-    assert "--strict: 2 part(s)" in strict.stderr and f"{path}:21: !QuantizationModifier" in strict.stderr
+    assert (
+        "--strict: 2 part(s)" in strict.stderr
+        and f"{path}:21: !QuantizationModifier" in strict.stderr
+    )
     assert not out.exists()
     clean = run("convert", DATA / "gmp_variables.yaml", "-o", out, "--strict")
     assert clean.exit_code == 0 and out.exists()
@@ -59,18 +62,22 @@ def test_unsupported_parts_are_listed_and_strict_fails(tmp_path):
     again = run("convert", path, "-o", out)  # an existing file is kept unless --overwrite
     assert again.exit_code == 2 and "already exists: pass --overwrite" in again.stderr
     assert out.read_text() == written
-    assert run("convert", path, "-o", out, "--overwrite").exit_code == 0 and out.read_text() != written
+    assert (
+        run("convert", path, "-o", out, "--overwrite").exit_code == 0 and out.read_text() != written
+    )
 
 
 def test_malicious_and_broken_recipes_fail_cleanly(tmp_path):
     evil = tmp_path / "evil.yaml"
-    evil.write_text("modifiers:\n  - !!python/object/apply:os.system [\"echo pwned\"]\n")
+    evil.write_text('modifiers:\n  - !!python/object/apply:os.system ["echo pwned"]\n')
     result = run("convert", evil)
     assert result.exit_code == 2
     assert f"{evil}:2:5: YAML tag '!!python/object/apply:os.system' is not allowed" in result.stderr
     assert "pwned" not in result.stdout and "Traceback" not in result.output
     code = tmp_path / "code.yaml"
-    code.write_text("n: eval(__import__('os'))\nmodifiers:\n  - !EpochRangeModifier\n    end_epoch: 1\n")
+    code.write_text(
+        "n: eval(__import__('os'))\nmodifiers:\n  - !EpochRangeModifier\n    end_epoch: 1\n"
+    )
     result = run("convert", code)
     assert result.exit_code == 2 and "only these functions are allowed" in result.stderr
     assert "1 problem found; nothing converted." in result.stderr

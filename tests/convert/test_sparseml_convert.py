@@ -20,20 +20,29 @@ REFERENCE = {
     "obert_unstructured.yaml": dict(
         epochs=[10],
         prune=[Prune(2, 8, 2, 0.7, 0.9)],
-        lr=[LRFunc("linear", 0, 2, 8e-5, 8e-6), LRFunc("cyclic_linear", 2, 8, 8e-5, 8e-6, 2),
-            LRFunc("linear", 8, 10, 8e-5, 0.0)],
+        lr=[
+            LRFunc("linear", 0, 2, 8e-5, 8e-6),
+            LRFunc("cyclic_linear", 2, 8, 8e-5, 8e-6, 2),
+            LRFunc("linear", 8, 10, 8e-5, 0.0),
+        ],
     ),
     "obert_30epochs.yaml": dict(
         epochs=[30],
         prune=[Prune(2, 26, 4, 0.7, 0.9)],
-        lr=[LRFunc("linear", 0, 2, 8e-5, 8e-6), LRFunc("cyclic_linear", 2, 26, 8e-5, 8e-6, 4),
-            LRFunc("linear", 26, 30, 8e-5, 8e-6)],
+        lr=[
+            LRFunc("linear", 0, 2, 8e-5, 8e-6),
+            LRFunc("cyclic_linear", 2, 26, 8e-5, 8e-6, 4),
+            LRFunc("linear", 26, 30, 8e-5, 8e-6),
+        ],
     ),
     "obert_block4.yaml": dict(
         epochs=[8],
         prune=[Prune(1, 6, 2, 0.5, 0.8)],
-        lr=[LRFunc("linear", 0, 1, 5e-5, 5e-6), LRFunc("cyclic_linear", 1, 6, 5e-5, 5e-6, 2),
-            LRFunc("cosine", 6, 8, 5e-5, 0.0)],
+        lr=[
+            LRFunc("linear", 0, 1, 5e-5, 5e-6),
+            LRFunc("cyclic_linear", 1, 6, 5e-5, 5e-6, 2),
+            LRFunc("cosine", 6, 8, 5e-5, 0.0),
+        ],
     ),
     "gmp_variables.yaml": dict(
         epochs=[12],
@@ -63,8 +72,11 @@ def test_plan_matches_sparseml_schedule(name, spe):
     assert [p.total_steps for p in plans] == [e * spe for e in ref["epochs"]]
     offsets = [sum(ref["epochs"][:i]) * spe for i in range(len(plans))]
     # sparsity at every pruning step, on SparseML's absolute clock
-    events = [(offset + step, sparsity) for plan, offset in zip(plans, offsets)
-              for step, _, sparsity in plan.pruning_events()]
+    events = [
+        (offset + step, sparsity)
+        for plan, offset in zip(plans, offsets)
+        for step, _, sparsity in plan.pruning_events()
+    ]
     expected = [e for mod in ref["prune"] for e in pruning_events(mod, spe)]
     assert [s for s, _ in events] == [s for s, _ in expected]
     assert [sp for _, sp in events] == pytest.approx([sp for _, sp in expected], abs=1e-12)
@@ -105,8 +117,13 @@ def test_variables_stay_tweakable_references():
 def test_obert_fields_and_distillation():
     conversion = convert_file(DATA / "obert_unstructured.yaml")
     (obert,) = [m for m in conversion.recipe.modifiers if m.type == "obert"]
-    assert (obert.num_grads, obert.damp, obert.fisher_block_size, obert.grad_batch_size,
-            obert.recomputations) == (64, 1e-7, 50, 8, 2)
+    assert (
+        obert.num_grads,
+        obert.damp,
+        obert.fisher_block_size,
+        obert.grad_batch_size,
+        obert.recomputations,
+    ) == (64, 1e-7, 50, 8, 2)
     assert (obert.scope, obert.structure, obert.schedule) == ("global", "unstructured", "cubic")
     (kd,) = [m for m in conversion.recipe.modifiers if m.type == "distill"]
     assert (kd.teacher, kd.hardness, kd.temperature) == ("auto", 1.0, 5.5)
@@ -131,20 +148,37 @@ def test_staged_recipe_epochs_are_relative_to_each_stage():
     assert recipe.variables["prune_stage_stage_lr"] == 5e-5
     assert recipe.variables["transfer_stage_stage_lr"] == 2e-5
     # __ALL_PRUNABLE__ is hoisted to the recipe's targets with its exclusions
-    assert recipe.targets == [r"\.weight$"] and recipe.exclude == [r"embeddings\.", r"[Nn]orm\.weight$"]
+    assert recipe.targets == [r"\.weight$"] and recipe.exclude == [
+        r"embeddings\.",
+        r"[Nn]orm\.weight$",
+    ]
 
 
 def _bert_param_names() -> list[str]:
-    names = [f"bert.embeddings.{n}.weight" for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")]
+    names = [
+        f"bert.embeddings.{n}.weight"
+        for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")
+    ]
     names += ["bert.embeddings.LayerNorm.weight", "bert.embeddings.LayerNorm.bias"]
     for layer in range(2):
         base = f"bert.encoder.layer.{layer}."
-        for lin in ("attention.self.query", "attention.self.key", "attention.self.value",
-                    "attention.output.dense", "intermediate.dense", "output.dense"):
+        for lin in (
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+        ):
             names += [base + lin + ".weight", base + lin + ".bias"]
         for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
             names += [base + norm + ".weight", base + norm + ".bias"]
-    return names + ["bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"]
+    return names + [
+        "bert.pooler.dense.weight",
+        "bert.pooler.dense.bias",
+        "classifier.weight",
+        "classifier.bias",
+    ]
 
 
 def _sparseml_matches(params: list[str], names: list[str]) -> set[str]:
@@ -158,19 +192,31 @@ def _sparseml_matches(params: list[str], names: list[str]) -> set[str]:
 
 
 def _recipec_matches(recipe, names: list[str]) -> set[str]:
-    return {n for n in names if any(re.search(t, n) for t in recipe.targets)
-            and not any(re.search(x, n) for x in recipe.exclude)}
+    return {
+        n
+        for n in names
+        if any(re.search(t, n) for t in recipe.targets)
+        and not any(re.search(x, n) for x in recipe.exclude)
+    }
 
 
-@pytest.mark.parametrize("params", [
-    ["re:bert.encoder.layer.*.attention.self.query.weight", "re:bert.encoder.layer.*.output.dense.weight"],
-    ["bert.encoder.layer.0.attention.self.key.weight", "bert.pooler.dense.weight"],
-    ["re:.*dense", "re:bert.encoder.layer.1.(intermediate|output).dense.weight"],
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        [
+            "re:bert.encoder.layer.*.attention.self.query.weight",
+            "re:bert.encoder.layer.*.output.dense.weight",
+        ],
+        ["bert.encoder.layer.0.attention.self.key.weight", "bert.pooler.dense.weight"],
+        ["re:.*dense", "re:bert.encoder.layer.1.(intermediate|output).dense.weight"],
+    ],
+)
 def test_params_select_the_same_tensors_as_sparseml(params):
-    text = ("modifiers:\n  - !EpochRangeModifier\n    end_epoch: 2\n  - !GMPruningModifier\n"
-            f"    params: {params!r}\n    init_sparsity: 0.1\n    final_sparsity: 0.5\n"
-            "    start_epoch: 0\n    end_epoch: 1\n    update_frequency: 1\n")
+    text = (
+        "modifiers:\n  - !EpochRangeModifier\n    end_epoch: 2\n  - !GMPruningModifier\n"
+        f"    params: {params!r}\n    init_sparsity: 0.1\n    final_sparsity: 0.5\n"
+        "    start_epoch: 0\n    end_epoch: 1\n    update_frequency: 1\n"
+    )
     recipe = convert_text(text, "p.yaml").recipe
     names = _bert_param_names()
     assert _recipec_matches(recipe, names) == _sparseml_matches(params, names)
@@ -178,11 +224,17 @@ def test_params_select_the_same_tensors_as_sparseml(params):
 
 
 def test_all_prunable_is_every_linear_weight():
-    text = ("modifiers:\n  - !EpochRangeModifier\n    end_epoch: 2\n  - !GMPruningModifier\n"
-            "    params: __ALL_PRUNABLE__\n    init_sparsity: 0.1\n    final_sparsity: 0.5\n"
-            "    start_epoch: 0\n    end_epoch: 1\n    update_frequency: 1\n")
+    text = (
+        "modifiers:\n  - !EpochRangeModifier\n    end_epoch: 2\n  - !GMPruningModifier\n"
+        "    params: __ALL_PRUNABLE__\n    init_sparsity: 0.1\n    final_sparsity: 0.5\n"
+        "    start_epoch: 0\n    end_epoch: 1\n    update_frequency: 1\n"
+    )
     conversion = convert_text(text, "p.yaml")
-    linear = {n for n in _bert_param_names() if n.endswith(".weight") and "embeddings" not in n and "LayerNorm" not in n}
+    linear = {
+        n
+        for n in _bert_param_names()
+        if n.endswith(".weight") and "embeddings" not in n and "LayerNorm" not in n
+    }
     assert _recipec_matches(conversion.recipe, _bert_param_names()) == linear
     assert any("__ALL_PRUNABLE__" in n.message for n in conversion.notes)
 
@@ -224,11 +276,19 @@ def test_unsupported_modifiers_and_fields_are_reported_by_name_and_line():
     assert ("!QuantizationModifier", 21) in found
     assert ("!GMPruningModifier.leave_enabled", 19) in found
     assert "# Not converted:" in conversion.text and "!QuantizationModifier" in conversion.text
-    odd = convert_text(GMP.format(mask="unstructured", init=0.1, final=0.5).replace(
-        "    mask_type:", "    sparsity_bonus: 3\n    mask_type:"), "o.yaml")
-    assert [(f.name, f.line) for f in odd.unsupported] == [("!GMPruningModifier.sparsity_bonus", 11)]
-    inverse = convert_text(GMP.format(mask="unstructured", init=0.1, final=0.5)
-                           + "    inter_func: inverse_cubic\n", "i.yaml")
+    odd = convert_text(
+        GMP.format(mask="unstructured", init=0.1, final=0.5).replace(
+            "    mask_type:", "    sparsity_bonus: 3\n    mask_type:"
+        ),
+        "o.yaml",
+    )
+    assert [(f.name, f.line) for f in odd.unsupported] == [
+        ("!GMPruningModifier.sparsity_bonus", 11)
+    ]
+    inverse = convert_text(
+        GMP.format(mask="unstructured", init=0.1, final=0.5) + "    inter_func: inverse_cubic\n",
+        "i.yaml",
+    )
     assert [f.name for f in inverse.unsupported] == ["!GMPruningModifier.inter_func"]
 
 
@@ -250,7 +310,9 @@ modifiers:
     recipe = convert_text(text, "d.yaml").recipe
     gmps = [m for m in recipe.modifiers if m.type == "gmp"]
     assert [(m.final_sparsity, m.targets) for m in gmps] == [
-        (0.9, [r"^.*intermediate.dense.weight"]), (0.7, [r"^.*attention.self.query.weight"])]
+        (0.9, [r"^.*intermediate.dense.weight"]),
+        (0.7, [r"^.*attention.self.query.weight"]),
+    ]
 
 
 def test_linear_warmup_from_zero_is_approximated_and_noted():
@@ -272,35 +334,43 @@ modifiers:
     assert any("warm-up" in n.message for n in conversion.notes)
 
 
-@pytest.mark.parametrize("tag", [
-    "!!python/object/apply:os.system",
-    "!!python/object/new:os.system",
-    "!!python/name:os.system",
-    "!<tag:yaml.org,2002:python/object/apply:os.system>",
-    "!python/object/apply:os.system",
-])
+@pytest.mark.parametrize(
+    "tag",
+    [
+        "!!python/object/apply:os.system",
+        "!!python/object/new:os.system",
+        "!!python/name:os.system",
+        "!<tag:yaml.org,2002:python/object/apply:os.system>",
+        "!python/object/apply:os.system",
+    ],
+)
 def test_python_tags_are_refused(tag, monkeypatch):
     def boom(*args):
         raise AssertionError("os.system was called")
 
     monkeypatch.setattr(os, "system", boom)
-    text = f"num_epochs: 2\nmodifiers:\n  - {tag} [\"echo pwned\"]\n"
+    text = f'num_epochs: 2\nmodifiers:\n  - {tag} ["echo pwned"]\n'
     with pytest.raises(ConvertError) as info:
         convert_text(text, "evil.yaml")
     (problem,) = info.value.problems
     assert problem.startswith("evil.yaml:3:5: YAML tag ") and "is not allowed" in problem
 
 
-@pytest.mark.parametrize("value, message", [
-    ("eval(__import__('os'))", "only these functions are allowed"),
-    ("eval(__import__('os').system('echo pwned'))", "only these functions are allowed"),
-    ("eval(num_epochs.__class__)", "Attribute is not allowed"),
-    ("eval(epochs + 1)", "unknown variable 'epochs'"),
-    ("eval(name * 2)", "is not a number"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("eval(__import__('os'))", "only these functions are allowed"),
+        ("eval(__import__('os').system('echo pwned'))", "only these functions are allowed"),
+        ("eval(num_epochs.__class__)", "Attribute is not allowed"),
+        ("eval(epochs + 1)", "unknown variable 'epochs'"),
+        ("eval(name * 2)", "is not a number"),
+    ],
+)
 def test_eval_uses_the_safe_expression_language(value, message, monkeypatch):
     monkeypatch.setattr(os, "system", lambda *a: pytest.fail("os.system was called"))
-    text = f"num_epochs: 3\nname: bert\nmodifiers:\n  - !EpochRangeModifier\n    end_epoch: {value}\n"
+    text = (
+        f"num_epochs: 3\nname: bert\nmodifiers:\n  - !EpochRangeModifier\n    end_epoch: {value}\n"
+    )
     with pytest.raises(ConvertError) as info:
         convert_text(text, "e.yaml")
     (problem,) = info.value.problems
@@ -308,7 +378,11 @@ def test_eval_uses_the_safe_expression_language(value, message, monkeypatch):
 
 
 def test_markdown_front_matter_keeps_file_line_numbers():
-    text = (DATA / "recipe_card.md").read_text().replace("final_sparsity: eval(target)", "final_sparsity: eval(tagret)")
+    text = (
+        (DATA / "recipe_card.md")
+        .read_text()
+        .replace("final_sparsity: eval(target)", "final_sparsity: eval(tagret)")
+    )
     with pytest.raises(ConvertError) as info:
         convert_text(text, "card.md")
     assert info.value.problems[0].startswith("card.md:18:5:")
@@ -317,9 +391,14 @@ def test_markdown_front_matter_keeps_file_line_numbers():
 
 
 def test_stage_that_starts_before_the_previous_one_ends_is_an_error():
-    text = (DATA / "staged_transfer.yaml").read_text().replace(
-        "      start_epoch: eval(num_pruning_epochs)\n      end_epoch: eval(num_pruning_epochs + num_transfer_epochs)\n\n    - !LearningRate",
-        "      start_epoch: 2.0\n      end_epoch: eval(num_pruning_epochs + num_transfer_epochs)\n\n    - !LearningRate")
+    text = (
+        (DATA / "staged_transfer.yaml")
+        .read_text()
+        .replace(
+            "      start_epoch: eval(num_pruning_epochs)\n      end_epoch: eval(num_pruning_epochs + num_transfer_epochs)\n\n    - !LearningRate",
+            "      start_epoch: 2.0\n      end_epoch: eval(num_pruning_epochs + num_transfer_epochs)\n\n    - !LearningRate",
+        )
+    )
     with pytest.raises(ConvertError, match="one epoch clock"):
         convert_text(text, "s.yaml")
 
@@ -328,7 +407,9 @@ def test_stages_are_ordered_by_their_epochs_like_sparseml():
     text = (DATA / "staged_transfer.yaml").read_text()
     head, rest = text.split("prune_stage:\n", 1)
     prune, transfer = rest.split("transfer_stage:\n", 1)
-    swapped = convert_text(head + "transfer_stage:\n" + transfer + "\nprune_stage:\n" + prune, "swapped.yaml")
+    swapped = convert_text(
+        head + "transfer_stage:\n" + transfer + "\nprune_stage:\n" + prune, "swapped.yaml"
+    )
     assert [s.name for s in swapped.recipe.stages] == ["prune_stage", "transfer_stage"]
     assert swapped.recipe.stages == convert_file(DATA / "staged_transfer.yaml").recipe.stages
 
@@ -356,16 +437,26 @@ def test_a_one_shot_recipe_becomes_a_prune_only_stage():
     assert plan.total_steps == 0 and plan.pruning_events() == [(0, 0, 0.6)]
     assert "prune-only" in result.summary()
     assert [n.message for n in result.notes if "prune-only" in n.message]
-    assert not [n for n in result.notes if "EpochRangeModifier" in n.name or "learning rate" in n.name]
+    assert not [
+        n for n in result.notes if "EpochRangeModifier" in n.name or "learning rate" in n.name
+    ]
 
 
 def test_a_one_shot_prune_beside_an_lr_or_in_a_training_run_is_not_prune_only():
-    with_lr = ONE_SHOT.replace("    end_epoch: 0.0\n", "    end_epoch: 0.0\n  - !SetLearningRateModifier\n"
-                               "    start_epoch: 0.0\n    learning_rate: 1e-4\n", 1)
+    with_lr = ONE_SHOT.replace(
+        "    end_epoch: 0.0\n",
+        "    end_epoch: 0.0\n  - !SetLearningRateModifier\n"
+        "    start_epoch: 0.0\n    learning_rate: 1e-4\n",
+        1,
+    )
     with pytest.raises(ConvertError, match="cannot tell how long training is"):
         convert_text(with_lr, "r.yaml")
-    with_range = ONE_SHOT.replace("pruning_modifiers:\n", "training_modifiers:\n  - !EpochRangeModifier\n"
-                                  "    start_epoch: 0.0\n    end_epoch: 3.0\npruning_modifiers:\n", 1)
+    with_range = ONE_SHOT.replace(
+        "pruning_modifiers:\n",
+        "training_modifiers:\n  - !EpochRangeModifier\n"
+        "    start_epoch: 0.0\n    end_epoch: 3.0\npruning_modifiers:\n",
+        1,
+    )
     result = convert_text(with_range, "r.yaml")
     assert not result.recipe.training.prune_only and result.recipe.training.epochs == 3.0
 
@@ -396,8 +487,14 @@ recover_stage:
 def test_a_one_shot_stage_then_a_training_stage():
     result = convert_text(STAGED_ONE_SHOT, "staged.yaml")
     first, second = result.recipe.stages
-    assert result.recipe.stage_training(first).prune_only and result.recipe.stage_training(second).epochs == 2.0
-    assert "start_epoch" not in result.text.split("name: recover_stage")[0].split("name: oneshot_stage")[1]
+    assert (
+        result.recipe.stage_training(first).prune_only
+        and result.recipe.stage_training(second).epochs == 2.0
+    )
+    assert (
+        "start_epoch"
+        not in result.text.split("name: recover_stage")[0].split("name: oneshot_stage")[1]
+    )
     # the LR note belongs to the stage that trains
     assert [n for n in result.notes if n.name == "learning rate"], result.notes
     one_shot, recover = resolve(result.recipe, 10)

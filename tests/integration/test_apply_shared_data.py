@@ -15,13 +15,29 @@ modifiers:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize(("folder", "kind"), [("sst2", "classification"), ("csqa", "multiple_choice")])
+@pytest.mark.parametrize(
+    ("folder", "kind"), [("sst2", "classification"), ("csqa", "multiple_choice")]
+)
 def test_apply_on_shared_data(shared_data_dir, tmp_path, folder, kind):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE)
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["apply", str(recipe), "--data", str(shared_data_dir / folder), "--max-train", "16",
-                                       "--max-eval", "8", "--output", str(out), "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "apply",
+            str(recipe),
+            "--data",
+            str(shared_data_dir / folder),
+            "--max-train",
+            "16",
+            "--max-eval",
+            "8",
+            "--output",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["task"]["kind"] == kind
@@ -39,7 +55,9 @@ modifiers:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("folder", ["sst2", "csqa"])
-def test_sparse_backprop_on_the_embedded_model_matches_dense_kernels(shared_data_dir, tmp_path, folder):
+def test_sparse_backprop_on_the_embedded_model_matches_dense_kernels(
+    shared_data_dir, tmp_path, folder
+):
     """--sparse-backprop on the real MiniLM shapes (384/1536) and a multiple-choice head: the
     same masks and, up to rounding, the same weights and accuracy as the dense kernels."""
     import torch
@@ -54,21 +72,48 @@ def test_sparse_backprop_on_the_embedded_model_matches_dense_kernels(shared_data
     runs = {}
     for name, extra in (("dense", []), ("sparse", ["--sparse-backprop"])):
         out = tmp_path / name
-        result = CliRunner().invoke(main, ["apply", str(recipe), "--data", str(shared_data_dir / folder),
-                                           "--max-train", "48", "--max-eval", "32", "--output", str(out),
-                                           "--quiet", *extra])
+        result = CliRunner().invoke(
+            main,
+            [
+                "apply",
+                str(recipe),
+                "--data",
+                str(shared_data_dir / folder),
+                "--max-train",
+                "48",
+                "--max-eval",
+                "32",
+                "--output",
+                str(out),
+                "--quiet",
+                *extra,
+            ],
+        )
         assert result.exit_code == 0, result.output
-        runs[name] = (json.loads((out / "report.json").read_text()), load_file(str(out / "model" / "model.safetensors")),
-                      load_file(str(out / "model" / "masks.safetensors")))
+        runs[name] = (
+            json.loads((out / "report.json").read_text()),
+            load_file(str(out / "model" / "model.safetensors")),
+            load_file(str(out / "model" / "masks.safetensors")),
+        )
     (report_d, weights_d, masks_d), (report_s, weights_s, masks_s) = runs["dense"], runs["sparse"]
-    assert report_s["stages"][0]["sparse_backprop"] == {"min_sparsity": 0.9, "from_step": 0, "layers": 36}
+    assert report_s["stages"][0]["sparse_backprop"] == {
+        "min_sparsity": 0.9,
+        "from_step": 0,
+        "layers": 36,
+    }
     assert len(masks_d) == 36 and all(torch.equal(masks_d[k], masks_s[k]) for k in masks_d)
     # Adam turns rounding-level gradient differences on near-zero gradients into steps of up to
     # the learning rate (5e-5): a wrong gradient would move weights by about lr on every one of
     # the 6 steps, rounding stays under one step.
     worst = max(float((weights_d[k] - weights_s[k]).abs().max()) for k in weights_d)
     assert worst < 5e-5, worst
-    losses = [[json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-               if '"loss"' in line] for name in ("dense", "sparse")]
+    losses = [
+        [
+            json.loads(line)["loss"]
+            for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line
+        ]
+        for name in ("dense", "sparse")
+    ]
     assert len(losses[0]) == 6 and max(abs(a - b) for a, b in zip(*losses)) < 1e-4, losses
     assert report_s["final_eval"]["accuracy"] == report_d["final_eval"]["accuracy"]

@@ -79,9 +79,17 @@ def tiny_dropout_free_dir(tmp_path, embedded_tokenizer):
     """A tiny random BERT with dropout off (dropout streams differ per rank by design)."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=2,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(0)
     folder = tmp_path / "tiny"
     BertForSequenceClassification(config).save_pretrained(folder)
@@ -95,9 +103,17 @@ def _setup(tmp_path, recipe_text: str):
     recipe.write_text(recipe_text)
     harness = tmp_path / "harness.py"
     harness.write_text(HARNESS)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RECIPEC_DIST_TIMEOUT="120")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        RECIPEC_DIST_TIMEOUT="120",
+    )
     return recipe, harness, env
 
 
@@ -124,40 +140,77 @@ def _assert_same_model(single_run, dist_run) -> None:
 def _launch(args, *, env, world: int | None, timeout: float = 600) -> tuple[int, str, float]:
     cmd = [sys.executable]
     if world is not None:
-        cmd += ["-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", str(world)]
+        cmd += [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            str(world),
+        ]
     cmd += [*map(str, args)]
     started = time.time()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+    proc = subprocess.run(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, timeout=timeout
+    )
     return proc.returncode, proc.stdout.decode(errors="replace"), time.time() - started
 
 
-def test_two_gloo_ranks_match_one_process_and_survive_a_killed_rank(tmp_path, tiny_dropout_free_dir):
+def test_two_gloo_ranks_match_one_process_and_survive_a_killed_rank(
+    tmp_path, tiny_dropout_free_dir
+):
     recipe, harness, base_env = _setup(tmp_path, RECIPE)
-    common = ["apply", recipe, "--model", tiny_dropout_free_dir, "--max-train", 143, "--max-eval", 37,
-              "--checkpoint-every", 3, "--quiet"]
+    common = [
+        "apply",
+        recipe,
+        "--model",
+        tiny_dropout_free_dir,
+        "--max-train",
+        143,
+        "--max-eval",
+        37,
+        "--checkpoint-every",
+        3,
+        "--quiet",
+    ]
 
     def env_for(name: str, **extra: str) -> dict[str, str]:
         dump = tmp_path / f"dump-{name}"
         dump.mkdir(exist_ok=True)
-        return dict(base_env, RECIPEC_TEST_DUMP=str(dump), RECIPEC_CACHE=str(tmp_path / f"cache-{name}"), **extra)
+        return dict(
+            base_env,
+            RECIPEC_TEST_DUMP=str(dump),
+            RECIPEC_CACHE=str(tmp_path / f"cache-{name}"),
+            **extra,
+        )
 
     # Reference: one process, same global batches.
-    rc, out, _ = _launch([harness, *common, "--output", tmp_path / "single"], env=env_for("single"), world=None)
+    rc, out, _ = _launch(
+        [harness, *common, "--output", tmp_path / "single"], env=env_for("single"), world=None
+    )
     assert rc == 0, out
 
     # Two ranks; rank 1 dies mid-run: the job fails promptly and says which rank and why.
     cut = tmp_path / "dist"
-    rc, out, seconds = _launch([harness, *common, "--output", cut], world=2,
-                               env=env_for("dist", RECIPEC_TEST_KILL_RANK1_AT=str(KILL_AT)))
+    rc, out, seconds = _launch(
+        [harness, *common, "--output", cut],
+        world=2,
+        env=env_for("dist", RECIPEC_TEST_KILL_RANK1_AT=str(KILL_AT)),
+    )
     assert rc != 0, out
-    assert "SIGKILL" in out or "Signal 9" in out, out  # torchrun's summary: which rank, which signal
+    assert "SIGKILL" in out or "Signal 9" in out, (
+        out
+    )  # torchrun's summary: which rank, which signal
     assert "local_rank: 1" in out, out
     assert seconds < 300, f"the surviving rank hung for {seconds:.0f} s"
     assert (cut / "checkpoints" / "00-main" / "latest").read_text().strip() == "main-step-00000012"
     assert not (cut / "model").exists()
 
     # --resume with the same world size finishes the run.
-    rc, out, _ = _launch([harness, *common, "--output", cut, "--resume"], env=env_for("dist"), world=2)
+    rc, out, _ = _launch(
+        [harness, *common, "--output", cut, "--resume"], env=env_for("dist"), world=2
+    )
     assert rc == 0, out
     assert "done:" in out and out.count("done:") == 1, out  # only rank 0 prints
 
@@ -185,7 +238,9 @@ def test_two_gloo_ranks_match_one_process_and_survive_a_killed_rank(tmp_path, ti
     rd = json.loads((cut / "report.json").read_text())
     assert rd["final_eval"]["accuracy"] == pytest.approx(rs["final_eval"]["accuracy"])
     assert rd["sparsity"]["targets"] == pytest.approx(rs["sparsity"]["targets"])
-    assert [h["step"] for h in rd["stages"][0]["pruning"]] == [h["step"] for h in rs["stages"][0]["pruning"]]
+    assert [h["step"] for h in rd["stages"][0]["pruning"]] == [
+        h["step"] for h in rs["stages"][0]["pruning"]
+    ]
 
 
 # CrAM+ under DDP (its second pass all-reduced, shards of 8 + 7 weighted by their share), then a
@@ -205,15 +260,30 @@ stages:
 """
 
 
-def test_cram_then_a_prune_only_stage_under_two_ranks_match_one_process(tmp_path, tiny_dropout_free_dir):
+def test_cram_then_a_prune_only_stage_under_two_ranks_match_one_process(
+    tmp_path, tiny_dropout_free_dir
+):
     recipe, harness, env = _setup(tmp_path, CRAM_RECIPE)
-    common = ["apply", recipe, "--model", tiny_dropout_free_dir, "--max-train", 143, "--max-eval", 37, "--quiet"]
+    common = [
+        "apply",
+        recipe,
+        "--model",
+        tiny_dropout_free_dir,
+        "--max-train",
+        143,
+        "--max-eval",
+        37,
+        "--quiet",
+    ]
     runs = {}
     for name, world in (("single", None), ("dist", 2)):
         dump = tmp_path / f"dump-{name}"
         dump.mkdir()
-        rc, out, _ = _launch([harness, *common, "--output", tmp_path / name], world=world,
-                             env=dict(env, RECIPEC_TEST_DUMP=str(dump)))
+        rc, out, _ = _launch(
+            [harness, *common, "--output", tmp_path / name],
+            world=world,
+            env=dict(env, RECIPEC_TEST_DUMP=str(dump)),
+        )
         assert rc == 0, out
         runs[name] = tmp_path / name
 
@@ -222,9 +292,13 @@ def test_cram_then_a_prune_only_stage_under_two_ranks_match_one_process(tmp_path
         assert torch.equal(r0["weights"][name], r1["weights"][name]), name
     _assert_same_model(runs["single"], runs["dist"])
     reports = [json.loads((runs[n] / "report.json").read_text()) for n in ("single", "dist")]
-    assert [s["steps"] for s in reports[1]["stages"]] == [20, 0]  # 143 examples / 15 = 10 steps per epoch
+    assert [s["steps"] for s in reports[1]["stages"]] == [
+        20,
+        0,
+    ]  # 143 examples / 15 = 10 steps per epoch
     assert reports[1]["stages"][1]["eval_before_pruning"]["accuracy"] == pytest.approx(
-        reports[0]["stages"][1]["eval_before_pruning"]["accuracy"])
+        reports[0]["stages"][1]["eval_before_pruning"]["accuracy"]
+    )
 
 
 # The Hugging Face Trainer under torchrun (its own DDP through accelerate, gloo on CPU) with a
@@ -284,10 +358,14 @@ def test_cram_through_the_hf_trainer_under_two_ranks_matches_one_process(tmp_pat
     for world in (None, 2):
         rc, out, _ = _launch([script, tmp_path], world=world, env=env, timeout=300)
         assert rc == 0, out
-    single, r0, r1 = (torch.load(tmp_path / f"world{w}-rank{r}.pt") for w, r in ((1, 0), (2, 0), (2, 1)))
+    single, r0, r1 = (
+        torch.load(tmp_path / f"world{w}-rank{r}.pt") for w, r in ((1, 0), (2, 0), (2, 1))
+    )
     assert single["counts"] == r0["counts"] == r1["counts"] and sum(single["counts"].values()) == 4
     for name, weight in single["weights"].items():
-        assert torch.equal(r0["weights"][name], r1["weights"][name]), name  # the ranks agree bit for bit
+        assert torch.equal(r0["weights"][name], r1["weights"][name]), (
+            name
+        )  # the ranks agree bit for bit
         # ... and equal one process (without the all-reduce of CrAM's second pass they differ by ~5e-3)
         torch.testing.assert_close(r0["weights"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -303,7 +381,11 @@ def test_the_hf_trainer_under_two_ranks_checks_that_masks_agree(tmp_path):
     assert rc == 0, out
     r0, r1 = (torch.load(tmp_path / f"world2-rank{r}.pt") for r in (0, 1))
     assert r0["masks"] and all(torch.equal(r0["masks"][n], r1["masks"][n]) for n in r0["masks"])
-    rc, out, _ = _launch([script, tmp_path], world=2, env=dict(env, HF_TEST_GMP="1", HF_TEST_CORRUPT="1"),
-                         timeout=300)
+    rc, out, _ = _launch(
+        [script, tmp_path],
+        world=2,
+        env=dict(env, HF_TEST_GMP="1", HF_TEST_CORRUPT="1"),
+        timeout=300,
+    )
     assert rc != 0
     assert "step 1 (after pruning): rank 0 and rank 1 hold different masks for" in out, out

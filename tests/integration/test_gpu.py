@@ -16,7 +16,10 @@ from recipec.cli import main
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run with -m gpu on a GPU machine)"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="needs a CUDA device (run with -m gpu on a GPU machine)",
+    ),
 ]
 
 RECIPE = """\
@@ -43,8 +46,24 @@ def test_apply_on_cuda_prunes_exactly_and_keeps_the_masks(name, tiny_model_dir, 
     recipe = tmp_path / "gpu.yaml"
     recipe.write_text(RECIPE % {"pruner": pruner, "extra": extra, "teacher": tiny_model_dir})
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["apply", str(recipe), "--model", str(tiny_model_dir), "--device", "cuda",
-                                       "--max-train", "160", "--max-eval", "64", "--output", str(out), "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "apply",
+            str(recipe),
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cuda",
+            "--max-train",
+            "160",
+            "--max-eval",
+            "64",
+            "--output",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     masks = load_file(str(out / "model" / "masks.safetensors"))
     weights = load_file(str(out / "model" / "model.safetensors"))
@@ -77,8 +96,24 @@ def test_cram_then_a_prune_only_stage_on_cuda(tiny_model_dir, tmp_path):
     recipe = tmp_path / "cram.yaml"
     recipe.write_text(CRAM_THEN_ONE_SHOT)
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["apply", str(recipe), "--model", str(tiny_model_dir), "--device", "cuda",
-                                       "--max-train", "160", "--max-eval", "64", "--output", str(out), "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "apply",
+            str(recipe),
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cuda",
+            "--max-train",
+            "160",
+            "--max-eval",
+            "64",
+            "--output",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     masks = load_file(str(out / "model" / "masks.safetensors"))
     total = sum(m.numel() for m in masks.values())

@@ -23,8 +23,9 @@ QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
 def test_quickstart_on_the_embedded_model_ends_sparse_and_above_chance(tmp_path, monkeypatch):
     monkeypatch.setenv("RECIPEC_CACHE", str(tmp_path / "cache"))  # a fresh teacher, fine-tuned here
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["apply", str(QUICKSTART), "--max-eval", "200",
-                                       "--output", str(out), "--quiet"])
+    result = CliRunner().invoke(
+        main, ["apply", str(QUICKSTART), "--max-eval", "200", "--output", str(out), "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == "embedded (all-MiniLM-L6-v2)"
@@ -38,7 +39,9 @@ def test_quickstart_on_the_embedded_model_ends_sparse_and_above_chance(tmp_path,
         assert torch.equal(weights[name] == 0, mask == 0), name
     others = [n for n in weights if n not in masks and weights[n].dim() == 2]
     assert any("embeddings" in n for n in others) and any("classifier" in n for n in others)
-    assert all(float((weights[n] == 0).float().mean()) < 0.01 for n in others)  # embeddings, head untouched
+    assert all(
+        float((weights[n] == 0).float().mean()) < 0.01 for n in others
+    )  # embeddings, head untouched
     # Two balanced classes: chance is 0.5. The dense teacher and the sparse student both learn.
     assert report["final_eval"]["accuracy"] > 0.7, report["final_eval"]
     assert report["teacher"]["eval"]["accuracy"] > 0.7, report["teacher"]

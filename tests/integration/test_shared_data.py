@@ -26,7 +26,11 @@ def test_sst2_folder(shared_data_dir, embedded_tokenizer):
     assert set(Counter(e.label for e in td.train)) == {0, 1}
     assert all(e.text and e.text_pair is None for e in td.train)
     assert any("test.tsv" in n for n in td.notes)  # the unlabelled test split is ignored
-    batch = next(iter(make_dataloader(td.eval, embedded_tokenizer, td.info, batch_size=16, max_seq_length=128)))
+    batch = next(
+        iter(
+            make_dataloader(td.eval, embedded_tokenizer, td.info, batch_size=16, max_seq_length=128)
+        )
+    )
     assert batch["input_ids"].shape[0] == 16 and batch["input_ids"].shape[1] <= 128
 
 

@@ -55,14 +55,29 @@ def test_configuration_resolves_to_the_budget(task, cfg):
         assert pruner.spec.num_grads == BUDGET["num_grads"]
 
 
-@pytest.mark.parametrize("name", ["downstream_gmp_80", "downstream_gmp_90", "obert_80", "obert_90",
-                                  "obert_block4_80", "obert_block4_90"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "downstream_gmp_80",
+        "downstream_gmp_90",
+        "obert_80",
+        "obert_90",
+        "obert_block4_80",
+        "obert_block4_90",
+    ],
+)
 def test_paper_recipes_share_the_schedule_variables(name):
     import yaml
 
     variables = yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text())["variables"]
-    for var in ("target_sparsity", "init_sparsity", "dense_epochs", "pruning_epochs", "pruning_steps_per_epoch",
-                "finetune_epochs"):
+    for var in (
+        "target_sparsity",
+        "init_sparsity",
+        "dense_epochs",
+        "pruning_epochs",
+        "pruning_steps_per_epoch",
+        "finetune_epochs",
+    ):
         assert var in variables, var
 
 
@@ -75,9 +90,30 @@ def test_every_option_is_forwarded_to_children_or_set_per_child():
 
 def test_child_runs_get_the_parents_budget_and_settings():
     parser = accuracy.build_parser()
-    parent = parser.parse_args(["--task", "all", "--jobs", "3", "--max-train", "100", "--prune-epochs", "5",
-                                "--max-seq-length", "48", "--num-grads", "16", "--device", "cuda:1",
-                                "--threads", "2", "--workdir", "/tmp/w x", "--configs", "gmp_90"])
+    parent = parser.parse_args(
+        [
+            "--task",
+            "all",
+            "--jobs",
+            "3",
+            "--max-train",
+            "100",
+            "--prune-epochs",
+            "5",
+            "--max-seq-length",
+            "48",
+            "--num-grads",
+            "16",
+            "--device",
+            "cuda:1",
+            "--threads",
+            "2",
+            "--workdir",
+            "/tmp/w x",
+            "--configs",
+            "gmp_90",
+        ]
+    )
     child = parser.parse_args(accuracy._child_argv(parent) + ["--task", "sst2"])
     for dest in accuracy.FORWARDED:
         assert getattr(child, dest) == getattr(parent, dest), dest
@@ -85,10 +121,22 @@ def test_child_runs_get_the_parents_budget_and_settings():
 
 
 def test_records_written_before_the_sequence_length_joined_the_budget_keep_matching(tmp_path):
-    old = {"task": "sst2", "config": "dense", "accuracy": 0.8,
-           "sets": ["training.epochs=4", "training.batch_size=32", "training.max_seq_length=64"],
-           "budget": {"dense": 1, "prune": 2, "finetune": 1, "steps_per_epoch": 2, "num_grads": 64,
-                      "max_train": 4000, "max_eval": None, "batch_size": 32}}
+    old = {
+        "task": "sst2",
+        "config": "dense",
+        "accuracy": 0.8,
+        "sets": ["training.epochs=4", "training.batch_size=32", "training.max_seq_length=64"],
+        "budget": {
+            "dense": 1,
+            "prune": 2,
+            "finetune": 1,
+            "steps_per_epoch": 2,
+            "num_grads": 64,
+            "max_train": 4000,
+            "max_eval": None,
+            "batch_size": 32,
+        },
+    }
     path = tmp_path / "accuracy.json"
     path.write_text(json.dumps([old]))
     (record,) = accuracy.load_results(path)

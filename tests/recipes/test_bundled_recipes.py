@@ -15,8 +15,14 @@ RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").rglob("*.yaml
 def test_recipes_are_found():
     assert len(RECIPES) >= 4
     names = {p.name for p in RECIPES}
-    assert {"quickstart.yaml", "downstream_gmp_80.yaml", "downstream_gmp_90.yaml", "smc_baseline.yaml",
-            "oneshot_obert.yaml", "cram_plus.yaml"} <= names
+    assert {
+        "quickstart.yaml",
+        "downstream_gmp_80.yaml",
+        "downstream_gmp_90.yaml",
+        "smc_baseline.yaml",
+        "oneshot_obert.yaml",
+        "cram_plus.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -71,14 +77,31 @@ def test_apply_runs_every_bundled_recipe(path, tiny_model_dir, tmp_path, monkeyp
     recipe = load_recipe(path)
     sets = ["num_grads=4"] if "num_grads" in recipe.variables else []
     out = tmp_path / "run"
-    args = ["apply", str(path), "--model", str(tiny_model_dir), "--max-train", "16", "--max-eval", "8",
-            "--output", str(out), *(a for s in sets for a in ("--set", s))]
+    args = [
+        "apply",
+        str(path),
+        "--model",
+        str(tiny_model_dir),
+        "--max-train",
+        "16",
+        "--max-eval",
+        "8",
+        "--output",
+        str(out),
+        *(a for s in sets for a in ("--set", s)),
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
-    pruners = [m for stage in recipe.resolved_stages() for m in stage.modifiers if m.type in ("gmp", "obert")]
+    pruners = [
+        m
+        for stage in recipe.resolved_stages()
+        for m in stage.modifiers
+        if m.type in ("gmp", "obert")
+    ]
     assert pruners, "every bundled recipe prunes"
     assert report["sparsity"]["targets"] == pytest.approx(pruners[-1].final_sparsity, abs=2e-3)
     assert [s["steps"] for s in report["stages"]] == [p.total_steps for p in resolve(recipe, 1)]
-    assert (report.get("teacher") is not None) == any(m.type == "distill" for s in recipe.resolved_stages()
-                                                       for m in s.modifiers)
+    assert (report.get("teacher") is not None) == any(
+        m.type == "distill" for s in recipe.resolved_stages() for m in s.modifiers
+    )

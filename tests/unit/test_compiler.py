@@ -40,8 +40,14 @@ def _model_opt(seed: int = 0):
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
-GMP = {"type": "gmp", "init_sparsity": 0.25, "final_sparsity": 0.5, "start_step": 1, "end_step": 5,
-       "update_every_steps": 2}
+GMP = {
+    "type": "gmp",
+    "init_sparsity": 0.25,
+    "final_sparsity": 0.5,
+    "start_step": 1,
+    "end_step": 5,
+    "update_every_steps": 2,
+}
 
 
 # -- registry ------------------------------------------------------------------------------
@@ -66,8 +72,14 @@ def test_every_builder_builds_a_modifier():
     }
     assert set(examples) == set(MODIFIER_TYPES)
     for kind, spec in examples.items():
-        program = recipec.compile(_recipe([spec]), model, opt, steps_per_epoch=10, teacher=teacher,
-                                  grad_batches=lambda n: iter(()))
+        program = recipec.compile(
+            _recipe([spec]),
+            model,
+            opt,
+            steps_per_epoch=10,
+            teacher=teacher,
+            grad_batches=lambda n: iter(()),
+        )
         (mod,) = program.modifiers
         assert isinstance(mod, Modifier) and mod.spec.type == kind
 
@@ -87,16 +99,32 @@ def test_unknown_type_in_build_is_a_compile_error():
 
 
 def _two_stage_recipe():
-    return load_recipe_text(yaml.safe_dump({
-        "training": {"steps": 6},
-        "targets": TARGETS,
-        "stages": [
-            {"name": "dense", "modifiers": [{"type": "lr", "init_lr": 1e-3}]},
-            {"name": "prune", "training": {"epochs": 2},
-             "modifiers": [{**GMP, "start_epoch": 0.5, "end_epoch": 1.5, "update_every_epochs": 0.5,
-                            "start_step": None, "end_step": None, "update_every_steps": None}]},
-        ],
-    }))
+    return load_recipe_text(
+        yaml.safe_dump(
+            {
+                "training": {"steps": 6},
+                "targets": TARGETS,
+                "stages": [
+                    {"name": "dense", "modifiers": [{"type": "lr", "init_lr": 1e-3}]},
+                    {
+                        "name": "prune",
+                        "training": {"epochs": 2},
+                        "modifiers": [
+                            {
+                                **GMP,
+                                "start_epoch": 0.5,
+                                "end_epoch": 1.5,
+                                "update_every_epochs": 0.5,
+                                "start_step": None,
+                                "end_step": None,
+                                "update_every_steps": None,
+                            }
+                        ],
+                    },
+                ],
+            }
+        )
+    )
 
 
 def test_multi_stage_needs_a_stage_and_names_them():
@@ -130,16 +158,25 @@ def test_epochs_are_converted_to_steps_once():
 def test_distill_needs_a_teacher():
     model, opt = _model_opt()
     with pytest.raises(CompileError, match="needs a teacher"):
-        recipec.compile(_recipe([{"type": "distill", "teacher": "auto"}]), model, opt, steps_per_epoch=10)
+        recipec.compile(
+            _recipe([{"type": "distill", "teacher": "auto"}]), model, opt, steps_per_epoch=10
+        )
     with pytest.raises(CompileError, match="needs a teacher"):
-        recipec.compile(_recipe([{"type": "distill", "teacher": "x"}]), model, opt, steps_per_epoch=10)
+        recipec.compile(
+            _recipe([{"type": "distill", "teacher": "x"}]), model, opt, steps_per_epoch=10
+        )
 
 
 def test_distill_teacher_path_that_does_not_load(tmp_path):
     model, opt = _model_opt()
     with pytest.raises(CompileError, match="cannot load the teacher"):
-        recipec.compile(_recipe([{"type": "distill", "teacher": "x"}]), model, opt, steps_per_epoch=10,
-                        teacher=str(tmp_path / "missing"))
+        recipec.compile(
+            _recipe([{"type": "distill", "teacher": "x"}]),
+            model,
+            opt,
+            steps_per_epoch=10,
+            teacher=str(tmp_path / "missing"),
+        )
 
 
 def test_obert_needs_grad_batches():
@@ -160,7 +197,9 @@ def test_pruners_on_the_same_tensors_in_overlapping_steps():
     model, opt = _model_opt()
     first = {**GMP, "targets": [r"^a\.weight$"]}
     second = {**GMP, "targets": [r"a\.weight"], "start_step": 4, "end_step": 8}
-    with pytest.raises(CompileError, match=r"\[0\] \(gmp\) and \[1\] \(gmp\) prune the same tensors") as info:
+    with pytest.raises(
+        CompileError, match=r"\[0\] \(gmp\) and \[1\] \(gmp\) prune the same tensors"
+    ) as info:
         recipec.compile(_recipe([first, second]), model, opt, steps_per_epoch=10)
     assert "a.weight" in str(info.value)
     # Back to back (no shared step) is fine, and so is the same window on other tensors.
@@ -182,7 +221,9 @@ def test_plan_errors_become_compile_errors():
     model, opt = _model_opt()
     # In steps against a length in epochs, only the planner can tell that it starts too late.
     late = {**GMP, "start_step": 20, "end_step": 20, "update_every_steps": None}
-    recipe = load_recipe_text(yaml.safe_dump({"training": {"epochs": 1}, "targets": TARGETS, "modifiers": [late]}))
+    recipe = load_recipe_text(
+        yaml.safe_dump({"training": {"epochs": 1}, "targets": TARGETS, "modifiers": [late]})
+    )
     with pytest.raises(CompileError, match="after the stage's last step 10"):
         recipec.compile(recipe, model, opt, steps_per_epoch=10)
     recipec.compile(recipe, model, opt, steps_per_epoch=20)
@@ -199,12 +240,19 @@ def test_masks_from_an_earlier_stage_are_installed():
     model(torch.randn(3, 8)).sum().backward()
     opt.step()
     mask = torch.rand(8, 8, generator=torch.Generator().manual_seed(1)) > 0.5
-    program = recipec.compile(_recipe([{"type": "lr", "init_lr": 1e-3}]), model, opt, steps_per_epoch=10,
-                              masks={"a.weight": mask})
+    program = recipec.compile(
+        _recipe([{"type": "lr", "init_lr": 1e-3}]),
+        model,
+        opt,
+        steps_per_epoch=10,
+        masks={"a.weight": mask},
+    )
     assert torch.equal(program.masks.masks["a.weight"], mask)
     assert bool((model.a.weight[~mask] == 0).all()) and bool((model.a.weight[mask] != 0).all())
     state = opt.state[model.a.weight]
-    assert bool((state["exp_avg"][~mask] == 0).all()) and bool((state["exp_avg_sq"][~mask] == 0).all())
+    assert bool((state["exp_avg"][~mask] == 0).all()) and bool(
+        (state["exp_avg_sq"][~mask] == 0).all()
+    )
     assert bool((state["exp_avg_sq"][mask] != 0).any())
     # The masks hold through training even though no pruning modifier runs in this stage.
     for step in range(3):

@@ -37,15 +37,25 @@ def _setup(cram: dict, seed: int = 0, steps: int = 10, extra: list | None = None
     torch.manual_seed(seed)
     model = TinyClassifier()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    recipe = load_recipe_text(yaml.safe_dump({"training": {"steps": steps, "seed": 3}, "targets": TARGETS,
-                                              "modifiers": [{"type": "cram", **cram}] + (extra or [])}))
+    recipe = load_recipe_text(
+        yaml.safe_dump(
+            {
+                "training": {"steps": steps, "seed": 3},
+                "targets": TARGETS,
+                "modifiers": [{"type": "cram", **cram}] + (extra or []),
+            }
+        )
+    )
     program = recipec.compile(recipe, model, opt, steps_per_epoch=steps, teacher=teacher)
     return model, opt, program, _batch(seed + 1)
 
 
 def _batch(seed: int, n: int = 16):
     g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randn(n, 8, generator=g), "labels": torch.randint(0, 3, (n,), generator=g)}
+    return {
+        "input_ids": torch.randn(n, 8, generator=g),
+        "labels": torch.randint(0, 3, (n,), generator=g),
+    }
 
 
 def _grads_through_program(model, program, batch, step, micro_batches: int = 1):
@@ -54,7 +64,7 @@ def _grads_through_program(model, program, batch, step, micro_batches: int = 1):
     program.step_start(step)
     n = len(batch["labels"]) // micro_batches
     for i in range(micro_batches):
-        micro = {k: v[i * n:(i + 1) * n] for k, v in batch.items()}
+        micro = {k: v[i * n : (i + 1) * n] for k, v in batch.items()}
         out = model(**micro)
         loss = program.loss(out.loss, batch=micro, outputs=out)
         (loss / micro_batches).backward()
@@ -67,12 +77,14 @@ def _keep_lowest_pruned(w: torch.Tensor, sparsity: float) -> torch.Tensor:
     flat = w.abs().flatten()
     order = sorted(range(flat.numel()), key=lambda i: float(flat[i]))
     keep = torch.ones(flat.numel(), dtype=torch.bool)
-    for i in order[:round(sparsity * flat.numel())]:
+    for i in order[: round(sparsity * flat.numel())]:
         keep[i] = False
     return keep.view_as(w)
 
 
-def _reference(model, batch, rho, sparsity, variant, scope="per_layer", loss_fn=None, normalize=False):
+def _reference(
+    model, batch, rho, sparsity, variant, scope="per_layer", loss_fn=None, normalize=False
+):
     ref = copy.deepcopy(model).double()
     batch = {"input_ids": batch["input_ids"].double(), "labels": batch["labels"]}
     loss_fn = loss_fn or (lambda out, b: out.loss)
@@ -91,7 +103,9 @@ def _reference(model, batch, rho, sparsity, variant, scope="per_layer", loss_fn=
             keep = {n: _keep_lowest_pruned(params[n], sparsity) for n in names}
         for n in names:
             params[n].mul_(keep[n])
-    compressed = dict(zip(params, torch.autograd.grad(loss_fn(ref(**batch), batch), list(params.values()))))
+    compressed = dict(
+        zip(params, torch.autograd.grad(loss_fn(ref(**batch), batch), list(params.values())))
+    )
     out = {}
     for n in params:
         g = compressed[n] * keep[n] if n in keep else compressed[n]
@@ -119,7 +133,9 @@ def test_update_equals_the_brute_force_reference(variant, sparsity):
 
 @pytest.mark.parametrize("variant", ["cram", "cram_plus"])
 def test_normalized_ascent_equals_the_brute_force_reference(variant):
-    model, _, program, batch = _setup({"variant": variant, "sparsities": [0.5], "rho": 0.3, "normalize": True})
+    model, _, program, batch = _setup(
+        {"variant": variant, "sparsities": [0.5], "rho": 0.3, "normalize": True}
+    )
     got = _grads_through_program(model, program, batch, step=0)
     want = _reference(model, batch, 0.3, 0.5, variant, normalize=True)
     for n in want:
@@ -136,8 +152,9 @@ def test_normalized_step_has_length_rho_whatever_the_loss_scale(normalize):
     w' moves 100 times further and the gradient changes."""
     grads = []
     for scale in (1.0, 100.0):
-        model, _, program, batch = _setup({"variant": "cram", "sparsities": [0.5], "rho": 0.3,
-                                           "normalize": normalize})
+        model, _, program, batch = _setup(
+            {"variant": "cram", "sparsities": [0.5], "rho": 0.3, "normalize": normalize}
+        )
         program.step_start(0)
         out = model(**batch)
         program.loss(out.loss * scale, batch=batch, outputs=out).backward()
@@ -148,11 +165,15 @@ def test_normalized_step_has_length_rho_whatever_the_loss_scale(normalize):
         grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
     same = all(torch.allclose(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6) for n in grads[0])
     assert same == normalize
-    assert mod.ascent_scale(0.0) == (0.0 if normalize else 0.3)  # a zero gradient: no ascent, no division by zero
+    assert mod.ascent_scale(0.0) == (
+        0.0 if normalize else 0.3
+    )  # a zero gradient: no ascent, no division by zero
 
 
 def test_global_scope_equals_the_brute_force_reference():
-    model, _, program, batch = _setup({"variant": "cram", "sparsities": [0.75], "scope": "global", "rho": 0.3})
+    model, _, program, batch = _setup(
+        {"variant": "cram", "sparsities": [0.75], "scope": "global", "rho": 0.3}
+    )
     got = _grads_through_program(model, program, batch, step=0)
     want = _reference(model, batch, 0.3, 0.75, "cram", scope="global")
     for n in want:
@@ -179,9 +200,19 @@ def test_sampled_sparsities_are_reproducible_and_cover_the_set():
 
 
 def test_masks_set_by_other_modifiers_keep_zero_gradients():
-    model, _, program, batch = _setup({"sparsities": [0.5], "end_step": 10},
-                                      extra=[{"type": "gmp", "init_sparsity": 0.4, "final_sparsity": 0.4,
-                                              "start_step": 0, "end_step": 0, "targets": [r"^b\.weight$"]}])
+    model, _, program, batch = _setup(
+        {"sparsities": [0.5], "end_step": 10},
+        extra=[
+            {
+                "type": "gmp",
+                "init_sparsity": 0.4,
+                "final_sparsity": 0.4,
+                "start_step": 0,
+                "end_step": 0,
+                "targets": [r"^b\.weight$"],
+            }
+        ],
+    )
     got = _grads_through_program(model, program, batch, step=0)
     pruned = ~program.masks.masks["b.weight"]
     assert int(pruned.sum()) == round(0.4 * 36)
@@ -225,8 +256,21 @@ def test_apply_trains_with_cram_then_prunes_one_shot(tiny_model_dir, tmp_path):
     recipe = tmp_path / "cram.yaml"
     recipe.write_text(CRAM_THEN_ONESHOT % tiny_model_dir)
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["apply", str(recipe), "--model", str(tiny_model_dir), "--max-train", "64",
-                                       "--max-eval", "32", "--output", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "apply",
+            str(recipe),
+            "--model",
+            str(tiny_model_dir),
+            "--max-train",
+            "64",
+            "--max-eval",
+            "32",
+            "--output",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "cram[0]: cram_plus from step 0 to 8" in result.output
     assert "cram[0]: 8 CrAM steps" in result.output
@@ -239,12 +283,20 @@ def test_apply_trains_with_cram_then_prunes_one_shot(tiny_model_dir, tmp_path):
 def test_an_nm_structure_allows_only_its_own_sparsity():
     from recipec.recipe.errors import RecipeError
 
-    text = yaml.safe_dump({"training": {"steps": 4}, "modifiers": [
-        {"type": "cram", "structure": "2:4", "sparsities": [0.5, 0.7]}]})
+    text = yaml.safe_dump(
+        {
+            "training": {"steps": 4},
+            "modifiers": [{"type": "cram", "structure": "2:4", "sparsities": [0.5, 0.7]}],
+        }
+    )
     with pytest.raises(RecipeError, match=r"2:4 prunes exactly 0.5"):
         load_recipe_text(text)
-    ok = yaml.safe_dump({"training": {"steps": 4}, "modifiers": [
-        {"type": "cram", "structure": "2:4", "sparsities": [0.5]}]})
+    ok = yaml.safe_dump(
+        {
+            "training": {"steps": 4},
+            "modifiers": [{"type": "cram", "structure": "2:4", "sparsities": [0.5]}],
+        }
+    )
     assert load_recipe_text(ok).modifiers[0].sparsities == [0.5]
 
 
@@ -263,19 +315,30 @@ def test_the_second_pass_uses_the_programs_loss_at_that_step():
 
     torch.manual_seed(7)
     teacher = TinyClassifier()
-    distill = {"type": "distill", "teacher": "given", "hardness": 0.7, "temperature": 2.0, "end_step": 2}
-    model, _, program, batch = _setup({"variant": "cram_plus", "sparsities": [0.5], "rho": 0.3},
-                                      extra=[distill], teacher=teacher)
+    distill = {
+        "type": "distill",
+        "teacher": "given",
+        "hardness": 0.7,
+        "temperature": 2.0,
+        "end_step": 2,
+    }
+    model, _, program, batch = _setup(
+        {"variant": "cram_plus", "sparsities": [0.5], "rho": 0.3}, extra=[distill], teacher=teacher
+    )
     ref_teacher = copy.deepcopy(teacher).double()
 
     def distilled(out, b):
-        return distillation_loss(out.loss, out.logits, ref_teacher(input_ids=b["input_ids"]).logits, 0.7, 2.0)
+        return distillation_loss(
+            out.loss, out.logits, ref_teacher(input_ids=b["input_ids"]).logits, 0.7, 2.0
+        )
 
     for step, loss_fn in ((0, distilled), (5, None)):
         got = _grads_through_program(model, program, batch, step=step)
         want = _reference(model, batch, 0.3, 0.5, "cram_plus", loss_fn=loss_fn)
         for n in want:
-            torch.testing.assert_close(got[n].double(), want[n], rtol=1e-4, atol=1e-6, msg=f"step {step} {n}")
+            torch.testing.assert_close(
+                got[n].double(), want[n], rtol=1e-4, atol=1e-6, msg=f"step {step} {n}"
+            )
         model.zero_grad(set_to_none=True)
 
 
@@ -298,5 +361,11 @@ def test_repeated_sparsities_are_refused():
     from recipec.recipe.errors import RecipeError
 
     with pytest.raises(RecipeError, match="must not repeat"):
-        load_recipe_text(yaml.safe_dump({"training": {"steps": 4}, "modifiers": [
-            {"type": "cram", "sparsities": [0.5, 0.5, 0.9]}]}))
+        load_recipe_text(
+            yaml.safe_dump(
+                {
+                    "training": {"steps": 4},
+                    "modifiers": [{"type": "cram", "sparsities": [0.5, 0.5, 0.9]}],
+                }
+            )
+        )

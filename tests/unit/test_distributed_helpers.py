@@ -60,7 +60,9 @@ def test_incomplete_launch_environment_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("MASTER_PORT", raising=False)
-    with pytest.raises(dist_utils.DistributedError, match="MASTER_ADDR and MASTER_PORT are not set"):
+    with pytest.raises(
+        dist_utils.DistributedError, match="MASTER_ADDR and MASTER_PORT are not set"
+    ):
         dist_utils.init_from_env("cpu")
     monkeypatch.setenv("RECIPEC_DIST_TIMEOUT", "soon")
     with pytest.raises(dist_utils.DistributedError, match="RECIPEC_DIST_TIMEOUT"):
@@ -94,11 +96,15 @@ def test_checksums_see_every_bit_and_position():
     nudged = w.clone()
     nudged[10, 10] = torch.nextafter(nudged[10, 10], torch.tensor(1e9))  # one ulp
     assert dist_utils.tensor_checksum(nudged) != cw
-    assert dist_utils.tensor_checksum(torch.tensor([0.0])) != dist_utils.tensor_checksum(torch.tensor([-0.0]))
+    assert dist_utils.tensor_checksum(torch.tensor([0.0])) != dist_utils.tensor_checksum(
+        torch.tensor([-0.0])
+    )
     assert dist_utils.tensor_checksum(w.half()) == dist_utils.tensor_checksum(w.half().clone())
     table = dist_utils.mask_checksum({"b": mask, "a": flipped}, {"b": w})
     assert table.shape == (2, 2) and table.dtype == torch.int64
-    assert int(table[0, 0]) == dist_utils.tensor_checksum(flipped) and int(table[0, 1]) == 0  # sorted by name
+    assert (
+        int(table[0, 0]) == dist_utils.tensor_checksum(flipped) and int(table[0, 1]) == 0
+    )  # sorted by name
     assert int(table[1, 1]) == cw
 
 
@@ -109,8 +115,15 @@ def test_weighted_shard_gradients_sum_to_the_global_gradient(tiny_bert, embedded
     from recipec.train.tasks import load_task
 
     task = load_task(None, None, max_train=15, max_eval=8, seed=0)
-    loader = make_dataloader(task.train, embedded_tokenizer, task.info, batch_size=15, max_seq_length=32,
-                             shuffle=True, seed=1)
+    loader = make_dataloader(
+        task.train,
+        embedded_tokenizer,
+        task.info,
+        batch_size=15,
+        max_seq_length=32,
+        shuffle=True,
+        seed=1,
+    )
     model = tiny_bert.eval()
 
     def grads(batch, weight=1.0):
@@ -147,8 +160,14 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, queue) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), RECIPEC_DIST_TIMEOUT="60")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RECIPEC_DIST_TIMEOUT="60",
+    )
     try:
         import torch as t
 

@@ -40,8 +40,13 @@ def tiny_config(**kw):
     from transformers import BertConfig
 
     args = dict(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64, num_labels=2,
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
     )
     args.update(kw)
     return BertConfig(**args)
@@ -55,8 +60,14 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(str(gt.MODEL_DIR))
 
 
-def make_run(root: Path, tokenizer, cls_name="BertForSequenceClassification", sparsity=0.8,
-             seed=0, masks=True) -> Path:
+def make_run(
+    root: Path,
+    tokenizer,
+    cls_name="BertForSequenceClassification",
+    sparsity=0.8,
+    seed=0,
+    masks=True,
+) -> Path:
     """A run directory (RUN/model with masks.safetensors and recipe.yaml)."""
     import transformers
 
@@ -105,8 +116,15 @@ def test_exported_zeros_match_masks_exactly(exported):
 def test_deployment_folder_contents(exported):
     _, result = exported
     names = {p.name for p in result.output_dir.iterdir()}
-    assert {"model.onnx", "config.json", "sparsity.json", "recipe.yaml", "tokenizer.json",
-            "model.safetensors", "masks.safetensors"} <= names
+    assert {
+        "model.onnx",
+        "config.json",
+        "sparsity.json",
+        "recipe.yaml",
+        "tokenizer.json",
+        "model.safetensors",
+        "masks.safetensors",
+    } <= names
     assert not [p for p in result.output_dir.parent.iterdir() if p.name.startswith(".onnx.")]
 
 
@@ -188,7 +206,9 @@ def test_folder_runs_with_onnxruntime_and_tokenizer_alone(exported):
                           "logits": out.tolist()}}))
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["shape"] == [2, 2]
@@ -197,8 +217,11 @@ def test_folder_runs_with_onnxruntime_and_tokenizer_alone(exported):
     model = AutoModelForSequenceClassification.from_pretrained(str(result.output_dir)).eval()
     ids = torch.tensor(out["ids"])
     with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=torch.tensor(out["mask"]),
-                    token_type_ids=torch.zeros_like(ids)).logits
+        ref = model(
+            input_ids=ids,
+            attention_mask=torch.tensor(out["mask"]),
+            token_type_ids=torch.zeros_like(ids),
+        ).logits
     np.testing.assert_allclose(np.array(out["logits"]), ref.numpy(), atol=1e-4)
 
 
@@ -238,7 +261,9 @@ def test_masks_are_squashed_into_exact_zeros(tmp_path, tokenizer):
     model = BertForSequenceClassification(tiny_config()).eval()
     masks = magnitude_masks(model, 0.7)
     model.save_pretrained(str(tmp_path / "m"))  # weights NOT zeroed
-    save_file({n: m.to(torch.uint8) for n, m in masks.items()}, str(tmp_path / "m" / "masks.safetensors"))
+    save_file(
+        {n: m.to(torch.uint8) for n, m in masks.items()}, str(tmp_path / "m" / "masks.safetensors")
+    )
     result = export(tmp_path / "m", tmp_path / "o")
     assert sum(result.squashed.values()) > 0
     arrays = _onnx_arrays(result.onnx_path)
@@ -284,8 +309,10 @@ def test_bad_masks_file_is_a_user_error(tmp_path, tokenizer):
     from safetensors.torch import save_file
 
     root = make_run(tmp_path / "r", tokenizer)
-    save_file({"nope.weight": torch.ones(2, 2, dtype=torch.uint8)},
-              str(root / "model" / "masks.safetensors"))
+    save_file(
+        {"nope.weight": torch.ones(2, 2, dtype=torch.uint8)},
+        str(root / "model" / "masks.safetensors"),
+    )
     with pytest.raises(CheckpointError, match="names no parameter"):
         load_checkpoint(root)
 
@@ -295,10 +322,18 @@ def test_match_initializers_handles_renamed_and_transposed():
     a = rng.normal(size=(6, 4)).astype(np.float32)
     b = rng.normal(size=(4, 4)).astype(np.float32)
     c = rng.normal(size=(4, 4)).astype(np.float32)
-    arrays = {"onnx::MatMul_1": a.T.copy(), "x.b": b, "onnx::MatMul_9": c.T.copy(),
-              "bias": np.zeros(4, np.float32)}
+    arrays = {
+        "onnx::MatMul_1": a.T.copy(),
+        "x.b": b,
+        "onnx::MatMul_9": c.T.copy(),
+        "bias": np.zeros(4, np.float32),
+    }
     got = match_initializers(arrays, {"a": a, "b": b, "c": c})
-    assert got == {"a": ("onnx::MatMul_1", True), "b": ("x.b", False), "c": ("onnx::MatMul_9", True)}
+    assert got == {
+        "a": ("onnx::MatMul_1", True),
+        "b": ("x.b", False),
+        "c": ("onnx::MatMul_9", True),
+    }
     assert match_initializers(arrays, {"d": rng.normal(size=(6, 4)).astype(np.float32)}) == {}
 
 

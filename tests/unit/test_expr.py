@@ -57,7 +57,15 @@ def test_rejected(text):
 
 def test_variables_in_any_order_with_cycles_and_unknowns():
     values, errors = resolve_variables(
-        {"total": "prune_end + 2", "prune_end": "start + 6", "start": 2, "a": "b", "b": "a", "c": "nope", "d": "c * 2"}
+        {
+            "total": "prune_end + 2",
+            "prune_end": "start + 6",
+            "start": 2,
+            "a": "b",
+            "b": "a",
+            "c": "nope",
+            "d": "c * 2",
+        }
     )
     assert values == {"start": 2, "prune_end": 8, "total": 10}
     assert "cycle" in errors["a"] and "cycle" in errors["b"]
@@ -66,6 +74,8 @@ def test_variables_in_any_order_with_cycles_and_unknowns():
 
 
 def test_braced_variables_and_bad_names():
-    values, errors = resolve_variables({"a": "${2 * 3}", "min": 1, "x": True, "y": [1], "ok": math.pi})
+    values, errors = resolve_variables(
+        {"a": "${2 * 3}", "min": 1, "x": True, "y": [1], "ok": math.pi}
+    )
     assert values["a"] == 6 and values["ok"] == pytest.approx(math.pi)
     assert set(errors) == {"min", "x", "y"}

@@ -8,7 +8,9 @@ import pytest
 import torch
 import yaml
 
-pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate>=1.1 (pip install accelerate)")
+pytest.importorskip(
+    "accelerate", reason="transformers' Trainer needs accelerate>=1.1 (pip install accelerate)"
+)
 
 from transformers import (  # noqa: E402
     BertConfig,
@@ -28,46 +30,80 @@ EPOCHS = 2
 TOTAL = STEPS_PER_EPOCH * EPOCHS  # 12
 
 GMP_LR = [
-    {"type": "gmp", "init_sparsity": 0.3, "final_sparsity": 0.8, "start_step": 1, "end_step": 9,
-     "update_every_steps": 2},
-    {"type": "lr", "schedule": "cyclic_linear", "init_lr": 3e-3, "final_lr": 3e-4, "cycle_steps": 2,
-     "end_step": 10},
+    {
+        "type": "gmp",
+        "init_sparsity": 0.3,
+        "final_sparsity": 0.8,
+        "start_step": 1,
+        "end_step": 9,
+        "update_every_steps": 2,
+    },
+    {
+        "type": "lr",
+        "schedule": "cyclic_linear",
+        "init_lr": 3e-3,
+        "final_lr": 3e-4,
+        "cycle_steps": 2,
+        "end_step": 10,
+    },
     {"type": "lr", "schedule": "linear", "init_lr": 1e-3, "final_lr": 0.0, "start_step": 10},
 ]
 
 
 def _recipe(modifiers):
-    return load_recipe_text(yaml.safe_dump({"training": {"epochs": EPOCHS}, "modifiers": modifiers}))
+    return load_recipe_text(
+        yaml.safe_dump({"training": {"epochs": EPOCHS}, "modifiers": modifiers})
+    )
 
 
 def _model(seed: int = 0, dropout: float = 0.0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=dropout,
-                        attention_probs_dropout_prob=dropout)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
     return BertForSequenceClassification(config)
 
 
 def _dataset() -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(11)
     return [
-        {"input_ids": torch.randint(0, 64, (SEQ,), generator=g), "attention_mask": torch.ones(SEQ, dtype=torch.long),
-         "labels": torch.randint(0, 2, (), generator=g)}
+        {
+            "input_ids": torch.randint(0, 64, (SEQ,), generator=g),
+            "attention_mask": torch.ones(SEQ, dtype=torch.long),
+            "labels": torch.randint(0, 2, (), generator=g),
+        }
         for _ in range(N_EXAMPLES)
     ]
 
 
 def _batches(data):
     for start in range(0, len(data), BATCH):
-        chunk = data[start:start + BATCH]
+        chunk = data[start : start + BATCH]
         yield {k: torch.stack([ex[k] for ex in chunk]) for k in chunk[0]}
 
 
 def _args(tmp_path, **overrides) -> TrainingArguments:
     kwargs = dict(
-        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=BATCH, num_train_epochs=EPOCHS,
-        max_grad_norm=1.0, weight_decay=0.0, report_to=[], save_strategy="no", logging_strategy="no",
-        disable_tqdm=True, use_cpu=True, train_sampling_strategy="sequential", dataloader_num_workers=0, seed=0,
+        output_dir=str(tmp_path / "hf"),
+        per_device_train_batch_size=BATCH,
+        num_train_epochs=EPOCHS,
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        seed=0,
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
@@ -124,20 +160,36 @@ def test_trainer_and_plain_loop_give_identical_masks_and_weights(tmp_path, max_g
     hf_program = recipec.compile(recipe, hf_model, hf_opt, steps_per_epoch=STEPS_PER_EPOCH)
     recorder = _RecordLR()
     # optimizers=(opt, None): the Trainer adds its own linear scheduler; the recipe's LR must win.
-    trainer = RecipecTrainer(model=hf_model, args=_args(tmp_path, max_grad_norm=max_grad_norm),
-                             train_dataset=data, program=hf_program, callbacks=[recorder])
+    trainer = RecipecTrainer(
+        model=hf_model,
+        args=_args(tmp_path, max_grad_norm=max_grad_norm),
+        train_dataset=data,
+        program=hf_program,
+        callbacks=[recorder],
+    )
     assert trainer.optimizer is hf_opt
     trainer.train()
 
     assert hf_program.finalized
-    assert [h["step"] for h in hf_program.history()] == [h["step"] for h in plain_program.history()] == [1, 3, 5, 7, 9]
+    assert (
+        [h["step"] for h in hf_program.history()]
+        == [h["step"] for h in plain_program.history()]
+        == [1, 3, 5, 7, 9]
+    )
     assert recorder.lrs == plain_lrs == [plain_program.plan.lr_at(s) for s in range(TOTAL)]
-    assert set(hf_program.masks.masks) == set(plain_program.masks.masks) and plain_program.masks.masks
+    assert (
+        set(hf_program.masks.masks) == set(plain_program.masks.masks) and plain_program.masks.masks
+    )
     for name, mask in plain_program.masks.masks.items():
         assert torch.equal(hf_program.masks.masks[name], mask), name
     plain_params = dict(plain_model.named_parameters())
-    for name, p in hf_model.named_parameters():  # the same ops in the same order: equal up to rounding
-        torch.testing.assert_close(p.detach(), plain_params[name].detach(), rtol=1e-6, atol=1e-8, msg=name)
+    for (
+        name,
+        p,
+    ) in hf_model.named_parameters():  # the same ops in the same order: equal up to rounding
+        torch.testing.assert_close(
+            p.detach(), plain_params[name].detach(), rtol=1e-6, atol=1e-8, msg=name
+        )
     assert hf_program.sparsity()[0] == pytest.approx(plain_program.sparsity()[0])
     assert 0.79 < hf_program.sparsity()[0] < 0.81
 
@@ -148,8 +200,12 @@ def test_pruned_gradients_are_zero_when_the_trainer_clips(tmp_path):
     model = _model()
     optimizer = _optimizer(model)
     program = recipec.compile(_recipe(GMP_LR), model, optimizer, steps_per_epoch=STEPS_PER_EPOCH)
-    trainer = RecipecTrainer(model=model, args=_args(tmp_path, max_grad_norm=0.05), train_dataset=_dataset(),
-                             program=program)
+    trainer = RecipecTrainer(
+        model=model,
+        args=_args(tmp_path, max_grad_norm=0.05),
+        train_dataset=_dataset(),
+        program=program,
+    )
     params = dict(model.named_parameters())
     clip = trainer.accelerator.clip_grad_norm_
     checked = []
@@ -189,12 +245,19 @@ def test_callback_event_order_and_steps_with_gradient_accumulation(tmp_path):
     program.loss = loss_spy
     original_finalize = program.finalize
     program.finalize = lambda: (events.append(("finalize", None)), original_finalize())[1]
-    args = _args(tmp_path, num_train_epochs=1, gradient_accumulation_steps=2, per_device_train_batch_size=4)
+    args = _args(
+        tmp_path, num_train_epochs=1, gradient_accumulation_steps=2, per_device_train_batch_size=4
+    )
     RecipecTrainer(model=model, args=args, train_dataset=_dataset(), program=program).train()
     expected = []
     for k in range(3):  # 24 examples / (4 x 2) = 3 optimizer steps, 2 micro-batches each
-        expected += [("step_start", k), ("loss", k), ("loss", k), ("before_optimizer_step", k),
-                     ("after_optimizer_step", k)]
+        expected += [
+            ("step_start", k),
+            ("loss", k),
+            ("loss", k),
+            ("before_optimizer_step", k),
+            ("after_optimizer_step", k),
+        ]
     assert events == expected + [("finalize", None)]
 
 
@@ -203,9 +266,15 @@ def test_distill_recipe_trainer_loss_equals_program_loss(tmp_path):
     student = _model(seed=0)
     teacher = _model(seed=1, dropout=0.3)
     optimizer = _optimizer(student)
-    recipe = _recipe([GMP_LR[0], {"type": "distill", "teacher": "given", "hardness": 0.7, "temperature": 2.0}])
-    program = recipec.compile(recipe, student, optimizer, steps_per_epoch=STEPS_PER_EPOCH, teacher=teacher)
-    trainer = RecipecTrainer(model=student, args=_args(tmp_path), train_dataset=data, program=program)
+    recipe = _recipe(
+        [GMP_LR[0], {"type": "distill", "teacher": "given", "hardness": 0.7, "temperature": 2.0}]
+    )
+    program = recipec.compile(
+        recipe, student, optimizer, steps_per_epoch=STEPS_PER_EPOCH, teacher=teacher
+    )
+    trainer = RecipecTrainer(
+        model=student, args=_args(tmp_path), train_dataset=data, program=program
+    )
 
     batch = next(_batches(data))
     student.train()
@@ -240,9 +309,16 @@ def test_a_plain_trainer_with_the_callback_refuses_a_distill_recipe(tmp_path):
     student, teacher = _model(0), _model(1)
     optimizer = _optimizer(student)
     recipe = _recipe([{"type": "distill", "teacher": "given"}])
-    program = recipec.compile(recipe, student, optimizer, steps_per_epoch=STEPS_PER_EPOCH, teacher=teacher)
-    trainer = Trainer(model=student, args=_args(tmp_path), train_dataset=_dataset(), optimizers=(optimizer, None),
-                      callbacks=[RecipecCallback(program)])
+    program = recipec.compile(
+        recipe, student, optimizer, steps_per_epoch=STEPS_PER_EPOCH, teacher=teacher
+    )
+    trainer = Trainer(
+        model=student,
+        args=_args(tmp_path),
+        train_dataset=_dataset(),
+        optimizers=(optimizer, None),
+        callbacks=[RecipecCallback(program)],
+    )
     with pytest.raises(ValueError, match="RecipecTrainer"):
         trainer.train()
 
@@ -251,8 +327,13 @@ def test_a_plain_trainer_with_the_callback_runs_a_pruning_recipe(tmp_path):
     model = _model()
     optimizer = _optimizer(model)
     program = recipec.compile(_recipe(GMP_LR), model, optimizer, steps_per_epoch=STEPS_PER_EPOCH)
-    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_dataset(), optimizers=(optimizer, None),
-                      callbacks=[RecipecCallback(program)])
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=_dataset(),
+        optimizers=(optimizer, None),
+        callbacks=[RecipecCallback(program)],
+    )
     trainer.train()
     assert program.finalized and 0.79 < program.sparsity()[0] < 0.81
     for name, mask in program.masks.masks.items():
@@ -264,15 +345,29 @@ def test_wrong_optimizer_or_model_is_refused(tmp_path):
     optimizer = _optimizer(model)
     program = recipec.compile(_recipe(GMP_LR), model, optimizer, steps_per_epoch=STEPS_PER_EPOCH)
     with pytest.raises(ValueError, match="not the optimizer the recipe was compiled with"):
-        RecipecTrainer(model=model, args=_args(tmp_path), train_dataset=_dataset(), program=program,
-                       optimizers=(_optimizer(model), None))
-    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_dataset(),
-                      callbacks=[RecipecCallback(program)])  # lets the Trainer build its own optimizer
+        RecipecTrainer(
+            model=model,
+            args=_args(tmp_path),
+            train_dataset=_dataset(),
+            program=program,
+            optimizers=(_optimizer(model), None),
+        )
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=_dataset(),
+        callbacks=[RecipecCallback(program)],
+    )  # lets the Trainer build its own optimizer
     with pytest.raises(ValueError, match="different optimizer"):
         trainer.train()
     other = _model(seed=3)
-    trainer = Trainer(model=other, args=_args(tmp_path), train_dataset=_dataset(),
-                      optimizers=(optimizer, None), callbacks=[RecipecCallback(program)])
+    trainer = Trainer(
+        model=other,
+        args=_args(tmp_path),
+        train_dataset=_dataset(),
+        optimizers=(optimizer, None),
+        callbacks=[RecipecCallback(program)],
+    )
     with pytest.raises(ValueError, match="not the model"):
         trainer.train()
 
@@ -281,9 +376,12 @@ def test_step_count_mismatch_warns(tmp_path):
     model = _model()
     optimizer = _optimizer(model)
     program = recipec.compile(_recipe(GMP_LR), model, optimizer, steps_per_epoch=STEPS_PER_EPOCH)
-    trainer = RecipecTrainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=_dataset(),
-                             program=program)
-    with pytest.warns(UserWarning, match="run 3 optimizer steps but the recipe stage 'main' is planned for 12"):
+    trainer = RecipecTrainer(
+        model=model, args=_args(tmp_path, max_steps=3), train_dataset=_dataset(), program=program
+    )
+    with pytest.warns(
+        UserWarning, match="run 3 optimizer steps but the recipe stage 'main' is planned for 12"
+    ):
         trainer.train()
 
 
@@ -310,7 +408,9 @@ def test_trainer_checkpoint_resume_restores_the_program(tmp_path):
         assert torch.equal(program.masks.masks[name], mask), name
     ref_params = dict(ref_model.named_parameters())
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), ref_params[name].detach(), rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            p.detach(), ref_params[name].detach(), rtol=1e-5, atol=1e-6, msg=name
+        )
 
     # Without the program's file, resuming is refused rather than letting pruned weights regrow.
     (checkpoint / PROGRAM_STATE_NAME).unlink()
@@ -322,8 +422,10 @@ def test_trainer_checkpoint_resume_restores_the_program(tmp_path):
         trainer.train(resume_from_checkpoint=str(checkpoint))
 
 
-CRAM_LR = [{"type": "cram", "sparsities": [0.5, 0.7], "rho": 0.05},
-           {"type": "lr", "schedule": "linear", "init_lr": 1e-3, "final_lr": 0.0}]
+CRAM_LR = [
+    {"type": "cram", "sparsities": [0.5, 0.7], "rho": 0.05},
+    {"type": "lr", "schedule": "linear", "init_lr": 1e-3, "final_lr": 0.0},
+]
 
 
 @pytest.mark.parametrize("max_grad_norm", [0.05, 0.0], ids=["clip", "noclip"])
@@ -338,17 +440,32 @@ def test_cram_through_the_trainer_equals_the_plain_loop(tmp_path, max_grad_norm)
     plain_program = recipec.compile(recipe, plain_model, plain_opt, steps_per_epoch=STEPS_PER_EPOCH)
     _plain_loop(plain_model, plain_program, plain_opt, data, max_grad_norm=max_grad_norm)
     hf_program = recipec.compile(recipe, hf_model, hf_opt, steps_per_epoch=STEPS_PER_EPOCH)
-    RecipecTrainer(model=hf_model, args=_args(tmp_path, max_grad_norm=max_grad_norm), train_dataset=data,
-                   program=hf_program).train()
-    assert sum(plain_program.modifiers[0].counts.values()) == sum(hf_program.modifiers[0].counts.values()) == TOTAL
+    RecipecTrainer(
+        model=hf_model,
+        args=_args(tmp_path, max_grad_norm=max_grad_norm),
+        train_dataset=data,
+        program=hf_program,
+    ).train()
+    assert (
+        sum(plain_program.modifiers[0].counts.values())
+        == sum(hf_program.modifiers[0].counts.values())
+        == TOTAL
+    )
     plain_params = dict(plain_model.named_parameters())
     for name, p in hf_model.named_parameters():
-        torch.testing.assert_close(p.detach(), plain_params[name].detach(), rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(
+            p.detach(), plain_params[name].detach(), rtol=1e-5, atol=1e-7, msg=name
+        )
     # ... and it is not plain training.
     other = copy.deepcopy(base)
     other_opt = _optimizer(other)
-    _plain_loop(other, recipec.compile(_recipe(CRAM_LR[1:]), other, other_opt, steps_per_epoch=STEPS_PER_EPOCH),
-                other_opt, data, max_grad_norm=max_grad_norm)
+    _plain_loop(
+        other,
+        recipec.compile(_recipe(CRAM_LR[1:]), other, other_opt, steps_per_epoch=STEPS_PER_EPOCH),
+        other_opt,
+        data,
+        max_grad_norm=max_grad_norm,
+    )
     assert not torch.allclose(other.classifier.weight, hf_model.classifier.weight)
 
 
@@ -356,14 +473,26 @@ def test_a_plain_trainer_with_the_callback_refuses_a_cram_recipe(tmp_path):
     model = _model()
     optimizer = _optimizer(model)
     program = recipec.compile(_recipe(CRAM_LR), model, optimizer, steps_per_epoch=STEPS_PER_EPOCH)
-    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_dataset(), optimizers=(optimizer, None),
-                      callbacks=[RecipecCallback(program)])
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=_dataset(),
+        optimizers=(optimizer, None),
+        callbacks=[RecipecCallback(program)],
+    )
     with pytest.raises(ValueError, match="CrAM"):
         trainer.train()
 
 
-@pytest.mark.parametrize("setting, message", [({"fp16": True}, "not loss-scaled"), ({"n_gpu": 2}, "torchrun"),
-                                              ({"fsdp": "full_shard"}, "FSDP"), ({"deepspeed": "ds.json"}, "FSDP")])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"fp16": True}, "not loss-scaled"),
+        ({"n_gpu": 2}, "torchrun"),
+        ({"fsdp": "full_shard"}, "FSDP"),
+        ({"deepspeed": "ds.json"}, "FSDP"),
+    ],
+)
 def test_cram_is_refused_with_fp16_or_data_parallel(setting, message):
     """fp16 (the second pass is not loss-scaled), DataParallel, FSDP and DeepSpeed (it runs on the
     bare, whole model) are refused before any step; torchrun's DDP is not
@@ -375,22 +504,40 @@ def test_cram_is_refused_with_fp16_or_data_parallel(setting, message):
     program = recipec.compile(_recipe(CRAM_LR), model, optimizer, steps_per_epoch=STEPS_PER_EPOCH)
     callback = RecipecCallback(program)
     callback.loss_hooked = True  # as RecipecTrainer sets it
-    args = SimpleNamespace(**{"fp16": False, "n_gpu": 1, "world_size": 1, "fsdp": "", "deepspeed": None, **setting})
+    args = SimpleNamespace(
+        **{"fp16": False, "n_gpu": 1, "world_size": 1, "fsdp": "", "deepspeed": None, **setting}
+    )
     state = SimpleNamespace(global_step=0, max_steps=TOTAL)
     with pytest.raises(ValueError, match=message):
         callback.on_train_begin(args, state, None, model=model, optimizer=optimizer)
-    callback.on_train_begin(SimpleNamespace(fp16=False, n_gpu=1, world_size=2, fsdp="", deepspeed=None), state, None,
-                            model=model, optimizer=optimizer)  # several processes (DDP): accepted
+    callback.on_train_begin(
+        SimpleNamespace(fp16=False, n_gpu=1, world_size=2, fsdp="", deepspeed=None),
+        state,
+        None,
+        model=model,
+        optimizer=optimizer,
+    )  # several processes (DDP): accepted
 
 
 def test_a_prune_only_stage_is_refused_by_the_trainer(tmp_path):
     model = _model()
     optimizer = _optimizer(model)
-    recipe = load_recipe_text(yaml.safe_dump({"training": {"steps": 0}, "modifiers": [
-        {"type": "gmp", "init_sparsity": 0.5, "final_sparsity": 0.5}]}))
+    recipe = load_recipe_text(
+        yaml.safe_dump(
+            {
+                "training": {"steps": 0},
+                "modifiers": [{"type": "gmp", "init_sparsity": 0.5, "final_sparsity": 0.5}],
+            }
+        )
+    )
     program = recipec.compile(recipe, model, optimizer, steps_per_epoch=STEPS_PER_EPOCH)
-    trainer = RecipecTrainer(model=model, args=_args(tmp_path), train_dataset=_dataset(), program=program,
-                             optimizers=(optimizer, None))
+    trainer = RecipecTrainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=_dataset(),
+        program=program,
+        optimizers=(optimizer, None),
+    )
     with pytest.raises(ValueError, match=r"prune-only .* program.step_start\(0\)"):
         trainer.train()
     assert program.sparsity()[0] == 0.0

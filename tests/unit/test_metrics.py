@@ -95,7 +95,9 @@ def test_predictions_from_logits():
 
 
 def test_compute_metrics_classification_from_torch_logits():
-    info = TaskInfo("t", "classification", 2, metrics=("accuracy", "f1", "mcc"), primary_metric="accuracy")
+    info = TaskInfo(
+        "t", "classification", 2, metrics=("accuracy", "f1", "mcc"), primary_metric="accuracy"
+    )
     logits = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     out = compute_metrics(info, logits, torch.tensor([1, 0, 0, 1, 1]))
     assert list(out) == ["accuracy", "f1", "mcc"]
@@ -105,7 +107,9 @@ def test_compute_metrics_classification_from_torch_logits():
 
 
 def test_compute_metrics_regression():
-    info = TaskInfo("t", "regression", 1, metrics=("pearson", "spearman"), primary_metric="spearman")
+    info = TaskInfo(
+        "t", "regression", 1, metrics=("pearson", "spearman"), primary_metric="spearman"
+    )
     out = compute_metrics(info, np.array([[1.0], [2.0], [3.0], [4.0]]), [1.0, 3.0, 2.0, 4.0])
     assert out["pearson"] == pytest.approx(0.8)
     assert out["spearman"] == pytest.approx(0.8)

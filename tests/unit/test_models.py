@@ -31,7 +31,9 @@ def test_embedded_model_dir():
     assert (d / "config.json").is_file() and (d / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("name", [None, "embedded", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"])
+@pytest.mark.parametrize(
+    "name", [None, "embedded", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"]
+)
 def test_resolve_embedded_aliases(name):
     assert resolve_model_path(name) == embedded_model_dir()
 

@@ -29,7 +29,9 @@ class TwoLinear(nn.Module):
 
 
 def _recipe(modifiers, steps: int = 20, targets=TARGETS):
-    return load_recipe_text(yaml.safe_dump({"training": {"steps": steps}, "targets": targets, "modifiers": modifiers}))
+    return load_recipe_text(
+        yaml.safe_dump({"training": {"steps": steps}, "targets": targets, "modifiers": modifiers})
+    )
 
 
 def _model(seed: int = 0) -> TwoLinear:
@@ -68,8 +70,15 @@ def _cubic(t, t0, t1, s0, sf):
 def test_gmp_exact_sparsity_at_every_step_matches_the_plan(scope):
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
-    spec = {"type": "gmp", "init_sparsity": 0.3, "final_sparsity": 0.9, "start_step": 2, "end_step": 11,
-            "update_every_steps": 3, "scope": scope}
+    spec = {
+        "type": "gmp",
+        "init_sparsity": 0.3,
+        "final_sparsity": 0.9,
+        "start_step": 2,
+        "end_step": 11,
+        "update_every_steps": 3,
+        "scope": scope,
+    }
     program = recipec.compile(_recipe([spec], steps=14), model, optimizer, steps_per_epoch=14)
     events = program.plan.pruning_events()
     # The plan itself, against the cubic formula written out.
@@ -113,12 +122,20 @@ def test_gmp_exact_sparsity_at_every_step_matches_the_plan(scope):
 def test_pruning_step_at_the_stage_end_runs_in_finalize():
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    spec = {"type": "gmp", "init_sparsity": 0.2, "final_sparsity": 0.6, "start_step": 0, "end_step": 4,
-            "update_every_steps": 2}
+    spec = {
+        "type": "gmp",
+        "init_sparsity": 0.2,
+        "final_sparsity": 0.6,
+        "start_step": 0,
+        "end_step": 4,
+        "update_every_steps": 2,
+    }
     program = recipec.compile(_recipe([spec], steps=4), model, optimizer, steps_per_epoch=4)
     for step in range(4):
         _train_step(program, model, optimizer, step)
-    assert program.sparsity()[0] == pytest.approx(round(_cubic(2, 0, 4, 0.2, 0.6) * 1024) / 1024)  # step 2
+    assert program.sparsity()[0] == pytest.approx(
+        round(_cubic(2, 0, 4, 0.2, 0.6) * 1024) / 1024
+    )  # step 2
     program.finalize()
     assert program.sparsity()[0] == pytest.approx(round(0.6 * 1024) / 1024)
     program.finalize()  # idempotent
@@ -130,7 +147,9 @@ def test_global_and_per_layer_rank_differently():
     def build():
         model = TwoLinear(d_in=4, d_hidden=2)  # a: 2 x 4, b: 4 x 2
         with torch.no_grad():
-            model.a.weight.copy_(torch.tensor([[0.01, -0.02, 0.03, -0.04], [0.05, -0.06, 0.07, -0.08]]))
+            model.a.weight.copy_(
+                torch.tensor([[0.01, -0.02, 0.03, -0.04], [0.05, -0.06, 0.07, -0.08]])
+            )
             model.b.weight.copy_(torch.tensor([[1.0, -2.0], [3.0, -4.0], [5.0, -6.0], [7.0, -8.0]]))
         return model
 
@@ -138,7 +157,9 @@ def test_global_and_per_layer_rank_differently():
     results = {}
     for scope in ("global", "per_layer"):
         model = build()
-        program = recipec.compile(_recipe([{**one_shot, "scope": scope}], steps=1), model, None, steps_per_epoch=1)
+        program = recipec.compile(
+            _recipe([{**one_shot, "scope": scope}], steps=1), model, None, steps_per_epoch=1
+        )
         program.step_start(0)
         results[scope] = (model.a.weight.detach().clone(), model.b.weight.detach().clone())
     a_global, b_global = results["global"]
@@ -163,45 +184,75 @@ def _one_layer(weight: torch.Tensor) -> nn.Module:
 
 
 def test_block4_prunes_whole_groups_of_four_along_the_input_dim():
-    w = torch.tensor([
-        [1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 10.0, 10.0],   # group scores |w| sums: 10, 40
-        [5.0, -5.0, 5.0, 5.0, 0.1, -0.2, 0.3, -0.4],   # 20, 1.0
-        [-9.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.5],     # 9, 8.5
-    ])
+    w = torch.tensor(
+        [
+            [1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 10.0, 10.0],  # group scores |w| sums: 10, 40
+            [5.0, -5.0, 5.0, 5.0, 0.1, -0.2, 0.3, -0.4],  # 20, 1.0
+            [-9.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.5],  # 9, 8.5
+        ]
+    )
     model = _one_layer(w)
-    spec = {"type": "gmp", "final_sparsity": 0.5, "start_step": 0, "end_step": 0, "structure": "block4",
-            "scope": "per_layer"}
-    program = recipec.compile(_recipe([spec], steps=1, targets=[r"^a\.weight$"]), model, None, steps_per_epoch=1)
+    spec = {
+        "type": "gmp",
+        "final_sparsity": 0.5,
+        "start_step": 0,
+        "end_step": 0,
+        "structure": "block4",
+        "scope": "per_layer",
+    }
+    program = recipec.compile(
+        _recipe([spec], steps=1, targets=[r"^a\.weight$"]), model, None, steps_per_epoch=1
+    )
     program.step_start(0)
     # 6 groups, prune round(0.5 * 6) = 3 with the lowest sums: 1.0 (row 1, g1), 8.5 (row 2, g1), 9 (row 2, g0).
-    keep = torch.tensor([
-        [1, 1, 1, 1, 1, 1, 1, 1],
-        [1, 1, 1, 1, 0, 0, 0, 0],
-        [0, 0, 0, 0, 0, 0, 0, 0],
-    ], dtype=torch.bool)
+    keep = torch.tensor(
+        [
+            [1, 1, 1, 1, 1, 1, 1, 1],
+            [1, 1, 1, 1, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 0, 0, 0],
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(program.masks.masks["a.weight"], keep)
     assert torch.equal(model.a.weight.detach(), w * keep)
     for i in range(3):
         for j in range(8):
-            assert (model.a.weight[i, j].item() == 0.0) == (not keep[i, j].item()) or w[i, j] == 0, (i, j)
+            assert (model.a.weight[i, j].item() == 0.0) == (not keep[i, j].item()) or w[
+                i, j
+            ] == 0, (i, j)
 
 
 def test_two_four_keeps_the_two_largest_of_each_group_of_four():
-    w = torch.tensor([
-        [1.0, -4.0, 3.0, 2.0, 0.5, 0.1, -0.9, 0.3],
-        [2.0, 2.0, 2.0, 2.0, -7.0, 6.0, 0.0, 1.0],  # a tie: the earlier weights are pruned first
-    ])
+    w = torch.tensor(
+        [
+            [1.0, -4.0, 3.0, 2.0, 0.5, 0.1, -0.9, 0.3],
+            [
+                2.0,
+                2.0,
+                2.0,
+                2.0,
+                -7.0,
+                6.0,
+                0.0,
+                1.0,
+            ],  # a tie: the earlier weights are pruned first
+        ]
+    )
     model = _one_layer(w)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     spec = {"type": "gmp", "final_sparsity": 0.5, "start_step": 0, "structure": "2:4"}
-    program = recipec.compile(_recipe([spec], steps=5, targets=[r"^a\.weight$"]), model, optimizer,
-                              steps_per_epoch=5)
+    program = recipec.compile(
+        _recipe([spec], steps=5, targets=[r"^a\.weight$"]), model, optimizer, steps_per_epoch=5
+    )
     assert [e[0] for e in program.plan.pruning_events()] == [0]  # N:M is one-shot at its start
     program.step_start(0)
-    keep = torch.tensor([
-        [0, 1, 1, 0, 1, 0, 1, 0],
-        [0, 0, 1, 1, 1, 1, 0, 0],
-    ], dtype=torch.bool)
+    keep = torch.tensor(
+        [
+            [0, 1, 1, 0, 1, 0, 1, 0],
+            [0, 0, 1, 1, 1, 1, 0, 0],
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(program.masks.masks["a.weight"], keep)
     assert torch.equal(model.a.weight.detach(), w * keep)
     # Training keeps the pattern: at most 2 non-zeros in every group of 4, exactly where kept.
@@ -225,8 +276,14 @@ def test_masks_survive_100_adamw_steps_with_weight_decay():
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-2, weight_decay=0.1)
     # Masks change while Adam's moments are non-zero (dense steps first, then gradual pruning).
-    spec = {"type": "gmp", "init_sparsity": 0.3, "final_sparsity": 0.8, "start_step": 5, "end_step": 50,
-            "update_every_steps": 5}
+    spec = {
+        "type": "gmp",
+        "init_sparsity": 0.3,
+        "final_sparsity": 0.8,
+        "start_step": 5,
+        "end_step": 50,
+        "update_every_steps": 5,
+    }
     program = recipec.compile(_recipe([spec], steps=100), model, optimizer, steps_per_epoch=100)
     params = {"a.weight": model.a.weight, "b.weight": model.b.weight}
     start = {n: p.detach().clone() for n, p in params.items()}
@@ -279,20 +336,29 @@ def test_gradients_of_pruned_weights_are_zero_before_the_optimizer_step():
 def test_constant_keeps_an_existing_zero_pattern():
     model = _model()
     g = torch.Generator().manual_seed(3)
-    zero = {n: torch.rand(p.shape, generator=g) < 0.6 for n, p in (("a.weight", model.a.weight),
-                                                                      ("b.weight", model.b.weight))}
+    zero = {
+        n: torch.rand(p.shape, generator=g) < 0.6
+        for n, p in (("a.weight", model.a.weight), ("b.weight", model.b.weight))
+    }
     with torch.no_grad():
         model.a.weight[zero["a.weight"]] = 0
         model.b.weight[zero["b.weight"]] = 0
-    start = {"a.weight": model.a.weight.detach().clone(), "b.weight": model.b.weight.detach().clone()}
+    start = {
+        "a.weight": model.a.weight.detach().clone(),
+        "b.weight": model.b.weight.detach().clone(),
+    }
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-2, weight_decay=0.1)
-    program = recipec.compile(_recipe([{"type": "constant"}], steps=30), model, optimizer, steps_per_epoch=30)
+    program = recipec.compile(
+        _recipe([{"type": "constant"}], steps=30), model, optimizer, steps_per_epoch=30
+    )
     for step in range(30):
         _train_step(program, model, optimizer, step)
     for name, p in (("a.weight", model.a.weight), ("b.weight", model.b.weight)):
         assert torch.equal(program.masks.masks[name], ~zero[name])
         assert torch.equal(p.detach() == 0, zero[name])  # same zeros, no new ones
-        assert not torch.allclose(p.detach()[~zero[name]], start[name][~zero[name]])  # the rest trained
+        assert not torch.allclose(
+            p.detach()[~zero[name]], start[name][~zero[name]]
+        )  # the rest trained
     assert set(program.masks.masks) == {"a.weight", "b.weight"}
 
 
@@ -301,8 +367,12 @@ def test_constant_starts_at_its_window():
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-2)
     with torch.no_grad():
         model.a.weight[:, :4] = 0
-    program = recipec.compile(_recipe([{"type": "constant", "start_step": 3}], steps=6), model, optimizer,
-                              steps_per_epoch=6)
+    program = recipec.compile(
+        _recipe([{"type": "constant", "start_step": 3}], steps=6),
+        model,
+        optimizer,
+        steps_per_epoch=6,
+    )
     for step in range(3):
         _train_step(program, model, optimizer, step)
     assert program.masks.masks == {}
@@ -319,14 +389,23 @@ def test_constant_starts_at_its_window():
 
 def test_lr_modifier_writes_the_plan_lr_into_every_group_at_each_step_start():
     model = _model()
-    optimizer = torch.optim.AdamW([
-        {"params": [model.a.weight, model.a.bias], "lr": 0.5},
-        {"params": [model.b.weight, model.b.bias], "lr": 0.25, "weight_decay": 0.0},
-    ])
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [model.a.weight, model.a.bias], "lr": 0.5},
+            {"params": [model.b.weight, model.b.bias], "lr": 0.25, "weight_decay": 0.0},
+        ]
+    )
     lrs = [
         {"type": "lr", "schedule": "linear", "init_lr": 1e-3, "final_lr": 1e-4, "end_step": 10},
-        {"type": "lr", "schedule": "cyclic_linear", "init_lr": 8e-4, "final_lr": 8e-5, "start_step": 10,
-         "end_step": 20, "cycle_steps": 5},
+        {
+            "type": "lr",
+            "schedule": "cyclic_linear",
+            "init_lr": 8e-4,
+            "final_lr": 8e-5,
+            "start_step": 10,
+            "end_step": 20,
+            "cycle_steps": 5,
+        },
     ]
     program = recipec.compile(_recipe(lrs, steps=24), model, optimizer, steps_per_epoch=24)
     # An external scheduler on the same optimizer: the recipe still wins at every step start.
@@ -373,16 +452,30 @@ def test_no_lr_modifier_leaves_the_lr_alone():
 
 
 RESUME_RECIPE = [
-    {"type": "gmp", "init_sparsity": 0.2, "final_sparsity": 0.85, "start_step": 1, "end_step": 13,
-     "update_every_steps": 3},
-    {"type": "lr", "schedule": "cyclic_linear", "init_lr": 2e-2, "final_lr": 2e-3, "cycle_steps": 3},
+    {
+        "type": "gmp",
+        "init_sparsity": 0.2,
+        "final_sparsity": 0.85,
+        "start_step": 1,
+        "end_step": 13,
+        "update_every_steps": 3,
+    },
+    {
+        "type": "lr",
+        "schedule": "cyclic_linear",
+        "init_lr": 2e-2,
+        "final_lr": 2e-3,
+        "cycle_steps": 3,
+    },
 ]
 
 
 def _fresh(seed: int = 0):
     model = _model(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1.0, weight_decay=0.05)
-    program = recipec.compile(_recipe(RESUME_RECIPE, steps=16), model, optimizer, steps_per_epoch=16)
+    program = recipec.compile(
+        _recipe(RESUME_RECIPE, steps=16), model, optimizer, steps_per_epoch=16
+    )
     return model, optimizer, program
 
 
@@ -392,15 +485,23 @@ def test_state_dict_round_trip_resumes_with_identical_masks():
     for step in range(16):
         if step == 6:  # between pruning steps 4 and 7, after 2 pruning events
             buffer = io.BytesIO()
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "program": program.state_dict()}, buffer)
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "program": program.state_dict(),
+                },
+                buffer,
+            )
             checkpoint = buffer.getvalue()
         _train_step(program, model, optimizer, step)
     program.finalize()
     reference_masks = {n: m.clone() for n, m in program.masks.masks.items()}
     reference_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    model2, optimizer2, program2 = _fresh(seed=123)  # different init: everything must come from the checkpoint
+    model2, optimizer2, program2 = _fresh(
+        seed=123
+    )  # different init: everything must come from the checkpoint
     state = torch.load(io.BytesIO(checkpoint), weights_only=True)
     model2.load_state_dict(state["model"])
     optimizer2.load_state_dict(state["optimizer"])
@@ -427,26 +528,39 @@ def test_load_state_dict_rejects_another_stage_or_recipe():
     _, _, program = _fresh()
     state = program.state_dict()
     model, optimizer = _model(), None
-    other = recipec.compile(_recipe(RESUME_RECIPE[:1], steps=16), model, optimizer, steps_per_epoch=16)
+    other = recipec.compile(
+        _recipe(RESUME_RECIPE[:1], steps=16), model, optimizer, steps_per_epoch=16
+    )
     with pytest.raises(CompileError, match="different number of modifiers"):
         other.load_state_dict(state)
     with pytest.raises(CompileError, match="stage"):
         program.load_state_dict({**state, "stage": "finetune"})
     with pytest.raises(CompileError, match="does not have"):
-        program.load_state_dict({**state, "masks": {"c.weight": torch.ones(2, 2, dtype=torch.bool)}})
+        program.load_state_dict(
+            {**state, "masks": {"c.weight": torch.ones(2, 2, dtype=torch.bool)}}
+        )
 
 
 # -- oBERT runtime ----------------------------------------------------------------------------
 
 
 def test_obert_modifier_reaches_the_planned_sparsity_at_each_step():
-    pytest.importorskip("recipec.sparsity.obs", reason="oBERT's obert_prune_step is not importable yet")
+    pytest.importorskip(
+        "recipec.sparsity.obs", reason="oBERT's obert_prune_step is not importable yet"
+    )
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = BertForSequenceClassification(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     calls = []
@@ -455,14 +569,28 @@ def test_obert_modifier_reaches_the_planned_sparsity_at_each_step():
         g = torch.Generator().manual_seed(len(calls))
         calls.append(batch_size)
         while True:
-            yield {"input_ids": torch.randint(0, 64, (batch_size, 12), generator=g),
-                   "labels": torch.randint(0, 2, (batch_size,), generator=g)}
+            yield {
+                "input_ids": torch.randint(0, 64, (batch_size, 12), generator=g),
+                "labels": torch.randint(0, 2, (batch_size,), generator=g),
+            }
 
-    spec = {"type": "obert", "init_sparsity": 0.3, "final_sparsity": 0.6, "start_step": 0, "end_step": 4,
-            "update_every_steps": 2, "num_grads": 4, "fisher_block_size": 16, "grad_batch_size": 3,
-            "damp": 1e-4, "targets": None}
+    spec = {
+        "type": "obert",
+        "init_sparsity": 0.3,
+        "final_sparsity": 0.6,
+        "start_step": 0,
+        "end_step": 4,
+        "update_every_steps": 2,
+        "num_grads": 4,
+        "fisher_block_size": 16,
+        "grad_batch_size": 3,
+        "damp": 1e-4,
+        "targets": None,
+    }
     recipe = load_recipe_text(yaml.safe_dump({"training": {"steps": 6}, "modifiers": [spec]}))
-    program = recipec.compile(recipe, model, optimizer, steps_per_epoch=6, grad_batches=grad_batches)
+    program = recipec.compile(
+        recipe, model, optimizer, steps_per_epoch=6, grad_batches=grad_batches
+    )
     (obert,) = program.modifiers
     total = sum(p.numel() for p in obert.targets.values())
     assert total == 2 * (4 * 32 * 32 + 2 * 32 * 64)

@@ -27,7 +27,9 @@ def _one_thread_small_vocab(tiny_bert_config):
     torch.set_num_threads(threads)
 
 
-def _recipe(structure: str = "unstructured", recomputations: int = 1, block: int = 16, extra: str = ""):
+def _recipe(
+    structure: str = "unstructured", recomputations: int = 1, block: int = 16, extra: str = ""
+):
     return load_recipe_text(
         f"""
 version: 1
@@ -100,8 +102,9 @@ def test_exact_planned_sparsity_at_each_pruning_step(make_tiny_bert, structure, 
     model = make_tiny_bert()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = _Batches()
-    program = recipec.compile(_recipe(structure, block=block), model, optimizer, steps_per_epoch=10,
-                              grad_batches=batches)
+    program = recipec.compile(
+        _recipe(structure, block=block), model, optimizer, steps_per_epoch=10, grad_batches=batches
+    )
     mod, seen = _train(model, program, optimizer)
 
     planned = list(zip(mod.resolved.pruning_steps, mod.resolved.sparsities))
@@ -154,7 +157,9 @@ def test_recomputations_reach_the_same_final_sparsity(make_tiny_bert):
         model = make_tiny_bert()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         batches = _Batches()
-        program = recipec.compile(_recipe(recomputations=r), model, optimizer, 10, grad_batches=batches)
+        program = recipec.compile(
+            _recipe(recomputations=r), model, optimizer, 10, grad_batches=batches
+        )
         mod, seen = _train(model, program, optimizer)
         results[r] = [pruned for _, _, pruned, _ in seen]
         # The Fisher is re-estimated for every sub-step: one fresh gradient iterator each.
@@ -213,10 +218,37 @@ def test_oneshot_benchmark_end_to_end_on_a_tiny_slice(shared_data_dir, tmp_path,
         pytest.skip(str(exc))
     oneshot = load_benchmark("oneshot")
     out, cache = tmp_path / "out", tmp_path / "cache"
-    argv = ["--data", str(sst2), "--train-examples", "48", "--tune-examples", "16", "--steps", "3",
-            "--batch-size", "16", "--num-grads", "4", "--grad-batch-size", "4", "--grad-batch", "2",
-            "--damps", "1e-5", "1e-4", "--max-eval", "24", "--sparsities", "0.5", "0.7",
-            "--out", str(out), "--cache", str(cache), "--quiet"]
+    argv = [
+        "--data",
+        str(sst2),
+        "--train-examples",
+        "48",
+        "--tune-examples",
+        "16",
+        "--steps",
+        "3",
+        "--batch-size",
+        "16",
+        "--num-grads",
+        "4",
+        "--grad-batch-size",
+        "4",
+        "--grad-batch",
+        "2",
+        "--damps",
+        "1e-5",
+        "1e-4",
+        "--max-eval",
+        "24",
+        "--sparsities",
+        "0.5",
+        "0.7",
+        "--out",
+        str(out),
+        "--cache",
+        str(cache),
+        "--quiet",
+    ]
     assert oneshot.main(argv) == 0
     report = json.loads((out / "oneshot.json").read_text())
     assert (out / "oneshot.md").read_text().startswith("# One-shot pruning on SST-2")
@@ -247,8 +279,14 @@ def test_bundled_obert_recipes_compile_and_take_their_first_step(make_tiny_bert,
     model = make_tiny_bert()
     recipe = load_recipe(REPO / "recipes" / f"{name}.yaml", ["num_grads=6"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    program = recipec.compile(recipe, model, optimizer, steps_per_epoch=2, teacher=copy.deepcopy(model),
-                              grad_batches=_Batches())
+    program = recipec.compile(
+        recipe,
+        model,
+        optimizer,
+        steps_per_epoch=2,
+        teacher=copy.deepcopy(model),
+        grad_batches=_Batches(),
+    )
     (mod,) = [m for m in program.modifiers if isinstance(m, OBertModifier)]
     assert (mod.spec.num_grads, mod.spec.damp, mod.spec.grad_batch_size) == (6, 1e-7, 16)
     assert mod.spec.fisher_block_size == (32 if "block4" in name else 50)
@@ -289,7 +327,9 @@ modifiers:
 """,
         "<test>",
     )
-    program = recipec.compile(recipe, model, None, steps_per_epoch=10, grad_batches=_Batches(), teacher=teacher)
+    program = recipec.compile(
+        recipe, model, None, steps_per_epoch=10, grad_batches=_Batches(), teacher=teacher
+    )
     (mod,) = [m for m in program.modifiers if isinstance(m, OBertModifier)]
     batch = next(_Batches()(4))
     model.eval()
@@ -300,7 +340,9 @@ modifiers:
         loss = out.loss
         if distil:
             with torch.no_grad():
-                t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                t = teacher(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
             loss = distillation_loss(loss, out.logits, t, 0.6, 2.0)
         loss.backward()
         return torch.cat([p.grad.flatten() for p in mod.targets.values()])
@@ -310,6 +352,10 @@ modifiers:
         grads = mod._grad_fn()()
         got = torch.cat([grads[n].flatten() for n in mod.targets])
         want = by_hand(distil)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()), msg=f"step {step}")
+        torch.testing.assert_close(
+            got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()), msg=f"step {step}"
+        )
     with_kd, without = by_hand(True), by_hand(False)
-    assert float((with_kd - without).abs().max()) > 0.1 * float(without.abs().max())  # the two losses differ
+    assert float((with_kd - without).abs().max()) > 0.1 * float(
+        without.abs().max()
+    )  # the two losses differ

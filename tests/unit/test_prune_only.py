@@ -19,18 +19,24 @@ ONE_SHOT_GMP = {"type": "gmp", "init_sparsity": 0.6, "final_sparsity": 0.6, "sco
 
 
 def _text(modifiers, training=None):
-    return yaml.safe_dump({"training": training or {"steps": 0}, "modifiers": modifiers}, sort_keys=False)
+    return yaml.safe_dump(
+        {"training": training or {"steps": 0}, "modifiers": modifiers}, sort_keys=False
+    )
 
 
 def test_a_prune_only_stage_prunes_once_at_step_zero():
-    recipe = load_recipe_text(_text([ONE_SHOT_GMP, {"type": "constant", "targets": ["classifier"]}]))
+    recipe = load_recipe_text(
+        _text([ONE_SHOT_GMP, {"type": "constant", "targets": ["classifier"]}])
+    )
     (plan,) = resolve(recipe, steps_per_epoch=7)
     assert plan.total_steps == 0 and plan.training.prune_only
     assert plan.pruning_events() == [(0, 0, 0.6)]
     stage = plan_to_dict([plan])["stages"][0]
     assert stage["prune_only"] is True and stage["lr"] == []
     # windows given as 0, in steps or in epochs, are the same one-shot step
-    recipe = load_recipe_text(_text([dict(ONE_SHOT_GMP, start_epoch=0.0, end_step=0, update_every_steps=3)]))
+    recipe = load_recipe_text(
+        _text([dict(ONE_SHOT_GMP, start_epoch=0.0, end_step=0, update_every_steps=3)])
+    )
     assert resolve(recipe, steps_per_epoch=7)[0].pruning_events() == [(0, 0, 0.6)]
 
 
@@ -40,44 +46,68 @@ def test_epochs_that_round_to_zero_steps_still_train_one_step():
 
 
 def test_training_modifiers_and_later_windows_are_errors_with_their_lines():
-    text = _text([
-        dict(ONE_SHOT_GMP, end_step=5, update_every_steps=1),
-        {"type": "lr", "init_lr": 1e-4},
-        {"type": "distill", "teacher": "t"},
-        {"type": "cram", "sparsities": [0.5], "targets": ["pooler"]},
-        {"type": "constant", "targets": ["classifier"], "start_epoch": 1.0},
-    ])
+    text = _text(
+        [
+            dict(ONE_SHOT_GMP, end_step=5, update_every_steps=1),
+            {"type": "lr", "init_lr": 1e-4},
+            {"type": "distill", "teacher": "t"},
+            {"type": "cram", "sparsities": [0.5], "targets": ["pooler"]},
+            {"type": "constant", "targets": ["classifier"], "start_epoch": 1.0},
+        ]
+    )
     with pytest.raises(RecipeError) as info:
         load_recipe_text(text, "r.yaml")
     got = [(p.path, p.location.line) for p in info.value.problems]
     lines = text.splitlines()
-    want = [("modifiers.0.end_step", next(i for i, t in enumerate(lines, 1) if "end_step" in t)),
-            ("modifiers.1.type", next(i for i, t in enumerate(lines, 1) if "type: lr" in t)),
-            ("modifiers.2.type", next(i for i, t in enumerate(lines, 1) if "type: distill" in t)),
-            ("modifiers.3.type", next(i for i, t in enumerate(lines, 1) if "type: cram" in t)),
-            ("modifiers.4.start_epoch", next(i for i, t in enumerate(lines, 1) if "start_epoch" in t))]
+    want = [
+        ("modifiers.0.end_step", next(i for i, t in enumerate(lines, 1) if "end_step" in t)),
+        ("modifiers.1.type", next(i for i, t in enumerate(lines, 1) if "type: lr" in t)),
+        ("modifiers.2.type", next(i for i, t in enumerate(lines, 1) if "type: distill" in t)),
+        ("modifiers.3.type", next(i for i, t in enumerate(lines, 1) if "type: cram" in t)),
+        ("modifiers.4.start_epoch", next(i for i, t in enumerate(lines, 1) if "start_epoch" in t)),
+    ]
     assert got == want
     assert all("prune-only stage (training.steps: 0)" in p.message for p in info.value.problems)
 
 
 def test_the_planner_rechecks_recipes_built_in_python():
-    recipe = Recipe.model_validate({"training": {"steps": 0}, "modifiers": [{"type": "lr", "init_lr": 1e-4}]})
+    recipe = Recipe.model_validate(
+        {"training": {"steps": 0}, "modifiers": [{"type": "lr", "init_lr": 1e-4}]}
+    )
     with pytest.raises(PlanError, match=r"modifiers.0.type: a prune-only stage .* lr modifier"):
         resolve_stage(recipe, recipe.resolved_stages()[0], 5)
 
 
 def test_only_the_stage_with_steps_zero_is_prune_only():
-    recipe = load_recipe_text(yaml.safe_dump({"training": {"epochs": 1}, "stages": [
-        {"name": "train", "modifiers": [{"type": "lr", "init_lr": 1e-4}]},
-        {"name": "prune", "training": {"steps": 0}, "modifiers": [ONE_SHOT_GMP]},
-    ]}))
+    recipe = load_recipe_text(
+        yaml.safe_dump(
+            {
+                "training": {"epochs": 1},
+                "stages": [
+                    {"name": "train", "modifiers": [{"type": "lr", "init_lr": 1e-4}]},
+                    {"name": "prune", "training": {"steps": 0}, "modifiers": [ONE_SHOT_GMP]},
+                ],
+            }
+        )
+    )
     train, prune = resolve(recipe, steps_per_epoch=4)
     assert (train.total_steps, prune.total_steps) == (4, 0)
     with pytest.raises(RecipeError, match=r"stages.1.modifiers.0.type: a prune-only stage"):
-        load_recipe_text(yaml.safe_dump({"training": {"epochs": 1}, "stages": [
-            {"name": "prune", "training": {"steps": 0}, "modifiers": []},
-            {"name": "p2", "training": {"steps": 0}, "modifiers": [{"type": "lr", "init_lr": 1e-4}]},
-        ]}))
+        load_recipe_text(
+            yaml.safe_dump(
+                {
+                    "training": {"epochs": 1},
+                    "stages": [
+                        {"name": "prune", "training": {"steps": 0}, "modifiers": []},
+                        {
+                            "name": "p2",
+                            "training": {"steps": 0},
+                            "modifiers": [{"type": "lr", "init_lr": 1e-4}],
+                        },
+                    ],
+                }
+            )
+        )
 
 
 def test_plan_cli_prints_and_plots_it(tmp_path):
@@ -96,8 +126,22 @@ def test_plan_cli_prints_and_plots_it(tmp_path):
 def _apply(recipe_text: str, model_dir, out, *extra: str):
     path = out.parent / f"{out.name}.yaml"
     path.write_text(recipe_text)
-    result = CliRunner().invoke(main, ["apply", str(path), "--model", str(model_dir), "--max-train", "40",
-                                       "--max-eval", "24", "--output", str(out), *extra])
+    result = CliRunner().invoke(
+        main,
+        [
+            "apply",
+            str(path),
+            "--model",
+            str(model_dir),
+            "--max-train",
+            "40",
+            "--max-eval",
+            "24",
+            "--output",
+            str(out),
+            *extra,
+        ],
+    )
     assert result.exit_code == 0, result.output
     return result.output, json.loads((out / "report.json").read_text())
 
@@ -109,10 +153,17 @@ def test_apply_changes_nothing_but_the_pruned_weights(tiny_model_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "run"
-    output, report = _apply(_text([ONE_SHOT_GMP], {"steps": 0, "batch_size": 8, "max_seq_length": 32}),
-                            tiny_model_dir, out)
-    before = dict(AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).named_parameters())
-    after = dict(AutoModelForSequenceClassification.from_pretrained(out / "model").named_parameters())
+    output, report = _apply(
+        _text([ONE_SHOT_GMP], {"steps": 0, "batch_size": 8, "max_seq_length": 32}),
+        tiny_model_dir,
+        out,
+    )
+    before = dict(
+        AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).named_parameters()
+    )
+    after = dict(
+        AutoModelForSequenceClassification.from_pretrained(out / "model").named_parameters()
+    )
     masks = load_file(str(out / "model" / "masks.safetensors"))
     assert masks, "no tensor was pruned"
     scores = torch.cat([before[n].detach().abs().flatten() for n in masks])
@@ -137,18 +188,33 @@ def test_apply_changes_nothing_but_the_pruned_weights(tiny_model_dir, tmp_path):
     assert "prune-only (one-shot)" in (out / "report.md").read_text()
 
 
-def test_a_distilling_stage_after_a_prune_only_stage_gets_a_trained_teacher(tiny_model_dir, tmp_path, monkeypatch):
+def test_a_distilling_stage_after_a_prune_only_stage_gets_a_trained_teacher(
+    tiny_model_dir, tmp_path, monkeypatch
+):
     """The auto teacher trains as long as the stage that distils, not the prune-only stage before it."""
     monkeypatch.setenv("RECIPEC_CACHE", str(tmp_path / "cache"))
-    text = yaml.safe_dump({"training": {"batch_size": 8, "max_seq_length": 32, "learning_rate": 1e-3}, "stages": [
-        {"name": "prune", "training": {"steps": 0}, "modifiers": [ONE_SHOT_GMP]},
-        {"name": "recover", "training": {"epochs": 2}, "modifiers": [
-            {"type": "constant"}, {"type": "distill", "teacher": "auto", "hardness": 0.5}]},
-    ]})
+    text = yaml.safe_dump(
+        {
+            "training": {"batch_size": 8, "max_seq_length": 32, "learning_rate": 1e-3},
+            "stages": [
+                {"name": "prune", "training": {"steps": 0}, "modifiers": [ONE_SHOT_GMP]},
+                {
+                    "name": "recover",
+                    "training": {"epochs": 2},
+                    "modifiers": [
+                        {"type": "constant"},
+                        {"type": "distill", "teacher": "auto", "hardness": 0.5},
+                    ],
+                },
+            ],
+        }
+    )
     _, report = _apply(text, tiny_model_dir, tmp_path / "run")
     assert report["teacher"]["steps"] == 2 * 5  # 40 examples / batch 8 = 5 steps per epoch
     assert [s["steps"] for s in report["stages"]] == [0, 10]
-    assert report["sparsity"]["targets"] == pytest.approx(0.6, abs=1e-4)  # the constant stage kept the zeros
+    assert report["sparsity"]["targets"] == pytest.approx(
+        0.6, abs=1e-4
+    )  # the constant stage kept the zeros
 
 
 def test_oneshot_obert_after_training(tiny_model_dir, tmp_path, monkeypatch):
@@ -158,12 +224,28 @@ def test_oneshot_obert_after_training(tiny_model_dir, tmp_path, monkeypatch):
     calls = []
     real = loop.evaluate
     monkeypatch.setattr(loop, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
-    text = yaml.safe_dump({"training": {"batch_size": 8, "max_seq_length": 32}, "stages": [
-        {"name": "train", "training": {"steps": 3}},
-        {"name": "prune", "training": {"steps": 0}, "modifiers": [
-            {"type": "obert", "init_sparsity": 0.5, "final_sparsity": 0.5, "num_grads": 4, "grad_batch_size": 4,
-             "fisher_block_size": 16}]},
-    ]})
+    text = yaml.safe_dump(
+        {
+            "training": {"batch_size": 8, "max_seq_length": 32},
+            "stages": [
+                {"name": "train", "training": {"steps": 3}},
+                {
+                    "name": "prune",
+                    "training": {"steps": 0},
+                    "modifiers": [
+                        {
+                            "type": "obert",
+                            "init_sparsity": 0.5,
+                            "final_sparsity": 0.5,
+                            "num_grads": 4,
+                            "grad_batch_size": 4,
+                            "fisher_block_size": 16,
+                        }
+                    ],
+                },
+            ],
+        }
+    )
     output, report = _apply(text, tiny_model_dir, tmp_path / "run")
     assert [s["steps"] for s in report["stages"]] == [3, 0]
     assert report["sparsity"]["targets"] == pytest.approx(0.5, abs=1e-4)
@@ -172,7 +254,9 @@ def test_oneshot_obert_after_training(tiny_model_dir, tmp_path, monkeypatch):
     assert len(calls) == 2  # the end of training, then after pruning: not the same model twice
 
 
-def test_ctrl_c_during_the_one_shot_pruning_keeps_it_and_resume_finishes(tiny_model_dir, tmp_path, monkeypatch):
+def test_ctrl_c_during_the_one_shot_pruning_keeps_it_and_resume_finishes(
+    tiny_model_dir, tmp_path, monkeypatch
+):
     import os
     import signal
 
@@ -187,8 +271,18 @@ def test_ctrl_c_during_the_one_shot_pruning_keeps_it_and_resume_finishes(tiny_mo
     recipe = tmp_path / "r.yaml"
     recipe.write_text(_text([ONE_SHOT_GMP], {"steps": 0, "batch_size": 8, "max_seq_length": 32}))
     out = tmp_path / "run"
-    args = ["apply", str(recipe), "--model", str(tiny_model_dir), "--max-train", "40", "--max-eval", "24",
-            "--output", str(out)]
+    args = [
+        "apply",
+        str(recipe),
+        "--model",
+        str(tiny_model_dir),
+        "--max-train",
+        "40",
+        "--max-eval",
+        "24",
+        "--output",
+        str(out),
+    ]
     monkeypatch.setattr(Program, "step_start", pressed)
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 130, result.output
@@ -204,7 +298,9 @@ def test_ctrl_c_during_the_one_shot_pruning_keeps_it_and_resume_finishes(tiny_mo
 
 
 def test_zero_epochs_points_to_steps_zero_and_inherited_steps_are_named():
-    with pytest.raises(RecipeError, match=r"training.epochs: epochs must be greater than 0; .* write steps: 0"):
+    with pytest.raises(
+        RecipeError, match=r"training.epochs: epochs must be greater than 0; .* write steps: 0"
+    ):
         load_recipe_text(_text([], training={"epochs": 0}), "r.yaml")
     text = "training:\n  steps: 0\nstages:\n  - name: a\n    modifiers:\n      - {type: lr, init_lr: 1.0e-4}\n"
     with pytest.raises(RecipeError) as info:
@@ -212,4 +308,3 @@ def test_zero_epochs_points_to_steps_zero_and_inherited_steps_are_named():
     (problem,) = info.value.problems
     assert (problem.path, problem.location.line) == ("stages.0.modifiers.0.type", 6)
     assert problem.message.endswith("(stage 'a' inherits training.steps: 0 from line 2)")
-

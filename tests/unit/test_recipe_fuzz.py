@@ -24,9 +24,17 @@ scalars = st.one_of(
     st.integers(min_value=-(10**30), max_value=10**30),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=30),
-    st.sampled_from(["${", "${1/0}", "${nope}", "${10**10**10}", "gmp", "block4", "2:4", "∞", "é", "\x00"]),
+    st.sampled_from(
+        ["${", "${1/0}", "${nope}", "${10**10**10}", "gmp", "block4", "2:4", "∞", "é", "\x00"]
+    ),
 )
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=12)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 def _paths(node, prefix=()):
@@ -63,15 +71,30 @@ def mutated_recipes(draw):
     text = yaml.safe_dump(data, allow_unicode=True, sort_keys=False, width=10**6)
     if draw(st.booleans()):
         cut = draw(st.integers(0, len(text)))
-        text = text[:cut] + draw(st.text(max_size=8)) + text[cut + draw(st.integers(0, 5)):]
+        text = text[:cut] + draw(st.text(max_size=8)) + text[cut + draw(st.integers(0, 5)) :]
     return text
 
 
 overrides = st.lists(
     st.one_of(
-        st.builds(lambda k, v: f"{k}={v}", st.sampled_from(["target_sparsity", "training.epochs", "modifiers.0.final_sparsity", "modifiers.9.x", "a.b.c", ""]), st.text(max_size=10)),
+        st.builds(
+            lambda k, v: f"{k}={v}",
+            st.sampled_from(
+                [
+                    "target_sparsity",
+                    "training.epochs",
+                    "modifiers.0.final_sparsity",
+                    "modifiers.9.x",
+                    "a.b.c",
+                    "",
+                ]
+            ),
+            st.text(max_size=10),
+        ),
         # prune-only stages: every bundled recipe with training.steps 0 (its lr/distill/cram refused)
-        st.sampled_from(["training.steps=0", "stages.0.training.steps=0", "stages.1.training.steps=0"]),
+        st.sampled_from(
+            ["training.steps=0", "stages.0.training.steps=0", "stages.1.training.steps=0"]
+        ),
         st.text(max_size=15),
     ),
     max_size=2,
@@ -113,4 +136,11 @@ def test_null_and_scalar_documents():
 def test_huge_and_deep_inputs():
     _check("a: " + "[" * 5000 + "]" * 5000, [])
     _check("training:\n  steps: " + "9" * 5000 + "\n", [])
-    _check("x: &a [1]\n" + "".join(f"y{i}: &a{i} [*a, *a, *a, *a]\n" for i in range(1)) + "z: [" + ", ".join(["*a"] * 2000) + "]\n", [])
+    _check(
+        "x: &a [1]\n"
+        + "".join(f"y{i}: &a{i} [*a, *a, *a, *a]\n" for i in range(1))
+        + "z: ["
+        + ", ".join(["*a"] * 2000)
+        + "]\n",
+        [],
+    )

@@ -57,8 +57,15 @@ def tiny_bert(sparsity=0.95):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
     model = BertForSequenceClassification(cfg).eval()
     masks = magnitude_masks(model, sparsity)
     from recipec.exporters.checkpoint import squash
@@ -128,10 +135,12 @@ def test_sparsify_model_measures_and_keeps_dense_when_not_faster(monkeypatch):
 
 def test_sparsify_model_picks_fastest_kernel(monkeypatch):
     model, masks = tiny_bert()
-    monkeypatch.setattr(rt, "measure_layer",
-                        lambda lin, tokens, kernels, rounds=5: {"dense": 1.0, "csr": 0.5})
-    choices = rt.sparsify_model(model, tokens=16, names=rt.pruned_linear_names(model, masks),
-                                kernels=["csr"])
+    monkeypatch.setattr(
+        rt, "measure_layer", lambda lin, tokens, kernels, rounds=5: {"dense": 1.0, "csr": 0.5}
+    )
+    choices = rt.sparsify_model(
+        model, tokens=16, names=rt.pruned_linear_names(model, masks), kernels=["csr"]
+    )
     assert {c.kernel for c in choices} == {"csr"}
     assert choices[0].speedup == pytest.approx(2.0)
 
@@ -175,7 +184,9 @@ def test_ort_runner(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "m.onnx"))
-    runner = rt.OrtRunner(rt.ort_session(tmp_path / "m.onnx", 1), {"input_ids": np.ones((2, 3), np.int64)})
+    runner = rt.OrtRunner(
+        rt.ort_session(tmp_path / "m.onnx", 1), {"input_ids": np.ones((2, 3), np.int64)}
+    )
     np.testing.assert_array_equal(runner.outputs(), np.ones((2, 3), np.float32))
     assert len(runner.time(4)) == 4
 
@@ -196,7 +207,7 @@ def test_find_deepsparse_python(monkeypatch, tmp_path):
         rt.find_deepsparse_python()
 
 
-FAKE_DEEPSPARSE = '''
+FAKE_DEEPSPARSE = """
 import numpy as np
 __version__ = "0.0-fake"
 class _Engine:
@@ -212,7 +223,7 @@ class _Engine:
 OFFSET = {offset}
 def compile_model(path, batch_size=1, num_cores=None, **kw):
     return _Engine(path, batch_size)
-'''
+"""
 
 
 def fake_deepsparse_python(tmp_path: Path, offset: float) -> Path:
@@ -221,11 +232,13 @@ def fake_deepsparse_python(tmp_path: Path, offset: float) -> Path:
     (pkg / "deepsparse").mkdir(parents=True)
     (pkg / "deepsparse" / "__init__.py").write_text(FAKE_DEEPSPARSE.format(offset=offset))
     exe = tmp_path / f"python-{offset}".replace(".", "_")
-    exe.write_text(textwrap.dedent(f"""\
+    exe.write_text(
+        textwrap.dedent(f"""\
         #!/bin/sh
         export PYTHONPATH={pkg}
         exec {sys.executable} "$@"
-        """))
+        """)
+    )
     exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
     return exe
 
@@ -237,8 +250,10 @@ def _two_input_model(path: Path) -> None:
     graph = helper.make_graph(
         [helper.make_node("Identity", ["a"], ["logits"])],
         "g",
-        [helper.make_tensor_value_info("a", TensorProto.INT64, ["b", "s"]),
-         helper.make_tensor_value_info("c", TensorProto.INT64, ["b", "s"])],
+        [
+            helper.make_tensor_value_info("a", TensorProto.INT64, ["b", "s"]),
+            helper.make_tensor_value_info("c", TensorProto.INT64, ["b", "s"]),
+        ],
         [helper.make_tensor_value_info("logits", TensorProto.INT64, ["b", "s"])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -251,8 +266,9 @@ def test_deepsparse_worker_checks_outputs_then_times(tmp_path):
     _two_input_model(tmp_path / "m.onnx")
     inputs = {"a": np.ones((2, 5), np.int64), "c": np.full((2, 5), 2, np.int64)}
     expected = np.array([[5.0, 10.0], [5.0, 10.0]], np.float32)
-    worker = rt.DeepSparseWorker(fake_deepsparse_python(tmp_path, 0.0), num_cores=1,
-                                 require_numpy1=False)
+    worker = rt.DeepSparseWorker(
+        fake_deepsparse_python(tmp_path, 0.0), num_cores=1, require_numpy1=False
+    )
     try:
         assert worker.info["deepsparse"] == "0.0-fake"
         runner = worker.runner(tmp_path / "m.onnx", inputs, expected)

@@ -36,9 +36,15 @@ def test_cyclic_lr_rewinds_at_every_cycle():
 
 
 def test_warmup_cosine_constant():
-    assert schedules.lr_in_window(0, start=0, end=10, schedule="constant", init_lr=1.0, final_lr=0.0, warmup=4) == pytest.approx(0.2)
-    assert schedules.lr_in_window(4, start=0, end=10, schedule="cosine", init_lr=1.0, final_lr=0.0, warmup=4) == pytest.approx(1.0)
-    assert schedules.lr_in_window(7, start=0, end=10, schedule="cosine", init_lr=1.0, final_lr=0.0, warmup=4) == pytest.approx(0.5)
+    assert schedules.lr_in_window(
+        0, start=0, end=10, schedule="constant", init_lr=1.0, final_lr=0.0, warmup=4
+    ) == pytest.approx(0.2)
+    assert schedules.lr_in_window(
+        4, start=0, end=10, schedule="cosine", init_lr=1.0, final_lr=0.0, warmup=4
+    ) == pytest.approx(1.0)
+    assert schedules.lr_in_window(
+        7, start=0, end=10, schedule="cosine", init_lr=1.0, final_lr=0.0, warmup=4
+    ) == pytest.approx(0.5)
     assert schedules.default_lr(50, total=100, learning_rate=1.0) == pytest.approx(0.5)
 
 

@@ -48,27 +48,48 @@ DISTILBERT_LINEARS = (
 def _tiny(kind: str):
     torch.manual_seed(0)
     if kind == "bert":
-        cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=32)
+        cfg = BertConfig(
+            vocab_size=64,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+        )
         return BertForSequenceClassification(cfg)
     if kind == "roberta":
-        cfg = RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=32, max_position_embeddings=34)
+        cfg = RobertaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=34,
+        )
         return RobertaForSequenceClassification(cfg)
     if kind == "distilbert":
-        cfg = DistilBertConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, hidden_dim=32,
-                               max_position_embeddings=32)
+        cfg = DistilBertConfig(
+            vocab_size=64, dim=16, n_layers=2, n_heads=2, hidden_dim=32, max_position_embeddings=32
+        )
         return DistilBertForSequenceClassification(cfg)
     raise ValueError(kind)
 
 
 def _minilm_config() -> BertConfig:
     """The shape of all-MiniLM-L6-v2: a BERT with 6 layers, hidden 384, 12 heads, FFN 1536."""
-    return BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                      intermediate_size=1536, max_position_embeddings=512)
+    return BertConfig(
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+    )
 
 
-def _expected(prefix: str, layers: int, linears: tuple[str, ...], stack: str = "encoder") -> set[str]:
+def _expected(
+    prefix: str, layers: int, linears: tuple[str, ...], stack: str = "encoder"
+) -> set[str]:
     return {f"{prefix}{stack}.layer.{i}.{lin}.weight" for i in range(layers) for lin in linears}
 
 
@@ -113,7 +134,12 @@ def test_default_targets_are_exactly_the_encoder_linears(kind, prefix, linears, 
         else:
             # Embeddings, pooler, classifier heads, biases and norms are untouched.
             assert torch.equal(param, before[name]), name
-            assert component_of(name) in ("embeddings", "layernorm", "pooler", "head") or name.endswith(".bias"), name
+            assert component_of(name) in (
+                "embeddings",
+                "layernorm",
+                "pooler",
+                "head",
+            ) or name.endswith(".bias"), name
 
 
 def test_default_targets_minilm_shape():
@@ -124,7 +150,11 @@ def test_default_targets_minilm_shape():
     assert set(select_parameters(bare, DEFAULT_TARGETS)) == _expected("", 6, BERT_LINEARS)
     selected = select_parameters(classifier, DEFAULT_TARGETS)
     assert set(selected) == _expected("bert.", 6, BERT_LINEARS)
-    shapes = {name.split("layer.0.")[-1]: tuple(p.shape) for name, p in selected.items() if ".layer.0." in name}
+    shapes = {
+        name.split("layer.0.")[-1]: tuple(p.shape)
+        for name, p in selected.items()
+        if ".layer.0." in name
+    }
     assert shapes == {
         "attention.self.query.weight": (384, 384),
         "attention.self.key.weight": (384, 384),

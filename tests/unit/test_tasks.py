@@ -106,7 +106,9 @@ def test_tsv_question_sentence_columns(tmp_path):
     train = write(tmp_path / "t.tsv", header + "0\twho baked it?\tmy aunt baked the bread.\t0\n")
     dev = write(tmp_path / "d.tsv", header + "0\twhere?\tin the hall.\t1\n")
     td = load_task(data=[train, dev])
-    assert td.train[0].text == "who baked it?" and td.train[0].text_pair == "my aunt baked the bread."
+    assert (
+        td.train[0].text == "who baked it?" and td.train[0].text_pair == "my aunt baked the bread."
+    )
 
 
 def test_tsv_float_scores_are_regression(tmp_path):
@@ -136,7 +138,10 @@ def test_csv_with_quotes(tmp_path):
 def test_jsonl_text_pairs_and_float_labels(tmp_path):
     train = jsonl(
         tmp_path / "train.jsonl",
-        [{"text": "a", "text_pair": "b", "label": 0.5}, {"text": "c", "text_pair": "d", "label": 2.0}],
+        [
+            {"text": "a", "text_pair": "b", "label": 0.5},
+            {"text": "c", "text_pair": "d", "label": 2.0},
+        ],
     )
     dev = jsonl(tmp_path / "dev.jsonl", [{"text": "e", "text_pair": "f", "label": 1.25}])
     td = load_task(data=[train, dev])
@@ -145,7 +150,9 @@ def test_jsonl_text_pairs_and_float_labels(tmp_path):
 
 
 def test_jsonl_sentence_int_labels(tmp_path):
-    train = jsonl(tmp_path / "train.jsonl", [{"sentence": "x", "label": 1}, {"sentence": "y", "label": 0}])
+    train = jsonl(
+        tmp_path / "train.jsonl", [{"sentence": "x", "label": 1}, {"sentence": "y", "label": 0}]
+    )
     dev = jsonl(tmp_path / "dev.jsonl", [{"sentence": "z", "label": 1}])
     td = load_task(data=[train, dev])
     assert td.info.kind == "classification" and td.train[0] == Example("x", None, 1)
@@ -168,7 +175,10 @@ def _csqa_row(stem: str, texts: list[str], key: str | None) -> dict:
 def test_commonsenseqa_folder(tmp_path):
     d = tmp_path / "csqa"
     five = ["kitchen", "garage", "moon", "shoe", "river"]
-    jsonl(d / "train_rand_split.jsonl", [_csqa_row("where is a pan kept?", five, "A"), _csqa_row("what rolls?", five, "E")])
+    jsonl(
+        d / "train_rand_split.jsonl",
+        [_csqa_row("where is a pan kept?", five, "A"), _csqa_row("what rolls?", five, "E")],
+    )
     jsonl(d / "dev_rand_split.jsonl", [_csqa_row("what is round?", five, "C")])
     jsonl(d / "test_rand_split_no_answers.jsonl", [_csqa_row("unlabelled?", five, None)])
     td = load_task(data=d)
@@ -181,8 +191,18 @@ def test_commonsenseqa_folder(tmp_path):
 
 def test_winogrande_jsonl(tmp_path):
     rows = [
-        {"sentence": "the jar broke the box because _ was heavy.", "option1": "the jar", "option2": "the box", "answer": "1"},
-        {"sentence": "anna thanked mia since _ got help.", "option1": "anna", "option2": "mia", "answer": "2"},
+        {
+            "sentence": "the jar broke the box because _ was heavy.",
+            "option1": "the jar",
+            "option2": "the box",
+            "answer": "1",
+        },
+        {
+            "sentence": "anna thanked mia since _ got help.",
+            "option1": "anna",
+            "option2": "mia",
+            "answer": "2",
+        },
     ]
     train = jsonl(tmp_path / "train_xs.jsonl", rows)
     dev = jsonl(tmp_path / "dev.jsonl", rows[:1])
@@ -246,7 +266,9 @@ def test_mixed_label_types_name_the_line(tmp_path):
 
 
 def test_empty_label_names_the_line(tmp_path):
-    train = jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": None}])
+    train = jsonl(
+        tmp_path / "train.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": None}]
+    )
     dev = jsonl(tmp_path / "dev.jsonl", [{"text": "c", "label": 0}])
     with pytest.raises(TaskError, match=r"train\.jsonl:2: row has no label"):
         load_task(data=[train, dev])
@@ -349,7 +371,10 @@ def test_hub_glue_rows(monkeypatch):
     calls = _fake_datasets(
         monkeypatch,
         {
-            "train": [{"sentence": "nice", "label": 1, "idx": 0}, {"sentence": "meh", "label": 0, "idx": 1}],
+            "train": [
+                {"sentence": "nice", "label": 1, "idx": 0},
+                {"sentence": "meh", "label": 0, "idx": 1},
+            ],
             "validation": [{"sentence": "ok", "label": 1, "idx": 0}],
             "test": [{"sentence": "?", "label": -1, "idx": 0}],
         },
@@ -377,8 +402,24 @@ def test_hub_commonsense_qa_flat_layout(monkeypatch):
     _fake_datasets(
         monkeypatch,
         {
-            "train": [{"id": "1", "question": "pick y", "question_concept": "c", "choices": choices, "answerKey": "C"}],
-            "validation": [{"id": "2", "question": "pick w", "question_concept": "c", "choices": choices, "answerKey": "A"}],
+            "train": [
+                {
+                    "id": "1",
+                    "question": "pick y",
+                    "question_concept": "c",
+                    "choices": choices,
+                    "answerKey": "C",
+                }
+            ],
+            "validation": [
+                {
+                    "id": "2",
+                    "question": "pick w",
+                    "question_concept": "c",
+                    "choices": choices,
+                    "answerKey": "A",
+                }
+            ],
         },
     )
     td = load_task("tau/commonsense_qa")
@@ -391,7 +432,9 @@ def test_hub_winogrande(monkeypatch):
         monkeypatch,
         {
             "train": [{"sentence": "_ won.", "option1": "ada", "option2": "bo", "answer": "2"}],
-            "validation": [{"sentence": "it was _.", "option1": "red", "option2": "tall", "answer": "1"}],
+            "validation": [
+                {"sentence": "it was _.", "option1": "red", "option2": "tall", "answer": "1"}
+            ],
         },
     )
     td = load_task("winogrande")
@@ -407,7 +450,10 @@ def test_hub_winogrande(monkeypatch):
 def test_builtin_defaults_and_determinism():
     a = load_task()
     b = load_task("builtin")
-    assert (len(a.train), len(a.eval)) == (builtin_task.DEFAULT_TRAIN_SIZE, builtin_task.DEFAULT_EVAL_SIZE)
+    assert (len(a.train), len(a.eval)) == (
+        builtin_task.DEFAULT_TRAIN_SIZE,
+        builtin_task.DEFAULT_EVAL_SIZE,
+    )
     assert a.train == b.train and a.eval == b.eval
     assert a.info.kind == "classification" and a.info.num_labels == 2
     c = load_task(seed=1)
@@ -539,7 +585,10 @@ def test_epoch_permutation_is_deterministic_and_differs_per_epoch():
 
 
 def test_dynamic_padding(embedded_tokenizer):
-    examples = [Example("short one", None, 0), Example("a clearly much longer sentence than the other", None, 1)]
+    examples = [
+        Example("short one", None, 0),
+        Example("a clearly much longer sentence than the other", None, 1),
+    ]
     loader = make_dataloader(examples, embedded_tokenizer, CLS, batch_size=2, max_seq_length=128)
     (batch,) = list(loader)
     longest = max(len(embedded_tokenizer(e.text)["input_ids"]) for e in examples)
@@ -588,13 +637,18 @@ def test_multiple_choice_wrong_choice_count(embedded_tokenizer):
 
 def test_multiple_choice_runs_through_tiny_model(embedded_tokenizer, make_tiny_bert):
     model = make_tiny_bert("multiple_choice")
-    examples = [Example("q one", None, 2, ("x", "y", "z")), Example("q two", None, 0, ("u", "v", "w"))]
+    examples = [
+        Example("q one", None, 2, ("x", "y", "z")),
+        Example("q two", None, 0, ("u", "v", "w")),
+    ]
     out = model(**Collator(embedded_tokenizer, MC)(examples))
     assert out.logits.shape == (2, 3) and out.loss.ndim == 0
 
 
 def test_loader_covers_every_example_once(embedded_tokenizer):
-    loader = make_dataloader(sentences(23), embedded_tokenizer, CLS, batch_size=5, shuffle=True, seed=1)
+    loader = make_dataloader(
+        sentences(23), embedded_tokenizer, CLS, batch_size=5, shuffle=True, seed=1
+    )
     assert len(loader) == loader.batches_per_epoch == 5
     indices = np.concatenate(loader.batch_indices())
     assert sorted(indices.tolist()) == list(range(23))
@@ -608,9 +662,15 @@ def test_drop_last(embedded_tokenizer):
 
 def test_start_batch_resumes_the_same_batches_without_tokenising_skipped(embedded_tokenizer):
     examples = sentences(40)
-    full = list(make_dataloader(examples, embedded_tokenizer, CLS, batch_size=6, shuffle=True, seed=3, epoch=2))
+    full = list(
+        make_dataloader(
+            examples, embedded_tokenizer, CLS, batch_size=6, shuffle=True, seed=3, epoch=2
+        )
+    )
     counting = CountingTokenizer(embedded_tokenizer)
-    resumed = make_dataloader(examples, counting, CLS, batch_size=6, shuffle=True, seed=3, epoch=2, start_batch=4)
+    resumed = make_dataloader(
+        examples, counting, CLS, batch_size=6, shuffle=True, seed=3, epoch=2, start_batch=4
+    )
     assert len(resumed) == len(full) - 4
     rest = list(resumed)
     assert len(rest) == len(full) - 4
@@ -623,11 +683,15 @@ def test_start_batch_resumes_the_same_batches_without_tokenising_skipped(embedde
 
 def test_passes_advance_the_epoch(embedded_tokenizer):
     examples = sentences(12)
-    loader = make_dataloader(examples, embedded_tokenizer, CLS, batch_size=4, shuffle=True, seed=0, start_batch=1)
+    loader = make_dataloader(
+        examples, embedded_tokenizer, CLS, batch_size=4, shuffle=True, seed=0, start_batch=1
+    )
     first = [b["input_ids"] for b in loader]
     assert len(first) == 2 and loader.epoch == 1 and loader.start_batch == 0
     second = [b["input_ids"] for b in loader]
-    fresh = make_dataloader(examples, embedded_tokenizer, CLS, batch_size=4, shuffle=True, seed=0, epoch=1)
+    fresh = make_dataloader(
+        examples, embedded_tokenizer, CLS, batch_size=4, shuffle=True, seed=0, epoch=1
+    )
     assert len(second) == 3
     assert all(torch.equal(a, b["input_ids"]) for a, b in zip(second, fresh, strict=True))
     loader.set_epoch(0, start_batch=1)
