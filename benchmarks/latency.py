@@ -30,21 +30,22 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from recipec.exporters.bench import Target, bench_inputs, run_alternating  # noqa: E402
-from recipec.exporters.checkpoint import (  # noqa: E402
+
+from recipec.checkpoint import (  # noqa: E402
     MASKS_FILE,
     load_masks,
     load_model,
     magnitude_masks,
     write_checkpoint,
 )
-from recipec.exporters.onnx_export import (  # noqa: E402
+from recipec.export.onnx import (  # noqa: E402
     ONNX_FILE,
     export,
     is_deployment_folder,
     read_sparsity,
 )
-from recipec.exporters.runtimes import (  # noqa: E402
+from recipec.runtime.bench import Target, bench_inputs, run_alternating  # noqa: E402
+from recipec.runtime.runtimes import (  # noqa: E402
     OrtRunner,
     OutputMismatch,
     RuntimeUnavailable,
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeUnavailable as exc:
             problems.append(f"deepsparse not measured: {exc}")
             log(f"deepsparse not measured: {exc}")
-    from recipec.exporters.runtimes import available_kernels
+    from recipec.runtime.runtimes import available_kernels
 
     env["torch_csr_kernels"] = available_kernels()
     results, layers = [], {}

@@ -111,7 +111,7 @@ class PeakRSS:
 
 
 def _batches(args, tokenizer, info, task_train):
-    from recipec.train.data import make_dataloader
+    from recipec.tasks.data import make_dataloader
 
     n = max(1, min(args.num_grads, args.distinct_batches))
     loader = make_dataloader(
@@ -136,8 +136,8 @@ def _load(args):
     """The embedded MiniLM with a seeded 2-label head, and the task's training sentences."""
     import torch
 
-    from recipec.train.models import load_model_and_tokenizer
-    from recipec.train.tasks import load_task
+    from recipec.models import load_model_and_tokenizer
+    from recipec.tasks.load import load_task
 
     data = Path(args.data)
     if data.is_dir():

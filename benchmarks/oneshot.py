@@ -120,7 +120,7 @@ def load_splits(args):
     """SST-2 train split into a fine-tuning subset and a disjoint tuning set; the dev set."""
     import numpy as np
 
-    from recipec.train.tasks import load_task
+    from recipec.tasks.load import load_task
 
     task = load_task("sst2", str(args.data), max_eval=args.max_eval, seed=args.seed)
     n = len(task.train)
@@ -137,7 +137,7 @@ def load_splits(args):
 
 
 def _key(args, modifiers: str = "") -> str:
-    from recipec.train.models import resolve_model_path
+    from recipec.models import resolve_model_path
 
     parts = [
         "oneshot-dense-v1",
@@ -166,10 +166,10 @@ def dense_model(args, info, train, dev, modifiers: str = ""):
 
     ``modifiers``: YAML list items added to the fine-tuning recipe (e.g. a ``cram`` modifier,
     benchmarks/cram.py); they are part of the cache key."""
+    from recipec.models import load_model_and_tokenizer
     from recipec.plan import resolve_stage
     from recipec.recipe.load import load_recipe_text
     from recipec.train.loop import evaluate, make_optimizer, seed_everything, train_stage
-    from recipec.train.models import load_model_and_tokenizer
 
     cache = Path(args.cache or default_cache()) / _key(args, modifiers)
     done = cache / "model"
@@ -306,7 +306,7 @@ modifiers:
 def run(args) -> dict:
     import torch
 
-    from recipec.train.data import make_dataloader
+    from recipec.tasks.data import make_dataloader
     from recipec.train.loop import evaluate
 
     info, train, tune, dev = load_splits(args)

@@ -65,7 +65,7 @@ def build_model(name: str) -> torch.nn.Module:
             max_position_embeddings=512,
         )
         return BertForSequenceClassification(config)
-    from recipec.train.models import embedded_model_dir
+    from recipec.models import embedded_model_dir
 
     torch.manual_seed(0)  # the new classification head
     return AutoModelForSequenceClassification.from_pretrained(

@@ -5,7 +5,7 @@ For each sparsity, the embedded all-MiniLM-L6-v2 (``AutoModelForSequenceClassifi
 then two copies train with the compiled ``constant`` recipe (masks fixed, as in the fine-tuning
 after the last pruning step or a sparse-transfer run) on the same random token ids, AdamW and
 gradient clipping, in the loop's hook order. Copy A keeps PyTorch's dense kernels, copy B runs
-the pruned linears on SparseProp's (:class:`recipec.train.sparse_backprop.SparseBackprop`,
+the pruned linears on SparseProp's (:class:`recipec.kernels.sparse_backprop.SparseBackprop`,
 every layer, whatever its sparsity). Blocks of steps alternate A/B (the first of each pair
 alternates too) in one run, so drift in machine load hits both. Reported per sparsity: the
 median step times, their ratio, and the largest weight difference between the copies at the
@@ -36,11 +36,11 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
-from recipec.exporters.checkpoint import magnitude_masks  # noqa: E402
 
 import recipec  # noqa: E402
+from recipec.checkpoint import magnitude_masks  # noqa: E402
+from recipec.kernels import sparse_backprop as sbp  # noqa: E402
 from recipec.recipe.load import load_recipe_text  # noqa: E402
-from recipec.train import sparse_backprop as sbp  # noqa: E402
 
 RECIPE = "training: {steps: 1000000}\nmodifiers:\n  - {type: constant}\n"
 
@@ -145,7 +145,7 @@ def layer_breakdown(shapes, sparsity: float, tokens: int, repeats: int = 20) -> 
 
 
 def _layer_parts(rows: int, cols: int, sparsity: float, tokens: int, repeats: int) -> dict:
-    from recipec.exporters.runtimes import transpose_2d
+    from recipec.kernels.sparseprop import transpose_2d
 
     kernels = sbp.require_backend()
     gen = torch.Generator().manual_seed(0)

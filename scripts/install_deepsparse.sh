@@ -4,7 +4,7 @@
 # Why a separate venv: deepsparse==1.8.0 (the only release that installs here) pins onnx<1.15
 # and needs numpy<2. Installing it beside recipec downgrades onnx/numpy and breaks the exporter;
 # forcing it in with --no-deps under numpy 2 makes it return silently wrong outputs.
-# recipec runs DeepSparse in a subprocess of this venv's python (exporters/deepsparse_worker.py),
+# recipec runs DeepSparse in a subprocess of this venv's python (recipec/runtime/deepsparse_worker.py),
 # and checks its outputs against onnxruntime before timing anything.
 #
 # Usage: scripts/install_deepsparse.sh [VENV_DIR]

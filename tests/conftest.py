@@ -50,7 +50,7 @@ def shared_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def embedded_tokenizer():
     """Tokenizer of the embedded all-MiniLM-L6-v2 (uncased BERT WordPiece), loaded offline."""
-    from recipec.train.models import ModelLoadError, embedded_model_dir
+    from recipec.models import ModelLoadError, embedded_model_dir
 
     try:
         model_dir = embedded_model_dir()

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -20,10 +19,31 @@ set_option = click.option(
 )
 
 
-def fail(message: str) -> None:
-    """Print a one-line error (or several) to stderr and exit with status 2."""
-    click.echo(message, err=True)
-    sys.exit(EXIT_USAGE)
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """Print ``error: message`` to stderr and exit (2: bad input; 1: the work itself failed)."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def fail_with_problems(lines: list[str], code: int = EXIT_USAGE) -> NoReturn:
+    """Print a list of problems (each already located, e.g. ``FILE:LINE:COL: ...``) and exit."""
+    click.echo("\n".join(lines), err=True)
+    sys.exit(code)
+
+
+def quiet_hf() -> None:
+    """Silence Hugging Face progress bars and info logs on the terminal."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
 
 
 def load_or_exit(path: str, overrides: tuple[str, ...]) -> Any:
@@ -37,15 +57,7 @@ def load_or_exit(path: str, overrides: tuple[str, ...]) -> Any:
         n = len(exc.problems)
         lines = [str(p) for p in exc.problems]
         lines.append(f"{n} problem{'s' if n != 1 else ''} found.")
-        fail("\n".join(lines))
-
-
-def guarded(fn: Callable[[], Any], *errors: type[BaseException]) -> Any:
-    """Run ``fn``; turn the given exception types into a clean exit-2 message."""
-    try:
-        return fn()
-    except errors as exc:  # noqa: B030 - a tuple of types
-        fail(f"error: {exc}")
+        fail_with_problems(lines)
 
 
 def check_image_path(path: Any, option: str) -> None:
@@ -58,6 +70,6 @@ def check_image_path(path: Any, option: str) -> None:
     suffix = Path(path).suffix.lower().lstrip(".")
     if suffix not in formats:
         fail(
-            f"error: {option} {path}: {'.' + suffix if suffix else 'no file extension'} is not an image format; "
+            f"{option} {path}: {'.' + suffix if suffix else 'no file extension'} is not an image format; "
             "use .png, .svg or .pdf"
         )

@@ -116,19 +116,17 @@ def command(
     input, 130 interrupted.
     """
     if resume and overwrite:
-        fail(
-            "error: --resume continues the run in --output and --overwrite replaces it: pass one of them"
-        )
+        fail("--resume continues the run in --output and --overwrite replaces it: pass one of them")
     load_or_exit(recipe, overrides)  # every recipe problem at once, before anything heavy
     min_sparsity = _sparse_backprop_min(sparse_backprop, sparse_backprop_min, device)
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            fail("error: --device cuda but no CUDA device is available")
+            fail("--device cuda but no CUDA device is available")
 
+    from recipec.distributed import DistributedError, is_main
     from recipec.modifiers.base import CompileError
-    from recipec.train.distributed import DistributedError, is_main
     from recipec.train.loop import Interrupted, TrainingError
     from recipec.train.run import Reporter, RunConfig, RunError, run
 
@@ -154,7 +152,7 @@ def command(
     except (RunError, CompileError) as exc:
         if not is_main() and not str(exc).startswith("rank "):
             sys.exit(2)  # every rank hit the same error; rank 0 prints it
-        fail(f"error: {exc}")
+        fail(f"{exc}")
     except (TrainingError, DistributedError) as exc:
         if is_main() or isinstance(exc, DistributedError):
             click.echo(f"error: {exc}", err=True)
@@ -182,15 +180,13 @@ def _sparse_backprop_min(flag: bool, least: float | None, device: str) -> float 
     """The minimum layer sparsity for SparseProp kernels, or None; fails early where they cannot run."""
     if not flag and least is None:
         return None
-    from recipec.train import distributed
-    from recipec.train import sparse_backprop as sbp
+    from recipec import distributed
+    from recipec.kernels import sparse_backprop as sbp
 
     if device != "cpu":
-        fail("error: --sparse-backprop runs SparseProp's CPU kernels: drop --device cuda")
+        fail("--sparse-backprop runs SparseProp's CPU kernels: drop --device cuda")
     if distributed.env_world_size() > 1:
-        fail(
-            "error: --sparse-backprop runs in a single process, not under torchrun / accelerate launch"
-        )
+        fail("--sparse-backprop runs in a single process, not under torchrun / accelerate launch")
     if sbp.backend() is None:
-        fail(f"error: --sparse-backprop needs the sparseprop package: {sbp.INSTALL_HINT}")
+        fail(f"--sparse-backprop needs the sparseprop package: {sbp.INSTALL_HINT}")
     return sbp.DEFAULT_MIN_SPARSITY if least is None else least

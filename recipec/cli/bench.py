@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from recipec.cli._common import check_image_path
-from recipec.cli.export import fail, quiet_hf
+from recipec.cli._common import check_image_path, fail, quiet_hf
 
 
 def _int_list(value: str, what: str) -> list[int]:
@@ -119,7 +118,9 @@ def command(
     if plot_out:
         check_image_path(plot_out, "--plot")
     quiet_hf()
-    from recipec.exporters.bench import (
+    from recipec.checkpoint import CheckpointError
+    from recipec.export.onnx import ExportError, VerificationError
+    from recipec.runtime.bench import (
         BenchError,
         bench,
         format_table,
@@ -127,9 +128,7 @@ def command(
         plot,
         save_json,
     )
-    from recipec.exporters.checkpoint import CheckpointError
-    from recipec.exporters.onnx_export import ExportError, VerificationError
-    from recipec.exporters.runtimes import RuntimeUnavailable, available_kernels
+    from recipec.runtime.runtimes import RuntimeUnavailable, available_kernels
 
     try:
         runtimes = parse_runtimes(runtime_spec)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from recipec.cli._common import fail
+from recipec.cli._common import fail, fail_with_problems
 
 
 def _report(conversion, echo) -> None:
@@ -47,24 +47,22 @@ def command(sparseml_recipe: str, output: str | None, strict: bool, overwrite: b
     from recipec.convert.sparseml import ConvertError, convert_file
 
     if output is not None and Path(output).resolve() == Path(sparseml_recipe).resolve():
-        fail("error: --output must not be the SparseML recipe itself")
+        fail("--output must not be the SparseML recipe itself")
     if output is not None and Path(output).exists() and not overwrite:
-        fail(f"error: {output} already exists: pass --overwrite to replace it")
+        fail(f"{output} already exists: pass --overwrite to replace it")
     try:
         result = convert_file(sparseml_recipe)
     except ConvertError as exc:
         n = len(exc.problems)
-        fail(
-            "\n".join(
-                [*exc.problems, f"{n} problem{'s' if n != 1 else ''} found; nothing converted."]
-            )
+        fail_with_problems(
+            [*exc.problems, f"{n} problem{'s' if n != 1 else ''} found; nothing converted."]
         )
     if strict and result.unsupported:
         lines = [
             f"error: --strict: {len(result.unsupported)} part(s) of {sparseml_recipe} have no recipec equivalent:"
         ]
         lines += [f"  {item}" for item in result.unsupported]
-        fail("\n".join([*lines, "nothing written."]))
+        fail_with_problems([*lines, "nothing written."])
     if output is None:
         click.echo(result.text, nl=False)
         echo = lambda line: click.echo(line, err=True)  # noqa: E731 - the report goes to stderr
@@ -72,7 +70,7 @@ def command(sparseml_recipe: str, output: str | None, strict: bool, overwrite: b
         try:
             Path(output).write_text(result.text, encoding="utf-8")
         except OSError as exc:
-            fail(f"error: cannot write {output}: {exc.strerror}")
+            fail(f"cannot write {output}: {exc.strerror}")
         echo = click.echo
     target = output or "stdout"
     echo(f"converted {sparseml_recipe} -> {target}: {result.summary()}")

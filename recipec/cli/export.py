@@ -2,31 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-
-def quiet_hf() -> None:
-    """Silence Hugging Face progress bars and info logs on the terminal."""
-    import os
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print a one-line error and exit (2 = user error)."""
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
+from recipec.cli._common import fail, quiet_hf
 
 
 @click.command("export")
@@ -88,8 +68,8 @@ def command(
     if not to_onnx:
         fail("choose an export format: pass --onnx")
     quiet_hf()
-    from recipec.exporters.checkpoint import CheckpointError
-    from recipec.exporters.onnx_export import ExportError, VerificationError, export
+    from recipec.checkpoint import CheckpointError
+    from recipec.export.onnx import ExportError, VerificationError, export
 
     try:
         result = export(

@@ -142,7 +142,8 @@ def _plot(plans, path: str) -> None:
 
 
 def _model_section(recipe, plans, model_name: str, seq_len: int, as_json: bool) -> dict:
-    from recipec.sparsity.selection import cost_table, meta_model, select_parameters
+    from recipec.models import meta_model
+    from recipec.sparsity.selection import cost_table, select_parameters
 
     model = meta_model(None if model_name in ("", "embedded") else model_name)
     out: dict = {"model": model_name, "seq_len": seq_len, "stages": []}
@@ -257,14 +258,12 @@ def command(
             loaded.stage_training(s).epochs is not None for s in loaded.resolved_stages()
         )
         if uses_epochs:
-            fail(
-                "error: this recipe uses epochs: pass --steps-per-epoch N (dataset size / batch size)"
-            )
+            fail("this recipe uses epochs: pass --steps-per-epoch N (dataset size / batch size)")
         steps_per_epoch = 1
     try:
         plans = resolve(loaded, steps_per_epoch)
     except PlanError as exc:
-        fail(f"error: {exc}")
+        fail(f"{exc}")
     data = plan_to_dict(plans)
     if not as_json:
         for line in _format_plan(plans):
@@ -273,7 +272,7 @@ def command(
         try:
             data["model"] = _model_section(loaded, plans, model, seq_len, as_json)
         except Exception as exc:  # a model that cannot be loaded: one clear line
-            fail(f"error: cannot build model {model!r}: {exc}")
+            fail(f"cannot build model {model!r}: {exc}")
     if as_json:
         click.echo(json.dumps(data, indent=2))
     if plot:

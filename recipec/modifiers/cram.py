@@ -36,11 +36,11 @@ from typing import Any
 
 import torch
 
+from recipec import distributed as dist_utils
 from recipec.modifiers.base import CompileContext, Modifier
 from recipec.modifiers.pruning import target_parameters
 from recipec.plan import ResolvedModifier
 from recipec.sparsity.masks import compute_masks
-from recipec.train import distributed as dist_utils
 
 
 def sampled_sparsity(sparsities: list[float], seed: int, index: int, step: int) -> float:

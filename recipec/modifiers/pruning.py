@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from recipec import distributed as dist_utils
 from recipec.modifiers.base import CompileContext, CompileError, Modifier
 from recipec.plan import ResolvedModifier
 from recipec.sparsity.masks import compute_masks, magnitude_scores
 from recipec.sparsity.selection import SelectionError, require_parameters
-from recipec.train import distributed as dist_utils
 
 
 def target_parameters(resolved: ResolvedModifier, ctx: CompileContext) -> dict[str, nn.Parameter]:
@@ -122,7 +122,7 @@ class OBertModifier(_ScheduledPruner):
     so every rank builds the same Fisher from the same global mini-batches and takes the same,
     deterministic decision (masks and OBS weight updates). Each rank computes the gradient of
     its shard of a mini-batch, scaled by its share ``n_rank / n_global`` (the ``weight`` of a
-    :class:`recipec.train.distributed.ShardBatch`), and the sum over ranks is the gradient of
+    :class:`recipec.distributed.ShardBatch`), and the sum over ranks is the gradient of
     the whole mini-batch's mean loss; plain batches (no ``weight``) are averaged instead. We
     chose this over "rank 0 computes and broadcasts" because the ``m`` forward/backward passes
     (the larger part of a pruning step) are split across ranks, no rank idles for minutes

@@ -440,7 +440,7 @@ def _check_overlaps(recipe: Recipe, data: Any, positions: _Positions) -> list[Pr
 
     Only windows given in the same unit can be compared here; the planner re-checks in steps.
     """
-    from recipec.plan import overlap_problems
+    from recipec.recipe.checks import overlap_problems
 
     return [
         _at_modifier(recipe, positions, stage_index, index, message=message)
@@ -451,7 +451,7 @@ def _check_overlaps(recipe: Recipe, data: Any, positions: _Positions) -> list[Pr
 
 def _check_prune_only(recipe: Recipe, positions: _Positions) -> list[Problem]:
     """Modifiers that a prune-only stage (``training.steps: 0``) cannot run."""
-    from recipec.plan import prune_only_problems
+    from recipec.recipe.checks import prune_only_problems
 
     problems: list[Problem] = []
     for stage_index, stage in enumerate(recipe.resolved_stages()):
@@ -474,7 +474,7 @@ def _check_prune_only(recipe: Recipe, positions: _Positions) -> list[Problem]:
 
 def _check_windows(recipe: Recipe, positions: _Positions) -> list[Problem]:
     """Pruning windows that outlast their stage (in the stage's own unit; the planner checks the rest)."""
-    from recipec.plan import window_problems
+    from recipec.recipe.checks import window_problems
 
     return [
         _at_modifier(recipe, positions, stage_index, index, name, message=message)
@@ -523,7 +523,7 @@ def _check_shadowed_sets(
 
 
 def _check_lower_targets(recipe: Recipe, positions: _Positions) -> list[Problem]:
-    from recipec.plan import lower_target_problems
+    from recipec.recipe.checks import lower_target_problems
 
     return [
         _at_modifier(recipe, positions, stage_index, index, "final_sparsity", message=message)

@@ -10,7 +10,6 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 
@@ -137,15 +136,3 @@ def cost_table(model: nn.Module, seq_len: int, targets: Iterable[str] = ()) -> l
         for c in order
         if c in params or c in flops
     ]
-
-
-def meta_model(name_or_path: str | None, num_labels: int = 2) -> nn.Module:
-    """A model with the right architecture and parameter names, on the meta device (no weights)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from recipec.train.models import resolve_model_path
-
-    path = resolve_model_path(name_or_path)
-    config = AutoConfig.from_pretrained(str(path), num_labels=num_labels)
-    with torch.device("meta"):
-        return AutoModelForSequenceClassification.from_config(config)

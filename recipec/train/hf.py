@@ -87,7 +87,7 @@ class RecipecCallback(TrainerCallback):
     Args:
         program: The compiled stage. Its model and optimizer must be the Trainer's.
         sparse_backprop: A minimum layer sparsity (e.g. 0.9) to run pruned linear layers on
-            SparseProp's CPU kernels between mask changes (:mod:`recipec.train.sparse_backprop`;
+            SparseProp's CPU kernels between mask changes (:mod:`recipec.kernels.sparse_backprop`;
             CPU, one process, not with ``cram``); None (default) keeps the dense kernels.
             ``RecipecTrainer.train`` removes them however training ends; with a plain
             ``Trainer``, call ``callback.remove_sparse_kernels()`` after a ``train()`` that raised.
@@ -100,7 +100,7 @@ class RecipecCallback(TrainerCallback):
             )
         self.program = program
         self.sparse_backprop = sparse_backprop
-        self.sparse = None  # recipec.train.sparse_backprop.StageKernels while training
+        self.sparse = None  # recipec.kernels.sparse_backprop.StageKernels while training
         self.loss_hooked = False  # set by RecipecTrainer, which applies program.loss
         self._loaded = False
         self._before_done: int | None = None  # the step whose before_optimizer_step already ran
@@ -158,7 +158,7 @@ class RecipecCallback(TrainerCallback):
                 )
         self._before_done = None
         if self.sparse_backprop is not None:
-            from recipec.train import sparse_backprop as sbp
+            from recipec.kernels import sparse_backprop as sbp
 
             self.remove_sparse_kernels()  # from an earlier train()
             self.sparse = sbp.StageKernels.for_program(
@@ -216,7 +216,7 @@ class RecipecCallback(TrainerCallback):
     def _check_masks(self, where: str) -> None:
         """Under torchrun: masks and masked weights bit-identical on every rank (one all-gather of
         checksums; raises RankMismatchError naming the tensor). Nothing in a single process."""
-        from recipec.train import distributed as dist_utils
+        from recipec import distributed as dist_utils
 
         masks = self.program.masks
         dist_utils.verify_identical(

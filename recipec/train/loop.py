@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from recipec import distributed as dist_utils
 from recipec.modifiers.training import set_lr
 from recipec.plan import StagePlan
 from recipec.program import Program
-from recipec.train import checkpoint as ckpt
-from recipec.train import distributed as dist_utils
-from recipec.train.data import make_dataloader
-from recipec.train.metrics import compute_metrics
-from recipec.train.tasks import Example, TaskInfo
+from recipec.tasks.data import make_dataloader
+from recipec.tasks.load import Example, TaskInfo
+from recipec.tasks.metrics import compute_metrics
+from recipec.train import resume as ckpt
 
 
 class TrainingError(RuntimeError):
@@ -231,7 +231,7 @@ def train_stage(
     in a seeded order). ``stop_after_step`` ends early (tests).
 
     In a distributed run (an initialised process group of several ranks, see
-    :mod:`recipec.train.distributed`) every rank calls this with the same arguments: the model
+    :mod:`recipec.distributed`) every rank calls this with the same arguments: the model
     is wrapped in ``DistributedDataParallel`` for the training forward/backward, each rank
     trains on its shard of every global batch of ``training.batch_size`` examples with its loss
     weighted so that gradients equal the global batch's, the logged loss is the global batch's
@@ -241,7 +241,7 @@ def train_stage(
 
     ``sparse_backprop`` (a minimum sparsity; CPU, one process): between mask changes, pruned
     linear layers at that sparsity or more run forward and backward on SparseProp's kernels
-    (:mod:`recipec.train.sparse_backprop`); they are put back before ``finalize`` and whenever
+    (:mod:`recipec.kernels.sparse_backprop`); they are put back before ``finalize`` and whenever
     the stage ends.
     """
     training = plan.training
@@ -459,7 +459,7 @@ def _sparse_kernels(
     ):  # prune-only: no step to speed up
         yield None
         return
-    from recipec.train import sparse_backprop as sbp
+    from recipec.kernels import sparse_backprop as sbp
 
     stage = sbp.StageKernels.for_program(program, model, min_sparsity, resumed)
     if stage is None:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from recipec.sparsity.selection import component_of
-from recipec.train.checkpoint import write_text_atomic
+from recipec.train.resume import write_text_atomic
 
 
 def save_model(

@@ -150,10 +150,10 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     rank calls this: it joins the process group (gloo on CPU, NCCL on CUDA with one GPU per
     local rank), trains with DDP over shards of each global batch, and only rank 0 prints and
     writes files; every rank returns the same report. Also raises
-    :class:`recipec.train.distributed.DistributedError` (launch problems, a lost peer, ranks
+    :class:`recipec.distributed.DistributedError` (launch problems, a lost peer, ranks
     whose masks differ). See docs/distributed.md.
     """
-    from recipec.train import distributed as dist_utils
+    from recipec import distributed as dist_utils
 
     reporter = reporter or Reporter()
     with dist_utils.process_group(config.device) as device:
@@ -171,7 +171,7 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
 
 def _agree(error: str | None, what: str) -> None:
     """Rank 0 checked something; raise its RunError (if any) on every rank."""
-    from recipec.train import distributed as dist_utils
+    from recipec import distributed as dist_utils
 
     error = dist_utils.broadcast_object(error, what=what)
     if error is not None:
@@ -179,13 +179,15 @@ def _agree(error: str | None, what: str) -> None:
 
 
 def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
+    from recipec import distributed as dist_utils
     from recipec.compiler import compile as compile_recipe
+    from recipec.models import ModelLoadError, load_model_and_tokenizer, resolve_model_path
     from recipec.modifiers.base import CompileError
     from recipec.plan import PlanError, resolve_stage
     from recipec.recipe.load import load_recipe, resolve_recipe_path
-    from recipec.train import checkpoint as ckpt
-    from recipec.train import distributed as dist_utils
-    from recipec.train.data import make_dataloader
+    from recipec.tasks.data import make_dataloader
+    from recipec.tasks.load import TaskError, load_task
+    from recipec.train import resume as ckpt
     from recipec.train.loop import (
         MetricsLog,
         evaluate,
@@ -193,8 +195,6 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
         seed_everything,
         train_stage,
     )
-    from recipec.train.models import ModelLoadError, load_model_and_tokenizer, resolve_model_path
-    from recipec.train.tasks import TaskError, load_task
 
     main_rank = dist_utils.is_main()
     world = dist_utils.world_size()
@@ -540,7 +540,7 @@ def _create_output(
     reporter: Reporter,
 ) -> None:
     """Replace (when :func:`_check_output` allowed it) and create the output folder (rank 0)."""
-    from recipec.train import checkpoint as ckpt
+    from recipec.train import resume as ckpt
 
     if replace:
         if not config.overwrite:
@@ -575,11 +575,11 @@ def _auto_teacher(
     Distributed: every rank trains the teacher (DDP); rank 0 decides whether the cache holds
     one, writes it, and the others wait for it, then every rank loads it from the shared path.
     """
+    from recipec import distributed as dist_utils
+    from recipec.models import load_model_and_tokenizer
     from recipec.plan import StagePlan
-    from recipec.train import distributed as dist_utils
-    from recipec.train.checkpoint import latest_checkpoint, load_checkpoint, write_text_atomic
     from recipec.train.loop import evaluate, make_optimizer, seed_everything, train_stage
-    from recipec.train.models import load_model_and_tokenizer
+    from recipec.train.resume import latest_checkpoint, load_checkpoint, write_text_atomic
 
     training = plan.training
     epochs = distill.teacher_epochs or (training.epochs if training.epochs is not None else None)

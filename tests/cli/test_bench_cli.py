@@ -20,8 +20,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in 
 def folder(tmp_path_factory) -> Path:
     import torch
     import transformers
-    from recipec.exporters.checkpoint import magnitude_masks, write_checkpoint
-    from recipec.exporters.onnx_export import export
+
+    from recipec.checkpoint import magnitude_masks, write_checkpoint
+    from recipec.export.onnx import export
 
     root = tmp_path_factory.mktemp("bench")
     torch.manual_seed(0)

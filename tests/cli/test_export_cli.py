@@ -13,8 +13,7 @@ from click.testing import CliRunner
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from recipec.exporters.checkpoint import magnitude_masks, write_checkpoint  # noqa: E402
-
+from recipec.checkpoint import magnitude_masks, write_checkpoint  # noqa: E402
 from recipec.cli import main  # noqa: E402
 
 
@@ -120,7 +119,7 @@ def test_export_overwrite_never_deletes_its_source_or_a_foreign_folder(tmp_path,
 
 
 def test_export_verification_failure_exits_1_and_names_tensor(tmp_path, runner, monkeypatch):
-    import recipec.exporters.onnx_export as ox
+    import recipec.export.onnx as ox
 
     real = ox.verify_zeros
 

@@ -63,7 +63,7 @@ def test_sparse_backprop_on_the_embedded_model_matches_dense_kernels(
     import torch
     from safetensors.torch import load_file
 
-    from recipec.train import sparse_backprop as sbp
+    from recipec.kernels import sparse_backprop as sbp
 
     if sbp.backend() is None:
         pytest.skip(f"the optional sparseprop package is not installed ({sbp.INSTALL_HINT})")

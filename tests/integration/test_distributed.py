@@ -42,7 +42,7 @@ HARNESS = r"""
 import os, signal, sys
 import torch
 from recipec.train import loop
-from recipec.train import distributed as dist_utils
+from recipec import distributed as dist_utils
 
 real = loop.train_stage
 dump = os.environ["RECIPEC_TEST_DUMP"]

@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 
-from recipec.train.data import make_dataloader
-from recipec.train.tasks import load_task
+from recipec.tasks.data import make_dataloader
+from recipec.tasks.load import load_task
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from recipec.exporters.checkpoint import (  # noqa: E402
+from recipec.checkpoint import (  # noqa: E402
     CheckpointError,
     infer_masks,
     load_checkpoint,
@@ -24,7 +24,7 @@ from recipec.exporters.checkpoint import (  # noqa: E402
     squash,
     write_checkpoint,
 )
-from recipec.exporters.onnx_export import (  # noqa: E402
+from recipec.export.onnx import (  # noqa: E402
     ExportError,
     VerificationError,
     export,
@@ -274,7 +274,7 @@ def test_masks_are_squashed_into_exact_zeros(tmp_path, tokenizer):
 
 
 def test_failed_verification_leaves_no_folder(tmp_path, tokenizer, monkeypatch):
-    import recipec.exporters.onnx_export as ox
+    import recipec.export.onnx as ox
 
     root = make_run(tmp_path / "run", tokenizer)
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from recipec.train.metrics import (
+from recipec.tasks.load import TaskInfo
+from recipec.tasks.metrics import (
     accuracy,
     compute_metrics,
     f1,
@@ -18,7 +19,6 @@ from recipec.train.metrics import (
     rankdata,
     spearman,
 )
-from recipec.train.tasks import TaskInfo
 
 
 def test_accuracy():

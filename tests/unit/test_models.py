@@ -8,13 +8,13 @@ import time
 import pytest
 import torch
 
-from recipec.train.models import (
+from recipec.models import (
     ModelLoadError,
     embedded_model_dir,
     load_model_and_tokenizer,
     resolve_model_path,
 )
-from recipec.train.tasks import TaskInfo
+from recipec.tasks.load import TaskInfo
 
 CLS3 = TaskInfo("t", "classification", 3, label_names=("a", "b", "c"))
 REG = TaskInfo("r", "regression", 1, metrics=("pearson",), primary_metric="pearson")
@@ -54,7 +54,7 @@ def test_resolve_bad_paths(tmp_path):
 
 
 def test_embedded_model_classification_offline(embedded_tokenizer, caplog):
-    with caplog.at_level(logging.INFO, logger="recipec.train.models"):
+    with caplog.at_level(logging.INFO, logger="recipec.models"):
         model, tok = load_model_and_tokenizer(None, CLS3)
     assert model.config.num_labels == 3
     assert model.config.id2label == {0: "a", 1: "b", 2: "c"}

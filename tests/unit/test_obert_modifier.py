@@ -210,7 +210,7 @@ def test_oneshot_benchmark_end_to_end_on_a_tiny_slice(shared_data_dir, tmp_path,
     sst2 = shared_data_dir / "sst2"
     if not (sst2 / "train.tsv").is_file() or not (sst2 / "dev.tsv").is_file():
         pytest.skip(f"SST-2 is absent: expected {sst2}/train.tsv and dev.tsv")
-    from recipec.train.models import ModelLoadError, embedded_model_dir
+    from recipec.models import ModelLoadError, embedded_model_dir
 
     try:
         embedded_model_dir()

@@ -11,8 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from recipec.exporters import runtimes as rt
-from recipec.exporters.bench import (
+
+from recipec.checkpoint import magnitude_masks
+from recipec.kernels import sparseprop as sp
+from recipec.runtime import runtimes as rt
+from recipec.runtime.bench import (
     Measurement,
     Target,
     dense_twin_torch,
@@ -20,7 +23,6 @@ from recipec.exporters.bench import (
     speedups,
     summarize,
 )
-from recipec.exporters.checkpoint import magnitude_masks
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 
@@ -68,7 +70,7 @@ def tiny_bert(sparsity=0.95):
     )
     model = BertForSequenceClassification(cfg).eval()
     masks = magnitude_masks(model, sparsity)
-    from recipec.exporters.checkpoint import squash
+    from recipec.checkpoint import squash
 
     squash(model, masks)
     return model, masks
@@ -107,8 +109,8 @@ def test_sparsify_model_swaps_only_pruned_layers_and_keeps_outputs(kernel):
 def test_transpose_2d_matches_torch():
     for shape in ((32, 48), (5, 7), (16, 1)):
         x = torch.randn(*shape)
-        torch.testing.assert_close(rt.transpose_2d(x), x.t().contiguous(), rtol=0, atol=0)
-        assert rt.transpose_2d(x).is_contiguous()
+        torch.testing.assert_close(sp.transpose_2d(x), x.t().contiguous(), rtol=0, atol=0)
+        assert sp.transpose_2d(x).is_contiguous()
 
 
 def test_sparsify_model_leaves_low_sparsity_layers_dense():
@@ -346,9 +348,9 @@ def test_summarize_percentiles():
 
 
 def test_dense_twins_are_the_same_model_in_torch_and_onnx(tmp_path):
-    from recipec.exporters.bench import dense_twin_onnx
-    from recipec.exporters.checkpoint import write_checkpoint
-    from recipec.exporters.onnx_export import export, read_sparsity
+    from recipec.checkpoint import write_checkpoint
+    from recipec.export.onnx import export, read_sparsity
+    from recipec.runtime.bench import dense_twin_onnx
 
     model, masks = tiny_bert()
     write_checkpoint(model, tmp_path / "run" / "model", masks)
@@ -373,11 +375,11 @@ def test_real_deepsparse_matches_onnxruntime(tmp_path):
     python = rt.find_deepsparse_python()
     if python is None:
         pytest.skip("DeepSparse venv not installed")
-    from recipec.exporters.bench import bench
+    from recipec.runtime.bench import bench
 
     model, masks = tiny_bert(0.9)
-    from recipec.exporters.checkpoint import write_checkpoint
-    from recipec.exporters.onnx_export import export
+    from recipec.checkpoint import write_checkpoint
+    from recipec.export.onnx import export
 
     write_checkpoint(model, tmp_path / "run" / "model", masks)
     folder = export(tmp_path / "run").output_dir

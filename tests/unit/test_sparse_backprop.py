@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from recipec.cli import main
+from recipec.kernels import sparse_backprop as sbp
 from recipec.plan import resolve
 from recipec.recipe.load import load_recipe_text
-from recipec.train import sparse_backprop as sbp
 
 needs_sparseprop = pytest.mark.skipif(
     sbp.backend() is None,

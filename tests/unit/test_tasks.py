@@ -1,4 +1,4 @@
-"""Task loading (local formats, errors, faked hub, built-in task) and batching (recipec.train.data)."""
+"""Task loading (local formats, errors, faked hub, built-in task) and batching (recipec.tasks.data)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from recipec.train import builtin_task
-from recipec.train.data import Collator, epoch_permutation, make_dataloader
-from recipec.train.tasks import (
+from recipec.tasks import builtin as builtin_task
+from recipec.tasks.data import Collator, epoch_permutation, make_dataloader
+from recipec.tasks.load import (
     Example,
     TaskError,
     TaskInfo,
@@ -522,9 +522,9 @@ def test_builtin_is_learnable_by_minilm():
     """MiniLM reaches > 85% dev accuracy within 150 steps of batch 32 (a few minutes on CPU)."""
     import torch
 
-    from recipec.train.data import make_dataloader
-    from recipec.train.metrics import compute_metrics
-    from recipec.train.models import load_model_and_tokenizer
+    from recipec.models import load_model_and_tokenizer
+    from recipec.tasks.data import make_dataloader
+    from recipec.tasks.metrics import compute_metrics
 
     torch.manual_seed(0)
     td = load_task(max_eval=200)
@@ -552,7 +552,7 @@ def test_builtin_is_learnable_by_minilm():
 
 
 # ------------------------------------------------------------------------------------------
-# Batching (recipec.train.data): dynamic padding, multiple-choice shapes, exact resume
+# Batching (recipec.tasks.data): dynamic padding, multiple-choice shapes, exact resume
 # ------------------------------------------------------------------------------------------
 CLS = TaskInfo("t", "classification", 2)
 REG = TaskInfo("r", "regression", 1, metrics=("pearson",), primary_metric="pearson")

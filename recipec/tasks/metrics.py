@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from recipec.train.tasks import TaskInfo
+    from recipec.tasks.load import TaskInfo
 
 __all__ = [
     "METRICS",

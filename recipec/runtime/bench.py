@@ -21,20 +21,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from recipec.exporters.checkpoint import (
+
+from recipec.checkpoint import (
     MASKS_FILE,
     CheckpointError,
     load_masks,
     load_model,
     resolve_model_dir,
 )
-from recipec.exporters.onnx_export import (
+from recipec.export.onnx import (
     ONNX_FILE,
     export,
     is_deployment_folder,
     read_sparsity,
 )
-from recipec.exporters.runtimes import (
+from recipec.runtime.runtimes import (
     RUNTIMES,
     OrtRunner,
     OutputMismatch,

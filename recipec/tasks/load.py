@@ -3,7 +3,7 @@
 ``load_task`` turns a task name and/or data paths into a ``TaskData``: a ``TaskInfo`` (kind,
 number of labels/choices, metrics) plus train and eval lists of ``Example``. Sources:
 
-- ``None`` / ``"builtin"``: the synthetic sentiment task of ``recipec.train.builtin_task``.
+- ``None`` / ``"builtin"``: the synthetic sentiment task of ``recipec.tasks.builtin``.
 - Local files (``data=[DIR]`` or ``data=[TRAIN, EVAL]``): GLUE-style TSV with a header, CSV,
   JSONL/JSON (text + label records, CommonsenseQA, WinoGrande). In a directory, ``train*`` and
   ``dev*``/``validation*`` files are used and ``test*`` files (unlabelled) are ignored with a note.
@@ -75,7 +75,7 @@ class TaskInfo:
         kind: ``"classification"``, ``"regression"`` or ``"multiple_choice"``.
         num_labels: Classes for classification, 1 for regression, choices for multiple choice.
         num_choices: Choices per example for multiple choice, else None.
-        metrics: Metric names understood by ``recipec.train.metrics.compute_metrics``.
+        metrics: Metric names understood by ``recipec.tasks.metrics.compute_metrics``.
         primary_metric: The metric used to compare runs and pick the best checkpoint.
         label_names: Optional class names, index = class id.
         source: Where the data came from (paths or hub id), for reports.
@@ -312,7 +312,7 @@ def load_task(
 
 
 def _load_builtin(max_train: int | None, max_eval: int | None, seed: int) -> TaskData:
-    from recipec.train import builtin_task
+    from recipec.tasks import builtin as builtin_task
 
     n_train = max_train or builtin_task.DEFAULT_TRAIN_SIZE
     n_eval = max_eval or builtin_task.DEFAULT_EVAL_SIZE

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from recipec.exporters.runtimes import sparseprop_backend
-from recipec.exporters.runtimes import transpose_2d as _transpose
-from recipec.train import distributed as dist_utils
+from recipec import distributed as dist_utils
+from recipec.kernels.sparseprop import sparseprop_backend
+from recipec.kernels.sparseprop import transpose_2d as _transpose
 
 INSTALL_HINT = "pip install pybind11 && pip install --no-build-isolation sparseprop"
 # Measured on this project's CPU (benchmarks/sparse_backprop.py): a whole MiniLM training step

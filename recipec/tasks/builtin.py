@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 
-from recipec.train.tasks import Example
+from recipec.tasks.load import Example
 
 __all__ = [
     "CLOSERS",

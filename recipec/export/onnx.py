@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from recipec.exporters.checkpoint import (
+
+from recipec.checkpoint import (
     MASKS_FILE,
     CheckpointError,
     SparseCheckpoint,
@@ -31,7 +32,6 @@ from recipec.exporters.checkpoint import (
     load_tokenizer,
     sparsity_table,
 )
-
 from recipec.outputs import ReplaceError, check_output
 
 ONNX_FILE = "model.onnx"

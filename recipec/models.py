@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from recipec.train.tasks import TaskInfo
+    import torch
+
+    from recipec.tasks.load import TaskInfo
 
 __all__ = [
     "EMBEDDED_ALIASES",
@@ -224,3 +226,14 @@ def load_model_and_tokenizer(
             shown,
         )
     return model.to(device), tokenizer
+
+
+def meta_model(name_or_path: str | None, num_labels: int = 2) -> torch.nn.Module:
+    """A model with the right architecture and parameter names, on the meta device (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = resolve_model_path(name_or_path)
+    config = AutoConfig.from_pretrained(str(path), num_labels=num_labels)
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config)

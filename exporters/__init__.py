@@ -1,1 +1,0 @@
-"""Exporters and CPU runtimes (installed as ``recipec.exporters``)."""

@@ -1,0 +1,1 @@
+"""Export of sparse checkpoints to verified, masked ONNX deployment folders."""

@@ -1,0 +1,1 @@
+"""Sparse CPU kernels: SparseProp's training kernels and the layers that use them."""

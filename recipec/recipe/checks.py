@@ -1,0 +1,248 @@
+"""Recipe checks that need no model: windows in their own units, overlaps, prune-only stages.
+
+These run while a recipe loads (errors then carry file:line) and again in :mod:`recipec.plan`
+once ``steps_per_epoch`` is known. No torch import here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from recipec.recipe.schema import PRUNING_TYPES, Recipe
+
+
+def to_steps(
+    value_steps: int | None, value_epochs: float | None, steps_per_epoch: int, default: int | None
+) -> int | None:
+    """Resolve a ``*_step`` / ``*_epoch`` pair to optimizer steps."""
+    if value_steps is not None:
+        return int(value_steps)
+    if value_epochs is not None:
+        return int(round(value_epochs * steps_per_epoch))
+    return default
+
+
+def interval(
+    value_steps: int | None, value_epochs: float | None, steps_per_epoch: int
+) -> int | None:
+    """An interval in steps; epoch intervals shorter than one step are clamped to one step."""
+    steps = to_steps(value_steps, value_epochs, steps_per_epoch, None)
+    return None if steps is None else max(1, steps)
+
+
+def window_raw(spec: Any) -> tuple[tuple[float, str | None], tuple[float, str | None]]:
+    """Window bounds in their own unit; defaults are unit-free (0 and +inf)."""
+    if getattr(spec, "start_step", None) is not None:
+        start = (float(spec.start_step), "step")
+    elif getattr(spec, "start_epoch", None) is not None:
+        start = (float(spec.start_epoch), "epoch")
+    else:
+        start = (0.0, None)
+    if getattr(spec, "end_step", None) is not None:
+        end = (float(spec.end_step), "step")
+    elif getattr(spec, "end_epoch", None) is not None:
+        end = (float(spec.end_epoch), "epoch")
+    else:
+        end = (float("inf"), None)
+    return start, end
+
+
+def targets_key(spec: Any, recipe: Recipe) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    targets = getattr(spec, "targets", None) or recipe.targets
+    exclude = getattr(spec, "exclude", None)
+    return tuple(targets), tuple(recipe.exclude if exclude is None else exclude)
+
+
+def overlap_problems(
+    modifiers: Sequence[Any], recipe: Recipe, steps_per_epoch: int | None
+) -> list[tuple[int, str]]:
+    """Pairs of modifiers that may not share time: pruning on the same targets, or two LRs.
+
+    With ``steps_per_epoch=None`` only windows whose bounds are in the same unit are compared.
+    Pruning windows are closed intervals (prune at both ends); LR windows are half-open.
+    """
+    problems: list[tuple[int, str]] = []
+    items = list(enumerate(modifiers))
+    for a_pos, (i, a) in enumerate(items):
+        for j, b in items[a_pos + 1 :]:
+            same_kind_lr = a.type == "lr" and b.type == "lr"
+            both_pruning = a.type in PRUNING_TYPES and b.type in PRUNING_TYPES
+            both_distill = a.type == "distill" and b.type == "distill"
+            if not (same_kind_lr or both_pruning or both_distill):
+                continue
+            if both_pruning and targets_key(a, recipe) != targets_key(b, recipe):
+                continue  # different target sets; the compiler checks actual tensors
+            (sa, ua), (ea, uea) = window_raw(a)
+            (sb, ub), (eb, ueb) = window_raw(b)
+            if steps_per_epoch is None:
+                units = {u for u in (ua, uea, ub, ueb) if u is not None}
+                if len(units) > 1:
+                    continue
+            else:
+                sa, ea = scale(sa, ua, steps_per_epoch), scale(ea, uea, steps_per_epoch)
+                sb, eb = scale(sb, ub, steps_per_epoch), scale(eb, ueb, steps_per_epoch)
+            if same_kind_lr or both_distill:
+                overlap = sa < eb and sb < ea
+            else:
+                overlap = sa <= eb and sb <= ea
+            if overlap:
+                what = (
+                    "learning-rate"
+                    if same_kind_lr
+                    else ("distillation" if both_distill else "pruning")
+                )
+                problems.append(
+                    (
+                        j,
+                        f"overlaps modifier {i} ({a.type}): two {what} modifiers on the same weights and steps",
+                    )
+                )
+    return problems
+
+
+def lower_target_problems(recipe: Recipe) -> list[tuple[int, int, str]]:
+    """``(stage index, modifier index, message)`` for a gmp/obert whose final sparsity is below
+    what an earlier one (an earlier stage, or a window that ends before it starts) reaches on
+    the same target patterns: pruned weights stay pruned, so it would prune nothing while the
+    plan showed it lowering the sparsity. Windows in different units are not compared here."""
+
+    def ranking(spec: Any) -> Any:
+        # same weights, ranked the same way: else a lower target can still prune (a layer a
+        # global ranking left at 40% reaches 50% under a per-layer one)
+        return targets_key(spec, recipe), spec.scope, spec.structure
+
+    problems: list[tuple[int, int, str]] = []
+    earlier: dict[
+        Any, tuple[float, str]
+    ] = {}  # ranking -> highest final sparsity of earlier stages
+    for stage_index, stage in enumerate(recipe.resolved_stages()):
+        pruners = [
+            (i, m)
+            for i, m in enumerate(stage.modifiers)
+            if m.type in ("gmp", "obert") and not m.is_nm
+        ]
+        for i, spec in pruners:
+            key = ranking(spec)
+            before = [earlier[key]] if key in earlier else []
+            (start, unit), _ = window_raw(spec)
+            for j, other in pruners:
+                other_end, other_unit = window_raw(other)[1]
+                if (
+                    j != i
+                    and ranking(other) == key
+                    and unit is not None
+                    and other_unit == unit
+                    and other_end < start
+                ):
+                    before.append(
+                        (other.final_sparsity, f"modifier {j} ({other.type}) of this stage")
+                    )
+            if before:
+                reached, who = max(before)
+                if spec.final_sparsity < reached:
+                    problems.append(
+                        (
+                            stage_index,
+                            i,
+                            f"final_sparsity {spec.final_sparsity:g} is below the {reached:g} "
+                            f"that {who} reaches earlier on the same weights: pruned weights "
+                            f"stay pruned, so this modifier would prune nothing; raise it to "
+                            f"at least {reached:g} or drop it",
+                        )
+                    )
+        for i, spec in pruners:
+            key = ranking(spec)
+            if key not in earlier or spec.final_sparsity > earlier[key][0]:
+                earlier[key] = (
+                    spec.final_sparsity,
+                    f"stage {stage.name!r} modifier {i} ({spec.type})",
+                )
+    return problems
+
+
+TRAINING_ONLY_TYPES = ("lr", "distill", "cram")
+
+
+def window_problems(
+    modifiers: Sequence[Any], training: Any, steps_per_epoch: int | None
+) -> list[tuple[int, str, str]]:
+    """``(index, field, message)`` for pruning windows (gmp, obert) that outlast their stage.
+
+    A pruning step after the stage's last step never runs, so the final sparsity would be
+    missed without notice. With ``steps_per_epoch=None`` only bounds in the unit of the stage's
+    length (epochs or steps) are compared; the planner re-checks everything in steps.
+    """
+    if training.prune_only:
+        return []  # prune_only_problems covers these stages
+    total = (
+        None  # the stage's last step, when steps_per_epoch is known (as resolve_stage counts it)
+    )
+    if steps_per_epoch is not None:
+        total = max(1, to_steps(training.steps, training.epochs, steps_per_epoch, 0) or 0)
+    problems: list[tuple[int, str, str]] = []
+    for index, spec in enumerate(modifiers):
+        if spec.type not in ("gmp", "obert"):
+            continue
+        for name in ("start",) if spec.is_nm else ("start", "end"):  # N:M prunes once, at its start
+            steps, epochs = getattr(spec, f"{name}_step"), getattr(spec, f"{name}_epoch")
+            if total is not None:
+                value, last, unit = to_steps(steps, epochs, steps_per_epoch, None), total, "step"
+                field = f"{name}_step" if steps is not None else f"{name}_epoch"
+            elif epochs is not None and training.epochs is not None:
+                value, last, unit, field = epochs, training.epochs, "epoch", f"{name}_epoch"
+            elif steps is not None and training.steps is not None:
+                value, last, unit, field = steps, training.steps, "step", f"{name}_step"
+            else:
+                continue
+            if value is None or last is None or value <= last:
+                continue
+            what = "starts" if name == "start" else "ends"
+            problems.append(
+                (
+                    index,
+                    field,
+                    f"{what} at {unit} {value:g}, after the stage's last {unit} {last:g}: "
+                    f"pruning steps after it never run, so final_sparsity "
+                    f"{spec.final_sparsity:g} would not be reached; end the window by "
+                    f"{unit} {last:g} or train longer",
+                )
+            )
+            break
+    return problems
+
+
+def prune_only_problems(modifiers: Sequence[Any]) -> list[tuple[int, str, str]]:
+    """``(index, field, message)`` for modifiers a prune-only stage (``steps: 0``) cannot run.
+
+    Such a stage prunes once at step 0 and takes no optimizer step: modifiers that act on
+    training steps have nothing to act on, and pruning windows must be at step 0.
+    """
+    problems: list[tuple[int, str, str]] = []
+    for index, spec in enumerate(modifiers):
+        if spec.type in TRAINING_ONLY_TYPES:
+            problems.append(
+                (
+                    index,
+                    "type",
+                    f"a prune-only stage (training.steps: 0) takes no training step for the "
+                    f"{spec.type} modifier to act on; put it in a stage that trains",
+                )
+            )
+            continue
+        for name in ("start_step", "start_epoch", "end_step", "end_epoch"):
+            value = getattr(spec, name, None)
+            if value:  # not None and not 0
+                problems.append(
+                    (
+                        index,
+                        name,
+                        f"a prune-only stage (training.steps: 0) prunes at step 0 only: "
+                        f"leave {name} out or set it to 0",
+                    )
+                )
+    return problems
+
+
+def scale(value: float, unit: str | None, steps_per_epoch: int) -> float:
+    return value * steps_per_epoch if unit == "epoch" else value

@@ -1,0 +1,1 @@
+"""CPU runtimes and the latency benchmark: onnxruntime, DeepSparse (own venv), torch-csr."""

@@ -1,0 +1,1 @@
+"""Downstream tasks: what to train on (built-in, local files, hub) and how to score it."""
