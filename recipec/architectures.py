@@ -247,6 +247,8 @@ FAMILY_TABLE: tuple[Family, ...] = (
             "output.dense": "ffn_out",
         },
         optional=frozenset({"attention.self.pos_key_proj", "attention.self.pos_query_proj"}),
+        # The relative-position table feeds the scores only. The token convolution after the
+        # first layer (encoder.conv, conv_kernel_size > 0: v2 xlarge/xxlarge) stays in "other".
         components=((r"(^|\.)encoder\.rel_embeddings\.", "attention.scores"),),
         score_flops=_deberta_v2_score_flops,
     ),
