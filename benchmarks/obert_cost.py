@@ -160,7 +160,7 @@ def worker(args) -> dict:
     import torch
 
     import recipec
-    from recipec.modifiers.pruning import OBertModifier
+    from recipec.modifiers.obert import OBertModifier
     from recipec.recipe.load import load_recipe_text
     from recipec.sparsity.obs import estimate_fisher_bytes
 
@@ -190,6 +190,7 @@ modifiers:
     fisher_block_size: {args.block_size}
     damp: {args.damp}
     grad_batch_size: {args.batch_size}
+    woodbury_batch: {args.grad_batch}
 """,
         "<obert_cost>",
     )
@@ -202,7 +203,6 @@ modifiers:
         grad_batches=grad_batches,
         progress=lambda msg: marks.append((time.perf_counter(), msg)),
     )
-    program.ctx.extra["obert_grad_batch"] = args.grad_batch
     (mod,) = [m for m in program.modifiers if isinstance(m, OBertModifier)]
     numels = {n: p.numel() for n, p in mod.targets.items()}
     numel = sum(numels.values())

@@ -166,10 +166,16 @@ def dense_model(args, info, train, dev, modifiers: str = ""):
 
     ``modifiers``: YAML list items added to the fine-tuning recipe (e.g. a ``cram`` modifier,
     benchmarks/cram.py); they are part of the cache key."""
+    import recipec
     from recipec.models import load_model_and_tokenizer
-    from recipec.plan import resolve_stage
     from recipec.recipe.load import load_recipe_text
-    from recipec.train.loop import evaluate, make_optimizer, seed_everything, train_stage
+    from recipec.train.loop import (
+        StageData,
+        StageRunner,
+        evaluate,
+        make_optimizer,
+        seed_everything,
+    )
 
     cache = Path(args.cache or default_cache()) / _key(args, modifiers)
     done = cache / "model"
@@ -193,22 +199,18 @@ modifiers: {"[]" if not modifiers else chr(10) + modifiers}
 """,
         "<oneshot dense>",
     )
-    (stage,) = recipe.resolved_stages()
     spe = max(1, -(-len(train) // args.batch_size))
-    plan = resolve_stage(recipe, stage, spe)
     seed_everything(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model, info)
     optimizer = make_optimizer(model, args.lr, 0.01)
-    program = None
     messages: list[str] = []
-    if modifiers:
-        import recipec
 
-        def progress(msg: str) -> None:  # the modifiers' lines also go into the record
-            messages.append(msg)
-            log(msg)
+    def progress(msg: str) -> None:  # the modifiers' lines also go into the record
+        messages.append(msg)
+        log(msg)
 
-        program = recipec.compile(recipe, model, optimizer, spe, progress=progress)
+    # no modifiers: plain fine-tuning (the Program only schedules the LR)
+    program = recipec.compile(recipe, model, optimizer, spe, progress=progress, own_lr=True)
     log(
         f"fine-tuning dense: {args.steps} steps x {args.batch_size} of {len(train)} SST-2 train examples "
         f"(lr {args.lr:g}, warm-up {_warmup(args)}, dynamic padding, max {args.max_seq_length} tokens)"
@@ -220,17 +222,8 @@ modifiers: {"[]" if not modifiers else chr(10) + modifiers}
             last[0] = time.perf_counter()
             log(f"  step {step}/{args.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e}")
 
-    result = train_stage(
-        model=model,
-        tokenizer=tokenizer,
-        info=info,
-        train_examples=train,
-        eval_examples=dev,
-        plan=plan,
-        optimizer=optimizer,
-        program=program,
-        on_step=on_step,
-    )
+    data = StageData(model, tokenizer, info, train, dev)
+    result = StageRunner(program, data, on_step=on_step, log_sparsity=bool(modifiers)).run()
     final = result.final_eval or evaluate(
         model, dev, tokenizer, info, batch_size=64, max_seq_length=args.max_seq_length, device="cpu"
     )
@@ -274,7 +267,8 @@ def prune_one_shot(
     fisher_block_size: {args.block_size}
     damp: {damp!r}
     grad_batch_size: {args.grad_batch_size}
-    recomputations: {args.recomputations}"""
+    recomputations: {args.recomputations}
+    woodbury_batch: {args.grad_batch}"""
     recipe = load_recipe_text(
         f"""
 version: 1
@@ -291,7 +285,6 @@ modifiers:
         f"<oneshot {method}>",
     )
     program = recipec.compile(recipe, model, None, 1, grad_batches=grad_batches)
-    program.ctx.extra["obert_grad_batch"] = args.grad_batch
     started = time.perf_counter()
     program.step_start(0)
     seconds = time.perf_counter() - started

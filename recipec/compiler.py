@@ -9,11 +9,14 @@ import torch
 from torch import nn
 
 from recipec import modifiers as registry
-from recipec.modifiers.base import CompileContext, CompileError, MaskState
-from recipec.modifiers.pruning import target_parameters
-from recipec.plan import PlanError, resolve_stage
+from recipec.modifiers.base import CompileContext, CompileError
+from recipec.modifiers.pruner import target_parameters
+from recipec.plan import PlanError, StagePlan, resolve_stage
 from recipec.program import Program
-from recipec.recipe.schema import PRUNING_TYPES, Recipe
+from recipec.recipe.schema import Recipe, StageSpec
+from recipec.sparsity.state import MaskState
+
+GradBatches = Callable[[int], Iterator[Mapping[str, torch.Tensor]]]
 
 
 def compile(  # noqa: A001 - the public verb of the package
@@ -24,9 +27,11 @@ def compile(  # noqa: A001 - the public verb of the package
     *,
     stage: str | int | None = None,
     teacher: nn.Module | str | None = None,
-    grad_batches: Callable[[int], Iterator[Mapping[str, torch.Tensor]]] | None = None,
+    grad_batches: GradBatches | None = None,
     masks: Mapping[str, torch.Tensor] | None = None,
     progress: Callable[[str], None] | None = None,
+    own_lr: bool = False,
+    sparse_backprop: float | None = None,
 ) -> Program:
     """Turn one stage of ``recipe`` into training hooks for ``model`` and ``optimizer``.
 
@@ -40,29 +45,52 @@ def compile(  # noqa: A001 - the public verb of the package
         grad_batches: ``f(batch_size)`` -> iterator of batches, for oBERT's gradient collection.
         masks: Masks carried over from an earlier stage (True = keep).
         progress: Receives short status lines (pruning steps, Fisher progress).
+        own_lr: The Program writes the plan's LR at every step even without ``lr`` modifiers
+            (the training section's warm-up and linear decay); otherwise only a stage with
+            ``lr`` modifiers sets it and another scheduler (e.g. the HF Trainer's) may own it.
+        sparse_backprop: Run pruned linear layers whose sparsity is at least this on sparse CPU
+            kernels between mask changes (None: dense kernels).
 
     Raises:
         CompileError: Targets that match nothing, overlapping pruners, a missing teacher, ...
     """
-    stages = recipe.resolved_stages()
-    if stage is None:
-        if len(stages) > 1:
-            raise CompileError(
-                f"the recipe has {len(stages)} stages ({', '.join(s.name for s in stages)}): pass stage="
-            )
-        chosen = stages[0]
-    elif isinstance(stage, int):
-        chosen = stages[stage]
-    else:
-        by_name = {s.name: s for s in stages}
-        if stage not in by_name:
-            raise CompileError(f"no stage {stage!r}; stages: {', '.join(by_name)}")
-        chosen = by_name[stage]
+    chosen = _choose_stage(recipe, stage)
     try:
         plan = resolve_stage(recipe, chosen, steps_per_epoch)
     except PlanError as exc:
         raise CompileError(str(exc)) from None
+    return compile_plan(
+        plan,
+        recipe,
+        model,
+        optimizer,
+        teacher=teacher,
+        grad_batches=grad_batches,
+        masks=masks,
+        progress=progress,
+        own_lr=own_lr,
+        sparse_backprop=sparse_backprop,
+    )
 
+
+def compile_plan(
+    plan: StagePlan,
+    recipe: Recipe,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    teacher: nn.Module | str | None = None,
+    grad_batches: GradBatches | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    progress: Callable[[str], None] | None = None,
+    own_lr: bool = False,
+    sparse_backprop: float | None = None,
+) -> Program:
+    """A :class:`Program` for an already resolved stage (arguments as in :func:`compile`).
+
+    A plan without modifiers gives a Program that only schedules the LR: plain fine-tuning,
+    e.g. the dense teacher of ``teacher: auto``.
+    """
     mask_state = MaskState(dict(model.named_parameters()))
     if masks:
         mask_state.set(masks, optimizer)
@@ -77,16 +105,38 @@ def compile(  # noqa: A001 - the public verb of the package
         progress=progress,
     )
     _check_tensor_overlaps(ctx)
-    program = Program(plan, ctx, [registry.build(m, ctx) for m in plan.modifiers])
+    program = Program(
+        plan,
+        ctx,
+        [registry.build(m, ctx) for m in plan.modifiers],
+        sets_lr=own_lr or plan.owns_lr,
+        sparse_backprop=sparse_backprop,
+    )
     ctx.loss_fn = program.recompute_loss
     return program
 
 
+def _choose_stage(recipe: Recipe, stage: str | int | None) -> StageSpec:
+    stages = recipe.resolved_stages()
+    if stage is None:
+        if len(stages) > 1:
+            raise CompileError(
+                f"the recipe has {len(stages)} stages ({', '.join(s.name for s in stages)}): pass stage="
+            )
+        return stages[0]
+    if isinstance(stage, int):
+        return stages[stage]
+    by_name = {s.name: s for s in stages}
+    if stage not in by_name:
+        raise CompileError(f"no stage {stage!r}; stages: {', '.join(by_name)}")
+    return by_name[stage]
+
+
 def _check_tensor_overlaps(ctx: CompileContext) -> None:
-    pruners = [m for m in ctx.plan.modifiers if m.type in PRUNING_TYPES]
+    """Two pruning modifiers on the same tensors in overlapping windows: a compile error."""
     owned: list[tuple[Any, set[str]]] = []
-    for mod in pruners:
-        names = set(target_parameters(mod, ctx)) if mod.type != "cram" else set()
+    for mod in ctx.plan.with_trait("prunes"):
+        names = set(target_parameters(mod, ctx)) if mod.spec.sets_masks else set()
         for other, other_names in owned:
             both = names & other_names
             if (

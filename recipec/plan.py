@@ -26,7 +26,6 @@ from recipec.recipe.checks import (
     window_problems,
 )
 from recipec.recipe.schema import (
-    DistillSpec,
     LRSpec,
     Recipe,
     StageSpec,
@@ -61,6 +60,34 @@ class ResolvedModifier:
     def type(self) -> str:
         return self.spec.type
 
+    def describe(self) -> str:
+        """This modifier's settings in one line (``recipec plan``)."""
+        spec = self.spec
+        if spec.sets_lr:
+            cycle = f", cycle {self.cycle} steps" if self.cycle else ""
+            return f"{spec.schedule} {spec.init_lr:g} -> {spec.final_lr:g}, warm-up {self.warmup}{cycle}"
+        return spec.describe()
+
+    def plan_fields(self) -> dict[str, Any]:
+        """This modifier's resolved settings (``recipec plan --json``)."""
+        spec = self.spec
+        fields: dict[str, Any] = {}
+        if self.pruning_steps:
+            fields["update_every_steps"] = self.update_every
+            fields["pruning"] = [
+                {"step": s, "sparsity": round(sp, 6)}
+                for s, sp in zip(self.pruning_steps, self.sparsities)
+            ]
+        if spec.sets_lr:
+            fields.update(
+                schedule=spec.schedule,
+                warmup_steps=self.warmup,
+                cycle_steps=self.cycle,
+                init_lr=spec.init_lr,
+                final_lr=spec.final_lr,
+            )
+        return {**fields, **spec.plan_fields()}
+
     def target_sparsity(self, step: int) -> float | None:
         """The sparsity this modifier prunes to at ``step`` (None if not a pruning step)."""
         try:
@@ -84,7 +111,7 @@ class StagePlan:
 
     def lr_at(self, step: int) -> float:
         """Learning rate at ``step`` (see the module docstring for the ownership rule)."""
-        lrs = sorted((m for m in self.modifiers if m.type == "lr"), key=lambda m: m.window.start)
+        lrs = sorted((m for m in self.modifiers if m.spec.sets_lr), key=lambda m: m.window.start)
         if not lrs:
             return schedules.default_lr(
                 step,
@@ -112,7 +139,17 @@ class StagePlan:
         return sorted(events)
 
     def by_type(self, *types: str) -> list[ResolvedModifier]:
+        """The stage's modifiers of the given ``type:`` names (for callers that ask by name)."""
         return [m for m in self.modifiers if m.type in types]
+
+    def with_trait(self, trait: str) -> list[ResolvedModifier]:
+        """The stage's modifiers whose spec has ``trait`` (e.g. ``"sets_masks"``)."""
+        return [m for m in self.modifiers if getattr(m.spec, trait)]
+
+    @property
+    def owns_lr(self) -> bool:
+        """Whether the recipe's ``lr`` modifiers shape this stage's learning rate."""
+        return bool(self.with_trait("sets_lr"))
 
 
 def _lr_of(mod: ResolvedModifier, step: int) -> float:
@@ -160,7 +197,7 @@ def resolve_stage(recipe: Recipe, stage: StageSpec, steps_per_epoch: int) -> Sta
         end = to_steps(spec.end_step, spec.end_epoch, steps_per_epoch, None)
         assert start is not None
         where = f"stage {stage.name!r} modifiers.{index} ({spec.type})"
-        if spec.type in ("gmp", "obert"):
+        if spec.schedules_sparsity:
             update = interval(spec.update_every_steps, spec.update_every_epochs, steps_per_epoch)
             if end is None:
                 end = start if update is None else total
@@ -191,7 +228,7 @@ def resolve_stage(recipe: Recipe, stage: StageSpec, steps_per_epoch: int) -> Sta
                     update_every=update,
                 )
             )
-        elif spec.type == "lr":
+        elif spec.sets_lr:
             end = total if end is None else end
             if end <= start:
                 problems.append(f"{where}: empty window [{start}, {end})")
@@ -238,37 +275,8 @@ def plan_to_dict(plans: Sequence[StagePlan], lr_points: int = 200) -> dict[str, 
                 "type": mod.type,
                 "start_step": mod.window.start,
                 "end_step": mod.window.end,
+                **mod.plan_fields(),
             }
-            if mod.pruning_steps:
-                entry["update_every_steps"] = mod.update_every
-                entry["pruning"] = [
-                    {"step": s, "sparsity": round(sp, 6)}
-                    for s, sp in zip(mod.pruning_steps, mod.sparsities)
-                ]
-                entry["structure"] = mod.spec.structure
-                entry["scope"] = mod.spec.scope
-            if mod.type == "lr":
-                entry.update(
-                    schedule=mod.spec.schedule,
-                    warmup_steps=mod.warmup,
-                    cycle_steps=mod.cycle,
-                    init_lr=mod.spec.init_lr,
-                    final_lr=mod.spec.final_lr,
-                )
-            if isinstance(mod.spec, DistillSpec):
-                entry.update(
-                    teacher=mod.spec.teacher,
-                    hardness=mod.spec.hardness,
-                    temperature=mod.spec.temperature,
-                )
-            if mod.type == "cram":
-                entry.update(
-                    variant=mod.spec.variant,
-                    rho=mod.spec.rho,
-                    sparsities=list(mod.spec.sparsities),
-                    structure=mod.spec.structure,
-                    scope=mod.spec.scope,
-                )
             mods.append(entry)
         stride = max(1, plan.total_steps // lr_points)
         lr_curve = [[s, plan.lr_at(s)] for s in range(0, plan.total_steps, stride)]

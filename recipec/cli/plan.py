@@ -73,29 +73,13 @@ def _format_plan(plans) -> list[str]:
                 for step, sparsity in zip(mod.pruning_steps, mod.sparsities):
                     lr = "" if prune_only else f"   lr {plan.lr_at(step):.3g}"
                     lines.append(f"        step {step:>7}: sparsity {100 * sparsity:6.2f}%{lr}")
-            elif mod.type == "lr":
-                spec = mod.spec
-                extra = f", cycle {mod.cycle} steps" if mod.cycle else ""
-                lines.append(
-                    f"{head}  {spec.schedule} {spec.init_lr:g} -> {spec.final_lr:g}, warm-up {mod.warmup}{extra}"
-                )
-            elif mod.type == "distill":
-                spec = mod.spec
-                lines.append(
-                    f"{head}  teacher {spec.teacher}, hardness {spec.hardness:g}, temperature {spec.temperature:g}"
-                )
-            elif mod.type == "cram":
-                spec = mod.spec
-                lines.append(
-                    f"{head}  {spec.variant}, rho {spec.rho:g}{' (normalized)' if spec.normalize else ''}, sparsities "
-                    f"{'/'.join(f'{s:g}' for s in spec.sparsities)} ({spec.structure}, {spec.scope}); "
-                    "2 forward+backward passes per step, the model stays dense"
-                )
+            elif mod.describe():
+                lines.append(f"{head}  {mod.describe()}")
             else:
                 lines.append(head)
         if not prune_only:
             warmups = [plan.warmup_steps] + [
-                m.window.start + m.warmup for m in plan.by_type("lr") if m.warmup
+                m.window.start + m.warmup for m in plan.with_trait("sets_lr") if m.warmup
             ]
             marks = sorted(
                 {
@@ -148,7 +132,7 @@ def _model_section(recipe, plans, model_name: str, seq_len: int, as_json: bool) 
     model = meta_model(None if model_name in ("", "embedded") else model_name)
     out: dict = {"model": model_name, "seq_len": seq_len, "stages": []}
     for plan in plans:
-        pruners = plan.by_type("gmp", "obert", "constant", "cram")
+        pruners = plan.with_trait("prunes")
         matched: dict[str, tuple] = {}
         for mod in pruners or [None]:
             targets = (mod.spec.targets if mod and mod.spec.targets else None) or recipe.targets
@@ -173,7 +157,7 @@ def _model_section(recipe, plans, model_name: str, seq_len: int, as_json: bool) 
                 for c in table
             ],
         }
-        obert = plan.by_type("obert")
+        obert = plan.with_trait("needs_grad_batches")
         if obert:
             from recipec.sparsity.obs import estimate_fisher_bytes
 

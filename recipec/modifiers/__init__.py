@@ -1,13 +1,21 @@
-"""Runtime modifiers, built through a registry keyed by spec ``type`` (explicit imports)."""
+"""Runtime modifiers, one module per recipe ``type:``, built through this registry.
+
+Every spec type in :data:`recipec.recipe.schema.MODIFIER_TYPES` has exactly one builder here
+(a test checks it). A new modifier type: its spec (with its traits) in the schema, its module
+here, its entry below, and its tests in ``tests/unit/modifiers/``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from recipec.modifiers.base import CompileContext, CompileError, MaskState, Modifier
+from recipec.modifiers.base import CompileContext, CompileError, Modifier
+from recipec.modifiers.constant import ConstantModifier
 from recipec.modifiers.cram import CrAMModifier
-from recipec.modifiers.pruning import ConstantModifier, GMPModifier, OBertModifier
-from recipec.modifiers.training import DistillModifier, LRModifier
+from recipec.modifiers.distill import DistillModifier
+from recipec.modifiers.gmp import GMPModifier
+from recipec.modifiers.lr import LRModifier
+from recipec.modifiers.obert import OBertModifier
 from recipec.plan import ResolvedModifier
 
 Builder = Callable[[ResolvedModifier, CompileContext], Modifier]
@@ -31,4 +39,4 @@ def build(resolved: ResolvedModifier, ctx: CompileContext) -> Modifier:
     return builder(resolved, ctx)
 
 
-__all__ = ["BUILDERS", "CompileContext", "CompileError", "MaskState", "Modifier", "build"]
+__all__ = ["BUILDERS", "CompileContext", "CompileError", "Modifier", "build"]

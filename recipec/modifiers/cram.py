@@ -38,7 +38,7 @@ import torch
 
 from recipec import distributed as dist_utils
 from recipec.modifiers.base import CompileContext, Modifier
-from recipec.modifiers.pruning import target_parameters
+from recipec.modifiers.pruner import target_parameters
 from recipec.plan import ResolvedModifier
 from recipec.sparsity.masks import compute_masks
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from recipec.recipe.schema import PRUNING_TYPES, Recipe
+from recipec.recipe.schema import Recipe
 
 
 def to_steps(
@@ -66,11 +66,10 @@ def overlap_problems(
     items = list(enumerate(modifiers))
     for a_pos, (i, a) in enumerate(items):
         for j, b in items[a_pos + 1 :]:
-            same_kind_lr = a.type == "lr" and b.type == "lr"
-            both_pruning = a.type in PRUNING_TYPES and b.type in PRUNING_TYPES
-            both_distill = a.type == "distill" and b.type == "distill"
-            if not (same_kind_lr or both_pruning or both_distill):
+            kind = a.overlap_kind
+            if kind is None or kind != b.overlap_kind:
                 continue
+            both_pruning = kind == "pruning"
             if both_pruning and targets_key(a, recipe) != targets_key(b, recipe):
                 continue  # different target sets; the compiler checks actual tensors
             (sa, ua), (ea, uea) = window_raw(a)
@@ -82,16 +81,10 @@ def overlap_problems(
             else:
                 sa, ea = scale(sa, ua, steps_per_epoch), scale(ea, uea, steps_per_epoch)
                 sb, eb = scale(sb, ub, steps_per_epoch), scale(eb, ueb, steps_per_epoch)
-            if same_kind_lr or both_distill:
-                overlap = sa < eb and sb < ea
-            else:
-                overlap = sa <= eb and sb <= ea
+            # pruning windows are closed (a pruning step at both ends), the others half-open
+            overlap = (sa <= eb and sb <= ea) if both_pruning else (sa < eb and sb < ea)
             if overlap:
-                what = (
-                    "learning-rate"
-                    if same_kind_lr
-                    else ("distillation" if both_distill else "pruning")
-                )
+                what = kind
                 problems.append(
                     (
                         j,
@@ -118,9 +111,7 @@ def lower_target_problems(recipe: Recipe) -> list[tuple[int, int, str]]:
     ] = {}  # ranking -> highest final sparsity of earlier stages
     for stage_index, stage in enumerate(recipe.resolved_stages()):
         pruners = [
-            (i, m)
-            for i, m in enumerate(stage.modifiers)
-            if m.type in ("gmp", "obert") and not m.is_nm
+            (i, m) for i, m in enumerate(stage.modifiers) if m.schedules_sparsity and not m.is_nm
         ]
         for i, spec in pruners:
             key = ranking(spec)
@@ -161,9 +152,6 @@ def lower_target_problems(recipe: Recipe) -> list[tuple[int, int, str]]:
     return problems
 
 
-TRAINING_ONLY_TYPES = ("lr", "distill", "cram")
-
-
 def window_problems(
     modifiers: Sequence[Any], training: Any, steps_per_epoch: int | None
 ) -> list[tuple[int, str, str]]:
@@ -182,7 +170,7 @@ def window_problems(
         total = max(1, to_steps(training.steps, training.epochs, steps_per_epoch, 0) or 0)
     problems: list[tuple[int, str, str]] = []
     for index, spec in enumerate(modifiers):
-        if spec.type not in ("gmp", "obert"):
+        if not spec.schedules_sparsity:
             continue
         for name in ("start",) if spec.is_nm else ("start", "end"):  # N:M prunes once, at its start
             steps, epochs = getattr(spec, f"{name}_step"), getattr(spec, f"{name}_epoch")
@@ -220,7 +208,7 @@ def prune_only_problems(modifiers: Sequence[Any]) -> list[tuple[int, str, str]]:
     """
     problems: list[tuple[int, str, str]] = []
     for index, spec in enumerate(modifiers):
-        if spec.type in TRAINING_ONLY_TYPES:
+        if spec.training_only:
             problems.append(
                 (
                     index,

@@ -10,7 +10,7 @@ No torch import here: validating a recipe must stay instant.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -70,6 +70,46 @@ def _one_of(spec: BaseModel, *names: str, required: bool) -> None:
         raise ValueError(f"give only one of {' or '.join(names)}, not both")
     if required and not given:
         raise ValueError(f"one of {' or '.join(names)} is required")
+
+
+class ModifierSpec(Spec):
+    """Base of every modifier spec. Its traits are class-level facts (pure data) that the
+    planner, the checks, the compiler, the drivers and the CLI ask, instead of comparing type
+    names: adding a modifier type means its spec (with its traits), its runtime module, the
+    registry entry and its tests."""
+
+    type: str
+
+    #: Acts on the sparsity of its targets (pruners and CrAM): pruning-kind overlap checks.
+    prunes: ClassVar[bool] = False
+    #: Installs masks on its targets (gmp, obert, constant); CrAM keeps the model dense.
+    sets_masks: ClassVar[bool] = False
+    #: Prunes on a schedule (init -> final sparsity at planned pruning steps).
+    schedules_sparsity: ClassVar[bool] = False
+    #: Owns the learning rate inside its window (shapes ``StagePlan.lr_at``).
+    sets_lr: ClassVar[bool] = False
+    #: Needs the training loss *and its mini-batch* (a Trainer callback alone cannot serve it).
+    needs_loss_inputs: ClassVar[bool] = False
+    #: Runs a second forward/backward pass per step on dense weights (no sparse kernels, no
+    #: fp16 loss scaling, no DataParallel/FSDP/DeepSpeed).
+    second_pass: ClassVar[bool] = False
+    #: Needs a teacher model (``teacher:``).
+    needs_teacher: ClassVar[bool] = False
+    #: Collects its own gradients from training batches (``grad_batches=`` in compile).
+    needs_grad_batches: ClassVar[bool] = False
+    #: Acts on training steps only: an error in a prune-only stage (``training.steps: 0``).
+    training_only: ClassVar[bool] = False
+    #: Two modifiers of the same kind may not share steps ("pruning" also needs shared targets).
+    overlap_kind: ClassVar[str | None] = None
+
+    def describe(self) -> str:
+        """One line of this modifier's settings for ``recipec plan`` (pruning schedules are
+        printed by the plan itself)."""
+        return ""
+
+    def plan_fields(self) -> dict[str, Any]:
+        """This modifier's settings for ``recipec plan --json`` (beyond its window)."""
+        return {}
 
 
 class TrainingSpec(Spec):
@@ -207,14 +247,26 @@ class _Pruning(_Window, _Targets, _Structured):
         return self
 
 
-class GMPSpec(_Pruning):
+class _PruningSchedule(ModifierSpec, _Pruning):
+    prunes: ClassVar[bool] = True
+    sets_masks: ClassVar[bool] = True
+    schedules_sparsity: ClassVar[bool] = True
+    overlap_kind: ClassVar[str | None] = "pruning"
+
+    def plan_fields(self) -> dict[str, Any]:
+        return {"structure": self.structure, "scope": self.scope}
+
+
+class GMPSpec(_PruningSchedule):
     """Gradual magnitude pruning: cubic/linear ramp from init to final sparsity."""
 
     type: Literal["gmp"]
 
 
-class OBertSpec(_Pruning):
+class OBertSpec(_PruningSchedule):
     """oBERT: second-order (block empirical Fisher) pruning on the GMP schedule."""
+
+    needs_grad_batches: ClassVar[bool] = True
 
     type: Literal["obert"]
     num_grads: Annotated[int, Field(gt=0, le=100_000)] = 1024
@@ -224,6 +276,12 @@ class OBertSpec(_Pruning):
     recomputations: Annotated[int, Field(gt=0, le=64)] = 1
     fisher: Literal["block", "mfac"] = "block"
     max_memory_gb: Annotated[float, Field(gt=0.0, le=4096)] | None = None
+    woodbury_batch: Annotated[int, Field(gt=0, le=1024)] = Field(
+        1,
+        description="Gradients per rank-k Woodbury update of the inverse Fisher: the same Fisher "
+        "up to float rounding, faster per gradient at B=50 for k*numel*4 more bytes; 1 is the "
+        "exact rank-1 recursion.",
+    )
 
     @model_validator(mode="after")
     def _blocks(self) -> OBertSpec:
@@ -235,14 +293,23 @@ class OBertSpec(_Pruning):
         return self
 
 
-class ConstantSpec(_Window, _Targets):
+class ConstantSpec(ModifierSpec, _Window, _Targets):
     """Keep the current zeros of the targets fixed (sparse transfer / fine-tune after pruning)."""
+
+    prunes: ClassVar[bool] = True
+    sets_masks: ClassVar[bool] = True
+    overlap_kind: ClassVar[str | None] = "pruning"
 
     type: Literal["constant"]
 
 
-class DistillSpec(_Window):
+class DistillSpec(ModifierSpec, _Window):
     """Knowledge distillation: (1-h)*task + h*T^2*KL(softmax(t/T) || softmax(s/T))."""
+
+    needs_loss_inputs: ClassVar[bool] = True
+    needs_teacher: ClassVar[bool] = True
+    training_only: ClassVar[bool] = True
+    overlap_kind: ClassVar[str | None] = "distillation"
 
     type: Literal["distill"]
     teacher: str = Field(
@@ -255,9 +322,21 @@ class DistillSpec(_Window):
         description="With teacher: auto, epochs of dense fine-tuning for the teacher (default: the stage's).",
     )
 
+    def describe(self) -> str:
+        return (
+            f"teacher {self.teacher}, hardness {self.hardness:g}, temperature {self.temperature:g}"
+        )
 
-class LRSpec(_Window):
+    def plan_fields(self) -> dict[str, Any]:
+        return {"teacher": self.teacher, "hardness": self.hardness, "temperature": self.temperature}
+
+
+class LRSpec(ModifierSpec, _Window):
     """Learning-rate schedule; owns the optimizer's LR inside its window."""
+
+    sets_lr: ClassVar[bool] = True
+    training_only: ClassVar[bool] = True
+    overlap_kind: ClassVar[str | None] = "learning-rate"
 
     type: Literal["lr"]
     schedule: Literal["constant", "linear", "cosine", "cyclic_linear"] = "linear"
@@ -277,11 +356,17 @@ class LRSpec(_Window):
         return self
 
 
-class CrAMSpec(_Window, _Targets, _Structured):
+class CrAMSpec(ModifierSpec, _Window, _Targets, _Structured):
     """CrAM: compression-aware training (sharpness-style step at a sampled sparsity).
 
     Trains the model dense so that it keeps its accuracy when pruned one-shot afterwards to any
     of ``sparsities``; it sets no masks itself."""
+
+    prunes: ClassVar[bool] = True
+    needs_loss_inputs: ClassVar[bool] = True
+    second_pass: ClassVar[bool] = True
+    training_only: ClassVar[bool] = True
+    overlap_kind: ClassVar[str | None] = "pruning"
 
     type: Literal["cram"]
     rho: Annotated[float, Field(gt=0.0, le=10.0)] = Field(
@@ -316,12 +401,29 @@ class CrAMSpec(_Window, _Targets, _Structured):
             )
         return self
 
+    def describe(self) -> str:
+        return (
+            f"{self.variant}, rho {self.rho:g}{' (normalized)' if self.normalize else ''}, "
+            f"sparsities {'/'.join(f'{s:g}' for s in self.sparsities)} "
+            f"({self.structure}, {self.scope}); "
+            "2 forward+backward passes per step, the model stays dense"
+        )
+
+    def plan_fields(self) -> dict[str, Any]:
+        return {
+            "variant": self.variant,
+            "rho": self.rho,
+            "sparsities": list(self.sparsities),
+            "structure": self.structure,
+            "scope": self.scope,
+        }
+
 
 Modifier = Annotated[
     GMPSpec | OBertSpec | ConstantSpec | DistillSpec | LRSpec | CrAMSpec,
     Field(discriminator="type"),
 ]
-MODIFIER_TYPES: dict[str, type[Spec]] = {
+MODIFIER_TYPES: dict[str, type[ModifierSpec]] = {
     "gmp": GMPSpec,
     "obert": OBertSpec,
     "constant": ConstantSpec,
@@ -329,7 +431,6 @@ MODIFIER_TYPES: dict[str, type[Spec]] = {
     "lr": LRSpec,
     "cram": CrAMSpec,
 }
-PRUNING_TYPES = ("gmp", "obert", "constant", "cram")
 
 
 class StageSpec(Spec):

@@ -100,7 +100,6 @@ class RecipecCallback(TrainerCallback):
             )
         self.program = program
         self.sparse_backprop = sparse_backprop
-        self.sparse = None  # recipec.kernels.sparse_backprop.StageKernels while training
         self.loss_hooked = False  # set by RecipecTrainer, which applies program.loss
         self._loaded = False
         self._before_done: int | None = None  # the step whose before_optimizer_step already ran
@@ -128,7 +127,7 @@ class RecipecCallback(TrainerCallback):
                 "the Trainer uses a different optimizer than the one the recipe was compiled with: pass "
                 "optimizers=(optimizer, None) to the Trainer (RecipecTrainer does this for you)"
             )
-        if program.plan.by_type("distill", "cram") and not self.loss_hooked:
+        if program.plan.with_trait("needs_loss_inputs") and not self.loss_hooked:
             raise ValueError(
                 "this recipe distils or uses CrAM, which needs the loss and its mini-batch; a callback "
                 "cannot see them: use recipec.train.hf.RecipecTrainer(program=...) instead of Trainer + "
@@ -140,7 +139,7 @@ class RecipecCallback(TrainerCallback):
                 "instead of trainer.train(), run its one-shot pruning with program.step_start(0) then "
                 "program.finalize() (oBERT needs grad_batches= in recipec.compile)"
             )
-        if program.plan.by_type("cram"):
+        if program.plan.with_trait("second_pass"):
             if args.fp16:
                 raise ValueError(
                     "a cram modifier runs a second forward/backward pass that is not loss-scaled: train it "
@@ -158,12 +157,7 @@ class RecipecCallback(TrainerCallback):
                 )
         self._before_done = None
         if self.sparse_backprop is not None:
-            from recipec.kernels import sparse_backprop as sbp
-
-            self.remove_sparse_kernels()  # from an earlier train()
-            self.sparse = sbp.StageKernels.for_program(
-                program, program.ctx.model, self.sparse_backprop, resumed=state.global_step > 0
-            )
+            program.use_sparse_backprop(self.sparse_backprop, resumed=state.global_step > 0)
         if state.global_step > 0 and not self._loaded:
             self._resume(args, state)
         self._check_masks(f"start (step {state.global_step})")
@@ -177,22 +171,18 @@ class RecipecCallback(TrainerCallback):
 
     def remove_sparse_kernels(self) -> None:
         """Every layer back on its dense forward (done at the end of training)."""
-        if self.sparse is not None:
-            self.sparse.kernels.remove()
+        self.program.close()
 
     def sparse_backprop_record(self) -> dict[str, Any] | None:
         """``{"min_sparsity", "from_step", "layers"}`` (and ``"resumed": True`` after a resume) of
         the last training, or None."""
-        return self.sparse.record() if self.sparse is not None else None
+        return self.program.sparse_backprop_record()
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
     ):
         self._before_done = None
-        if self.sparse is not None:
-            self.sparse.step_start(state.global_step)  # program.step_start, pruning on dense layers
-        else:
-            self.program.step_start(state.global_step)
+        self.program.step_start(state.global_step)
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs

@@ -7,7 +7,6 @@ data position) goes into atomic checkpoints.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
@@ -22,13 +21,11 @@ import torch
 from torch import nn
 
 from recipec import distributed as dist_utils
-from recipec.modifiers.training import set_lr
-from recipec.plan import StagePlan
 from recipec.program import Program
 from recipec.tasks.data import make_dataloader
 from recipec.tasks.load import Example, TaskInfo
 from recipec.tasks.metrics import compute_metrics
-from recipec.train import resume as ckpt
+from recipec.train import resume
 
 
 class TrainingError(RuntimeError):
@@ -173,7 +170,7 @@ class MetricsLog:
             if rec.get("stage") == stage and rec.get("step", 0) > step:
                 continue
             kept.append(line)
-        ckpt.write_text_atomic(self.path, "".join(k + "\n" for k in kept))
+        resume.write_text_atomic(self.path, "".join(k + "\n" for k in kept))
 
 
 class _SigintFlag:
@@ -200,288 +197,306 @@ class _SigintFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def train_stage(
-    *,
-    model: nn.Module,
-    tokenizer: Any,
-    info: TaskInfo,
-    train_examples: list[Example],
-    eval_examples: list[Example],
-    plan: StagePlan,
-    optimizer: torch.optim.Optimizer,
-    program: Program | None,
-    device: str = "cpu",
-    checkpoint_dir: Path | None = None,
-    checkpoint_every: int | None = None,
-    resume_state: dict[str, Any] | None = None,
-    metrics: MetricsLog | None = None,
-    extra_state: Callable[[], dict[str, Any]] | None = None,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
-    on_eval_progress: Callable[[int, int], None] | None = None,
-    stop_after_step: int | None = None,
-    eval_before: dict[str, float] | None = None,
-    sparse_backprop: float | None = None,
-) -> StageResult:
-    """Train one stage to ``plan.total_steps`` optimizer steps (0: a prune-only stage, which
-    evaluates, runs the Program's step 0, its one-shot pruning, and evaluates again; with
-    ``eval_before``, the metrics of the model as it comes, that first evaluation is skipped).
+@dataclass
+class StageData:
+    """What a stage trains and evaluates: the model, its tokenizer and the task's examples."""
 
-    ``resume_state`` (from a checkpoint) restores optimizer, Program, RNG and step; the data
-    position follows from the step (every epoch has exactly ``plan.steps_per_epoch`` batches
-    in a seeded order). ``stop_after_step`` ends early (tests).
+    model: nn.Module
+    tokenizer: Any
+    info: TaskInfo
+    train: list[Example]
+    eval: list[Example]
+    device: str = "cpu"
+
+
+class StageRunner:
+    """Trains one stage to ``plan.total_steps`` optimizer steps with its compiled Program.
+
+    Phases, one method each: :meth:`resume` (optimizer, Program, RNG, step and evaluations from
+    a checkpoint), :meth:`prune_only` (a ``steps: 0`` stage: evaluate, the one-shot pruning of
+    step 0, no optimizer step; the evaluation is skipped when ``eval_before`` gives the metrics
+    of the model as it comes), :meth:`train_step` (one optimizer step in the documented hook
+    order), :meth:`end` (finalize, evaluate, the complete checkpoint). The data position follows
+    from the step (every epoch has exactly ``plan.steps_per_epoch`` batches in a seeded order).
 
     In a distributed run (an initialised process group of several ranks, see
-    :mod:`recipec.distributed`) every rank calls this with the same arguments: the model
-    is wrapped in ``DistributedDataParallel`` for the training forward/backward, each rank
-    trains on its shard of every global batch of ``training.batch_size`` examples with its loss
-    weighted so that gradients equal the global batch's, the logged loss is the global batch's
-    mean, a Ctrl-C stops all ranks at the same step, masks are checked identical across ranks
-    after every change, evaluation is sharded, and only rank 0 writes metrics and checkpoints
-    (which hold every rank's RNG state).
+    :mod:`recipec.distributed`) every rank runs the same stage: the model is wrapped in
+    ``DistributedDataParallel`` for the training forward/backward, each rank trains on its shard
+    of every global batch of ``training.batch_size`` examples with its loss weighted so that
+    gradients equal the global batch's, the logged loss is the global batch's mean, a Ctrl-C
+    stops all ranks at the same step, masks are checked identical across ranks after every
+    change, evaluation is sharded, and only rank 0 writes metrics and checkpoints (which hold
+    every rank's RNG state).
 
-    ``sparse_backprop`` (a minimum sparsity; CPU, one process): between mask changes, pruned
-    linear layers at that sparsity or more run forward and backward on SparseProp's kernels
-    (:mod:`recipec.kernels.sparse_backprop`); they are put back before ``finalize`` and whenever
-    the stage ends.
+    Args:
+        program: The compiled stage (its optimizer is the one stepped).
+        data: Model, tokenizer and examples.
+        checkpoint_dir: Where atomic checkpoints go (None: none).
+        checkpoint_every: Steps between checkpoints.
+        metrics: The run's ``metrics.jsonl`` (rank 0 writes it).
+        on_step: ``f(step, record)`` after every optimizer step (progress bars).
+        stop_after_step: End after this step without finalizing (tests).
+        eval_before: A prune-only stage's metrics before pruning, when already known.
+        log_sparsity: Put the masks' sparsity into each record (False for the dense teacher).
     """
-    training = plan.training
-    world = dist_utils.world_size()
-    rank = dist_utils.rank()
-    metrics = metrics if metrics is not None and dist_utils.is_main() else MetricsLog(None)
-    spe = plan.steps_per_epoch
-    total = plan.total_steps
-    step = 0
-    eval_history: list[dict[str, Any]] = []
-    started = time.perf_counter()
-    elapsed_before = 0.0
-    if resume_state is not None:
-        step = int(resume_state["step"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if program is not None and resume_state.get("program") is not None:
-            program.load_state_dict(resume_state["program"])
-        _restore_rng(resume_state, world, rank, training.seed + step)
-        eval_history = list(resume_state.get("eval_history", []))
-        elapsed_before = float(resume_state.get("seconds", 0.0))
-        if step >= total and resume_state.get("complete"):
-            last = eval_metrics(eval_history[-1]) if eval_history else None
-            return StageResult(total, elapsed_before, eval_history, last)
 
-    def state(at_step: int) -> dict[str, Any]:
-        rng = ckpt.rng_state()
-        per_rank = {}
-        if world > 1:  # every rank's stream, so a resumed run continues each of them
-            per_rank = {
-                "rng_ranks": dist_utils.all_gather_object(rng, what="gathering RNG states"),
-                "world_size": world,
-            }
-        return {
-            "stage": plan.name,
-            "step": at_step,
-            "optimizer": optimizer.state_dict(),
-            "program": program.state_dict() if program is not None else None,
-            "rng": rng,
-            **per_rank,
-            "eval_history": eval_history,
-            "seconds": elapsed_before + time.perf_counter() - started,
-            "data": {"epoch": at_step // spe, "batch": at_step % spe},
-            **(extra_state() if extra_state else {}),
-        }
+    def __init__(
+        self,
+        program: Program,
+        data: StageData,
+        *,
+        checkpoint_dir: Path | None = None,
+        checkpoint_every: int | None = None,
+        metrics: MetricsLog | None = None,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+        stop_after_step: int | None = None,
+        eval_before: dict[str, float] | None = None,
+        log_sparsity: bool = True,
+    ):
+        self.program = program
+        self.plan = program.plan
+        self.optimizer = program.ctx.optimizer
+        self.data = data
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = checkpoint_every
+        self.metrics = metrics if metrics is not None and dist_utils.is_main() else MetricsLog(None)
+        self.on_step = on_step
+        self.stop_after_step = stop_after_step
+        self.eval_before = eval_before
+        self.log_sparsity = log_sparsity
+        self.world = dist_utils.world_size()
+        self.rank = dist_utils.rank()
+        self.step = 0
+        self.eval_history: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+        self.elapsed_before = 0.0
+        self.checked_version = program.masks.version
+        self.net: nn.Module = data.model
 
-    def save(at_step: int, complete: bool = False) -> None:
-        if checkpoint_dir is not None:
-            data = dict(state(at_step), complete=complete)
-            if dist_utils.is_main():
-                ckpt.save_checkpoint(checkpoint_dir, f"{plan.name}-step-{at_step:08d}", model, data)
+    # -- phases -------------------------------------------------------------------------------
 
-    def run_eval(at_step: int, known: dict[str, float] | None = None) -> dict[str, float]:
-        result = (
-            known
-            if known is not None
-            else evaluate(
-                model,
-                eval_examples,
-                tokenizer,
-                info,
+    def run(self, checkpoint: dict[str, Any] | None = None) -> StageResult:
+        """The whole stage, from the start or from a checkpoint's state; returns its result
+        (``final_eval`` None when stopped early)."""
+        if checkpoint is not None and self.resume(checkpoint):
+            last = eval_metrics(self.eval_history[-1]) if self.eval_history else None
+            return StageResult(self.plan.total_steps, self.elapsed_before, self.eval_history, last)
+        self.net = dist_utils.wrap_model(self.data.model, self.data.device)
+        self.check_masks(f"start (step {self.step})")
+        self.checked_version = self.program.masks.version
+        self.data.model.train()
+        try:
+            with _SigintFlag() as sigint:
+                if self.plan.total_steps == 0 and checkpoint is None:
+                    self.prune_only(sigint)
+                while self.step < self.plan.total_steps:
+                    for batch in self.batches():
+                        if self.step >= self.plan.total_steps:
+                            break
+                        stop = self.train_step(batch, sigint)
+                        if self.after_step(stop):
+                            return self.result(None)
+                return self.end()
+        finally:
+            self.program.close()
+
+    def resume(self, state: dict[str, Any]) -> bool:
+        """Restore a checkpoint's state; True when it is a finished stage (nothing to do)."""
+        self.step = int(state["step"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("program") is not None:
+            self.program.load_state_dict(state["program"])
+        _restore_rng(state, self.world, self.rank, self.plan.training.seed + self.step)
+        self.eval_history = list(state.get("eval_history", []))
+        self.elapsed_before = float(state.get("seconds", 0.0))
+        return self.step >= self.plan.total_steps and bool(state.get("complete"))
+
+    def prune_only(self, sigint: _SigintFlag) -> None:
+        """Evaluate, prune once (step 0), log the sparsity; a Ctrl-C keeps the pruning."""
+        program, name = self.program, self.plan.name
+        self.evaluate(0, self.eval_before)  # the model as it came, to compare with after pruning
+        program.step_start(0)
+        self.metrics.write({"stage": name, "step": 0, "sparsity": program.sparsity()[0]})
+        flag = torch.tensor([float(sigint.raised)], dtype=torch.float64)  # every rank, or none
+        if dist_utils.all_reduce_sum(flag, what=f"stage {name!r}: interrupt check")[0] > 0:
+            self.save(0)  # --resume evaluates it and goes on
+            raise Interrupted(
+                f"interrupted at stage {name!r} after its one-shot pruning; checkpoint saved"
+            )
+
+    def batches(self) -> Iterator[Mapping[str, torch.Tensor]]:
+        """The rest of the current epoch's batches (this rank's shards when distributed)."""
+        training, spe = self.plan.training, self.plan.steps_per_epoch
+        loader = make_dataloader(
+            self.data.train,
+            self.data.tokenizer,
+            self.data.info,
+            batch_size=training.batch_size,
+            max_seq_length=training.max_seq_length,
+            shuffle=True,
+            seed=training.seed,
+            epoch=self.step // spe,
+            start_batch=self.step % spe,
+        )
+        if self.world == 1:
+            return iter(loader)
+        return iter(dist_utils.sharded_batches(loader, self.rank, self.world))
+
+    def train_step(self, batch: Mapping[str, torch.Tensor], sigint: _SigintFlag) -> bool:
+        """One optimizer step in the Program's hook order; True when a rank asked to stop."""
+        program, step, name = self.program, self.step, self.plan.name
+        weight = getattr(batch, "weight", 1.0)
+        batch = to_device(batch, self.data.device)
+        program.step_start(step)
+        with dist_utils.collective(f"stage {name!r} step {step}: forward"):
+            outputs = self.net(**batch)
+        loss = program.loss(outputs.loss, batch=batch, outputs=outputs)
+        stop = sigint.raised
+        if self.world == 1:
+            loss_value = float(loss.detach())
+        else:
+            loss_value, stop = _reduce_step(
+                loss, weight, sigint.raised, program, self.world, name, step
+            )
+            if program.masks.version != self.checked_version:
+                self.check_masks(f"step {step} (after pruning)")
+                self.checked_version = program.masks.version
+        if not math.isfinite(loss_value):
+            raise TrainingError(
+                f"stage {name!r}: the loss is {loss_value} at step {step}; stopping. "
+                "The last good checkpoint is kept (lower the learning rate, then --resume)."
+            )
+        self.backward(loss, weight, step)
+        program.before_optimizer_step(step)
+        max_norm = self.plan.training.max_grad_norm
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.data.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        program.after_optimizer_step(step)
+        self.step += 1
+        lr = self.optimizer.param_groups[0]["lr"]
+        record = {"stage": name, "step": self.step, "loss": loss_value, "lr": lr}
+        if self.log_sparsity:
+            record["sparsity"] = program.sparsity()[0]
+        self.metrics.write(record)
+        if self.on_step:
+            self.on_step(self.step, record)
+        return stop
+
+    def backward(self, loss: torch.Tensor, weight: float, step: int) -> None:
+        if self.world == 1:
+            loss.backward()
+            return
+        scale = weight * self.world  # DDP averages over ranks: this makes it the global mean
+        with dist_utils.collective(f"stage {self.plan.name!r} step {step}: gradient all-reduce"):
+            (loss * scale if scale != 1.0 else loss).backward()
+
+    def after_step(self, stop: bool) -> bool:
+        """Periodic evaluation and checkpoint, a Ctrl-C; True to end the stage early (tests)."""
+        step, total = self.step, self.plan.total_steps
+        if self.plan.eval_every and step % self.plan.eval_every == 0 and step < total:
+            self.evaluate(step)
+        if self.checkpoint_every and step % self.checkpoint_every == 0 and step < total:
+            self.save(step)
+        if stop:
+            self.save(step)
+            raise Interrupted(
+                f"interrupted at stage {self.plan.name!r} step {step}; checkpoint saved"
+            )
+        return self.stop_after_step is not None and step >= self.stop_after_step
+
+    def end(self) -> StageResult:
+        """Finalize (last pruning steps, masks), evaluate, write the complete checkpoint."""
+        self.program.finalize()
+        self.check_masks("end (after finalize)")
+        final_eval = self.evaluate(self.plan.total_steps)
+        self.save(self.plan.total_steps, complete=True)
+        return self.result(final_eval)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def result(self, final_eval: dict[str, float] | None) -> StageResult:
+        return StageResult(
+            self.step,
+            self.elapsed_before + time.perf_counter() - self.started,
+            self.eval_history,
+            final_eval,
+            sparse_backprop=self.program.sparse_backprop_record(),
+        )
+
+    def evaluate(self, at_step: int, known: dict[str, float] | None = None) -> dict[str, float]:
+        """Evaluate (or take ``known`` metrics), record it in the history and metrics."""
+        training = self.plan.training
+        result = known
+        if result is None:
+            result = evaluate(
+                self.data.model,
+                self.data.eval,
+                self.data.tokenizer,
+                self.data.info,
                 batch_size=max(training.batch_size, 32),
                 max_seq_length=training.max_seq_length,
-                device=device,
-                progress=on_eval_progress,
+                device=self.data.device,
             )
-        )
-        record = {
-            "stage": plan.name,
-            "step": at_step,
-            **{f"eval_{k}": v for k, v in result.items()},
-        }
-        if program is not None:
-            record["sparsity"] = program.sparsity()[0]
-        eval_history.append(record)
-        metrics.write(record)
+        record = {"stage": self.plan.name, "step": at_step}
+        record.update({f"eval_{k}": v for k, v in result.items()})
+        if self.log_sparsity:
+            record["sparsity"] = self.program.sparsity()[0]
+        self.eval_history.append(record)
+        self.metrics.write(record)
         return result
 
-    def check_masks(where: str) -> None:
-        if program is not None and world > 1:
-            dist_utils.verify_identical(
-                program.masks.masks, program.masks.params, f"stage {plan.name!r} {where}"
-            )
+    def check_masks(self, where: str) -> None:
+        """Under torchrun: masks and masked weights bit-identical on every rank."""
+        if self.world > 1:
+            masks = self.program.masks
+            where = f"stage {self.plan.name!r} {where}"
+            dist_utils.verify_identical(masks.masks, masks.params, where)
 
-    net = dist_utils.wrap_model(model, device)  # the model itself in a single process
-    check_masks(f"start (step {step})")
-    checked_version = program.masks.version if program is not None else 0
-    model.train()
-    final_eval = None
-    with (
-        _SigintFlag() as sigint,
-        _sparse_kernels(sparse_backprop, model, program, resume_state is not None) as sparse,
-    ):
-        if (
-            total == 0 and program is not None and resume_state is None
-        ):  # prune-only: one-shot, no optimizer step
-            run_eval(0, eval_before)  # the model as it came, to compare with after pruning
-            program.step_start(0)
-            metrics.write({"stage": plan.name, "step": 0, "sparsity": program.sparsity()[0]})
-            flag = torch.tensor(
-                [float(sigint.raised)], dtype=torch.float64
-            )  # every rank stops, or none
-            if dist_utils.all_reduce_sum(flag, what=f"stage {plan.name!r}: interrupt check")[0] > 0:
-                # the pruning is kept: --resume evaluates it and goes on
-                save(0)
-                raise Interrupted(
-                    f"interrupted at stage {plan.name!r} after its one-shot pruning; checkpoint saved"
-                )
-        while step < total:
-            loader = make_dataloader(
-                train_examples,
-                tokenizer,
-                info,
-                batch_size=training.batch_size,
-                max_seq_length=training.max_seq_length,
-                shuffle=True,
-                seed=training.seed,
-                epoch=step // spe,
-                start_batch=step % spe,
-            )
-            batches = loader if world == 1 else dist_utils.sharded_batches(loader, rank, world)
-            for batch in batches:
-                if step >= total:
-                    break
-                weight = getattr(batch, "weight", 1.0)
-                batch = to_device(batch, device)
-                if sparse is not None:
-                    sparse.step_start(step)  # program.step_start, pruning on dense layers
-                elif program is not None:
-                    program.step_start(step)
-                if program is None or not program.owns_lr:
-                    set_lr(optimizer, plan.lr_at(step))
-                with dist_utils.collective(f"stage {plan.name!r} step {step}: forward"):
-                    outputs = net(**batch)
-                loss = outputs.loss
-                if program is not None:
-                    loss = program.loss(loss, batch=batch, outputs=outputs)
-                if world == 1:
-                    loss_value = float(loss.detach())
-                else:
-                    loss_value, stop = _reduce_step(
-                        loss, weight, sigint.raised, program, world, plan.name, step
-                    )
-                    if program is not None and program.masks.version != checked_version:
-                        check_masks(f"step {step} (after pruning)")
-                        checked_version = program.masks.version
-                if not math.isfinite(loss_value):
-                    raise TrainingError(
-                        f"stage {plan.name!r}: the loss is {loss_value} at step {step}; stopping. "
-                        "The last good checkpoint is kept (lower the learning rate, then --resume)."
-                    )
-                if world > 1:
-                    scale = weight * world  # DDP averages over ranks: this makes it the global mean
-                    with dist_utils.collective(
-                        f"stage {plan.name!r} step {step}: gradient all-reduce"
-                    ):
-                        (loss * scale if scale != 1.0 else loss).backward()
-                else:
-                    loss.backward()
-                if program is not None:
-                    program.before_optimizer_step(step)
-                if training.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), training.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if program is not None:
-                    program.after_optimizer_step(step)
-                lr = optimizer.param_groups[0]["lr"]
-                step += 1
-                record = {"stage": plan.name, "step": step, "loss": loss_value, "lr": lr}
-                if program is not None:
-                    record["sparsity"] = program.sparsity()[0]
-                metrics.write(record)
-                if on_step:
-                    on_step(step, record)
-                if plan.eval_every and step % plan.eval_every == 0 and step < total:
-                    run_eval(step)
-                if checkpoint_every and step % checkpoint_every == 0 and step < total:
-                    save(step)
-                if sigint.raised if world == 1 else stop:
-                    save(step)
-                    raise Interrupted(
-                        f"interrupted at stage {plan.name!r} step {step}; checkpoint saved"
-                    )
-                if stop_after_step is not None and step >= stop_after_step:
-                    return StageResult(
-                        step,
-                        elapsed_before + time.perf_counter() - started,
-                        eval_history,
-                        sparse_backprop=sparse.record() if sparse else None,
-                    )
-        if program is not None:
-            if sparse is not None:
-                sparse.kernels.remove()
-            program.finalize()
-            check_masks("end (after finalize)")
-        final_eval = run_eval(total)
-        save(total, complete=True)
-    return StageResult(
-        total,
-        elapsed_before + time.perf_counter() - started,
-        eval_history,
-        final_eval,
-        sparse_backprop=sparse.record() if sparse else None,
-    )
+    def state(self, at_step: int) -> dict[str, Any]:
+        """Everything a resumed run needs (optimizer, Program, RNG, evaluations, data position)."""
+        rng = resume.rng_state()
+        per_rank = {}
+        if self.world > 1:  # every rank's stream, so a resumed run continues each of them
+            per_rank = {
+                "rng_ranks": dist_utils.all_gather_object(rng, what="gathering RNG states"),
+                "world_size": self.world,
+            }
+        spe = self.plan.steps_per_epoch
+        return {
+            "stage": self.plan.name,
+            "step": at_step,
+            "optimizer": self.optimizer.state_dict(),
+            "program": self.program.state_dict(),
+            "rng": rng,
+            **per_rank,
+            "eval_history": self.eval_history,
+            "seconds": self.elapsed_before + time.perf_counter() - self.started,
+            "data": {"epoch": at_step // spe, "batch": at_step % spe},
+        }
 
-
-@contextlib.contextmanager
-def _sparse_kernels(
-    min_sparsity: float | None, model: nn.Module, program: Program | None, resumed: bool
-) -> Iterator[Any]:
-    """The stage's sparse-backprop kernels (None when not asked for or not usable in this stage);
-    every layer is back on its dense forward when the block ends, however it ends."""
-    if (
-        min_sparsity is None or program is None or program.plan.total_steps == 0
-    ):  # prune-only: no step to speed up
-        yield None
-        return
-    from recipec.kernels import sparse_backprop as sbp
-
-    stage = sbp.StageKernels.for_program(program, model, min_sparsity, resumed)
-    if stage is None:
-        yield None
-        return
-    try:
-        yield stage
-    finally:
-        stage.kernels.remove()
+    def save(self, at_step: int, complete: bool = False) -> None:
+        """An atomic checkpoint (rank 0 writes; every rank gathers its RNG state)."""
+        if self.checkpoint_dir is None:
+            return
+        data = dict(self.state(at_step), complete=complete)
+        if dist_utils.is_main():
+            name = f"{self.plan.name}-step-{at_step:08d}"
+            resume.save_checkpoint(self.checkpoint_dir, name, self.data.model, data)
 
 
 def _reduce_step(
     loss: torch.Tensor,
     weight: float,
     interrupted: bool,
-    program: Program | None,
+    program: Program,
     world: int,
     stage: str,
     step: int,
 ) -> tuple[float, bool]:
     """One small all-reduce per step: global mean loss, any rank's Ctrl-C, mask-version agreement."""
-    version = float(program.masks.version) if program is not None else 0.0
+    version = float(program.masks.version)
     contribution = float(loss.detach()) * weight if weight else 0.0
     stats = torch.tensor(
         [contribution, float(interrupted), version, version * version], dtype=torch.float64
@@ -500,9 +515,9 @@ def _restore_rng(state: Mapping[str, Any], world: int, rank: int, reseed: int) -
     """Each rank's own RNG stream when the world size is unchanged; else rank 0's, re-split."""
     per_rank = state.get("rng_ranks")
     if per_rank is not None and len(per_rank) == world:
-        ckpt.set_rng_state(per_rank[rank])
+        resume.set_rng_state(per_rank[rank])
         return
-    ckpt.set_rng_state(state["rng"])
+    resume.set_rng_state(state["rng"])
     if world > 1:
         dist_utils.seed_rank(reseed)
 

@@ -131,14 +131,14 @@ def write_outputs(
     recipe_text: str,
     info,
     task,
-    results,
+    outcomes,
     final_eval,
     teacher_report,
     seconds: float,
     config,
 ) -> dict[str, Any]:
     """Write the model folder, report.json, report.md and plots; return the report."""
-    program = results[-1][3] if results else None
+    program = outcomes[-1].program if outcomes else None
     masks = program.masks.masks if program is not None else {}
     folder = save_model(out, model, tokenizer, masks, recipe_text)
     params = dict(model.named_parameters())
@@ -170,20 +170,24 @@ def write_outputs(
         },
         "stages": [
             {
-                "name": name,
-                "steps": result.steps,
-                "steps_per_epoch": plan.steps_per_epoch,
-                "seconds": result.seconds,
-                "final_eval": result.final_eval,
-                "pruning": prog.history(),
-                **({"sparse_backprop": result.sparse_backprop} if result.sparse_backprop else {}),
+                "name": o.name,
+                "steps": o.result.steps,
+                "steps_per_epoch": o.plan.steps_per_epoch,
+                "seconds": o.result.seconds,
+                "final_eval": o.result.final_eval,
+                "pruning": o.program.history(),
                 **(
-                    {"prune_only": True, "eval_before_pruning": result.eval_before_pruning}
-                    if plan.training.prune_only
+                    {"sparse_backprop": o.result.sparse_backprop}
+                    if o.result.sparse_backprop
+                    else {}
+                ),
+                **(
+                    {"prune_only": True, "eval_before_pruning": o.result.eval_before_pruning}
+                    if o.plan.training.prune_only
                     else {}
                 ),
             }
-            for name, plan, result, prog in results
+            for o in outcomes
         ],
         "wall_seconds": seconds,
         "resumed": bool(config.resume),

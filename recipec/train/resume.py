@@ -126,6 +126,11 @@ def latest_checkpoint(root: Path) -> Path | None:
     return None
 
 
+def read_state(folder: Path) -> dict[str, Any]:
+    """The training state saved with a checkpoint (step, optimizer, Program, RNG, ...)."""
+    return torch.load(folder / "state.pt", weights_only=False)
+
+
 def load_checkpoint(folder: Path, model: torch.nn.Module) -> dict[str, Any]:
     """Load weights into ``model`` and return the saved state dict."""
     tensors = load_file(str(folder / "model.safetensors"))
@@ -134,7 +139,7 @@ def load_checkpoint(folder: Path, model: torch.nn.Module) -> dict[str, Any]:
         raise ValueError(
             f"checkpoint {folder} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    return torch.load(folder / "state.pt", weights_only=False)
+    return read_state(folder)
 
 
 def _tied(model: torch.nn.Module) -> set[str]:

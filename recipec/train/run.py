@@ -18,8 +18,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,6 @@ class RunConfig:
     stop_after_step: int | None = None  # tests: end the (last) stage early
     # Minimum sparsity for SparseProp kernels once a stage's masks are fixed (None: dense kernels).
     sparse_backprop: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def default_output(recipe_path: str) -> Path:
@@ -166,7 +165,7 @@ def run(config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
                 f"[distributed] {dist_utils.world_size()} ranks "
                 f"({torch.distributed.get_backend()}), global batch split across them"
             )
-        return _run(config, reporter)
+        return ApplyRun(config, reporter).execute()
 
 
 def _agree(error: str | None, what: str) -> None:
@@ -178,298 +177,497 @@ def _agree(error: str | None, what: str) -> None:
         raise RunError(error)
 
 
-def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
-    from recipec import distributed as dist_utils
-    from recipec.compiler import compile as compile_recipe
-    from recipec.models import ModelLoadError, load_model_and_tokenizer, resolve_model_path
-    from recipec.modifiers.base import CompileError
-    from recipec.plan import PlanError, resolve_stage
-    from recipec.recipe.load import load_recipe, resolve_recipe_path
-    from recipec.tasks.data import make_dataloader
-    from recipec.tasks.load import TaskError, load_task
-    from recipec.train import resume as ckpt
-    from recipec.train.loop import (
-        MetricsLog,
-        evaluate,
-        make_optimizer,
-        seed_everything,
-        train_stage,
-    )
+@dataclass
+class StageOutcome:
+    """One finished (or stopped) stage of a run: its plan, its Program and what it measured."""
 
-    main_rank = dist_utils.is_main()
-    world = dist_utils.world_size()
-    started = time.perf_counter()
-    _quiet_libraries()
-    recipe_path = resolve_recipe_path(config.recipe_path)
-    recipe = load_recipe(recipe_path, config.overrides)  # RecipeError is handled by the CLI
-    out = Path(config.output or default_output(str(recipe_path)))
-    run_json = out / "run.json"
-    asked = {
-        "recipe": _dump_recipe(recipe),
-        "model": config.model,
-        "task": config.task,
-        "data": [str(Path(d).resolve()) for d in config.data],
-        "teacher": config.teacher,
-        "max_train": config.max_train,
-        "max_eval": config.max_eval,
-    }
-    stages = recipe.resolved_stages()
-    distills = [m for s in stages for m in s.modifiers if m.type == "distill"]
-    teacher_spec = config.teacher or (distills[0].teacher if distills else None)
-    if config.teacher and not distills:
-        reporter.log("[warn] --teacher is ignored: the recipe has no distill modifier")
-        teacher_spec = None
-    if teacher_spec not in (None, "auto"):
-        try:  # a missing local folder fails now, before any data or model is loaded
-            resolve_model_path(teacher_spec)
-        except ModelLoadError as exc:
-            raise RunError(f"teacher: {exc}") from None
-    inputs = [
-        ("--model", config.model),
-        ("--teacher", teacher_spec),
-        ("--task", config.task),
-        ("the recipe", recipe_path),
-        *(("--data", d) for d in config.data),
-    ]
-    # Read-only first (a wrong --resume or a busy folder fails before any download); the folder
-    # is created, or replaced, only once every input has loaded.
-    replace, error = False, None
-    if main_rank:  # only rank 0 touches the output folder (shared by all ranks)
+    plan: Any  # recipec.plan.StagePlan
+    program: Any  # recipec.program.Program
+    result: Any  # recipec.train.loop.StageResult
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+
+class ApplyRun:
+    """``recipec apply`` as named phases, in order: :meth:`prepare` (recipe, output folder
+    checks, read-only), :meth:`load_inputs` (task, model), :meth:`plan_stages` (every schedule
+    resolved before any training), :meth:`create_output`, :meth:`teacher`, :meth:`find_resume`,
+    :meth:`run_stages` and :meth:`finish` (final evaluation, model folder and report)."""
+
+    def __init__(self, config: RunConfig, reporter: Reporter):
+        from recipec import distributed as dist_utils
+
+        self.config = config
+        self.reporter = reporter
+        self.main_rank = dist_utils.is_main()
+        self.world = dist_utils.world_size()
+        self.started = time.perf_counter()
+        self.outcomes: list[StageOutcome] = []
+
+    def execute(self) -> dict[str, Any]:
+        _quiet_libraries()
+        self.prepare()
+        self.load_inputs()
+        self.plan_stages()
+        self.create_output()
+        teacher_model, teacher_report = self.teacher()
+        resume_stage, resume_folder = self.find_resume()
+        self.run_stages(teacher_model, resume_stage, resume_folder)
+        return self.finish(teacher_report)
+
+    # -- phases -------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Load the recipe; check the teacher folder and the output folder (nothing written)."""
+        from recipec.models import ModelLoadError, resolve_model_path
+        from recipec.recipe.load import load_recipe, resolve_recipe_path
+
+        config = self.config
+        self.recipe_path = resolve_recipe_path(config.recipe_path)
+        recipe = self.recipe = load_recipe(self.recipe_path, config.overrides)
+        self.out = Path(config.output or default_output(str(self.recipe_path)))
+        self.run_json = self.out / "run.json"
+        self.asked = {
+            "recipe": _dump_recipe(recipe),
+            "model": config.model,
+            "task": config.task,
+            "data": [str(Path(d).resolve()) for d in config.data],
+            "teacher": config.teacher,
+            "max_train": config.max_train,
+            "max_eval": config.max_eval,
+        }
+        self.stages = recipe.resolved_stages()
+        distills = [m for s in self.stages for m in s.modifiers if m.needs_teacher]
+        self.distill = distills[0] if distills else None
+        teacher_spec = config.teacher or (self.distill.teacher if self.distill else None)
+        if config.teacher and not distills:
+            self.reporter.log("[warn] --teacher is ignored: the recipe has no distill modifier")
+            teacher_spec = None
+        if teacher_spec not in (None, "auto"):
+            try:  # a missing local folder fails now, before any data or model is loaded
+                resolve_model_path(teacher_spec)
+            except ModelLoadError as exc:
+                raise RunError(f"teacher: {exc}") from None
+        self.teacher_spec = teacher_spec
+        inputs = [
+            ("--model", config.model),
+            ("--teacher", teacher_spec),
+            ("--task", config.task),
+            ("the recipe", self.recipe_path),
+            *(("--data", d) for d in config.data),
+        ]
+        # Read-only first (a wrong --resume or a busy folder fails before any download); the
+        # folder is created, or replaced, only once every input has loaded.
+        self.replace, error = False, None
+        if self.main_rank:  # only rank 0 touches the output folder (shared by all ranks)
+            try:
+                self.replace = _check_output(config, self.out, self.run_json, self.asked, inputs)
+            except RunError as exc:
+                if self.world == 1:
+                    raise
+                error = str(exc)
+        if self.world > 1:
+            _agree(error, "checking the output folder")
+
+    def load_inputs(self) -> None:
+        """The task's examples, then the model (its new head seeded: the same command gives the
+        same run, whatever torch's per-process seed)."""
+        from recipec.models import ModelLoadError, load_model_and_tokenizer
+        from recipec.tasks.load import TaskError, load_task
+        from recipec.train.loop import seed_everything
+
+        config, seed = self.config, self.recipe.training.seed
         try:
-            replace = _check_output(config, out, run_json, asked, inputs)
-        except RunError as exc:
-            if world == 1:
-                raise
-            error = str(exc)
-    if world > 1:
-        _agree(error, "checking the output folder")
-    seed = recipe.training.seed
-    try:
-        task = load_task(
-            config.task,
-            list(config.data) or None,
-            max_train=config.max_train,
-            max_eval=config.max_eval,
-            seed=seed,
+            task = load_task(
+                config.task,
+                list(config.data) or None,
+                max_train=config.max_train,
+                max_eval=config.max_eval,
+                seed=seed,
+            )
+        except TaskError as exc:
+            raise RunError(str(exc)) from None
+        for note in task.notes:
+            self.reporter.log(f"[data] {note}")
+        info = task.info
+        self.reporter.log(
+            f"task {info.name} ({info.kind}): {len(task.train)} train / {len(task.eval)} eval examples"
         )
-    except TaskError as exc:
-        raise RunError(str(exc)) from None
-    for note in task.notes:
-        reporter.log(f"[data] {note}")
-    info = task.info
-    reporter.log(
-        f"task {info.name} ({info.kind}): {len(task.train)} train / {len(task.eval)} eval examples"
-    )
-    # A new task head is initialised at random here: seeded, so the same command gives the same
-    # run (torch seeds its default generator differently in every process).
-    seed_everything(seed)
-    try:
-        model, tokenizer = load_model_and_tokenizer(config.model, info, device=config.device)
-    except ModelLoadError as exc:
-        raise RunError(str(exc)) from None
-
-    def spe_for(training) -> int:
-        n = len(task.train)
-        return max(1, -(-n // training.batch_size))
-
-    # Resolve every stage up front so schedule errors appear before any training.
-    plans = []
-    for stage in stages:
-        training = recipe.stage_training(stage)
+        seed_everything(seed)
         try:
-            plans.append(resolve_stage(recipe, stage, spe_for(training)))
-        except PlanError as exc:
-            raise RunError(
-                f"the recipe does not fit this data ({len(task.train)} train examples): {exc}"
-            ) from None
+            model, tokenizer = load_model_and_tokenizer(config.model, info, device=config.device)
+        except ModelLoadError as exc:
+            raise RunError(str(exc)) from None
+        self.task, self.model, self.tokenizer = task, model, tokenizer
 
-    if main_rank:  # every input is checked: only now is the output folder created (or replaced)
-        _create_output(config, recipe, out, run_json, asked, replace, reporter)
-    dist_utils.barrier("creating the output folder")
-    metrics = MetricsLog(out / "metrics.jsonl" if main_rank else None)
+    def plan_stages(self) -> None:
+        """Resolve every stage up front, so that schedule errors appear before any training."""
+        from recipec.plan import PlanError, resolve_stage
 
-    teacher_model = None
-    teacher_report = None
-    if teacher_spec is not None:
-        if teacher_spec == "auto":
-            # the teacher trains like the first stage that distils (not a prune-only stage before it)
-            first = next(
-                i
-                for i, stage in enumerate(stages)
-                if any(m is distills[0] for m in stage.modifiers)
+        self.plans = []
+        n = len(self.task.train)
+        for stage in self.stages:
+            spe = max(1, -(-n // self.recipe.stage_training(stage).batch_size))
+            try:
+                self.plans.append(resolve_stage(self.recipe, stage, spe))
+            except PlanError as exc:
+                raise RunError(
+                    f"the recipe does not fit this data ({n} train examples): {exc}"
+                ) from None
+
+    def create_output(self) -> None:
+        """Every input is checked: only now is the output folder created (or replaced)."""
+        from recipec import distributed as dist_utils
+        from recipec.train.loop import MetricsLog
+
+        if self.main_rank:
+            _create_output(
+                self.config,
+                self.recipe,
+                self.out,
+                self.run_json,
+                self.asked,
+                self.replace,
+                self.reporter,
             )
-            teacher_model, teacher_report = _auto_teacher(
-                config, recipe, distills[0], task, plans[first], reporter, out
-            )
-        else:
-            teacher_model = teacher_spec
+        dist_utils.barrier("creating the output folder")
+        self.metrics = MetricsLog(self.out / "metrics.jsonl" if self.main_rank else None)
 
-    seed_everything(seed)
-    dist_utils.seed_rank(seed)
-    ckpt_root = out / "checkpoints"
-    resume_stage, resume_folder = 0, None
-    if config.resume:
+    def teacher(self) -> tuple[Any, dict[str, Any] | None]:
+        """The distillation teacher: a path, or (``auto``) a dense model fine-tuned here."""
+        if self.teacher_spec != "auto":
+            return self.teacher_spec, None
+        # the teacher trains like the first stage that distils (not a prune-only stage before it)
+        first = next(
+            i
+            for i, stage in enumerate(self.stages)
+            if any(m is self.distill for m in stage.modifiers)
+        )
+        return self._auto_teacher(self.plans[first])
+
+    def find_resume(self) -> tuple[int, Path | None]:
+        """With --resume: the stage and checkpoint to continue from (rank 0 decides)."""
+        from recipec import distributed as dist_utils
+        from recipec.train import resume
+
+        seed = self.recipe.training.seed
+        _seed_run(seed)
+        if not self.config.resume:
+            if self.main_rank and (self.out / "metrics.jsonl").exists():
+                (self.out / "metrics.jsonl").unlink()
+            return 0, None
         found = None
-        if main_rank:  # every rank resumes from the checkpoint rank 0 sees
-            for i in range(len(stages) - 1, -1, -1):
-                folder = ckpt.latest_checkpoint(ckpt_root / f"{i:02d}-{stages[i].name}")
+        if self.main_rank:  # every rank resumes from the checkpoint rank 0 sees
+            for i in range(len(self.stages) - 1, -1, -1):
+                folder = resume.latest_checkpoint(self._checkpoint_dir(i))
                 if folder is not None:
                     found = (i, str(folder))
                     break
         found = dist_utils.broadcast_object(found, what="choosing the checkpoint to resume from")
         if found is None:
-            reporter.log("[resume] no checkpoint yet: starting from the beginning")
-        else:
-            resume_stage, resume_folder = found[0], Path(found[1])
-            if not (resume_folder / "state.pt").is_file():
-                raise RunError(
-                    f"rank {dist_utils.rank()}: cannot read the checkpoint {resume_folder} "
-                    "(distributed runs need --output on a file system shared by every node)"
-                )
-            reporter.log(f"[resume] continuing from {resume_folder}")
-            metrics_state = torch.load(resume_folder / "state.pt", weights_only=False)
-            saved_world = int(metrics_state.get("world_size", 1))
-            if saved_world != world:
-                reporter.log(
-                    f"[resume] the checkpoint was written by {saved_world} rank(s), this run has {world}: "
-                    "the global batches are the same, dropout streams are re-split"
-                )
-            metrics.truncate_after(metrics_state["stage"], int(metrics_state["step"]))
-    elif main_rank and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
-
-    carried_masks = None
-    results = []
-    program = None
-    for i, (stage, plan) in enumerate(zip(stages, plans)):
-        if i < resume_stage:
-            continue
-        training = plan.training
-        optimizer = make_optimizer(model, training.learning_rate, training.weight_decay)
-        resume_state = None
-        if resume_folder is not None and i == resume_stage:
-            resume_state = ckpt.load_checkpoint(resume_folder, model)
-            carried_masks = None  # the Program state holds the masks
-        grad_counter = {"n": 0}
-
-        def grad_batches(batch_size: int, _plan=plan, _counter=grad_counter):
-            _counter["n"] += 1
-            loader = make_dataloader(
-                task.train,
-                tokenizer,
-                info,
-                batch_size=batch_size,
-                max_seq_length=_plan.training.max_seq_length,
-                shuffle=True,
-                seed=seed + 7919 * _counter["n"],
+            self.reporter.log("[resume] no checkpoint yet: starting from the beginning")
+            return 0, None
+        stage, folder = found[0], Path(found[1])
+        if not (folder / "state.pt").is_file():
+            raise RunError(
+                f"rank {dist_utils.rank()}: cannot read the checkpoint {folder} "
+                "(distributed runs need --output on a file system shared by every node)"
             )
-            if world > 1:  # this rank's share of the same global mini-batches (see OBertModifier)
-                return (
-                    dist_utils.ShardBatch({k: v.to(config.device) for k, v in b.items()}, b.weight)
-                    for b in dist_utils.sharded_batches(loader)
-                )
-            return (dict((k, v.to(config.device)) for k, v in b.items()) for b in loader)
+        self.reporter.log(f"[resume] continuing from {folder}")
+        state = resume.read_state(folder)
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world:
+            self.reporter.log(
+                f"[resume] the checkpoint was written by {saved_world} rank(s), this run has "
+                f"{self.world}: the global batches are the same, dropout streams are re-split"
+            )
+        self.metrics.truncate_after(state["stage"], int(state["step"]))
+        return stage, folder
 
+    def run_stages(self, teacher: Any, resume_stage: int, resume_folder: Path | None) -> None:
+        """Each stage in turn (from the resumed one); masks carry over from stage to stage."""
+        carried = None
+        for i, (stage, plan) in enumerate(zip(self.stages, self.plans)):
+            if i < resume_stage:
+                continue
+            checkpoint = None
+            if resume_folder is not None and i == resume_stage:
+                from recipec.train import resume
+
+                checkpoint = resume.load_checkpoint(resume_folder, self.model)
+                carried = None  # the Program state holds the masks
+            outcome = self._run_stage(i, stage, plan, teacher, carried, checkpoint)
+            self.outcomes.append(outcome)
+            carried = outcome.program.masks.state_dict()
+            if outcome.result.final_eval is None:  # stopped early (tests)
+                break
+
+    def finish(self, teacher_report: dict[str, Any] | None) -> dict[str, Any]:
+        """The final evaluation, the model folder and the report (rank 0 writes)."""
+        from recipec import distributed as dist_utils
+        from recipec.train.loop import evaluate
+        from recipec.train.report import write_outputs
+
+        final_eval = self.outcomes[-1].result.final_eval
+        if final_eval is None:
+            final_eval = evaluate(
+                self.model,
+                self.task.eval,
+                self.tokenizer,
+                self.task.info,
+                batch_size=64,
+                max_seq_length=self.plans[-1].training.max_seq_length,
+                device=self.config.device,
+            )
+        report = None
+        if self.main_rank:
+            report = write_outputs(
+                out=self.out,
+                model=self.model,
+                tokenizer=self.tokenizer,
+                recipe=self.recipe,
+                recipe_text=_dump_recipe(self.recipe),
+                info=self.task.info,
+                task=self.task,
+                outcomes=self.outcomes,
+                final_eval=final_eval,
+                teacher_report=teacher_report,
+                seconds=time.perf_counter() - self.started,
+                config=self.config,
+            )
+        return dist_utils.broadcast_object(report, what="sharing the report")
+
+    # -- one stage ----------------------------------------------------------------------------
+
+    def _checkpoint_dir(self, index: int) -> Path:
+        return self.out / "checkpoints" / f"{index:02d}-{self.stages[index].name}"
+
+    def _run_stage(self, index, stage, plan, teacher, carried, checkpoint) -> StageOutcome:
+        from recipec.compiler import compile_plan
+        from recipec.modifiers.base import CompileError
+        from recipec.train.loop import StageRunner, make_optimizer
+
+        config, reporter, training = self.config, self.reporter, plan.training
+        optimizer = make_optimizer(self.model, training.learning_rate, training.weight_decay)
+        distils = any(m.needs_teacher for m in stage.modifiers)
         try:
-            program = compile_recipe(
-                recipe,
-                model,
+            program = compile_plan(
+                plan,
+                self.recipe,
+                self.model,
                 optimizer,
-                plan.steps_per_epoch,
-                stage=stage.name,
-                teacher=teacher_model
-                if any(m.type == "distill" for m in stage.modifiers)
-                else None,
-                grad_batches=grad_batches,
-                masks=carried_masks,
+                teacher=teacher if distils else None,
+                grad_batches=self._grad_batches(plan),
+                masks=carried,
                 progress=reporter.log,
+                own_lr=True,
+                sparse_backprop=config.sparse_backprop,
             )
         except CompileError as exc:
             raise RunError(f"stage {stage.name!r}: {exc}") from None
-        if plan.training.prune_only:
+        tensors = f"{len(program.masks.params)} tensors in the model"
+        if training.prune_only:
             reporter.log(
-                f"stage {stage.name!r}: prune-only: evaluate, prune once (one-shot), evaluate; "
-                f"{len(program.masks.params)} tensors in the model"
+                f"stage {stage.name!r}: prune-only: evaluate, prune once (one-shot), evaluate; {tensors}"
             )
         else:
             reporter.log(
-                f"stage {stage.name!r}: {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), "
-                f"{len(program.masks.params)} tensors in the model"
+                f"stage {stage.name!r}: {plan.total_steps} steps ({plan.steps_per_epoch}/epoch), {tensors}"
             )
-            completed = int(resume_state["step"]) if resume_state else 0
-            reporter.start(f"{stage.name}", plan.total_steps, completed)
-        is_last = i == len(stages) - 1
+            reporter.start(
+                stage.name, plan.total_steps, int(checkpoint["step"]) if checkpoint else 0
+            )
+        runner = StageRunner(
+            program,
+            self._stage_data(),
+            checkpoint_dir=self._checkpoint_dir(index),
+            checkpoint_every=config.checkpoint_every
+            or training.checkpoint_every_steps
+            or _default_ckpt_every(plan),
+            metrics=self.metrics,
+            on_step=lambda s, rec: reporter.update(s, _step_info(rec)),
+            stop_after_step=config.stop_after_step if index == len(self.stages) - 1 else None,
+            eval_before=self._known_eval(plan),
+        )
         try:
-            result = train_stage(
-                model=model,
-                tokenizer=tokenizer,
-                info=info,
-                train_examples=task.train,
-                eval_examples=task.eval,
-                plan=plan,
-                optimizer=optimizer,
-                program=program,
-                device=config.device,
-                checkpoint_dir=ckpt_root / f"{i:02d}-{stage.name}",
-                checkpoint_every=config.checkpoint_every
-                or training.checkpoint_every_steps
-                or _default_ckpt_every(plan),
-                resume_state=resume_state,
-                metrics=metrics,
-                on_step=lambda s, rec: reporter.update(s, _step_info(rec)),
-                stop_after_step=config.stop_after_step if is_last else None,
-                sparse_backprop=config.sparse_backprop,
-                # a prune-only stage after a stage evaluated at the same length: its model, already measured
-                eval_before=results[-1][2].final_eval
-                if plan.training.prune_only
-                and results
-                and results[-1][1].training.max_seq_length == training.max_seq_length
-                else None,
-            )
+            result = runner.run(checkpoint)
         finally:
             reporter.stop()
         if result.eval_before_pruning is not None:
-            metric = info.primary_metric
+            metric = self.task.info.primary_metric
             reporter.log(
-                f"stage {stage.name!r}: {metric} {result.eval_before_pruning[metric]:.4f} before pruning, "
-                f"{result.final_eval[metric]:.4f} after"
+                f"stage {stage.name!r}: {metric} {result.eval_before_pruning[metric]:.4f} before "
+                f"pruning, {result.final_eval[metric]:.4f} after"
             )
-        results.append((stage.name, plan, result, program))
-        carried_masks = program.masks.state_dict()
-        if result.final_eval is None:  # stopped early (tests)
-            break
+        return StageOutcome(plan, program, result)
 
-    # Final artefacts.
-    final_eval = results[-1][2].final_eval
-    if final_eval is None:
-        final_eval = evaluate(
-            model,
+    def _stage_data(self, model: Any = None, tokenizer: Any = None) -> Any:
+        from recipec.train.loop import StageData
+
+        return StageData(
+            model if model is not None else self.model,
+            tokenizer if tokenizer is not None else self.tokenizer,
+            self.task.info,
+            self.task.train,
+            self.task.eval,
+            self.config.device,
+        )
+
+    def _known_eval(self, plan: Any) -> dict[str, float] | None:
+        """A prune-only stage right after a stage evaluated at the same length: that stage's
+        final evaluation is its model before pruning (no need to evaluate it again)."""
+        if not plan.training.prune_only or not self.outcomes:
+            return None
+        last = self.outcomes[-1]
+        if last.plan.training.max_seq_length != plan.training.max_seq_length:
+            return None
+        return last.result.final_eval
+
+    def _grad_batches(self, plan: Any) -> Any:
+        """``f(batch_size)`` -> fresh shuffled training batches, for oBERT's gradients."""
+        from recipec import distributed as dist_utils
+        from recipec.tasks.data import make_dataloader
+
+        counter = {"n": 0}
+        device, task, seed = self.config.device, self.task, self.recipe.training.seed
+
+        def grad_batches(batch_size: int):
+            counter["n"] += 1
+            loader = make_dataloader(
+                task.train,
+                self.tokenizer,
+                task.info,
+                batch_size=batch_size,
+                max_seq_length=plan.training.max_seq_length,
+                shuffle=True,
+                seed=seed + 7919 * counter["n"],
+            )
+            if self.world > 1:  # this rank's share of the same global mini-batches (see obert)
+                return (
+                    dist_utils.ShardBatch({k: v.to(device) for k, v in b.items()}, b.weight)
+                    for b in dist_utils.sharded_batches(loader)
+                )
+            return ({k: v.to(device) for k, v in b.items()} for b in loader)
+
+        return grad_batches
+
+    def _auto_teacher(self, plan: Any) -> tuple[str, dict[str, Any]]:
+        """Fine-tune (or reuse) the dense teacher for ``--teacher auto``: a Program with no
+        modifiers (plain fine-tuning at the stage's training settings).
+
+        Distributed: every rank trains the teacher (DDP); rank 0 decides whether the cache holds
+        one, writes it, and the others wait for it, then every rank loads it from the shared path.
+        """
+        from recipec import distributed as dist_utils
+        from recipec.compiler import compile_plan
+        from recipec.models import load_model_and_tokenizer
+        from recipec.plan import StagePlan
+        from recipec.train.loop import StageRunner, evaluate, make_optimizer
+        from recipec.train.resume import latest_checkpoint, load_checkpoint
+
+        config, task, reporter = self.config, self.task, self.reporter
+        training = plan.training
+        epochs = self.distill.teacher_epochs or training.epochs
+        total = (
+            max(1, round(epochs * plan.steps_per_epoch)) if epochs is not None else plan.total_steps
+        )
+        key = _fingerprint(
+            "teacher-v1",
+            config.model or "embedded",
+            task.info.to_dict(),
+            len(task.train),
+            len(task.eval),
+            [e.text for e in task.train[:50]],
+            config.max_train,
+            config.max_eval,
+            config.data,
+            training.model_dump(mode="json"),
+            total,
+        )
+        cache = Path(config.teacher_cache or teacher_cache_dir()) / key
+        done = cache / "model"
+        if dist_utils.broadcast_object(
+            (done / "config.json").is_file(), what="checking the teacher cache"
+        ):
+            reporter.log(f"[teacher] reusing the fine-tuned dense teacher at {done}")
+            saved = cache / "teacher.json"
+            return str(done), json.loads(saved.read_text()) if saved.is_file() else None
+        reporter.log(f"[teacher] fine-tuning a dense teacher for {total} steps (cached at {cache})")
+        _seed_run(training.seed)
+        teacher, tokenizer = load_model_and_tokenizer(config.model, task.info, device=config.device)
+        tplan = StagePlan(
+            name="teacher",
+            training=training,
+            steps_per_epoch=plan.steps_per_epoch,
+            total_steps=total,
+            warmup_steps=plan.warmup_steps,
+            eval_every=None,
+            modifiers=(),
+            targets=plan.targets,
+            exclude=plan.exclude,
+        )
+        optimizer = make_optimizer(teacher, training.learning_rate, training.weight_decay)
+        program = compile_plan(tplan, self.recipe, teacher, optimizer, own_lr=True)
+        ckdir = cache / "checkpoints"
+        folder = dist_utils.broadcast_object(
+            latest_checkpoint(ckdir) if dist_utils.is_main() else None,
+            what="finding the teacher checkpoint",
+        )
+        checkpoint = load_checkpoint(folder, teacher) if folder is not None else None
+        reporter.start("teacher", total, int(checkpoint["step"]) if checkpoint else 0)
+        runner = StageRunner(
+            program,
+            self._stage_data(teacher, tokenizer),
+            checkpoint_dir=ckdir,
+            checkpoint_every=_default_ckpt_every(tplan),
+            on_step=lambda s, rec: reporter.update(s, _step_info(rec)),
+            log_sparsity=False,
+        )
+        try:
+            result = runner.run(checkpoint)
+        finally:
+            reporter.stop()
+        final = result.final_eval or evaluate(
+            teacher,
             task.eval,
             tokenizer,
-            info,
+            task.info,
             batch_size=64,
-            max_seq_length=plans[-1].training.max_seq_length,
+            max_seq_length=training.max_seq_length,
             device=config.device,
         )
-    from recipec.train.report import write_outputs
+        report = {"eval": final, "steps": total, "seconds": result.seconds, "path": str(done)}
+        if dist_utils.is_main():
+            _save_teacher(teacher, tokenizer, cache, done, report)
+        dist_utils.barrier("waiting for rank 0 to save the teacher")
+        metric = task.info.primary_metric
+        reporter.log(f"[teacher] dense teacher: {metric} {final[metric]:.4f}")
+        return str(done), report
 
-    report = None
-    if main_rank:
-        report = write_outputs(
-            out=out,
-            model=model,
-            tokenizer=tokenizer,
-            recipe=recipe,
-            recipe_text=_dump_recipe(recipe),
-            info=info,
-            task=task,
-            results=results,
-            final_eval=final_eval,
-            teacher_report=teacher_report,
-            seconds=time.perf_counter() - started,
-            config=config,
-        )
-    return dist_utils.broadcast_object(report, what="sharing the report")
+
+def _seed_run(seed: int) -> None:
+    """The run's seed on every generator, and each rank's own dropout stream."""
+    from recipec import distributed as dist_utils
+    from recipec.train.loop import seed_everything
+
+    seed_everything(seed)
+    dist_utils.seed_rank(seed)
+
+
+def _save_teacher(teacher, tokenizer, cache: Path, done: Path, report: dict[str, Any]) -> None:
+    """Write the fine-tuned teacher into the cache atomically (rank 0)."""
+    from recipec.train.resume import write_text_atomic
+
+    tmp = cache / ".model-tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    teacher.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, done)
+    write_text_atomic(cache / "teacher.json", json.dumps(report, indent=2))
+    shutil.rmtree(cache / "checkpoints", ignore_errors=True)
 
 
 def _never_trained(out: Path) -> bool:
@@ -565,116 +763,3 @@ def _quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
-
-
-def _auto_teacher(
-    config: RunConfig, recipe: Recipe, distill, task, plan, reporter: Reporter, out: Path
-):
-    """Fine-tune (or reuse) the dense teacher for ``--teacher auto``.
-
-    Distributed: every rank trains the teacher (DDP); rank 0 decides whether the cache holds
-    one, writes it, and the others wait for it, then every rank loads it from the shared path.
-    """
-    from recipec import distributed as dist_utils
-    from recipec.models import load_model_and_tokenizer
-    from recipec.plan import StagePlan
-    from recipec.train.loop import evaluate, make_optimizer, seed_everything, train_stage
-    from recipec.train.resume import latest_checkpoint, load_checkpoint, write_text_atomic
-
-    training = plan.training
-    epochs = distill.teacher_epochs or (training.epochs if training.epochs is not None else None)
-    total = max(1, round(epochs * plan.steps_per_epoch)) if epochs is not None else plan.total_steps
-    key = _fingerprint(
-        "teacher-v1",
-        config.model or "embedded",
-        task.info.to_dict(),
-        len(task.train),
-        len(task.eval),
-        [e.text for e in task.train[:50]],
-        config.max_train,
-        config.max_eval,
-        config.data,
-        training.model_dump(mode="json"),
-        total,
-    )
-    cache = Path(config.teacher_cache or teacher_cache_dir()) / key
-    done = cache / "model"
-    if dist_utils.broadcast_object(
-        (done / "config.json").is_file(), what="checking the teacher cache"
-    ):
-        reporter.log(f"[teacher] reusing the fine-tuned dense teacher at {done}")
-        report = (
-            json.loads((cache / "teacher.json").read_text())
-            if (cache / "teacher.json").is_file()
-            else None
-        )
-        return str(done), report
-    reporter.log(f"[teacher] fine-tuning a dense teacher for {total} steps (cached at {cache})")
-    seed_everything(training.seed)
-    dist_utils.seed_rank(training.seed)
-    teacher, tokenizer = load_model_and_tokenizer(config.model, task.info, device=config.device)
-    tplan = StagePlan(
-        name="teacher",
-        training=training,
-        steps_per_epoch=plan.steps_per_epoch,
-        total_steps=total,
-        warmup_steps=plan.warmup_steps,
-        eval_every=None,
-        modifiers=(),
-        targets=plan.targets,
-        exclude=plan.exclude,
-    )
-    optimizer = make_optimizer(teacher, training.learning_rate, training.weight_decay)
-    ckdir = cache / "checkpoints"
-    folder = dist_utils.broadcast_object(
-        latest_checkpoint(ckdir) if dist_utils.is_main() else None,
-        what="finding the teacher checkpoint",
-    )
-    resume_state = load_checkpoint(folder, teacher) if folder is not None else None
-    reporter.start("teacher", total, int(resume_state["step"]) if resume_state else 0)
-    try:
-        result = train_stage(
-            model=teacher,
-            tokenizer=tokenizer,
-            info=task.info,
-            train_examples=task.train,
-            eval_examples=task.eval,
-            plan=tplan,
-            optimizer=optimizer,
-            program=None,
-            device=config.device,
-            checkpoint_dir=ckdir,
-            checkpoint_every=_default_ckpt_every(tplan),
-            resume_state=resume_state,
-            on_step=lambda s, rec: reporter.update(s, _step_info(rec)),
-        )
-    finally:
-        reporter.stop()
-    final = result.final_eval or evaluate(
-        teacher,
-        task.eval,
-        tokenizer,
-        task.info,
-        batch_size=64,
-        max_seq_length=training.max_seq_length,
-        device=config.device,
-    )
-    report = {"eval": final, "steps": total, "seconds": result.seconds, "path": str(done)}
-    if dist_utils.is_main():
-        tmp = cache / ".model-tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        teacher.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, done)
-        write_text_atomic(cache / "teacher.json", json.dumps(report, indent=2))
-        shutil.rmtree(ckdir, ignore_errors=True)
-    dist_utils.barrier("waiting for rank 0 to save the teacher")
-    reporter.log(
-        f"[teacher] dense teacher: {task.info.primary_metric} {final[task.info.primary_metric]:.4f}"
-    )
-    return str(done), report
-
-
-def progress_printer(reporter: Reporter) -> Callable[[str], None]:
-    return reporter.log

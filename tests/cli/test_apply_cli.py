@@ -346,10 +346,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(
 ):
     from recipec.train import loop
 
-    real = loop.train_stage
+    real = loop.StageRunner.run
 
-    def poisoned(**kwargs):
-        model = kwargs["model"]
+    def poisoned(self, checkpoint=None):
+        model = self.data.model
         calls = {"n": 0}
         original = model.forward
 
@@ -361,9 +361,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(
             return out
 
         model.forward = forward
-        return real(**kwargs)
+        return real(self, checkpoint)
 
-    monkeypatch.setattr("recipec.train.loop.train_stage", poisoned)
+    monkeypatch.setattr(loop.StageRunner, "run", poisoned)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(TINY_RECIPE)
     result = CliRunner().invoke(

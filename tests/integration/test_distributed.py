@@ -36,7 +36,7 @@ modifiers:
   - {type: distill, teacher: auto, hardness: 0.5, temperature: 2.0, teacher_epochs: 1}
 """
 
-# Wraps train_stage: optionally SIGKILLs rank 1 after a given step of stage "main", and dumps
+# Wraps StageRunner.run: optionally SIGKILLs rank 1 after a given step of stage "main", and dumps
 # every rank's final masks and weights so the test can compare ranks bit for bit.
 HARNESS = r"""
 import os, signal, sys
@@ -44,29 +44,26 @@ import torch
 from recipec.train import loop
 from recipec import distributed as dist_utils
 
-real = loop.train_stage
-dump = os.environ["RECIPEC_TEST_DUMP"]
-kill_at = int(os.environ.get("RECIPEC_TEST_KILL_RANK1_AT", "0"))
+real = loop.StageRunner.run
 
-def train_stage(**kw):
-    on_step = kw.get("on_step")
+def run(self, checkpoint=None):
+    on_step = self.on_step
 
     def hook(step, record):
         if on_step:
             on_step(step, record)
-        if kill_at and step == kill_at and kw["plan"].name == "main" and dist_utils.rank() == 1:
+        if kill_at and step == kill_at and self.plan.name == "main" and dist_utils.rank() == 1:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    kw["on_step"] = hook
-    result = real(**kw)
-    program = kw["program"]
-    if program is not None and result.final_eval is not None:
-        state = {k: v.detach().clone() for k, v in kw["model"].state_dict().items()}
-        torch.save({"masks": program.masks.state_dict(), "weights": state},
+    self.on_step = hook
+    result = real(self, checkpoint)
+    if self.log_sparsity and result.final_eval is not None:
+        state = {k: v.detach().clone() for k, v in self.data.model.state_dict().items()}
+        torch.save({"masks": self.program.masks.state_dict(), "weights": state},
                    os.path.join(dump, f"rank{dist_utils.rank()}.pt"))
     return result
 
-loop.train_stage = train_stage
+loop.StageRunner.run = run
 from recipec.cli import main
 main()
 """

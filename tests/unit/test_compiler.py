@@ -149,7 +149,7 @@ def test_epochs_are_converted_to_steps_once():
     assert gmp.window.start == 2 and gmp.window.end == 6 and gmp.update_every == 2
     assert [e[0] for e in program.plan.pruning_events()] == [2, 4, 6]
     dense = recipec.compile(recipe, model, opt, steps_per_epoch=4, stage="dense")
-    assert dense.plan.total_steps == 6 and dense.owns_lr and not program.owns_lr
+    assert dense.plan.total_steps == 6 and dense.sets_lr and not program.sets_lr
 
 
 # -- compile-time errors -------------------------------------------------------------------

@@ -311,7 +311,7 @@ def test_gradient_accumulation_recomputes_every_micro_batch():
 
 def test_the_second_pass_uses_the_programs_loss_at_that_step():
     """With distillation active, both passes distil; after the distill window, neither does."""
-    from recipec.modifiers.training import distillation_loss
+    from recipec.modifiers.distill import distillation_loss
 
     torch.manual_seed(7)
     teacher = TinyClassifier()

@@ -10,7 +10,7 @@ import yaml
 from transformers import BertConfig, BertForMultipleChoice, BertForSequenceClassification
 
 import recipec
-from recipec.modifiers.training import distillation_loss, kd_loss
+from recipec.modifiers.distill import distillation_loss, kd_loss
 from recipec.recipe.load import load_recipe_text
 
 STUDENT = [[1.0, 2.0, 0.5], [0.3, -1.2, 2.2]]

@@ -442,7 +442,7 @@ def test_no_lr_modifier_leaves_the_lr_alone():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.123)
     spec = {"type": "gmp", "final_sparsity": 0.5, "start_step": 1, "end_step": 1}
     program = recipec.compile(_recipe([spec], steps=3), model, optimizer, steps_per_epoch=3)
-    assert not program.owns_lr
+    assert not program.sets_lr
     for step in range(3):
         _train_step(program, model, optimizer, step)
         assert optimizer.param_groups[0]["lr"] == 0.123

@@ -10,7 +10,7 @@ import torch
 
 import recipec
 from recipec.modifiers.base import CompileError
-from recipec.modifiers.pruning import OBertModifier
+from recipec.modifiers.obert import OBertModifier
 from recipec.recipe.load import load_recipe_text
 
 REPO = Path(__file__).resolve().parents[2]
@@ -173,17 +173,16 @@ def test_rank_k_grad_batch_matches_rank_1(make_tiny_bert):
     for k in (1, 4):
         model = make_tiny_bert()
         recipe = load_recipe_text(
-            """
+            f"""
 version: 1
-training: {steps: 1}
+training: {{steps: 1}}
 modifiers:
-  - {type: obert, init_sparsity: 0.6, final_sparsity: 0.6, start_step: 0, end_step: 0,
-     num_grads: 8, fisher_block_size: 16, damp: 1e-3, grad_batch_size: 4}
+  - {{type: obert, init_sparsity: 0.6, final_sparsity: 0.6, start_step: 0, end_step: 0,
+     num_grads: 8, fisher_block_size: 16, damp: 1e-3, grad_batch_size: 4, woodbury_batch: {k}}}
 """,
             "<test>",
         )
         program = recipec.compile(recipe, model, None, 1, grad_batches=_Batches())
-        program.ctx.extra["obert_grad_batch"] = k
         program.step_start(0)
         masks[k] = program.masks.state_dict()
     differ = sum(int((masks[1][n] != masks[4][n]).sum()) for n in masks[1])
@@ -314,7 +313,7 @@ def test_target_sparsity_rescales_the_obert_recipes():
 def test_gradients_are_collected_with_the_stage_loss_at_that_step(make_tiny_bert):
     """Inside the distill window the collected gradient is the distillation loss's; after it,
     the task loss's (the same transform the driver's loss gets at that step)."""
-    from recipec.modifiers.training import distillation_loss
+    from recipec.modifiers.distill import distillation_loss
 
     model, teacher = make_tiny_bert(seed=0), make_tiny_bert(seed=1)
     recipe = load_recipe_text(

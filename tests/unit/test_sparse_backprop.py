@@ -15,7 +15,6 @@ from torch import nn
 
 from recipec.cli import main
 from recipec.kernels import sparse_backprop as sbp
-from recipec.plan import resolve
 from recipec.recipe.load import load_recipe_text
 
 needs_sparseprop = pytest.mark.skipif(
@@ -194,35 +193,54 @@ def test_the_report_line_says_when_a_stage_was_resumed():
 
 
 @needs_sparseprop
-def test_the_loop_removes_the_kernels_however_the_stage_ends(tiny_bert):
+def test_the_loop_removes_the_kernels_however_the_stage_ends(tiny_bert, embedded_tokenizer):
     import recipec
-    from recipec.train.loop import _sparse_kernels
+    from recipec.tasks import builtin
+    from recipec.tasks.load import TaskInfo
+    from recipec.train.loop import StageData, StageRunner
 
-    text = "training: {epochs: 1}\nmodifiers:\n  - {type: gmp, init_sparsity: 0.95, final_sparsity: 0.95, start_step: 0, end_step: 0}\n"
+    text = "training: {epochs: 1, batch_size: 4, max_seq_length: 16}\nmodifiers:\n  - {type: gmp, init_sparsity: 0.95, final_sparsity: 0.95, start_step: 0, end_step: 0}\n"
     program = recipec.compile(
-        load_recipe_text(text), tiny_bert, torch.optim.AdamW(tiny_bert.parameters()), 10
+        load_recipe_text(text),
+        tiny_bert,
+        torch.optim.AdamW(tiny_bert.parameters()),
+        10,
+        sparse_backprop=0.9,
     )
+    program.step_start(0)
+    assert sum("forward" in m.__dict__ for m in tiny_bert.modules()) == 12
+    program.close()
+    assert not any("forward" in m.__dict__ for m in tiny_bert.modules())
+
+    # a stage that raises inside a training step: the runner puts every layer back
+    seen = []
+    def boom(*args, **kwargs):
+        seen.append(sum("forward" in m.__dict__ for m in tiny_bert.modules() if m is not tiny_bert))
+        raise RuntimeError("boom")
+
+    tiny_bert.forward = boom
+    info = TaskInfo("t", "classification", 2)
+    train, dev = builtin.generate_splits(8, 4, 0)
+    data = StageData(tiny_bert, embedded_tokenizer, info, train, dev)
     with pytest.raises(RuntimeError, match="boom"):
-        with _sparse_kernels(0.9, tiny_bert, program, False) as sparse:
-            sparse.step_start(0)
-            assert sum("forward" in m.__dict__ for m in tiny_bert.modules()) == 12
-            raise RuntimeError("boom")
+        StageRunner(program, data).run()
+    del tiny_bert.forward  # the class's forward again
+    assert seen == [12]  # the kernels were on inside the step
     assert not any("forward" in m.__dict__ for m in tiny_bert.modules())
     prune_only = recipec.compile(
-        load_recipe_text(text.replace("epochs: 1", "steps: 0")), tiny_bert, None, 10
+        load_recipe_text(text.replace("epochs: 1", "steps: 0")),
+        tiny_bert,
+        None,
+        10,
+        sparse_backprop=0.9,
     )
-    with _sparse_kernels(0.9, tiny_bert, prune_only, False) as sparse:
-        assert sparse is None  # no training step to speed up, and no report line
+    assert prune_only.kernels is None  # no training step to speed up, and no report line
 
 
 @needs_sparseprop
 def test_a_model_off_the_cpu_is_refused():
     with pytest.raises(sbp.SparseBackpropError, match="on the CPU in a single process"):
         sbp.SparseBackprop(nn.Sequential(nn.Linear(4, 4, device="meta")))
-
-
-def _plan(text: str, steps_per_epoch: int = 10):
-    return resolve(load_recipe_text(text), steps_per_epoch)[0]
 
 
 @pytest.mark.parametrize(
@@ -244,9 +262,17 @@ def _plan(text: str, steps_per_epoch: int = 10):
         ("[{type: cram, sparsities: [0.5, 0.7]}]", None),
     ],
 )
-def test_mask_change_steps(modifiers, expected):
-    plan = _plan(f"training: {{epochs: 3}}\nmodifiers: {modifiers}\n")
-    assert sbp.mask_change_steps(plan) == (None if expected is None else frozenset(expected))
+@needs_sparseprop
+def test_mask_change_steps(modifiers, expected, tiny_bert):
+    import recipec
+
+    recipe = load_recipe_text(f"training: {{epochs: 3}}\nmodifiers: {modifiers}\n")
+    optimizer = torch.optim.AdamW(tiny_bert.parameters())
+    program = recipec.compile(recipe, tiny_bert, optimizer, 10, sparse_backprop=0.9)
+    if expected is None:
+        assert program.kernels is None
+    else:
+        assert program.kernels.change_steps == frozenset(expected)
 
 
 RECIPE = """\
@@ -358,7 +384,7 @@ def test_a_threshold_above_every_layer_keeps_dense_kernels_and_says_so(tiny_mode
 def test_pruning_steps_and_obert_gradients_see_the_dense_layers(
     tiny_model_dir, tmp_path, monkeypatch
 ):
-    from recipec.modifiers.pruning import OBertModifier
+    from recipec.modifiers.obert import OBertModifier
 
     seen = []
     original = OBertModifier.compute

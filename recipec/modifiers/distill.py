@@ -1,4 +1,4 @@
-"""Training-loop modifiers: learning rate and knowledge distillation."""
+"""``distill``: knowledge distillation from a dense teacher (loss transform)."""
 
 from __future__ import annotations
 
@@ -13,30 +13,6 @@ from recipec.modifiers.base import CompileContext, CompileError, Modifier
 from recipec.plan import ResolvedModifier
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Write ``lr`` into every parameter group."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-class LRModifier(Modifier):
-    """Owns the optimizer's learning rate for the stage.
-
-    The stage's ``lr`` modifiers act together through :meth:`recipec.plan.StagePlan.lr_at`
-    (windows, plus the hold rule between them); the first one writes the LR at every step.
-    """
-
-    def __init__(self, resolved: ResolvedModifier, ctx: CompileContext):
-        super().__init__(resolved, ctx)
-        if ctx.optimizer is None:
-            raise CompileError("an lr modifier needs the optimizer: pass optimizer= to compile()")
-        self.owner = resolved.index == min(m.index for m in ctx.plan.by_type("lr"))
-
-    def on_step_start(self, step: int) -> None:
-        if self.owner:
-            set_lr(self.ctx.optimizer, self.ctx.plan.lr_at(step))
 
 
 def kd_loss(
