@@ -167,7 +167,7 @@ def _lr_of(mod: ResolvedModifier, step: int) -> float:
 
 
 def resolve_stage(recipe: Recipe, stage: StageSpec, steps_per_epoch: int) -> StagePlan:
-    """Resolve one stage to optimizer steps."""
+    """Resolve one stage to optimizer steps (every problem found is in the one PlanError)."""
     if steps_per_epoch <= 0:
         raise PlanError("steps_per_epoch must be positive")
     training = recipe.stage_training(stage)
@@ -182,10 +182,6 @@ def resolve_stage(recipe: Recipe, stage: StageSpec, steps_per_epoch: int) -> Sta
             raise PlanError("\n".join(problems))
     else:
         total = max(total, 1)  # epochs that round to 0 steps still train one
-    warmup = to_steps(training.warmup_steps, training.warmup_epochs, steps_per_epoch, 0) or 0
-    eval_every = to_steps(
-        training.eval_every_steps, training.eval_every_epochs, steps_per_epoch, None
-    )
     problems: list[str] = []
     for index, message in overlap_problems(stage.modifiers, recipe, steps_per_epoch):
         problems.append(f"modifiers.{index}: {message}")
@@ -193,57 +189,12 @@ def resolve_stage(recipe: Recipe, stage: StageSpec, steps_per_epoch: int) -> Sta
         problems.append(f"stage {stage.name!r} modifiers.{index}.{name}: {message}")
     resolved: list[ResolvedModifier] = []
     for index, spec in enumerate(stage.modifiers):
-        start = to_steps(spec.start_step, spec.start_epoch, steps_per_epoch, 0)
-        end = to_steps(spec.end_step, spec.end_epoch, steps_per_epoch, None)
-        assert start is not None
         where = f"stage {stage.name!r} modifiers.{index} ({spec.type})"
-        if spec.schedules_sparsity:
-            update = interval(spec.update_every_steps, spec.update_every_epochs, steps_per_epoch)
-            if end is None:
-                end = start if update is None else total
-            if spec.is_nm:
-                end = start  # N:M masks are applied once (one-shot) at start
-            if end > start and update is None:
-                problems.append(
-                    f"{where}: a window of several steps needs update_every_steps or update_every_epochs"
-                )
-                continue
-            if update is not None and update < 1:
-                problems.append(f"{where}: update_every resolves to {update} steps; use at least 1")
-                continue
-            steps = schedules.pruning_steps(start, end, update)
-            sparsities = [
-                schedules.interpolate_sparsity(
-                    s, start, end, spec.init_sparsity, spec.final_sparsity, spec.schedule
-                )
-                for s in steps
-            ]
-            resolved.append(
-                ResolvedModifier(
-                    index,
-                    spec,
-                    Window(start, end),
-                    tuple(steps),
-                    tuple(sparsities),
-                    update_every=update,
-                )
-            )
-        elif spec.sets_lr:
-            end = total if end is None else end
-            if end <= start:
-                problems.append(f"{where}: empty window [{start}, {end})")
-                continue
-            lw = to_steps(spec.warmup_steps, spec.warmup_epochs, steps_per_epoch, 0) or 0
-            cycle = interval(spec.cycle_steps, spec.cycle_epochs, steps_per_epoch)
-            if spec.schedule == "cyclic_linear" and (cycle is None or cycle < 1):
-                problems.append(f"{where}: cycle resolves to {cycle} steps; use at least 1")
-                continue
-            resolved.append(
-                ResolvedModifier(index, spec, Window(start, end), warmup=lw, cycle=cycle)
-            )
+        mod_or_problem = _resolve_modifier(index, spec, steps_per_epoch, total, where)
+        if isinstance(mod_or_problem, str):
+            problems.append(mod_or_problem)
         else:
-            end = total if end is None else end
-            resolved.append(ResolvedModifier(index, spec, Window(start, end)))
+            resolved.append(mod_or_problem)
     if problems:
         raise PlanError("\n".join(problems))
     return StagePlan(
@@ -251,11 +202,60 @@ def resolve_stage(recipe: Recipe, stage: StageSpec, steps_per_epoch: int) -> Sta
         training=training,
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
-        warmup_steps=warmup,
-        eval_every=eval_every,
+        warmup_steps=to_steps(training.warmup_steps, training.warmup_epochs, steps_per_epoch, 0)
+        or 0,
+        eval_every=to_steps(
+            training.eval_every_steps, training.eval_every_epochs, steps_per_epoch, None
+        ),
         modifiers=tuple(resolved),
         targets=tuple(recipe.targets),
         exclude=tuple(recipe.exclude),
+    )
+
+
+def _resolve_modifier(
+    index: int, spec: Any, steps_per_epoch: int, total: int, where: str
+) -> ResolvedModifier | str:
+    """One modifier in steps, or the problem (a message) that keeps it from resolving."""
+    start = to_steps(spec.start_step, spec.start_epoch, steps_per_epoch, 0)
+    end = to_steps(spec.end_step, spec.end_epoch, steps_per_epoch, None)
+    assert start is not None
+    if spec.schedules_sparsity:
+        return _resolve_pruner(index, spec, start, end, steps_per_epoch, total, where)
+    end = total if end is None else end
+    if not spec.sets_lr:
+        return ResolvedModifier(index, spec, Window(start, end))
+    if end <= start:
+        return f"{where}: empty window [{start}, {end})"
+    warmup = to_steps(spec.warmup_steps, spec.warmup_epochs, steps_per_epoch, 0) or 0
+    cycle = interval(spec.cycle_steps, spec.cycle_epochs, steps_per_epoch)
+    if spec.schedule == "cyclic_linear" and (cycle is None or cycle < 1):
+        return f"{where}: cycle resolves to {cycle} steps; use at least 1"
+    return ResolvedModifier(index, spec, Window(start, end), warmup=warmup, cycle=cycle)
+
+
+def _resolve_pruner(
+    index: int, spec: Any, start: int, end: int | None, steps_per_epoch: int, total: int, where: str
+) -> ResolvedModifier | str:
+    """A pruning schedule's steps and target sparsities (N:M prunes once, at its start)."""
+    update = interval(spec.update_every_steps, spec.update_every_epochs, steps_per_epoch)
+    if end is None:
+        end = start if update is None else total
+    if spec.is_nm:
+        end = start  # N:M masks are applied once (one-shot) at start
+    if end > start and update is None:
+        return f"{where}: a window of several steps needs update_every_steps or update_every_epochs"
+    if update is not None and update < 1:
+        return f"{where}: update_every resolves to {update} steps; use at least 1"
+    steps = schedules.pruning_steps(start, end, update)
+    sparsities = [
+        schedules.interpolate_sparsity(
+            s, start, end, spec.init_sparsity, spec.final_sparsity, spec.schedule
+        )
+        for s in steps
+    ]
+    return ResolvedModifier(
+        index, spec, Window(start, end), tuple(steps), tuple(sparsities), update_every=update
     )
 
 

@@ -554,39 +554,22 @@ class ApplyRun:
         return grad_batches
 
     def _auto_teacher(self, plan: Any) -> tuple[str, dict[str, Any]]:
-        """Fine-tune (or reuse) the dense teacher for ``--teacher auto``: a Program with no
-        modifiers (plain fine-tuning at the stage's training settings).
+        """Fine-tune (or reuse) the dense teacher for ``--teacher auto``, at the training
+        settings of the first stage that distils, cached by everything that shapes it.
 
         Distributed: every rank trains the teacher (DDP); rank 0 decides whether the cache holds
         one, writes it, and the others wait for it, then every rank loads it from the shared path.
         """
         from recipec import distributed as dist_utils
-        from recipec.compiler import compile_plan
         from recipec.models import load_model_and_tokenizer
-        from recipec.plan import StagePlan
-        from recipec.train.loop import StageRunner, evaluate, make_optimizer
-        from recipec.train.resume import latest_checkpoint, load_checkpoint
+        from recipec.train.loop import evaluate
 
-        config, task, reporter = self.config, self.task, self.reporter
-        training = plan.training
+        config, task, reporter, training = self.config, self.task, self.reporter, plan.training
         epochs = self.distill.teacher_epochs or training.epochs
         total = (
             max(1, round(epochs * plan.steps_per_epoch)) if epochs is not None else plan.total_steps
         )
-        key = _fingerprint(
-            "teacher-v1",
-            config.model or "embedded",
-            task.info.to_dict(),
-            len(task.train),
-            len(task.eval),
-            [e.text for e in task.train[:50]],
-            config.max_train,
-            config.max_eval,
-            config.data,
-            training.model_dump(mode="json"),
-            total,
-        )
-        cache = Path(config.teacher_cache or teacher_cache_dir()) / key
+        cache = Path(config.teacher_cache or teacher_cache_dir()) / self._teacher_key(plan, total)
         done = cache / "model"
         if dist_utils.broadcast_object(
             (done / "config.json").is_file(), what="checking the teacher cache"
@@ -597,38 +580,7 @@ class ApplyRun:
         reporter.log(f"[teacher] fine-tuning a dense teacher for {total} steps (cached at {cache})")
         _seed_run(training.seed)
         teacher, tokenizer = load_model_and_tokenizer(config.model, task.info, device=config.device)
-        tplan = StagePlan(
-            name="teacher",
-            training=training,
-            steps_per_epoch=plan.steps_per_epoch,
-            total_steps=total,
-            warmup_steps=plan.warmup_steps,
-            eval_every=None,
-            modifiers=(),
-            targets=plan.targets,
-            exclude=plan.exclude,
-        )
-        optimizer = make_optimizer(teacher, training.learning_rate, training.weight_decay)
-        program = compile_plan(tplan, self.recipe, teacher, optimizer, own_lr=True)
-        ckdir = cache / "checkpoints"
-        folder = dist_utils.broadcast_object(
-            latest_checkpoint(ckdir) if dist_utils.is_main() else None,
-            what="finding the teacher checkpoint",
-        )
-        checkpoint = load_checkpoint(folder, teacher) if folder is not None else None
-        reporter.start("teacher", total, int(checkpoint["step"]) if checkpoint else 0)
-        runner = StageRunner(
-            program,
-            self._stage_data(teacher, tokenizer),
-            checkpoint_dir=ckdir,
-            checkpoint_every=_default_ckpt_every(tplan),
-            on_step=lambda s, rec: reporter.update(s, _step_info(rec)),
-            log_sparsity=False,
-        )
-        try:
-            result = runner.run(checkpoint)
-        finally:
-            reporter.stop()
+        result = self._train_teacher(plan, total, teacher, tokenizer, cache / "checkpoints")
         final = result.final_eval or evaluate(
             teacher,
             task.eval,
@@ -645,6 +597,64 @@ class ApplyRun:
         metric = task.info.primary_metric
         reporter.log(f"[teacher] dense teacher: {metric} {final[metric]:.4f}")
         return str(done), report
+
+    def _teacher_key(self, plan: Any, total: int) -> str:
+        """The teacher cache's key: model, task data, training settings and length."""
+        config, task = self.config, self.task
+        return _fingerprint(
+            "teacher-v1",
+            config.model or "embedded",
+            task.info.to_dict(),
+            len(task.train),
+            len(task.eval),
+            [e.text for e in task.train[:50]],
+            config.max_train,
+            config.max_eval,
+            config.data,
+            plan.training.model_dump(mode="json"),
+            total,
+        )
+
+    def _train_teacher(self, plan: Any, total: int, teacher, tokenizer, ckdir: Path) -> Any:
+        """Plain fine-tuning: a Program with no modifiers, resumable from its own checkpoints."""
+        from recipec import distributed as dist_utils
+        from recipec.compiler import compile_plan
+        from recipec.plan import StagePlan
+        from recipec.train.loop import StageRunner, make_optimizer
+        from recipec.train.resume import latest_checkpoint, load_checkpoint
+
+        training = plan.training
+        tplan = StagePlan(
+            name="teacher",
+            training=training,
+            steps_per_epoch=plan.steps_per_epoch,
+            total_steps=total,
+            warmup_steps=plan.warmup_steps,
+            eval_every=None,
+            modifiers=(),
+            targets=plan.targets,
+            exclude=plan.exclude,
+        )
+        optimizer = make_optimizer(teacher, training.learning_rate, training.weight_decay)
+        program = compile_plan(tplan, self.recipe, teacher, optimizer, own_lr=True)
+        folder = dist_utils.broadcast_object(
+            latest_checkpoint(ckdir) if dist_utils.is_main() else None,
+            what="finding the teacher checkpoint",
+        )
+        checkpoint = load_checkpoint(folder, teacher) if folder is not None else None
+        self.reporter.start("teacher", total, int(checkpoint["step"]) if checkpoint else 0)
+        runner = StageRunner(
+            program,
+            self._stage_data(teacher, tokenizer),
+            checkpoint_dir=ckdir,
+            checkpoint_every=_default_ckpt_every(tplan),
+            on_step=lambda s, rec: self.reporter.update(s, _step_info(rec)),
+            log_sparsity=False,
+        )
+        try:
+            return runner.run(checkpoint)
+        finally:
+            self.reporter.stop()
 
 
 def _seed_run(seed: int) -> None:
