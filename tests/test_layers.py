@@ -9,6 +9,7 @@ is the public facade and may import anything.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,12 @@ def test_a_wrong_way_import_is_caught(tmp_path):
     assert problems == [
         "recipec.sparsity.masks:2 imports recipec.train.loop (recipec.train is above recipec.sparsity)"
     ]
+
+
+def test_the_documented_layers_are_the_enforced_ones():
+    doc = (PACKAGE.parent / "docs" / "contracts.md").read_text(encoding="utf-8")
+    documented = re.findall(r"^\| `(recipec\.[a-z_.]+)` \|", doc, flags=re.M)
+    assert documented == list(LAYERS)
 
 
 @pytest.mark.parametrize("module", ["recipec.recipe.schema", "recipec.plan"])
