@@ -316,7 +316,11 @@ class DistillSpec(ModifierSpec, _Window):
         "auto", min_length=1, description="'auto' (fine-tune one first) or a path / hub name."
     )
     hardness: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
-    temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 2.0
+    temperature: Annotated[float, Field(gt=0.0, le=100.0)] = Field(
+        5.5,
+        description="Softmax temperature T; 5.5 is the value of 'How to Prune Your Language "
+        "Model' (at T in {1, 2} the teacher's outputs are too confident to teach much).",
+    )
     teacher_epochs: PositiveEpoch | None = Field(
         None,
         description="With teacher: auto, epochs of dense fine-tuning for the teacher (default: the stage's).",

@@ -105,3 +105,21 @@ def test_apply_runs_every_bundled_recipe(path, tiny_model_dir, tmp_path, monkeyp
     assert (report.get("teacher") is not None) == any(
         m.type == "distill" for s in recipe.resolved_stages() for m in s.modifiers
     )
+
+
+PAPER_KD = [p for p in RECIPES if p.stem.startswith(("downstream_gmp", "obert_", "quickstart"))]
+
+
+@pytest.mark.parametrize("path", PAPER_KD, ids=lambda p: p.name)
+def test_paper_recipes_distil_at_the_papers_temperature(path):
+    """T = 5.5, hardness 1.0 ("How to Prune Your Language Model"); 2.0 stays one --set away."""
+
+    def distill(overrides=()):
+        recipe = load_recipe(path, overrides)
+        (kd,) = [m for s in recipe.resolved_stages() for m in s.modifiers if m.needs_teacher]
+        return kd
+
+    assert (distill().temperature, distill().hardness) == (5.5, 1.0)
+    assert distill(["kd_temperature=2.0"]).temperature == 2.0
+    header = "".join(line for line in path.read_text().splitlines(True) if line.startswith("#"))
+    assert "T = 5.5" in header  # the header says which paper setting it follows
