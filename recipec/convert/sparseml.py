@@ -436,6 +436,59 @@ class _Fields:
         return [k for k in self.tagged.fields if k not in self.used]
 
 
+@dataclass
+class _Pruning:
+    """The fields a SparseML pruning modifier's sparsity groups share."""
+
+    init: Val
+    final_raw: Any  # a sparsity, or a mapping of sparsity -> params
+    start: Val | None
+    end: Val
+    freq: Val
+    schedule: str
+    structure: str
+    scope: str
+    leave: bool
+
+    def fields(
+        self, init: Val, final: Val, targets: list[str], exclude: list[str]
+    ) -> dict[str, Any]:
+        """One group's recipec fields (the key order is the order they are written in)."""
+        fields: dict[str, Any] = {
+            "init_sparsity": init,
+            "final_sparsity": final,
+            "start_epoch": self.start,
+            "end_epoch": self.end,
+        }
+        # dropped again for one-shot windows (start == end) once the stage start is known
+        if self.freq.value > 0:
+            fields["update_every_epochs"] = self.freq
+        else:
+            fields["update_every_steps"] = 1  # SparseML's -1: update at every step
+        fields.update(schedule=self.schedule, scope=self.scope, structure=self.structure)
+        fields["targets"] = list(targets)
+        if exclude:
+            fields["exclude"] = list(exclude)
+        return fields
+
+
+def _gradual_window(f: _Fields) -> tuple[Val | None, Val]:
+    """(start, end) epochs of a gradual pruning window: the end is required, not before the start."""
+    tag = f.tagged.tag
+    start, end = f.window("start_epoch"), f.window("end_epoch")
+    if end is None:
+        raise f.at(
+            "end_epoch",
+            f"!{tag}: end_epoch must be set (a gradual pruning window needs an end)",
+        )
+    if start is not None and end.value < start.value:
+        raise f.at(
+            "end_epoch",
+            f"!{tag}: end_epoch ({end.value:g}) is before start_epoch ({start.value:g})",
+        )
+    return start, end
+
+
 class _Converter:
     def __init__(self, source: str):
         self.source = source
@@ -799,108 +852,16 @@ class _Converter:
         )
 
     def pruning(self, stage: _Stage, f: _Fields, counter: int) -> None:
-        tag = f.tagged.tag
-        kind, global_default = _PRUNING[tag]
-        init_raw = f.raw("init_sparsity")
-        if isinstance(init_raw, str):
-            self._unsupported(
-                f.line("init_sparsity"),
-                f"!{tag}.init_sparsity",
-                f"{init_raw!r} (start from each tensor's current sparsity) has no recipec equivalent; modifier not converted",
-            )
-            f.used.update(f.tagged.fields)
-            return
-        init = f.num("init_sparsity")
-        final_raw = f.raw("final_sparsity")
-        start, end = f.window("start_epoch"), f.window("end_epoch")
-        if end is None:
-            raise f.at(
-                "end_epoch",
-                f"!{tag}: end_epoch must be set (a gradual pruning window needs an end)",
-            )
-        if start is not None and end.value < start.value:
-            raise f.at(
-                "end_epoch",
-                f"!{tag}: end_epoch ({end.value:g}) is before start_epoch ({start.value:g})",
-            )
-        freq = f.num("update_frequency", Val(-1))
-        inter = f.text("inter_func", "cubic")
-        if inter not in ("cubic", "linear"):
-            self._unsupported(
-                f.line("inter_func"),
-                f"!{tag}.inter_func",
-                f"{inter!r} interpolation has no recipec equivalent (cubic or linear); modifier not converted",
-            )
-            f.used.update(f.tagged.fields)
-            return
-        structure = _structure(f.raw("mask_type", "unstructured"))
-        if structure is None:
-            self._unsupported(
-                f.line("mask_type"),
-                f"!{tag}.mask_type",
-                f"mask type {f.raw('mask_type')!r} has no recipec equivalent (unstructured, blockK, N:M); modifier not converted",
-            )
-            f.used.update(f.tagged.fields)
-            return
-        scope = "global" if f.boolean("global_sparsity", global_default) else "per_layer"
-        leave = f.boolean("leave_enabled", True)
-        if not leave:
-            self._unsupported(
-                f.line("leave_enabled"),
-                f"!{tag}.leave_enabled",
-                "false (stop enforcing the masks after end_epoch) has no recipec equivalent: recipec keeps masks until training ends",
-            )
-        extra: dict[str, Any] = {}
-        if kind == "obert":
-            extra = self._obs_fields(f)
-        if isinstance(final_raw, dict):
-            groups = []
-            for key, params in final_raw.items():
-                level = (
-                    key
-                    if isinstance(key, Val)
-                    else Val(float(key))
-                    if isinstance(key, int | float)
-                    else None
-                )
-                if level is None:
-                    raise f.at(
-                        "final_sparsity",
-                        f"!{tag}.final_sparsity: keys must be sparsities, got {key!r}",
-                    )
-                groups.append((level, params))
-            f.used.add("params")
-        else:
-            groups = [(f.num("final_sparsity"), f.raw("params"))]
-        for sub, (final, params) in enumerate(groups):
-            targets, exclude = self._targets(params, f, tag)
-            init_out, final_out = init, final
-            if ":" in structure:
-                n, m = (int(x) for x in structure.split(":"))
-                level = Val(_tidy((m - n) / m))
-                if abs(final.value - level.value) > 1e-9 or abs(init.value - level.value) > 1e-9:
-                    self._note(
-                        f.line("mask_type"),
-                        f"!{tag}.mask_type",
-                        f"{structure} masks keep exactly {n} of every {m} weights ({level.value:g} sparsity): "
-                        "init/final sparsity set to that; recipec applies N:M masks once, at start_epoch",
-                    )
-                init_out = final_out = level
-            fields: dict[str, Any] = {
-                "init_sparsity": init_out,
-                "final_sparsity": final_out,
-                "start_epoch": start,
-                "end_epoch": end,
-            }
-            # dropped again for one-shot windows (start == end) once the stage start is known
-            if freq.value > 0:
-                fields["update_every_epochs"] = freq
-            else:
-                fields["update_every_steps"] = 1  # SparseML's -1: update at every step
-            fields.update(schedule=inter, scope=scope, structure=structure)
-            fields["targets"] = list(targets)
-            if exclude:
-                fields["exclude"] = list(exclude)
+        """A SparseML pruning modifier -> a gmp or obert modifier per final-sparsity group."""
+        kind, global_default = _PRUNING[f.tagged.tag]
+        settings = self._read_pruning(f, global_default)
+        if settings is None:
+            return  # reported as not converted
+        extra = self._obs_fields(f) if kind == "obert" else {}
+        for sub, (final, params) in enumerate(self._sparsity_groups(f, settings.final_raw)):
+            targets, exclude = self._targets(params, f, f.tagged.tag)
+            init_out, final_out = self._nm_levels(f, settings, final)
+            fields = settings.fields(init_out, final_out, targets, exclude)
             fields.update(extra)
             stage.outs.append(
                 self._out(
@@ -910,9 +871,94 @@ class _Converter:
                     counter,
                     sub,
                     targets_key=(tuple(targets), tuple(exclude)),
-                    leave_enabled=leave,
+                    leave_enabled=settings.leave,
                 )
             )
+
+    def _read_pruning(self, f: _Fields, global_default: bool) -> _Pruning | None:
+        """The fields every group shares, in SparseML's order; None: not converted (reported)."""
+        tag = f.tagged.tag
+        init_raw = f.raw("init_sparsity")
+        if isinstance(init_raw, str):
+            self._skip_modifier(
+                f,
+                "init_sparsity",
+                f"{init_raw!r} (start from each tensor's current sparsity) has no recipec equivalent; modifier not converted",
+            )
+            return None
+        init = f.num("init_sparsity")
+        final_raw = f.raw("final_sparsity")
+        start, end = _gradual_window(f)
+        freq = f.num("update_frequency", Val(-1))
+        inter = f.text("inter_func", "cubic")
+        if inter not in ("cubic", "linear"):
+            self._skip_modifier(
+                f,
+                "inter_func",
+                f"{inter!r} interpolation has no recipec equivalent (cubic or linear); modifier not converted",
+            )
+            return None
+        structure = _structure(f.raw("mask_type", "unstructured"))
+        if structure is None:
+            self._skip_modifier(
+                f,
+                "mask_type",
+                f"mask type {f.raw('mask_type')!r} has no recipec equivalent (unstructured, blockK, N:M); modifier not converted",
+            )
+            return None
+        scope = "global" if f.boolean("global_sparsity", global_default) else "per_layer"
+        leave = f.boolean("leave_enabled", True)
+        if not leave:
+            self._unsupported(
+                f.line("leave_enabled"),
+                f"!{tag}.leave_enabled",
+                "false (stop enforcing the masks after end_epoch) has no recipec equivalent: recipec keeps masks until training ends",
+            )
+        return _Pruning(init, final_raw, start, end, freq, inter, structure, scope, leave)
+
+    def _skip_modifier(self, f: _Fields, key: str, message: str) -> None:
+        """Report ``key`` as having no recipec equivalent and leave the whole modifier out."""
+        self._unsupported(f.line(key), f"!{f.tagged.tag}.{key}", message)
+        f.used.update(f.tagged.fields)
+
+    @staticmethod
+    def _sparsity_groups(f: _Fields, final_raw: Any) -> list[tuple[Val, Any]]:
+        """(final sparsity, params) pairs: one, or one per key of a ``final_sparsity`` mapping."""
+        if not isinstance(final_raw, dict):
+            return [(f.num("final_sparsity"), f.raw("params"))]
+        groups = []
+        for key, params in final_raw.items():
+            level = (
+                key
+                if isinstance(key, Val)
+                else Val(float(key))
+                if isinstance(key, int | float)
+                else None
+            )
+            if level is None:
+                raise f.at(
+                    "final_sparsity",
+                    f"!{f.tagged.tag}.final_sparsity: keys must be sparsities, got {key!r}",
+                )
+            groups.append((level, params))
+        f.used.add("params")
+        return groups
+
+    def _nm_levels(self, f: _Fields, settings: _Pruning, final: Val) -> tuple[Val, Val]:
+        """(init, final) sparsity: N:M masks have exactly one sparsity, (M - N) / M."""
+        structure, init = settings.structure, settings.init
+        if ":" not in structure:
+            return init, final
+        n, m = (int(x) for x in structure.split(":"))
+        level = Val(_tidy((m - n) / m))
+        if abs(final.value - level.value) > 1e-9 or abs(init.value - level.value) > 1e-9:
+            self._note(
+                f.line("mask_type"),
+                f"!{f.tagged.tag}.mask_type",
+                f"{structure} masks keep exactly {n} of every {m} weights ({level.value:g} sparsity): "
+                "init/final sparsity set to that; recipec applies N:M masks once, at start_epoch",
+            )
+        return level, level
 
     def _obs_fields(self, f: _Fields) -> dict[str, Any]:
         tag = f.tagged.tag
@@ -1025,6 +1071,7 @@ class _Converter:
         )
 
     def lr_function(self, stage: _Stage, f: _Fields, counter: int) -> None:
+        """LearningRateFunctionModifier -> lr modifiers (linear, cosine or cyclic_linear)."""
         tag = f.tagged.tag
         func = f.text("lr_func")
         init, final = f.num("init_lr"), f.num("final_lr")
@@ -1042,58 +1089,66 @@ class _Converter:
             "end_epoch": end,
         }
         if func in ("linear", "cosine"):
-            f.used.add("cycle_epochs")  # SparseML ignores it outside cyclic_linear
-            if init.value <= 0:
-                if func == "cosine" or final.value <= 0:
-                    self._unsupported(
-                        f.line("init_lr"),
-                        f"!{tag}.init_lr",
-                        f"a {func} schedule starting from LR 0 has no recipec equivalent; not converted",
-                    )
-                    return
-                self._note(
+            self._lr_decay(stage, f, counter, func, base)
+        elif func == "cyclic_linear":
+            self._lr_cyclic(stage, f, counter, base)
+        else:
+            self._skip_modifier(
+                f, "lr_func", f"{func!r} has no recipec equivalent; modifier not converted"
+            )
+
+    def _lr_decay(
+        self, stage: _Stage, f: _Fields, counter: int, func: str, base: dict[str, Any]
+    ) -> None:
+        """A linear or cosine decay window; a linear one from LR 0 becomes a recipec warm-up.
+
+        ``base`` holds the fields every lr window of this modifier shares.
+        """
+        tag = f.tagged.tag
+        init, final = base["init_lr"], base["final_lr"]
+        f.used.add("cycle_epochs")  # SparseML ignores it outside cyclic_linear
+        if init.value <= 0:
+            if func == "cosine" or final.value <= 0:
+                self._unsupported(
                     f.line("init_lr"),
-                    f"!{tag}",
-                    "linear warm-up from 0 approximated by a recipec warm-up "
-                    "(LR = final_lr * (k + 1) / (n + 1) instead of final_lr * k / n at step k of n)",
+                    f"!{tag}.init_lr",
+                    f"a {func} schedule starting from LR 0 has no recipec equivalent; not converted",
                 )
-                fields = dict(
-                    base,
-                    schedule="constant",
-                    init_lr=final,
-                    warmup_epochs=end.minus(start or Val(0)),
-                )
-                del fields["final_lr"]
-                stage.outs.append(self._out("lr", fields, f.tagged, counter, held=final))
                 return
-            stage.outs.append(
-                self._out("lr", dict(base, schedule=func), f.tagged, counter, held=final)
+            self._note(
+                f.line("init_lr"),
+                f"!{tag}",
+                "linear warm-up from 0 approximated by a recipec warm-up "
+                "(LR = final_lr * (k + 1) / (n + 1) instead of final_lr * k / n at step k of n)",
             )
-            return
-        if func != "cyclic_linear":
-            self._unsupported(
-                f.line("lr_func"),
-                f"!{tag}.lr_func",
-                f"{func!r} has no recipec equivalent; modifier not converted",
+            fields = dict(
+                base,
+                schedule="constant",
+                init_lr=final,
+                warmup_epochs=base["end_epoch"].minus(base["start_epoch"] or Val(0)),
             )
-            f.used.update(f.tagged.fields)
+            del fields["final_lr"]
+            stage.outs.append(self._out("lr", fields, f.tagged, counter, held=final))
             return
+        stage.outs.append(self._out("lr", dict(base, schedule=func), f.tagged, counter, held=final))
+
+    def _lr_cyclic(self, stage: _Stage, f: _Fields, counter: int, base: dict[str, Any]) -> None:
+        """A cyclic_linear window; a trailing partial cycle becomes a second, linear window.
+
+        ``base`` holds the fields every lr window of this modifier shares.
+        """
+        tag = f.tagged.tag
+        init, start, end = base["init_lr"], base["start_epoch"], base["end_epoch"]
         cycle = f.num("cycle_epochs", Val(_DEFAULT_CYCLE_EPOCHS))
         if cycle.value <= 0 or init.value <= 0:
             raise f.at("cycle_epochs", f"!{tag}: cycle_epochs and init_lr must be positive")
         if start is None:
             start = Val(0)  # SparseML's cyclic_linear counts from epoch 0 when start_epoch is -1
-            base["start_epoch"] = start
+            base = dict(base, start_epoch=start)
         span = _tidy(end.value - start.value)
         cycles = math.floor(span / cycle.value + _EPS)
         rest = _tidy(span - cycles * cycle.value)
-        held: Val | str = init
-        if rest > _EPS:
-            # SparseML decays the trailing partial cycle over its own length; at end_epoch it
-            # sets LR at position (span mod rest) of that cycle.
-            position = _tidy(span % rest)
-            if position > _EPS and abs(position - rest) > _EPS:
-                held = _SPE_DEPENDENT
+        held = _held_after_cycles(init, span, rest)
         if rest <= _EPS or cycles == 0:
             schedule = "cyclic_linear" if rest <= _EPS else "linear"
             fields = dict(base, schedule=schedule)
@@ -1101,13 +1156,7 @@ class _Converter:
                 fields["cycle_epochs"] = cycle
             stage.outs.append(self._out("lr", fields, f.tagged, counter, held=held))
             return
-        if any(v.text for v in (start, end, cycle)):
-            s, e, c = start.expression(), end.expression(), cycle.expression()
-            split = Val(
-                _tidy(start.value + cycles * cycle.value), f"{s} + floor(({e} - {s}) / {c}) * {c}"
-            )
-        else:
-            split = Val(_tidy(start.value + cycles * cycle.value))
+        split = _whole_cycles_end(start, end, cycle, cycles)
         self._note(
             f.line("cycle_epochs"),
             f"!{tag}",
@@ -1410,10 +1459,24 @@ class _Converter:
     # ---- output
 
     def emit(self, stages: list[_Stage]) -> Conversion:
-        staged = stages[0].key is not None
+        """Write the recipec YAML, check it with recipec's own loader and return the result."""
         all_outs = [o for s in stages for o in s.outs]
         keys = {o.targets_key for o in all_outs if o.targets_key is not None}
         hoisted = next(iter(keys)) if len(keys) == 1 else None
+        origin: dict[tuple[int | None, int], _Out] = {}
+        lines = self._header_lines(hoisted) + self._stage_lines(stages, hoisted, origin)
+        text = "\n".join(lines) + "\n"
+        recipe = self._load_converted(text, origin)
+        return Conversion(
+            self.source,
+            text,
+            recipe,
+            sorted(self.unsupported, key=lambda f: f.line),
+            sorted(self.notes, key=lambda f: f.line),
+        )
+
+    def _header_lines(self, hoisted: tuple[tuple[str, ...], tuple[str, ...]] | None) -> list[str]:
+        """The comments (what was not converted, notes), version, variables and shared targets."""
         lines = [
             f"# Converted from the SparseML recipe {Path(self.source).name} by `recipec convert`.",
             "# Epochs are SparseML's; see docs/convert.md for how each field maps.",
@@ -1438,58 +1501,69 @@ class _Converter:
             if hoisted[1]:
                 lines.append("exclude:")
                 lines.extend(f"  - {_scalar(t)}" for t in hoisted[1])
-        origin: dict[tuple[int | None, int], _Out] = {}
-        if not staged:
-            stage = stages[0]
-            lines.append("training:")
+        return lines
+
+    def _stage_lines(
+        self,
+        stages: list[_Stage],
+        hoisted: tuple[tuple[str, ...], tuple[str, ...]] | None,
+        origin: dict[tuple[int | None, int], _Out],
+    ) -> list[str]:
+        """``training`` and ``modifiers`` of a one-stage recipe, or the ``stages`` list."""
+        if stages[0].key is None:
+            return self._stage_body(stages[0], hoisted, "", None, origin)
+        lines = ["stages:"]
+        for index, stage in enumerate(stages):
             lines.append(
-                "  steps: 0"
-                if stage.prune_only
-                else f"  epochs: {_scalar(stage.end.minus(stage.offset))}"
+                f"  # SparseML stage {stage.key!r} (line {stage.line}); its epochs start at {stage.offset.value:g}"
             )
-            lines.append("modifiers:" if stage.outs else "modifiers: []")
-            lines.extend(self._emit_modifiers(stage, hoisted, "  ", None, origin))
-        else:
-            lines.append("stages:")
-            for index, stage in enumerate(stages):
-                lines.append(
-                    f"  # SparseML stage {stage.key!r} (line {stage.line}); its epochs start at {stage.offset.value:g}"
-                )
-                lines.append(f"  - name: {_scalar(stage.name)}")
-                lines.append("    training:")
-                lines.append(
-                    "      steps: 0"
-                    if stage.prune_only
-                    else f"      epochs: {_scalar(stage.end.minus(stage.offset))}"
-                )
-                lines.append("    modifiers:" if stage.outs else "    modifiers: []")
-                lines.extend(self._emit_modifiers(stage, hoisted, "      ", index, origin))
-        text = "\n".join(lines) + "\n"
-        try:
-            recipe = load_recipe_text(text, "<converted>")
-        except RecipeError as exc:
-            problems = []
-            for p in exc.problems:
-                found = re.match(r"(?:stages\.(\d+)\.)?modifiers\.(\d+)", p.path)
-                hint = ""
-                if found:
-                    key = (int(found.group(1)) if found.group(1) else None, int(found.group(2)))
-                    out = origin.get(key)
-                    if out is not None:
-                        hint = (
-                            f" [{out.comment}]"
-                            if out.comment.startswith("added")
-                            else f" [from {out.comment} of {self.source}]"
-                        )
-                problems.append(f"{self.source}: the converted recipe does not validate: {p}{hint}")
-            raise ConvertError(problems) from None
-        return Conversion(
-            self.source,
-            text,
-            recipe,
-            sorted(self.unsupported, key=lambda f: f.line),
-            sorted(self.notes, key=lambda f: f.line),
+            lines.append(f"  - name: {_scalar(stage.name)}")
+            lines.extend(self._stage_body(stage, hoisted, "    ", index, origin))
+        return lines
+
+    def _stage_body(
+        self,
+        stage: _Stage,
+        hoisted: tuple[tuple[str, ...], tuple[str, ...]] | None,
+        indent: str,
+        stage_index: int | None,
+        origin: dict[tuple[int | None, int], _Out],
+    ) -> list[str]:
+        """A stage's ``training`` (its length) and ``modifiers``, at ``indent``."""
+        lines = [f"{indent}training:"]
+        lines.append(
+            f"{indent}  steps: 0"
+            if stage.prune_only
+            else f"{indent}  epochs: {_scalar(stage.end.minus(stage.offset))}"
         )
+        lines.append(f"{indent}modifiers:" if stage.outs else f"{indent}modifiers: []")
+        lines.extend(self._emit_modifiers(stage, hoisted, indent + "  ", stage_index, origin))
+        return lines
+
+    def _load_converted(self, text: str, origin: dict[tuple[int | None, int], _Out]) -> Recipe:
+        """Validate the written recipe; a problem names the SparseML modifier it came from."""
+        try:
+            return load_recipe_text(text, "<converted>")
+        except RecipeError as exc:
+            problems = [
+                f"{self.source}: the converted recipe does not validate: {p}"
+                f"{self._origin_hint(p.path, origin)}"
+                for p in exc.problems
+            ]
+            raise ConvertError(problems) from None
+
+    def _origin_hint(self, path: str, origin: dict[tuple[int | None, int], _Out]) -> str:
+        """`` [from !Tag (line N) of SOURCE]`` for a problem at an emitted modifier, else ``""``."""
+        found = re.match(r"(?:stages\.(\d+)\.)?modifiers\.(\d+)", path)
+        if not found:
+            return ""
+        key = (int(found.group(1)) if found.group(1) else None, int(found.group(2)))
+        out = origin.get(key)
+        if out is None:
+            return ""
+        if out.comment.startswith("added"):
+            return f" [{out.comment}]"
+        return f" [from {out.comment} of {self.source}]"
 
     def _emit_modifiers(
         self,
@@ -1526,6 +1600,29 @@ class _Converter:
                 else:
                     lines.append(f"{lead}{key}: {_scalar(value)}")
         return lines
+
+
+def _held_after_cycles(init: Val, span: float, rest: float) -> Val | str:
+    """The LR SparseML leaves after a cyclic window of ``span`` epochs ending in a ``rest`` cycle.
+
+    SparseML decays the trailing partial cycle over its own length; at end_epoch it sets LR at
+    position (span mod rest) of that cycle, which in steps depends on steps_per_epoch.
+    """
+    if rest > _EPS:
+        position = _tidy(span % rest)
+        if position > _EPS and abs(position - rest) > _EPS:
+            return _SPE_DEPENDENT
+    return init
+
+
+def _whole_cycles_end(start: Val, end: Val, cycle: Val, cycles: int) -> Val:
+    """The epoch where the last whole cycle ends (an expression when any input is one)."""
+    if any(v.text for v in (start, end, cycle)):
+        s, e, c = start.expression(), end.expression(), cycle.expression()
+        return Val(
+            _tidy(start.value + cycles * cycle.value), f"{s} + floor(({e} - {s}) / {c}) * {c}"
+        )
+    return Val(_tidy(start.value + cycles * cycle.value))
 
 
 def _first_epoch(stage: _Stage) -> float:

@@ -107,48 +107,68 @@ def evaluate(node: ast.expr, env: Mapping[str, Number]) -> Number:
     if isinstance(node, ast.Constant):
         return _check(node.value)
     if isinstance(node, ast.Name):
-        if node.id not in env:
-            known = ", ".join(sorted(env)) or "none defined"
-            raise ExprError(f"unknown variable {node.id!r} (variables: {known})")
-        return env[node.id]
+        return _variable(node.id, env)
     if isinstance(node, ast.UnaryOp):
         value = evaluate(node.operand, env)
         return -value if isinstance(node.op, ast.USub) else value
     if isinstance(node, ast.BinOp):
         left, right = evaluate(node.left, env), evaluate(node.right, env)
-        try:
-            if isinstance(node.op, ast.Add):
-                return _check(left + right)
-            if isinstance(node.op, ast.Sub):
-                return _check(left - right)
-            if isinstance(node.op, ast.Mult):
-                return _check(left * right)
-            if isinstance(node.op, ast.Div):
-                if right == 0:
-                    raise ExprError("division by zero")
-                return _check(left / right)
-            # Power is computed in floating point so that huge integer powers cannot hang.
-            result = math.pow(left, right)
-            if (
-                float(result).is_integer()
-                and isinstance(left, int)
-                and isinstance(right, int)
-                and right >= 0
-            ):
-                return _check(int(result))
-            return _check(result)
-        except (OverflowError, ValueError, ZeroDivisionError) as exc:
-            if isinstance(exc, ExprError):
-                raise
-            raise ExprError(f"arithmetic error: {exc}") from None
+        return _binary(node.op, left, right)
     if isinstance(node, ast.Call):
-        fn, _, _ = FUNCTIONS[node.func.id]  # type: ignore[union-attr]
-        args = [evaluate(arg, env) for arg in node.args]
-        try:
-            return _check(fn(*args))
-        except (OverflowError, ValueError, TypeError) as exc:
-            raise ExprError(f"{node.func.id}(): {exc}") from None  # type: ignore[union-attr]
+        return _call(node, env)
     raise ExprError(f"{type(node).__name__} is not allowed in an expression")
+
+
+def _variable(name: str, env: Mapping[str, Number]) -> Number:
+    if name not in env:
+        known = ", ".join(sorted(env)) or "none defined"
+        raise ExprError(f"unknown variable {name!r} (variables: {known})")
+    return env[name]
+
+
+def _binary(op: ast.operator, left: Number, right: Number) -> Number:
+    """``left op right``; arithmetic failures (overflow, domain) become :class:`ExprError`."""
+    try:
+        if isinstance(op, ast.Add):
+            return _check(left + right)
+        if isinstance(op, ast.Sub):
+            return _check(left - right)
+        if isinstance(op, ast.Mult):
+            return _check(left * right)
+        if isinstance(op, ast.Div):
+            if right == 0:
+                raise ExprError("division by zero")
+            return _check(left / right)
+        return _power(left, right)  # Pow: the one other operator _validate lets through
+    except (OverflowError, ValueError, ZeroDivisionError) as exc:
+        if isinstance(exc, ExprError):
+            raise
+        raise ExprError(f"arithmetic error: {exc}") from None
+
+
+def _power(left: Number, right: Number) -> Number:
+    """``left ** right``, an int for whole results of int operands.
+
+    Computed in floating point so that huge integer powers cannot hang.
+    """
+    result = math.pow(left, right)
+    if (
+        float(result).is_integer()
+        and isinstance(left, int)
+        and isinstance(right, int)
+        and right >= 0
+    ):
+        return _check(int(result))
+    return _check(result)
+
+
+def _call(node: ast.Call, env: Mapping[str, Number]) -> Number:
+    fn, _, _ = FUNCTIONS[node.func.id]  # type: ignore[union-attr]
+    args = [evaluate(arg, env) for arg in node.args]
+    try:
+        return _check(fn(*args))
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise ExprError(f"{node.func.id}(): {exc}") from None  # type: ignore[union-attr]
 
 
 def evaluate_text(text: str, env: Mapping[str, Number]) -> Number:
@@ -166,56 +186,82 @@ def resolve_variables(raw: Mapping[str, object]) -> tuple[dict[str, Number], dic
     errors: dict[str, str] = {}
     parsed: dict[str, ast.expr] = {}
     for name, value in raw.items():
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
-            errors[str(name)] = "variable names must be identifiers (letters, digits, _)"
-        elif name in FUNCTIONS:
-            errors[name] = f"{name!r} is a function name and cannot be a variable"
-        elif isinstance(value, bool):
-            errors[name] = "booleans are not numbers; use 0 or 1"
-        elif isinstance(value, int | float):
-            try:
-                values[name] = _check(value)
-            except ExprError as exc:
-                errors[name] = str(exc)
-        elif isinstance(value, str):
-            try:
-                parsed[name] = parse(strip_braces(value))
-            except ExprError as exc:
-                errors[name] = str(exc)
+        try:
+            item = _read_variable(name, value)
+        except ExprError as exc:
+            errors[str(name)] = str(exc)
+            continue
+        if isinstance(item, ast.expr):
+            parsed[name] = item
         else:
-            errors[name] = (
-                f"a variable must be a number or an expression string, got {type(value).__name__}"
-            )
+            values[name] = item
+    _DependencyOrder(parsed, values, errors).run()
+    return values, errors
 
-    state: dict[str, str] = {}  # name -> "visiting" | "done"
 
-    def visit(name: str, stack: list[str]) -> None:
-        if state.get(name) == "done" or name in errors:
+def _read_variable(name: object, value: object) -> Number | ast.expr:
+    """A variable's number (range-checked) or parsed expression; :class:`ExprError` otherwise."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ExprError("variable names must be identifiers (letters, digits, _)")
+    if name in FUNCTIONS:
+        raise ExprError(f"{name!r} is a function name and cannot be a variable")
+    if isinstance(value, bool):
+        raise ExprError("booleans are not numbers; use 0 or 1")
+    if isinstance(value, int | float):
+        return _check(value)
+    if isinstance(value, str):
+        return parse(strip_braces(value))
+    raise ExprError(
+        f"a variable must be a number or an expression string, got {type(value).__name__}"
+    )
+
+
+class _DependencyOrder:
+    """Evaluate parsed variables depth first, each after the variables it reads.
+
+    A failure (a cycle, an unknown or invalid dependency, an arithmetic error) is the error of
+    every variable on the path being visited when it happened.
+    """
+
+    def __init__(
+        self, parsed: dict[str, ast.expr], values: dict[str, Number], errors: dict[str, str]
+    ):
+        self.parsed, self.values, self.errors = parsed, values, errors
+        self.state: dict[str, str] = {}  # name -> "visiting" | "done"
+
+    def run(self) -> None:
+        """Fill ``values`` and ``errors`` for every parsed variable."""
+        for name in self.parsed:
+            try:
+                self.visit(name, [])
+            except ExprError as exc:
+                for other, st in list(self.state.items()):
+                    if st == "visiting":
+                        self.errors[other] = str(exc)
+                        self.state[other] = "done"
+
+    def visit(self, name: str, stack: list[str]) -> None:
+        """Evaluate ``name`` after its dependencies; ``stack``: the visits that led here."""
+        if self.state.get(name) == "done" or name in self.errors:
             return
-        if state.get(name) == "visiting":
+        if self.state.get(name) == "visiting":
             cycle = " -> ".join([*stack[stack.index(name) :], name])
             raise ExprError(f"variables form a cycle: {cycle}")
-        state[name] = "visiting"
-        for dep in sorted(free_names(parsed[name])):
-            if dep in parsed:
-                visit(dep, [*stack, name])
-            if dep in errors:
-                raise ExprError(f"depends on {dep!r}, which is invalid")
-            elif dep not in values:
-                known = ", ".join(sorted(set(values) | set(parsed))) or "none defined"
-                raise ExprError(f"unknown variable {dep!r} (variables: {known})")
-        values[name] = evaluate(parsed[name], values)
-        state[name] = "done"
+        self.state[name] = "visiting"
+        for dep in sorted(free_names(self.parsed[name])):
+            if dep in self.parsed:
+                self.visit(dep, [*stack, name])
+            self._check_dependency(dep)
+        self.values[name] = evaluate(self.parsed[name], self.values)
+        self.state[name] = "done"
 
-    for name in parsed:
-        try:
-            visit(name, [])
-        except ExprError as exc:
-            for other, st in list(state.items()):
-                if st == "visiting":
-                    errors[other] = str(exc)
-                    state[other] = "done"
-    return values, errors
+    def _check_dependency(self, dep: str) -> None:
+        """After its own visit: ``dep`` must have a value."""
+        if dep in self.errors:
+            raise ExprError(f"depends on {dep!r}, which is invalid")
+        if dep not in self.values:
+            known = ", ".join(sorted(set(self.values) | set(self.parsed))) or "none defined"
+            raise ExprError(f"unknown variable {dep!r} (variables: {known})")
 
 
 def free_names(node: ast.expr) -> set[str]:

@@ -20,6 +20,7 @@ from recipec.recipe.errors import Location, Problem, RecipeError, format_path
 from recipec.recipe.schema import MODIFIER_TYPES, TRAINING_PAIRS, Recipe, StageSpec, TrainingSpec
 
 MAX_NODES = 100_000
+MAX_DEPTH = 64
 MAX_BYTES = 2_000_000
 
 Path_ = tuple[Any, ...]
@@ -70,131 +71,143 @@ def _mark(source: str, mark: yaml.Mark | None) -> Location:
 
 
 def _parse_yaml(text: str, source: str) -> tuple[Any, _Positions, list[Problem]]:
-    """Parse YAML into plain data while recording where every key and value came from."""
+    """Parse YAML into plain data while recording where every key and value came from.
+
+    A problem that stops parsing (size, syntax, node count, nesting, tags, a value that cannot
+    be built) is reported alone; non-string and duplicate keys are collected and parsing goes on.
+    """
     positions = _Positions(source)
-    problems: list[Problem] = []
-    if len(text.encode("utf-8", errors="replace")) > MAX_BYTES:
-        return (
-            None,
-            positions,
-            [Problem(Location(source, 1, 1), "", f"file larger than {MAX_BYTES} bytes")],
-        )
     try:
-        loader = _Loader(text)
+        _check_size(text, source)
+        loader = _open_loader(text, source)
+        try:
+            root = _compose_root(loader, source)
+            builder = _TreeBuilder(loader, positions)
+            data = _build_tree(builder, root, source)
+        finally:
+            loader.dispose()
+    except _Stop as stop:
+        return None, positions, [stop.problem]
+    return data, positions, builder.problems
+
+
+class _Stop(Exception):
+    """Parsing stops with this one problem."""
+
+    def __init__(self, location: Location, message: str):
+        self.problem = Problem(location, "", message)
+
+
+def _check_size(text: str, source: str) -> None:
+    if len(text.encode("utf-8", errors="replace")) > MAX_BYTES:
+        raise _Stop(Location(source, 1, 1), f"file larger than {MAX_BYTES} bytes")
+
+
+def _open_loader(text: str, source: str) -> _Loader:
+    """A loader over ``text``; a character YAML does not allow is reported where it is."""
+    try:
+        return _Loader(text)
     except yaml.reader.ReaderError as exc:
         line = text.count("\n", 0, exc.position) + 1
         col = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
         message = f"invalid YAML: character {exc.character!r} is not allowed"
-        return None, positions, [Problem(Location(source, line, col), "", message)]
+        raise _Stop(Location(source, line, col), message) from None
+
+
+def _compose_root(loader: _Loader, source: str) -> yaml.Node:
+    """The document's root node (syntax errors and an empty document stop parsing)."""
     try:
-        try:
-            root = loader.get_single_node()
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            msg = " ".join(part for part in (exc.context, exc.problem) if part) or "invalid YAML"
-            return None, positions, [Problem(_mark(source, mark), "", f"invalid YAML: {msg}")]
-        except (yaml.YAMLError, RecursionError, MemoryError) as exc:
-            return (
-                None,
-                positions,
-                [Problem(Location(source, 1, 1), "", f"invalid YAML: {type(exc).__name__}")],
-            )
-        if root is None:
-            return None, positions, [Problem(Location(source, 1, 1), "", "the recipe is empty")]
+        root = loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        msg = " ".join(part for part in (exc.context, exc.problem) if part) or "invalid YAML"
+        raise _Stop(_mark(source, mark), f"invalid YAML: {msg}") from None
+    except (yaml.YAMLError, RecursionError, MemoryError) as exc:
+        raise _Stop(Location(source, 1, 1), f"invalid YAML: {type(exc).__name__}") from None
+    if root is None:
+        raise _Stop(Location(source, 1, 1), "the recipe is empty")
+    return root
 
-        count = 0
 
-        def build(node: yaml.Node, path: Path_, depth: int) -> Any:
-            nonlocal count
-            count += 1
-            if count > MAX_NODES:
-                raise _TooLarge()
-            if depth > 64:
-                raise _TooDeep(node)
-            positions.values[path] = _mark(source, node.start_mark)
-            if (
-                isinstance(node, yaml.MappingNode | yaml.SequenceNode)
-                and node.tag not in _PLAIN_TAGS
-            ):
-                raise _BadTag(node)
-            if isinstance(node, yaml.MappingNode):
-                out: dict[Any, Any] = {}
-                loader.flatten_mapping(node)
-                for key_node, value_node in node.value:
-                    if not isinstance(key_node, yaml.ScalarNode):
-                        problems.append(
-                            Problem(
-                                _mark(source, key_node.start_mark),
-                                format_path(path),
-                                "keys must be plain strings",
-                            )
-                        )
-                        continue
-                    key = loader.construct_object(key_node)
-                    if not isinstance(key, str):
-                        key = str(key)
-                    if key in out:
-                        problems.append(
-                            Problem(
-                                _mark(source, key_node.start_mark),
-                                format_path((*path, key)),
-                                "duplicate key",
-                            )
-                        )
-                        continue
-                    positions.keys[(*path, key)] = _mark(source, key_node.start_mark)
-                    out[key] = build(value_node, (*path, key), depth + 1)
-                return out
-            if isinstance(node, yaml.SequenceNode):
-                return [build(item, (*path, i), depth + 1) for i, item in enumerate(node.value)]
-            return loader.construct_object(node, deep=True)
+def _build_tree(builder: _TreeBuilder, root: yaml.Node, source: str) -> Any:
+    """Plain data from ``root``; a limit, a tag or a value that cannot be built stops parsing."""
+    try:
+        return builder.build(root, (), 0)
+    except _TooLarge:
+        raise _Stop(Location(source, 1, 1), f"recipe has more than {MAX_NODES} values") from None
+    except _TooDeep as exc:
+        message = f"recipe nested deeper than {MAX_DEPTH} levels"
+        raise _Stop(_mark(source, exc.node.start_mark), message) from None
+    except _BadTag as exc:
+        message = f"YAML tags are not allowed here ({exc.node.tag})"
+        raise _Stop(_mark(source, exc.node.start_mark), message) from None
+    except yaml.constructor.ConstructorError as exc:
+        msg = exc.problem or "cannot construct value"
+        if "could not determine a constructor" in msg:
+            msg = f"YAML tags are not allowed here ({msg.split('for the tag')[-1].strip()})"
+        raise _Stop(_mark(source, exc.problem_mark), msg) from None
+    except (yaml.YAMLError, RecursionError, MemoryError, ValueError, OverflowError) as exc:
+        message = f"invalid YAML: {type(exc).__name__}: {exc}"
+        raise _Stop(Location(source, 1, 1), message) from None
 
-        try:
-            data = build(root, (), 0)
-        except _TooLarge:
-            return (
-                None,
-                positions,
-                [Problem(Location(source, 1, 1), "", f"recipe has more than {MAX_NODES} values")],
-            )
-        except _TooDeep as exc:
-            return (
-                None,
-                positions,
-                [
-                    Problem(
-                        _mark(source, exc.node.start_mark),
-                        "",
-                        "recipe nested deeper than 64 levels",
-                    )
-                ],
-            )
-        except _BadTag as exc:
-            return (
-                None,
-                positions,
-                [
-                    Problem(
-                        _mark(source, exc.node.start_mark),
-                        "",
-                        f"YAML tags are not allowed here ({exc.node.tag})",
-                    )
-                ],
-            )
-        except yaml.constructor.ConstructorError as exc:
-            msg = exc.problem or "cannot construct value"
-            if "could not determine a constructor" in msg:
-                msg = f"YAML tags are not allowed here ({msg.split('for the tag')[-1].strip()})"
-            return None, positions, [Problem(_mark(source, exc.problem_mark), "", msg)]
-        except (yaml.YAMLError, RecursionError, MemoryError, ValueError, OverflowError) as exc:
-            return (
-                None,
-                positions,
-                [Problem(Location(source, 1, 1), "", f"invalid YAML: {type(exc).__name__}: {exc}")],
-            )
-        return data, positions, problems
-    finally:
-        loader.dispose()
+
+class _TreeBuilder:
+    """Walk composed YAML nodes into plain data, recording positions and enforcing limits.
+
+    Only plain mappings and sequences are walked here; scalars are constructed by the loader.
+    """
+
+    def __init__(self, loader: _Loader, positions: _Positions):
+        self.loader = loader
+        self.positions = positions
+        self.source = positions.source
+        self.problems: list[Problem] = []
+        self.count = 0
+
+    def build(self, node: yaml.Node, path: Path_, depth: int) -> Any:
+        """Plain data for ``node``, found at ``path`` (``depth`` levels down)."""
+        self._count(node, depth)
+        self.positions.values[path] = _mark(self.source, node.start_mark)
+        if isinstance(node, yaml.MappingNode | yaml.SequenceNode) and node.tag not in _PLAIN_TAGS:
+            raise _BadTag(node)
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, path, depth)
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, (*path, i), depth + 1) for i, item in enumerate(node.value)]
+        return self.loader.construct_object(node, deep=True)
+
+    def _count(self, node: yaml.Node, depth: int) -> None:
+        """Enforce MAX_NODES (over the whole document) and MAX_DEPTH."""
+        self.count += 1
+        if self.count > MAX_NODES:
+            raise _TooLarge()
+        if depth > MAX_DEPTH:
+            raise _TooDeep(node)
+
+    def _mapping(self, node: yaml.MappingNode, path: Path_, depth: int) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        self.loader.flatten_mapping(node)
+        for key_node, value_node in node.value:
+            key = self._key(key_node, path, out)
+            if key is None:
+                continue
+            self.positions.keys[(*path, key)] = _mark(self.source, key_node.start_mark)
+            out[key] = self.build(value_node, (*path, key), depth + 1)
+        return out
+
+    def _key(self, key_node: yaml.Node, path: Path_, taken: dict[Any, Any]) -> str | None:
+        """The key as a string, or None (a problem recorded) for a non-scalar or repeated key."""
+        where = _mark(self.source, key_node.start_mark)
+        if not isinstance(key_node, yaml.ScalarNode):
+            self.problems.append(Problem(where, format_path(path), "keys must be plain strings"))
+            return None
+        key = self.loader.construct_object(key_node)
+        if not isinstance(key, str):
+            key = str(key)
+        if key in taken:
+            self.problems.append(Problem(where, format_path((*path, key)), "duplicate key"))
+            return None
+        return key
 
 
 _PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
