@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from recipec.tasks.load import TaskInfo
+    from recipec.tasks import TaskInfo
 
 __all__ = [
     "EMBEDDED_ALIASES",

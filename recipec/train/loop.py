@@ -25,8 +25,8 @@ from recipec import distributed as dist_utils
 from recipec.modifiers.training import set_lr
 from recipec.plan import StagePlan
 from recipec.program import Program
+from recipec.tasks import Example, TaskInfo
 from recipec.tasks.data import make_dataloader
-from recipec.tasks.load import Example, TaskInfo
 from recipec.tasks.metrics import compute_metrics
 from recipec.train import resume as ckpt
 

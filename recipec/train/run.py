@@ -185,8 +185,8 @@ def _run(config: RunConfig, reporter: Reporter) -> dict[str, Any]:
     from recipec.modifiers.base import CompileError
     from recipec.plan import PlanError, resolve_stage
     from recipec.recipe.load import load_recipe, resolve_recipe_path
+    from recipec.tasks import TaskError, load_task
     from recipec.tasks.data import make_dataloader
-    from recipec.tasks.load import TaskError, load_task
     from recipec.train import resume as ckpt
     from recipec.train.loop import (
         MetricsLog,

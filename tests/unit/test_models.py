@@ -14,7 +14,7 @@ from recipec.models import (
     load_model_and_tokenizer,
     resolve_model_path,
 )
-from recipec.tasks.load import TaskInfo
+from recipec.tasks import TaskInfo
 
 CLS3 = TaskInfo("t", "classification", 3, label_names=("a", "b", "c"))
 REG = TaskInfo("r", "regression", 1, metrics=("pearson",), primary_metric="pearson")
