@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
+from recipec.recipe.structure import Structure, parse_structure
 from recipec.sparsity.fisher import BlockFisherInverse, MFACInverse
-from recipec.sparsity.masks import Structure, compute_masks, parse_structure
+from recipec.sparsity.masks import apply_masks_, compute_masks
 
 __all__ = [
     "estimate_fisher_bytes",
@@ -382,9 +383,9 @@ def obert_prune_step(
             update(finvs, new_masks, pending)
             del finvs
 
+    kept = {n: new_masks[n] for n in names}
     with torch.no_grad():
         for n in names:
-            p = params[n]
-            p.copy_(pending[n].to(device=p.device, dtype=p.dtype))
-            p.masked_fill_(~new_masks[n].to(p.device), 0)
-    return {n: new_masks[n] for n in names}
+            params[n].copy_(pending[n].to(device=params[n].device, dtype=params[n].dtype))
+    apply_masks_(params, kept)
+    return kept
