@@ -577,9 +577,10 @@ def _auto_teacher(
     """
     from recipec import distributed as dist_utils
     from recipec.models import load_model_and_tokenizer
+    from recipec.outputs import write_text_atomic
     from recipec.plan import StagePlan
     from recipec.train.loop import evaluate, make_optimizer, seed_everything, train_stage
-    from recipec.train.resume import latest_checkpoint, load_checkpoint, write_text_atomic
+    from recipec.train.resume import latest_checkpoint, load_checkpoint
 
     training = plan.training
     epochs = distill.teacher_epochs or (training.epochs if training.epochs is not None else None)
