@@ -30,9 +30,10 @@ from recipec.checkpoint import (
     load_masks,
     load_model,
     load_tokenizer,
-    sparsity_table,
+    write_checkpoint,
 )
 from recipec.outputs import ReplaceError, check_output
+from recipec.sparsity.masks import sparsity_table
 
 ONNX_FILE = "model.onnx"
 SPARSITY_FILE = "sparsity.json"
@@ -363,18 +364,8 @@ def _write_folder(
     info: dict,
     torch_weights: bool,
 ) -> None:
-    from safetensors.torch import save_file
-
-    if torch_weights:
-        ckpt.model.save_pretrained(str(tmp))
-        masks = {n: m.to(torch.uint8).contiguous() for n, m in ckpt.masks.items()}
-        save_file(masks, str(tmp / MASKS_FILE))
-    else:
-        ckpt.model.config.save_pretrained(str(tmp))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    if ckpt.recipe_path is not None:
-        shutil.copyfile(ckpt.recipe_path, tmp / "recipe.yaml")
+    recipe = ckpt.recipe_path.read_bytes().decode("utf-8") if ckpt.recipe_path else None
+    write_checkpoint(ckpt.model, tmp, ckpt.masks, tokenizer, recipe, weights=torch_weights)
     (tmp / SPARSITY_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 

@@ -27,6 +27,7 @@ from recipec.checkpoint import (
     CheckpointError,
     load_masks,
     load_model,
+    read_config,
     resolve_model_dir,
 )
 from recipec.export.onnx import (
@@ -251,12 +252,7 @@ def dense_twin_torch(
 def check_seq_len(folder: Path, seq_len: int):
     """The model config in ``folder`` (CheckpointError if unreadable); refuses (BenchError) a
     ``seq_len`` longer than the model takes."""
-    import transformers
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(folder))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder}: cannot read config.json: {exc}") from None
+    config = read_config(folder)
     positions = max_sequence_length(config)
     if positions is not None and seq_len > positions:
         raise BenchError(

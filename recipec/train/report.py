@@ -6,31 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
-
+from recipec.checkpoint import write_checkpoint
+from recipec.outputs import write_text_atomic
 from recipec.sparsity.selection import component_of
-from recipec.train.resume import write_text_atomic
-
-
-def save_model(
-    out: Path,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    masks: dict[str, torch.Tensor],
-    recipe_text: str,
-) -> Path:
-    """HF folder with exact zeros, its tokenizer, ``masks.safetensors`` (uint8, 1 = keep) and the recipe."""
-    folder = out / "model"
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    save_file(
-        {name: mask.to(torch.uint8).cpu().contiguous() for name, mask in masks.items()},
-        str(folder / "masks.safetensors"),
-    )
-    write_text_atomic(folder / "recipe.yaml", recipe_text)
-    return folder
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -140,7 +118,7 @@ def write_outputs(
     """Write the model folder, report.json, report.md and plots; return the report."""
     program = results[-1][3] if results else None
     masks = program.masks.masks if program is not None else {}
-    folder = save_model(out, model, tokenizer, masks, recipe_text)
+    folder = write_checkpoint(model, out / "model", masks, tokenizer, recipe_text)
     params = dict(model.named_parameters())
     per_tensor = {name: float((params[name] == 0).float().mean()) for name in masks}
     total = sum(params[n].numel() for n in masks)
