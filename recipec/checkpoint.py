@@ -19,10 +19,8 @@ from pathlib import Path
 
 import torch
 
-from recipec.models import ModelLoadError, head_for
-from recipec.models import load_config as _load_config
-from recipec.models import load_model as _load_model
-from recipec.models import load_tokenizer as _load_tokenizer
+from recipec import models
+from recipec.models import ModelLoadError
 from recipec.outputs import write_text_atomic
 from recipec.sparsity.masks import apply_masks_
 
@@ -81,7 +79,7 @@ def resolve_model_dir(path: str | Path) -> tuple[Path, Path | None]:
 def read_config(model_dir: Path):
     """The folder's Hugging Face config."""
     try:
-        return _load_config(model_dir)
+        return models.load_config(model_dir)
     except ModelLoadError as err:
         exc = err.__cause__ if err.__cause__ is not None else err
         raise CheckpointError(f"{model_dir}: cannot read config.json: {exc}") from None
@@ -90,7 +88,7 @@ def read_config(model_dir: Path):
 def detect_task(config, task: str = "auto") -> str:
     """The head to load (``recipec.models.head_for``): ``task`` when given, else from the config."""
     try:
-        return head_for(config, head=task)
+        return models.head_for(config, head=task)
     except ModelLoadError as exc:
         raise CheckpointError(str(exc)) from None
 
@@ -100,7 +98,7 @@ def load_model(model_dir: Path, task: str) -> torch.nn.Module:
     if not any((model_dir / name).exists() for name in WEIGHT_FILES):
         raise CheckpointError(f"{model_dir}: no model weights (model.safetensors) in this folder")
     try:
-        loaded = _load_model(model_dir, head=task, dtype=torch.float32, quiet=False)
+        loaded = models.load_model(model_dir, head=task, dtype=torch.float32, quiet=False)
     except ModelLoadError as err:
         exc = err.__cause__ if err.__cause__ is not None else err
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -206,7 +204,7 @@ def load_checkpoint(path: str | Path, task: str = "auto") -> SparseCheckpoint:
 
 def load_tokenizer(model_dir: Path):
     """The folder's tokenizer, or None when it has none (or it cannot be read)."""
-    return _load_tokenizer(model_dir, required=False, quiet=False)
+    return models.load_tokenizer(model_dir, required=False, quiet=False)
 
 
 @torch.no_grad()
