@@ -854,40 +854,9 @@ class _Converter:
         extra: dict[str, Any] = {}
         if kind == "obert":
             extra = self._obs_fields(f)
-        if isinstance(final_raw, dict):
-            groups = []
-            for key, params in final_raw.items():
-                level = (
-                    key
-                    if isinstance(key, Val)
-                    else Val(float(key))
-                    if isinstance(key, int | float)
-                    else None
-                )
-                if level is None:
-                    raise f.at(
-                        "final_sparsity",
-                        f"!{tag}.final_sparsity: keys must be sparsities, got {key!r}",
-                    )
-                groups.append((level, params))
-            f.used.add("params")
-        else:
-            groups = [(f.num("final_sparsity"), f.raw("params"))]
-        for sub, (final, params) in enumerate(groups):
+        for sub, (final, params) in enumerate(_sparsity_groups(f, final_raw, tag)):
             targets, exclude = self._targets(params, f, tag)
-            init_out, final_out = init, final
-            parsed = parse_structure(structure)
-            if parsed.kind == "nm":
-                n, m = parsed.n, parsed.m
-                level = Val(_tidy(parsed.nm_sparsity))
-                if abs(final.value - level.value) > 1e-9 or abs(init.value - level.value) > 1e-9:
-                    self._note(
-                        f.line("mask_type"),
-                        f"!{tag}.mask_type",
-                        f"{structure} masks keep exactly {n} of every {m} weights ({level.value:g} sparsity): "
-                        "init/final sparsity set to that; recipec applies N:M masks once, at start_epoch",
-                    )
-                init_out = final_out = level
+            init_out, final_out = self._nm_levels(f, tag, structure, init, final)
             fields: dict[str, Any] = {
                 "init_sparsity": init_out,
                 "final_sparsity": final_out,
@@ -915,6 +884,23 @@ class _Converter:
                     leave_enabled=leave,
                 )
             )
+
+    def _nm_levels(
+        self, f: _Fields, tag: str, structure: str, init: Val, final: Val
+    ) -> tuple[Val, Val]:
+        """``(init, final)`` sparsities: as given, or ``(M - N) / M`` for an N:M structure."""
+        parsed = parse_structure(structure)
+        if parsed.kind != "nm":
+            return init, final
+        level = Val(_tidy(parsed.nm_sparsity))
+        if abs(final.value - level.value) > 1e-9 or abs(init.value - level.value) > 1e-9:
+            self._note(
+                f.line("mask_type"),
+                f"!{tag}.mask_type",
+                f"{structure} masks keep exactly {parsed.n} of every {parsed.m} weights ({level.value:g} sparsity): "
+                "init/final sparsity set to that; recipec applies N:M masks once, at start_epoch",
+            )
+        return level, level
 
     def _obs_fields(self, f: _Fields) -> dict[str, Any]:
         tag = f.tagged.tag
@@ -1555,6 +1541,29 @@ def _integer(value: Val, f: _Fields, key: str) -> int | str:
             )
         return int(value.value) if value.text is None else "${round(" + value.text + ")}"
     return value.out()
+
+
+def _sparsity_groups(f: _Fields, final_raw: Any, tag: str) -> list[tuple[Val, Any]]:
+    """``(final sparsity, params)`` pairs: one, or one per key of a ``{sparsity: params}`` map."""
+    if not isinstance(final_raw, dict):
+        return [(f.num("final_sparsity"), f.raw("params"))]
+    groups = []
+    for key, params in final_raw.items():
+        level = (
+            key
+            if isinstance(key, Val)
+            else Val(float(key))
+            if isinstance(key, int | float)
+            else None
+        )
+        if level is None:
+            raise f.at(
+                "final_sparsity",
+                f"!{tag}.final_sparsity: keys must be sparsities, got {key!r}",
+            )
+        groups.append((level, params))
+    f.used.add("params")
+    return groups
 
 
 def _structure(mask: Any) -> str | None:

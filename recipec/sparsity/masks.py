@@ -169,6 +169,38 @@ def compute_masks(
     """
     st = parse_structure(structure)
     sparsity = float(sparsity)
+    _check_selection(scores, sparsity, st, scope, prev_masks, grouped)
+    if st.kind == "nm":
+        return _nm_masks(scores, st, prev_masks)
+    k = st.group
+    gscores, gshapes = _flat_group_scores(scores, st, prev_masks, grouped)
+    if scope == "per_layer":
+        prune = {name: _prune_lowest(g, _count(sparsity, g.numel())) for name, g in gscores.items()}
+    else:
+        prune = _prune_globally(gscores, sparsity)
+
+    masks: dict[str, torch.Tensor] = {}
+    for name, pr in prune.items():
+        # Previously pruned groups are at -inf, so they are among the pruned unless more of
+        # them exist than k; either way keep them pruned.
+        g = gscores[name]
+        pr = pr | torch.isneginf(g)
+        keep = _expand_groups((~pr).reshape(gshapes[name]), k)
+        if prev_masks is not None and name in prev_masks:
+            keep = keep & prev_masks[name].to(keep.device)
+        masks[name] = keep.contiguous()
+    return masks
+
+
+def _check_selection(
+    scores: Mapping[str, torch.Tensor],
+    sparsity: float,
+    st: Structure,
+    scope: str,
+    prev_masks: Mapping[str, torch.Tensor] | None,
+    grouped: bool,
+) -> None:
+    """The ``ValueError`` checks of :func:`compute_masks`."""
     if not (0.0 <= sparsity <= 1.0) or math.isnan(sparsity):
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
     if scope not in ("global", "per_layer"):
@@ -176,21 +208,18 @@ def compute_masks(
     for name, s in scores.items():
         if s.is_floating_point() and bool(torch.isnan(s).any()):
             raise ValueError(f"scores for tensor {name!r} contain NaN")
-    if prev_masks is not None:
-        for name, pm in prev_masks.items():
-            if name not in scores:
-                continue
-            want = scores[name].shape
-            if grouped and st.kind == "block":
-                want = (*want[:-1], want[-1] * st.block)
-            if tuple(pm.shape) != tuple(want):
-                raise ValueError(
-                    f"prev mask for tensor {name!r} has shape {tuple(pm.shape)}, "
-                    f"expected {tuple(want)}"
-                )
-            if pm.dtype != torch.bool:
-                raise ValueError(f"prev mask for tensor {name!r} must be torch.bool")
-
+    for name, pm in (prev_masks or {}).items():
+        if name not in scores:
+            continue
+        want = scores[name].shape
+        if grouped and st.kind == "block":
+            want = (*want[:-1], want[-1] * st.block)
+        if tuple(pm.shape) != tuple(want):
+            raise ValueError(
+                f"prev mask for tensor {name!r} has shape {tuple(pm.shape)}, expected {tuple(want)}"
+            )
+        if pm.dtype != torch.bool:
+            raise ValueError(f"prev mask for tensor {name!r} must be torch.bool")
     if st.kind == "nm":
         if grouped:
             raise ValueError("grouped scores are not supported for N:M structures")
@@ -199,10 +228,16 @@ def compute_masks(
             raise ValueError(
                 f"structure {st} implies sparsity {expected:g} (1 - N/M); got {sparsity:g}"
             )
-        return _nm_masks(scores, st, prev_masks)
 
+
+def _flat_group_scores(
+    scores: Mapping[str, torch.Tensor],
+    st: Structure,
+    prev_masks: Mapping[str, torch.Tensor] | None,
+    grouped: bool,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Size]]:
+    """Per-tensor 1-D group scores with previously pruned groups at -inf, and their shapes."""
     k = st.group
-    # Per-tensor 1-D group scores with previously pruned groups at -inf.
     gscores: dict[str, torch.Tensor] = {}
     gshapes: dict[str, torch.Size] = {}
     for name, s in scores.items():
@@ -220,38 +255,28 @@ def compute_masks(
                 gk = pm.reshape(-1)
             g = g.masked_fill(~gk.to(g.device), float("-inf"))
         gscores[name] = g
+    return gscores, gshapes
 
+
+def _prune_globally(gscores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """Prune-masks of the lowest ``round(sparsity * all groups)`` groups, ranked together."""
+    names = list(gscores)
+    if not names:
+        return {}
+    dtype = torch.float32
+    for g in gscores.values():
+        dtype = torch.promote_types(dtype, g.dtype)
+    device = gscores[names[0]].device
+    cat = torch.cat([gscores[n].to(device=device, dtype=dtype) for n in names])
+    pr = _prune_lowest(cat, _count(sparsity, cat.numel()))
+    del cat
     prune: dict[str, torch.Tensor] = {}
-    if scope == "per_layer":
-        for name, g in gscores.items():
-            prune[name] = _prune_lowest(g, _count(sparsity, g.numel()))
-    else:
-        names = list(gscores)
-        if names:
-            dtype = torch.float32
-            for g in gscores.values():
-                dtype = torch.promote_types(dtype, g.dtype)
-            device = gscores[names[0]].device
-            cat = torch.cat([gscores[n].to(device=device, dtype=dtype) for n in names])
-            pr = _prune_lowest(cat, _count(sparsity, cat.numel()))
-            del cat
-            off = 0
-            for n in names:
-                cnt = gscores[n].numel()
-                prune[n] = pr[off : off + cnt].to(gscores[n].device)
-                off += cnt
-
-    masks: dict[str, torch.Tensor] = {}
-    for name, pr in prune.items():
-        # Previously pruned groups are at -inf, so they are among the pruned unless more of
-        # them exist than k; either way keep them pruned.
-        g = gscores[name]
-        pr = pr | torch.isneginf(g)
-        keep = _expand_groups((~pr).reshape(gshapes[name]), k)
-        if prev_masks is not None and name in prev_masks:
-            keep = keep & prev_masks[name].to(keep.device)
-        masks[name] = keep.contiguous()
-    return masks
+    off = 0
+    for n in names:
+        cnt = gscores[n].numel()
+        prune[n] = pr[off : off + cnt].to(gscores[n].device)
+        off += cnt
+    return prune
 
 
 def magnitude_scores(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
