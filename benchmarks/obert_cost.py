@@ -137,7 +137,7 @@ def _load(args):
     import torch
 
     from recipec.models import load_model_and_tokenizer
-    from recipec.tasks.load import load_task
+    from recipec.tasks import load_task
 
     data = Path(args.data)
     if data.is_dir():

@@ -120,7 +120,7 @@ def load_splits(args):
     """SST-2 train split into a fine-tuning subset and a disjoint tuning set; the dev set."""
     import numpy as np
 
-    from recipec.tasks.load import load_task
+    from recipec.tasks import load_task
 
     task = load_task("sst2", str(args.data), max_eval=args.max_eval, seed=args.seed)
     n = len(task.train)

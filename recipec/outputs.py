@@ -1,4 +1,5 @@
-"""Output folders: created only when asked for, replaced (``--overwrite``) only when safe.
+"""Files recipec writes: atomic writes, and output folders created only when asked for,
+replaced (``--overwrite``) only when safe.
 
 ``apply`` and ``export`` replace a non-empty output folder only when asked, and only when the
 folder is one recipec wrote (it holds the command's marker file), is not a symbolic link, does
@@ -11,6 +12,33 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename in it) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a flushed temporary file and a rename.
+
+    A crash leaves either the old file or the new one, never a partial file.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 class ReplaceError(ValueError):

@@ -27,12 +27,12 @@ LAYERS: tuple[str, ...] = (
     "recipec.sparsity",  # masks, mask state, Fisher, OBS: torch only
     "recipec.distributed",  # process groups, collectives with clear errors
     "recipec.kernels",  # sparse CPU kernels and the layers built on them
-    "recipec.modifiers",  # runtime modifiers, one module per type
-    "recipec.program",  # the hook surface of a compiled stage
-    "recipec.compiler",  # recipe + model + optimizer -> Program
     "recipec.tasks",  # task data, data loading, metrics
     "recipec.models",  # the one model loader (transformers)
     "recipec.checkpoint",  # the sparse checkpoint format (HF folder + masks)
+    "recipec.modifiers",  # runtime modifiers, one module per type (distill loads its teacher)
+    "recipec.program",  # the hook surface of a compiled stage
+    "recipec.compiler",  # recipe + model + optimizer -> Program
     "recipec.train",  # drivers: plain loop, HF Trainer, the apply run
     "recipec.export",  # ONNX export and verification
     "recipec.runtime",  # CPU runtimes and the benchmark

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import click
@@ -29,6 +30,11 @@ def fail_with_problems(lines: list[str], code: int = EXIT_USAGE) -> NoReturn:
     """Print a list of problems (each already located, e.g. ``FILE:LINE:COL: ...``) and exit."""
     click.echo("\n".join(lines), err=True)
     sys.exit(code)
+
+
+def to_stderr(indent: str = "") -> Callable[[str], None]:
+    """A progress logger for library calls: each message on its own stderr line."""
+    return lambda message: click.echo(f"{indent}{message}", err=True)
 
 
 def quiet_hf() -> None:

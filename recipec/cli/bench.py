@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from recipec.cli._common import check_image_path, fail, quiet_hf
+from recipec.cli._common import check_image_path, fail, quiet_hf, to_stderr
 
 
 def _int_list(value: str, what: str) -> list[int]:
@@ -156,7 +156,7 @@ def command(
             deepsparse_python=deepsparse_python,
             kernels=kernel_list,
             clock=clock,
-            log=lambda msg: click.echo(msg, err=True),
+            log=to_stderr(),
         )
     except (BenchError, CheckpointError, ExportError, RuntimeUnavailable) as exc:
         fail(str(exc))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from recipec.cli._common import fail, fail_with_problems
+from recipec.cli._common import fail, fail_with_problems, to_stderr
 
 
 def _report(conversion, echo) -> None:
@@ -65,7 +65,7 @@ def command(sparseml_recipe: str, output: str | None, strict: bool, overwrite: b
         fail_with_problems([*lines, "nothing written."])
     if output is None:
         click.echo(result.text, nl=False)
-        echo = lambda line: click.echo(line, err=True)  # noqa: E731 - the report goes to stderr
+        echo = to_stderr()  # the report goes to stderr
     else:
         try:
             Path(output).write_text(result.text, encoding="utf-8")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from recipec.cli._common import fail, quiet_hf
+from recipec.cli._common import fail, quiet_hf, to_stderr
+from recipec.models import HEADS
 
 
 @click.command("export")
@@ -24,7 +25,7 @@ from recipec.cli._common import fail, quiet_hf
 )
 @click.option(
     "--task",
-    type=click.Choice(["auto", "sequence-classification", "multiple-choice"]),
+    type=click.Choice(["auto", *HEADS]),
     default="auto",
     show_default=True,
     help="Head to load; auto reads config.architectures.",
@@ -80,7 +81,7 @@ def command(
             atol=atol,
             overwrite=overwrite,
             torch_weights=not no_torch_weights,
-            log=lambda msg: click.echo(f"  {msg}", err=True),
+            log=to_stderr("  "),
         )
     except (CheckpointError, ExportError) as exc:
         fail(str(exc).splitlines()[0])

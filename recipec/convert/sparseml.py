@@ -37,6 +37,7 @@ from recipec.recipe import expr
 from recipec.recipe.errors import RecipeError
 from recipec.recipe.load import load_recipe_text
 from recipec.recipe.schema import Recipe
+from recipec.recipe.structure import parse_structure
 
 MAX_BYTES = 2_000_000
 MAX_VALUES = 100_000
@@ -947,10 +948,11 @@ class _Converter:
     def _nm_levels(self, f: _Fields, settings: _Pruning, final: Val) -> tuple[Val, Val]:
         """(init, final) sparsity: N:M masks have exactly one sparsity, (M - N) / M."""
         structure, init = settings.structure, settings.init
-        if ":" not in structure:
+        parsed = parse_structure(structure)
+        if parsed.kind != "nm":
             return init, final
-        n, m = (int(x) for x in structure.split(":"))
-        level = Val(_tidy((m - n) / m))
+        n, m = parsed.n, parsed.m
+        level = Val(_tidy(parsed.nm_sparsity))
         if abs(final.value - level.value) > 1e-9 or abs(init.value - level.value) > 1e-9:
             self._note(
                 f.line("mask_type"),
@@ -1656,24 +1658,23 @@ def _structure(mask: Any) -> str | None:
     """SparseML mask_type -> recipec structure (None: no equivalent)."""
     if isinstance(mask, list) and len(mask) == 2 and all(isinstance(v, Val) for v in mask):
         rows, cols = (v.value for v in mask)
-        if rows == 1 and isinstance(cols, int | float) and float(cols).is_integer() and cols >= 2:
-            return f"block{int(cols)}"
+        if rows == 1 and isinstance(cols, int | float) and float(cols).is_integer():
+            return _recipec_structure(f"block{int(cols)}")
         return None
     if not isinstance(mask, str):
         return None
     mask = mask.strip()
-    if mask == "unstructured":
-        return "unstructured"
-    if mask == "block":
-        return "block4"
-    if mask == "tensorrt":
-        return "2:4"
-    if re.fullmatch(r"block\d+", mask) and int(mask[5:]) >= 2:
-        return mask
-    found = re.fullmatch(r"(\d+):(\d+)", mask)
-    if found and 0 < int(found.group(1)) < int(found.group(2)) <= 64:
-        return mask
-    return None
+    aliases = {"block": "block4", "tensorrt": "2:4"}
+    return _recipec_structure(aliases.get(mask, mask))
+
+
+def _recipec_structure(text: str) -> str | None:
+    """``text`` when recipec's structure grammar accepts it, else None."""
+    try:
+        parse_structure(text)
+    except ValueError:
+        return None
+    return text
 
 
 _PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

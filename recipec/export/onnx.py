@@ -30,9 +30,10 @@ from recipec.checkpoint import (
     load_masks,
     load_model,
     load_tokenizer,
-    sparsity_table,
+    write_checkpoint,
 )
 from recipec.outputs import ReplaceError, check_output
+from recipec.sparsity.masks import sparsity_table
 
 ONNX_FILE = "model.onnx"
 SPARSITY_FILE = "sparsity.json"
@@ -363,19 +364,56 @@ def _write_folder(
     info: dict,
     torch_weights: bool,
 ) -> None:
-    from safetensors.torch import save_file
-
-    if torch_weights:
-        ckpt.model.save_pretrained(str(tmp))
-        masks = {n: m.to(torch.uint8).contiguous() for n, m in ckpt.masks.items()}
-        save_file(masks, str(tmp / MASKS_FILE))
-    else:
-        ckpt.model.config.save_pretrained(str(tmp))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    if ckpt.recipe_path is not None:
-        shutil.copyfile(ckpt.recipe_path, tmp / "recipe.yaml")
+    recipe = ckpt.recipe_path.read_bytes().decode("utf-8") if ckpt.recipe_path else None
+    write_checkpoint(ckpt.model, tmp, ckpt.masks, tokenizer, recipe, weights=torch_weights)
     (tmp / SPARSITY_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _sparsity_info(
+    ckpt: SparseCheckpoint,
+    opset: int,
+    names: list[str],
+    tensors: dict[str, dict],
+    diff: float,
+    atol: float,
+    samples: list[dict[str, np.ndarray]],
+    torch_weights: bool,
+) -> dict:
+    """The content of ``sparsity.json``: format, inputs, per-tensor zeros and what was verified."""
+    zeros = sum(t["zeros"] for t in tensors.values())
+    numel = sum(t["numel"] for t in tensors.values())
+    n_params = sum(p.numel() for p in ckpt.model.parameters())
+    info = {
+        "format": SPARSITY_FORMAT,
+        "task": ckpt.task,
+        "model_type": getattr(ckpt.config, "model_type", None),
+        "opset": opset,
+        "inputs": names,
+        "outputs": ["logits"],
+        "dynamic_axes": {
+            k: {str(a): v for a, v in d.items()}
+            for k, d in dynamic_axes_for(ckpt.task, names).items()
+        },
+        "masks_source": ckpt.masks_source,
+        "source": str(ckpt.model_dir.resolve()),
+        "overall": {
+            "masked_params": numel,
+            "zeros": zeros,
+            "sparsity": zeros / numel if numel else 0.0,
+        },
+        "model": {"params": n_params, "sparsity": zeros / n_params if n_params else 0.0},
+        "tensors": tensors,
+        "verification": {
+            "zeros_match_masks": True,
+            "ort_vs_torch_max_abs_diff": diff,
+            "atol": atol,
+            "sample_shapes": [list(s["input_ids"].shape) for s in samples],
+        },
+        "torch_weights": torch_weights,
+    }
+    if ckpt.squashed:
+        info["squashed"] = ckpt.squashed
+    return info
 
 
 def export(
@@ -430,36 +468,7 @@ def export(
         samples = parity_samples(ckpt.model, ckpt.task, names, tokenizer)
         diff = verify_parity(onnx_path, ckpt.model, samples, atol)
         log(f"onnxruntime vs PyTorch: max |diff| {diff:.2e} (<= {atol:g})")
-        zeros = sum(t["zeros"] for t in tensors.values())
-        numel = sum(t["numel"] for t in tensors.values())
-        n_params = sum(p.numel() for p in ckpt.model.parameters())
-        overall = zeros / numel if numel else 0.0
-        info = {
-            "format": SPARSITY_FORMAT,
-            "task": ckpt.task,
-            "model_type": getattr(ckpt.config, "model_type", None),
-            "opset": opset,
-            "inputs": names,
-            "outputs": ["logits"],
-            "dynamic_axes": {
-                k: {str(a): v for a, v in d.items()}
-                for k, d in dynamic_axes_for(ckpt.task, names).items()
-            },
-            "masks_source": ckpt.masks_source,
-            "source": str(ckpt.model_dir.resolve()),
-            "overall": {"masked_params": numel, "zeros": zeros, "sparsity": overall},
-            "model": {"params": n_params, "sparsity": zeros / n_params if n_params else 0.0},
-            "tensors": tensors,
-            "verification": {
-                "zeros_match_masks": True,
-                "ort_vs_torch_max_abs_diff": diff,
-                "atol": atol,
-                "sample_shapes": [list(s["input_ids"].shape) for s in samples],
-            },
-            "torch_weights": torch_weights,
-        }
-        if ckpt.squashed:
-            info["squashed"] = ckpt.squashed
+        info = _sparsity_info(ckpt, opset, names, tensors, diff, atol, samples, torch_weights)
         _write_folder(tmp, ckpt, tokenizer, info, torch_weights)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
@@ -473,7 +482,7 @@ def export(
         task=ckpt.task,
         input_names=names,
         tensors=tensors,
-        overall_sparsity=overall,
+        overall_sparsity=info["overall"]["sparsity"],
         ort_max_abs_diff=diff,
         masks_source=ckpt.masks_source,
         squashed=ckpt.squashed,

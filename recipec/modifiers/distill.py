@@ -88,23 +88,10 @@ class DistillModifier(Modifier):
 
 
 def _load_teacher(path: str, student: nn.Module) -> nn.Module:
-    from transformers import AutoModelForMultipleChoice, AutoModelForSequenceClassification
+    """The teacher at ``path`` through the one model loader, with the student's head kind."""
+    from recipec.models import ModelLoadError, load_teacher
 
-    cls = (
-        AutoModelForMultipleChoice
-        if "MultipleChoice" in type(student).__name__
-        else AutoModelForSequenceClassification
-    )
     try:
-        teacher, info = cls.from_pretrained(path, output_loading_info=True)
-    except (OSError, ValueError) as exc:
-        raise CompileError(f"cannot load the teacher from {path!r}: {exc}") from None
-    missing = sorted(info.get("missing_keys", ()))
-    if missing:
-        # weights initialised at random, e.g. the task head of a base model: it would distil noise
-        raise CompileError(
-            f"the teacher {path!r} has no trained task head or lacks weights ({', '.join(missing[:3])} missing, "
-            "they would be random): distil from a "
-            "model fine-tuned on this task, or use --teacher auto to fine-tune one"
-        )
-    return teacher
+        return load_teacher(path, student)
+    except ModelLoadError as exc:
+        raise CompileError(str(exc)) from None

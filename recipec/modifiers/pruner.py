@@ -11,6 +11,7 @@ from torch import nn
 
 from recipec.modifiers.base import CompileContext, CompileError, Modifier
 from recipec.plan import ResolvedModifier
+from recipec.sparsity.masks import count_pruned
 from recipec.sparsity.selection import SelectionError, require_parameters
 
 
@@ -77,7 +78,7 @@ class ScheduledPruner(Modifier):
     def achieved_sparsity(self) -> float:
         masks = [self.ctx.masks.masks[n] for n in self.targets if n in self.ctx.masks.masks]
         total = sum(p.numel() for p in self.targets.values())
-        pruned = sum(m.numel() - int(m.sum()) for m in masks)
+        pruned = sum(count_pruned(m) for m in masks)
         return pruned / total if total else 0.0
 
     def state_dict(self) -> dict[str, Any]:

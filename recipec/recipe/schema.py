@@ -14,6 +14,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from recipec.recipe.structure import parse_structure
+
 # Encoder linear weights of BERT / RoBERTa / MiniLM (encoder.layer.N....) and DistilBERT
 # (transformer.layer.N....): Q, K, V, attention output, FFN in, FFN out. Embeddings, pooler
 # and classifier heads are deliberately not matched (guideline 1 of the paper).
@@ -28,8 +30,6 @@ NonNegInt = Annotated[int, Field(ge=0, le=10**9)]
 NonNegEpoch = Annotated[float, Field(ge=0.0, le=10**6)]
 PositiveEpoch = Annotated[float, Field(gt=0.0, le=10**6)]
 LearningRate = Annotated[float, Field(gt=0.0, le=10.0)]
-
-_STRUCTURE = re.compile(r"^(unstructured|block(\d+)|(\d+):(\d+))$")
 
 
 class Spec(BaseModel):
@@ -50,17 +50,7 @@ def _check_regexes(patterns: list[str] | None) -> list[str] | None:
 
 
 def _validate_structure(cls: type, value: str) -> str:
-    match = _STRUCTURE.match(value)
-    if not match:
-        raise ValueError(
-            "structure must be 'unstructured', 'block<K>' (e.g. block4) or 'N:M' (e.g. 2:4)"
-        )
-    if match.group(2) is not None and int(match.group(2)) < 2:
-        raise ValueError("block size must be at least 2")
-    if match.group(3) is not None:
-        n, m = int(match.group(3)), int(match.group(4))
-        if not 0 < n < m <= 64:
-            raise ValueError("N:M needs 0 < N < M <= 64")
+    parse_structure(value)
     return value
 
 
@@ -199,24 +189,15 @@ class _Structured(Spec):
     @property
     def group_size(self) -> int:
         """Weights per pruning group along the input dimension (1 for unstructured)."""
-        match = _STRUCTURE.match(self.structure)
-        assert match is not None
-        if match.group(2):
-            return int(match.group(2))
-        if match.group(3):
-            return int(match.group(4))
-        return 1
+        return parse_structure(self.structure).group
 
     @property
     def is_nm(self) -> bool:
-        return ":" in self.structure
+        return parse_structure(self.structure).kind == "nm"
 
     def nm_sparsity(self) -> float | None:
         """The only sparsity an N:M structure allows (1 - N/M); None for other structures."""
-        if not self.is_nm:
-            return None
-        n, m = (int(x) for x in self.structure.split(":"))
-        return (m - n) / m
+        return parse_structure(self.structure).nm_sparsity
 
 
 class _Pruning(_Window, _Targets, _Structured):

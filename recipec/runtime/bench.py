@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from recipec.checkpoint import (
     CheckpointError,
     load_masks,
     load_model,
+    read_config,
     resolve_model_dir,
 )
 from recipec.export.onnx import (
@@ -251,12 +253,7 @@ def dense_twin_torch(
 def check_seq_len(folder: Path, seq_len: int):
     """The model config in ``folder`` (CheckpointError if unreadable); refuses (BenchError) a
     ``seq_len`` longer than the model takes."""
-    import transformers
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(folder))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder}: cannot read config.json: {exc}") from None
+    config = read_config(folder)
     positions = max_sequence_length(config)
     if positions is not None and seq_len > positions:
         raise BenchError(
@@ -354,30 +351,10 @@ def bench(
         config = check_seq_len(folder, seq_len)
         active = list(runtimes)
 
-        worker = None
-        if "deepsparse" in active:
-            try:
-                worker = start_deepsparse(deepsparse_python, num_cores=threads)
-                report["deepsparse"] = {k: v for k, v in worker.info.items() if k != "ok"}
-                report["deepsparse"]["python"] = str(worker.python)
-            except RuntimeUnavailable as exc:
-                report["skipped"]["deepsparse"] = str(exc)
-                log(f"deepsparse: skipped: {exc}")
-                active.remove("deepsparse")
-
-        torch_model = masks = torch_dense = None
-        if "torch-csr" in active:
-            if not (folder / MASKS_FILE).is_file():
-                msg = f"{folder} has no torch weights/masks (exported with --no-torch-weights)"
-                report["skipped"]["torch-csr"] = msg
-                log(f"torch-csr: skipped: {msg}")
-                active.remove("torch-csr")
-            else:
-                torch_model = load_model(folder, task)
-                masks = load_masks(folder / MASKS_FILE, torch_model)
-                if dense_baseline:
-                    torch_dense = dense_twin_torch(torch_model, info["tensors"], onnx_dense)
-
+        worker = _deepsparse_worker(active, deepsparse_python, threads, report, log)
+        torch_model, masks, torch_dense = _torch_models(
+            active, folder, info, onnx_dense, report, log
+        )
         sess_sparse = ort_session(onnx_sparse, threads)
         sess_dense = ort_session(onnx_dense, threads) if onnx_dense else None
         measurements: list[Measurement] = []
@@ -420,6 +397,43 @@ def bench(
     report["results"] = [asdict(m) for m in measurements]
     report["speedups"] = speedups(measurements)
     return report
+
+
+def _deepsparse_worker(
+    active: list[str], python: str | Path | None, threads: int, report: dict, log
+) -> Any:
+    """The DeepSparse worker when asked for; None (and the runtime dropped) when unavailable."""
+    if "deepsparse" not in active:
+        return None
+    try:
+        worker = start_deepsparse(python, num_cores=threads)
+    except RuntimeUnavailable as exc:
+        report["skipped"]["deepsparse"] = str(exc)
+        log(f"deepsparse: skipped: {exc}")
+        active.remove("deepsparse")
+        return None
+    report["deepsparse"] = {k: v for k, v in worker.info.items() if k != "ok"}
+    report["deepsparse"]["python"] = str(worker.python)
+    return worker
+
+
+def _torch_models(
+    active: list[str], folder: Path, info: dict, onnx_dense: Path | None, report: dict, log
+) -> tuple[torch.nn.Module | None, dict | None, torch.nn.Module | None]:
+    """``(model, masks, dense twin)`` for torch-csr; Nones (and the runtime dropped) without
+    torch weights in the folder."""
+    if "torch-csr" not in active:
+        return None, None, None
+    if not (folder / MASKS_FILE).is_file():
+        msg = f"{folder} has no torch weights/masks (exported with --no-torch-weights)"
+        report["skipped"]["torch-csr"] = msg
+        log(f"torch-csr: skipped: {msg}")
+        active.remove("torch-csr")
+        return None, None, None
+    model = load_model(folder, info["task"])
+    masks = load_masks(folder / MASKS_FILE, model)
+    dense = dense_twin_torch(model, info["tensors"], onnx_dense) if onnx_dense else None
+    return model, masks, dense
 
 
 def _targets_for_batch(

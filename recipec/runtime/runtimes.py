@@ -36,6 +36,7 @@ from recipec.kernels.sparseprop import (
     TransposeCache,
     available_kernels,
 )
+from recipec.sparsity.masks import count_zeros
 
 RUNTIMES = ("ort", "deepsparse", "torch-csr")
 DEEPSPARSE_ENV = "RECIPEC_DEEPSPARSE_PYTHON"
@@ -225,7 +226,7 @@ def sparsify_model(
         if not isinstance(linear, torch.nn.Linear):
             continue
         weight = linear.weight.detach()
-        sparsity = float((weight == 0).sum()) / weight.numel()
+        sparsity = count_zeros(weight) / weight.numel()
         shape = tuple(weight.shape)
         if sparsity < min_sparsity or not kernels:
             choices.append(LayerChoice(name, shape, sparsity, "dense", 1.0))

@@ -1,4 +1,10 @@
-"""Sparsity structures and exact-count mask selection (pure torch).
+"""Masks: exact-count selection, the one way they are applied, the one way sparsity is measured.
+
+Structures (``unstructured``, ``block<K>``, ``N:M``) are parsed by
+:func:`recipec.recipe.structure.parse_structure`. Masks are applied with :func:`apply_masks_`
+(or :func:`zero_pruned_`, its unchecked core, for per-step hooks) and measured with
+:func:`mask_sparsity` (pruned entries of masks) or :func:`weight_sparsity` (zeros in weights),
+both built on :func:`count_pruned` / :func:`count_zeros`.
 
 A mask is a ``torch.bool`` tensor of its parameter's shape, **True = keep**. Groups (blocks and
 N:M groups) are runs of consecutive weights along the *input* dimension, i.e. the last dim of a
@@ -16,108 +22,24 @@ dict order) is pruned first.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 
+from recipec.recipe.structure import Structure, parse_structure
+
 __all__ = [
-    "Structure",
     "apply_masks_",
     "compute_masks",
+    "count_pruned",
+    "count_zeros",
     "group_scores",
     "magnitude_scores",
     "mask_sparsity",
-    "parse_structure",
+    "sparsity_table",
+    "weight_sparsity",
+    "zero_pruned_",
 ]
-
-_KINDS = ("unstructured", "block", "nm")
-
-
-@dataclass(frozen=True)
-class Structure:
-    """A sparsity structure.
-
-    Attributes:
-        kind: ``"unstructured"``, ``"block"`` (all-or-nothing groups of ``block`` weights) or
-            ``"nm"`` (at most ``n`` kept in each group of ``m`` weights).
-        block: Group size for ``kind="block"`` (1 for unstructured).
-        n: Kept weights per group for ``kind="nm"``.
-        m: Group size for ``kind="nm"``.
-    """
-
-    kind: str = "unstructured"
-    block: int = 1
-    n: int = 0
-    m: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in _KINDS:
-            raise ValueError(f"unknown structure kind {self.kind!r}; expected one of {_KINDS}")
-        if self.kind == "block" and self.block < 2:
-            raise ValueError(f"block size must be >= 2, got {self.block}")
-        if self.kind == "nm" and not (1 <= self.n < self.m):
-            raise ValueError(f"N:M structure needs 1 <= N < M, got {self.n}:{self.m}")
-
-    @property
-    def group(self) -> int:
-        """Number of consecutive weights in one group (1 for unstructured)."""
-        if self.kind == "block":
-            return self.block
-        if self.kind == "nm":
-            return self.m
-        return 1
-
-    def __str__(self) -> str:
-        if self.kind == "block":
-            return f"block{self.block}"
-        if self.kind == "nm":
-            return f"{self.n}:{self.m}"
-        return "unstructured"
-
-
-_BLOCK_RE = re.compile(r"^block(\d+)$")
-_NM_RE = re.compile(r"^(\d+):(\d+)$")
-
-
-def parse_structure(s: str | Structure) -> Structure:
-    """Parse ``"unstructured"``, ``"blockK"`` (K >= 2) or ``"N:M"`` (1 <= N < M).
-
-    Args:
-        s: The structure string as written in a recipe (a ``Structure`` passes through).
-
-    Returns:
-        The parsed ``Structure``.
-
-    Raises:
-        ValueError: If the string is not one of the accepted forms.
-    """
-    if isinstance(s, Structure):
-        return s
-    if not isinstance(s, str):
-        raise ValueError(f"structure must be a string, got {type(s).__name__}")
-    text = s.strip()
-    if text == "unstructured":
-        return Structure("unstructured")
-    m = _BLOCK_RE.match(text)
-    if m:
-        k = int(m.group(1))
-        if k < 2:
-            raise ValueError(
-                f"invalid structure {s!r}: block size must be >= 2 (use 'unstructured' for 1)"
-            )
-        return Structure("block", block=k)
-    m = _NM_RE.match(text)
-    if m:
-        n, mm = int(m.group(1)), int(m.group(2))
-        if not (1 <= n < mm):
-            raise ValueError(f"invalid structure {s!r}: N:M needs 1 <= N < M")
-        return Structure("nm", n=n, m=mm)
-    raise ValueError(
-        f"invalid structure {s!r}: expected 'unstructured', 'blockK' (K >= 2, e.g. 'block4') "
-        "or 'N:M' (e.g. '2:4')"
-    )
 
 
 def _check_groupable(t: torch.Tensor, group: int, name: str | None) -> None:
@@ -247,6 +169,38 @@ def compute_masks(
     """
     st = parse_structure(structure)
     sparsity = float(sparsity)
+    _check_selection(scores, sparsity, st, scope, prev_masks, grouped)
+    if st.kind == "nm":
+        return _nm_masks(scores, st, prev_masks)
+    k = st.group
+    gscores, gshapes = _flat_group_scores(scores, st, prev_masks, grouped)
+    if scope == "per_layer":
+        prune = {name: _prune_lowest(g, _count(sparsity, g.numel())) for name, g in gscores.items()}
+    else:
+        prune = _prune_globally(gscores, sparsity)
+
+    masks: dict[str, torch.Tensor] = {}
+    for name, pr in prune.items():
+        # Previously pruned groups are at -inf, so they are among the pruned unless more of
+        # them exist than k; either way keep them pruned.
+        g = gscores[name]
+        pr = pr | torch.isneginf(g)
+        keep = _expand_groups((~pr).reshape(gshapes[name]), k)
+        if prev_masks is not None and name in prev_masks:
+            keep = keep & prev_masks[name].to(keep.device)
+        masks[name] = keep.contiguous()
+    return masks
+
+
+def _check_selection(
+    scores: Mapping[str, torch.Tensor],
+    sparsity: float,
+    st: Structure,
+    scope: str,
+    prev_masks: Mapping[str, torch.Tensor] | None,
+    grouped: bool,
+) -> None:
+    """The ``ValueError`` checks of :func:`compute_masks`."""
     if not (0.0 <= sparsity <= 1.0) or math.isnan(sparsity):
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
     if scope not in ("global", "per_layer"):
@@ -254,33 +208,36 @@ def compute_masks(
     for name, s in scores.items():
         if s.is_floating_point() and bool(torch.isnan(s).any()):
             raise ValueError(f"scores for tensor {name!r} contain NaN")
-    if prev_masks is not None:
-        for name, pm in prev_masks.items():
-            if name not in scores:
-                continue
-            want = scores[name].shape
-            if grouped and st.kind == "block":
-                want = (*want[:-1], want[-1] * st.block)
-            if tuple(pm.shape) != tuple(want):
-                raise ValueError(
-                    f"prev mask for tensor {name!r} has shape {tuple(pm.shape)}, "
-                    f"expected {tuple(want)}"
-                )
-            if pm.dtype != torch.bool:
-                raise ValueError(f"prev mask for tensor {name!r} must be torch.bool")
-
+    for name, pm in (prev_masks or {}).items():
+        if name not in scores:
+            continue
+        want = scores[name].shape
+        if grouped and st.kind == "block":
+            want = (*want[:-1], want[-1] * st.block)
+        if tuple(pm.shape) != tuple(want):
+            raise ValueError(
+                f"prev mask for tensor {name!r} has shape {tuple(pm.shape)}, expected {tuple(want)}"
+            )
+        if pm.dtype != torch.bool:
+            raise ValueError(f"prev mask for tensor {name!r} must be torch.bool")
     if st.kind == "nm":
         if grouped:
             raise ValueError("grouped scores are not supported for N:M structures")
-        expected = 1.0 - st.n / st.m
+        expected = st.nm_sparsity
         if abs(sparsity - expected) > 1e-6:
             raise ValueError(
                 f"structure {st} implies sparsity {expected:g} (1 - N/M); got {sparsity:g}"
             )
-        return _nm_masks(scores, st, prev_masks)
 
+
+def _flat_group_scores(
+    scores: Mapping[str, torch.Tensor],
+    st: Structure,
+    prev_masks: Mapping[str, torch.Tensor] | None,
+    grouped: bool,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Size]]:
+    """Per-tensor 1-D group scores with previously pruned groups at -inf, and their shapes."""
     k = st.group
-    # Per-tensor 1-D group scores with previously pruned groups at -inf.
     gscores: dict[str, torch.Tensor] = {}
     gshapes: dict[str, torch.Size] = {}
     for name, s in scores.items():
@@ -298,38 +255,28 @@ def compute_masks(
                 gk = pm.reshape(-1)
             g = g.masked_fill(~gk.to(g.device), float("-inf"))
         gscores[name] = g
+    return gscores, gshapes
 
+
+def _prune_globally(gscores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """Prune-masks of the lowest ``round(sparsity * all groups)`` groups, ranked together."""
+    names = list(gscores)
+    if not names:
+        return {}
+    dtype = torch.float32
+    for g in gscores.values():
+        dtype = torch.promote_types(dtype, g.dtype)
+    device = gscores[names[0]].device
+    cat = torch.cat([gscores[n].to(device=device, dtype=dtype) for n in names])
+    pr = _prune_lowest(cat, _count(sparsity, cat.numel()))
+    del cat
     prune: dict[str, torch.Tensor] = {}
-    if scope == "per_layer":
-        for name, g in gscores.items():
-            prune[name] = _prune_lowest(g, _count(sparsity, g.numel()))
-    else:
-        names = list(gscores)
-        if names:
-            dtype = torch.float32
-            for g in gscores.values():
-                dtype = torch.promote_types(dtype, g.dtype)
-            device = gscores[names[0]].device
-            cat = torch.cat([gscores[n].to(device=device, dtype=dtype) for n in names])
-            pr = _prune_lowest(cat, _count(sparsity, cat.numel()))
-            del cat
-            off = 0
-            for n in names:
-                cnt = gscores[n].numel()
-                prune[n] = pr[off : off + cnt].to(gscores[n].device)
-                off += cnt
-
-    masks: dict[str, torch.Tensor] = {}
-    for name, pr in prune.items():
-        # Previously pruned groups are at -inf, so they are among the pruned unless more of
-        # them exist than k; either way keep them pruned.
-        g = gscores[name]
-        pr = pr | torch.isneginf(g)
-        keep = _expand_groups((~pr).reshape(gshapes[name]), k)
-        if prev_masks is not None and name in prev_masks:
-            keep = keep & prev_masks[name].to(keep.device)
-        masks[name] = keep.contiguous()
-    return masks
+    off = 0
+    for n in names:
+        cnt = gscores[n].numel()
+        prune[n] = pr[off : off + cnt].to(gscores[n].device)
+        off += cnt
+    return prune
 
 
 def magnitude_scores(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -338,14 +285,29 @@ def magnitude_scores(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 @torch.no_grad()
+def zero_pruned_(tensors: Mapping[str, torch.Tensor], pruned: Mapping[str, torch.Tensor]) -> None:
+    """Write exact zeros where ``pruned`` is True, in place: the one way masks are applied.
+
+    The unchecked core of :func:`apply_masks_`, for per-step hooks that keep the complements
+    of their masks (no allocation): weights, their gradients, optimizer state of their shape.
+
+    Args:
+        tensors: Tensors by name (weights, gradients or optimizer state).
+        pruned: Bool tensors of the same shapes and devices (True = pruned = ``~mask``).
+    """
+    for name, where in pruned.items():
+        tensors[name].masked_fill_(where, 0)
+
+
+@torch.no_grad()
 def apply_masks_(
     params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
 ) -> Mapping[str, torch.Tensor]:
-    """Zero pruned weights in place: ``w <- w * mask`` (exact zeros).
+    """Zero pruned weights in place: exact zeros (``+0.0``) where the mask is False.
 
     Args:
         params: Live tensors by name.
-        masks: Bool masks (True = keep) for some of those names.
+        masks: Bool masks (True = keep) for some of those names, on any device.
 
     Returns:
         ``params`` (modified in place).
@@ -363,8 +325,26 @@ def apply_masks_(
                 f"mask for tensor {name!r} has shape {tuple(mask.shape)}, "
                 f"tensor has {tuple(p.shape)}"
             )
-        p.masked_fill_(~mask.to(device=p.device, dtype=torch.bool), 0)
+        zero_pruned_({name: p}, {name: ~mask.to(device=p.device, dtype=torch.bool)})
     return params
+
+
+def count_pruned(mask: torch.Tensor) -> int:
+    """Pruned (False) entries of a mask."""
+    return mask.numel() - int(mask.sum())
+
+
+def count_zeros(tensor: torch.Tensor) -> int:
+    """Entries of a tensor that are exactly zero (``-0.0`` included)."""
+    return int((tensor == 0).sum())
+
+
+def _fractions(counts: Mapping[str, tuple[int, int]]) -> tuple[float, dict[str, float]]:
+    """``(overall, per name)`` fractions from ``{name: (count, numel)}``."""
+    per = {name: (c / n if n else 0.0) for name, (c, n) in counts.items()}
+    count = sum(c for c, _ in counts.values())
+    total = sum(n for _, n in counts.values())
+    return (count / total if total else 0.0), per
 
 
 def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
@@ -373,13 +353,34 @@ def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> tuple[float, dict[str, f
     Returns:
         ``(overall, per_tensor)`` where ``overall = sum_t pruned_t / sum_t numel_t``.
     """
-    per: dict[str, float] = {}
-    pruned = 0
-    total = 0
-    for name, m in masks.items():
-        n = m.numel()
-        z = n - int(m.sum())
-        per[name] = z / n if n else 0.0
-        pruned += z
-        total += n
-    return (pruned / total if total else 0.0), per
+    return _fractions({name: (count_pruned(m), m.numel()) for name, m in masks.items()})
+
+
+def weight_sparsity(
+    params: Mapping[str, torch.Tensor], names: list[str] | None = None
+) -> tuple[float, dict[str, float]]:
+    """Fraction of exact zeros in the weights, overall and per tensor.
+
+    Args:
+        params: Tensors by name.
+        names: The tensors to measure (default: all of ``params``).
+
+    Returns:
+        ``(overall, per_tensor)`` where ``overall = sum_t zeros_t / sum_t numel_t``.
+    """
+    names = list(params) if names is None else names
+    return _fractions({n: (count_zeros(params[n]), params[n].numel()) for n in names})
+
+
+def sparsity_table(masks: Mapping[str, torch.Tensor]) -> dict[str, dict]:
+    """Per-tensor ``{shape, numel, zeros, sparsity}`` from masks (``zeros``: pruned entries)."""
+    table = {}
+    for name, mask in masks.items():
+        numel, zeros = mask.numel(), count_pruned(mask)
+        table[name] = {
+            "shape": list(mask.shape),
+            "numel": numel,
+            "zeros": zeros,
+            "sparsity": zeros / numel if numel else 0.0,
+        }
+    return table

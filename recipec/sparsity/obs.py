@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
+from recipec.recipe.structure import Structure, parse_structure
 from recipec.sparsity.fisher import BlockFisherInverse, MFACInverse
-from recipec.sparsity.masks import Structure, compute_masks, parse_structure
+from recipec.sparsity.masks import apply_masks_, compute_masks
 
 __all__ = [
     "estimate_fisher_bytes",
@@ -249,30 +250,11 @@ def obert_prune_step(
     """
     st = parse_structure(structure)
     cls = _fisher_cls(fisher)
-    if scope not in ("global", "per_layer"):
-        raise ValueError(f"scope must be 'global' or 'per_layer', got {scope!r}")
-    num_grads = int(num_grads)
-    grad_batch = int(grad_batch)
-    if grad_batch < 1:
-        raise ValueError(f"grad_batch must be >= 1, got {grad_batch}")
-    if num_grads <= 0:
-        raise ValueError(f"num_grads must be positive, got {num_grads}")
     group = st.block if st.kind == "block" else 1
-    if block_size is not None and int(block_size) % group != 0:
-        raise ValueError(
-            f"Fisher block_size {block_size} must be divisible by the structure's block {group}"
-        )
+    _check_obert_args(params, scope, num_grads, grad_batch, block_size, group)
     say = progress or (lambda _msg: None)
     names = list(params)
-    for n in names:
-        p = params[n]
-        if group > 1 and (p.dim() == 0 or p.shape[-1] % group):
-            raise ValueError(
-                f"tensor {n!r} with shape {tuple(p.shape)}: last dim not divisible by {group}"
-            )
-        if block_size is None and group > 1 and p.numel() % group:
-            raise ValueError(f"tensor {n!r} numel not divisible by {group}")
-
+    num_grads = int(num_grads)
     sizes = {n: _estimate_one(params[n].numel(), block_size, fisher, num_grads) for n in names}
     budget = None if max_memory_gb is None else float(max_memory_gb) * 2**30
     chunks = _plan_chunks(sizes, budget)
@@ -285,10 +267,112 @@ def obert_prune_step(
         for n in names:
             if sizes[n] > budget:
                 say(f"oBERT: tensor {n!r} alone needs {sizes[n] / 2**30:.3f} GiB (over budget)")
+    obs = _OBSPass(params, grad_fn, cls, block_size, damp, num_grads, int(grad_batch), group)
+    prev = dict(masks) if masks is not None else None
+    grouped = st.kind == "block"
+    pending: dict[str, torch.Tensor] = {}
+    new_masks: dict[str, torch.Tensor] = {}
+    nchunks = len(chunks)
 
-    def build(chunk: list[str], label: str) -> dict[str, FisherInverse]:
+    if scope == "per_layer" or st.kind == "nm" or nchunks <= 1:
+        for ci, chunk in enumerate(chunks):
+            finvs = obs.build(chunk, f"chunk {ci + 1}/{nchunks}", say)
+            scores = obs.score(finvs)
+            sub_prev = {n: prev[n] for n in chunk if n in prev} if prev is not None else None
+            # Per-layer / N:M masks only depend on the tensor's own scores; with one chunk a
+            # global ranking sees every tensor.
+            cm = compute_masks(scores, sparsity, st, scope, sub_prev, grouped=grouped)
+            del scores
+            new_masks.update(cm)
+            obs.update(finvs, cm, pending)
+            del finvs
+    else:
+        scores: dict[str, torch.Tensor] = {}
+        last: dict[str, FisherInverse] = {}
+        for ci, chunk in enumerate(chunks):
+            finvs = obs.build(chunk, f"scoring chunk {ci + 1}/{nchunks}", say)
+            scores.update(obs.score(finvs))
+            if ci + 1 == nchunks:
+                last = finvs
+            del finvs
+        new_masks = compute_masks(scores, sparsity, st, scope, prev, grouped=grouped)
+        del scores
+        say("oBERT: global masks selected; update pass")
+        obs.update(last, new_masks, pending)
+        del last
+        for ci, chunk in enumerate(chunks[:-1]):
+            finvs = obs.build(chunk, f"update chunk {ci + 1}/{nchunks - 1}", say)
+            obs.update(finvs, new_masks, pending)
+            del finvs
+
+    kept = {n: new_masks[n] for n in names}
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(pending[n].to(device=params[n].device, dtype=params[n].dtype))
+    apply_masks_(params, kept)
+    return kept
+
+
+def _check_obert_args(
+    params: Mapping[str, torch.Tensor],
+    scope: str,
+    num_grads: int,
+    grad_batch: int,
+    block_size: int | None,
+    group: int,
+) -> None:
+    """The ``ValueError`` checks of :func:`obert_prune_step`."""
+    if scope not in ("global", "per_layer"):
+        raise ValueError(f"scope must be 'global' or 'per_layer', got {scope!r}")
+    if int(grad_batch) < 1:
+        raise ValueError(f"grad_batch must be >= 1, got {int(grad_batch)}")
+    if int(num_grads) <= 0:
+        raise ValueError(f"num_grads must be positive, got {int(num_grads)}")
+    if block_size is not None and int(block_size) % group != 0:
+        raise ValueError(
+            f"Fisher block_size {block_size} must be divisible by the structure's block {group}"
+        )
+    for n, p in params.items():
+        if group > 1 and (p.dim() == 0 or p.shape[-1] % group):
+            raise ValueError(
+                f"tensor {n!r} with shape {tuple(p.shape)}: last dim not divisible by {group}"
+            )
+        if block_size is None and group > 1 and p.numel() % group:
+            raise ValueError(f"tensor {n!r} numel not divisible by {group}")
+
+
+class _OBSPass:
+    """The three passes of an oBERT step over a chunk of tensors: Fisher, scores, update."""
+
+    def __init__(
+        self,
+        params: Mapping[str, torch.Tensor],
+        grad_fn: Callable[[], Mapping[str, torch.Tensor]],
+        cls: type[BlockFisherInverse] | type[MFACInverse],
+        block_size: int | None,
+        damp: float,
+        num_grads: int,
+        grad_batch: int,
+        group: int,
+    ):
+        self.params = params
+        self.grad_fn = grad_fn
+        self.cls = cls
+        self.block_size = block_size
+        self.damp = damp
+        self.num_grads = num_grads
+        self.grad_batch = grad_batch
+        self.group = group
+
+    def build(
+        self, chunk: list[str], label: str, say: Callable[[str], None]
+    ) -> dict[str, FisherInverse]:
+        """Inverse Fishers of ``chunk`` from ``num_grads`` calls of ``grad_fn``."""
+        params, num_grads, grad_batch = self.params, self.num_grads, self.grad_batch
         finvs = {
-            n: cls(params[n].numel(), block_size, damp, num_grads, device=params[n].device)
+            n: self.cls(
+                params[n].numel(), self.block_size, self.damp, num_grads, device=params[n].device
+            )
             for n in chunk
         }
         step = max(1, num_grads // 4)
@@ -299,7 +383,7 @@ def obert_prune_step(
         buf: dict[str, torch.Tensor] = {}
         filled = 0
         for i in range(num_grads):
-            grads = grad_fn()
+            grads = self.grad_fn()
             for n in chunk:
                 g = grads.get(n) if isinstance(grads, Mapping) else None
                 if g is None:
@@ -323,68 +407,27 @@ def obert_prune_step(
                 say(f"oBERT: {label}: gradient {i + 1}/{num_grads}")
         return finvs
 
-    def score(finvs: Mapping[str, FisherInverse]) -> dict[str, torch.Tensor]:
+    def score(self, finvs: Mapping[str, FisherInverse]) -> dict[str, torch.Tensor]:
+        """OBS saliencies per group, shaped like the group scores of each tensor."""
         out: dict[str, torch.Tensor] = {}
         for n, fi in finvs.items():
-            p = params[n]
-            s = saliency_blocks(p.detach().reshape(-1), fi, group)
-            if group > 1:
-                s = s.reshape(*p.shape[:-1], p.shape[-1] // group)
+            p = self.params[n]
+            s = saliency_blocks(p.detach().reshape(-1), fi, self.group)
+            if self.group > 1:
+                s = s.reshape(*p.shape[:-1], p.shape[-1] // self.group)
             else:
                 s = s.reshape(p.shape)
             out[n] = s
         return out
 
     def update(
+        self,
         finvs: Mapping[str, FisherInverse],
         new_masks: Mapping[str, torch.Tensor],
         pending: dict[str, torch.Tensor],
     ) -> None:
+        """OBS-updated weights (pruned ones removed) into ``pending``."""
         for n, fi in finvs.items():
-            p = params[n]
-            w = obs_update(p.detach().reshape(-1), ~new_masks[n].reshape(-1), fi, group)
+            p = self.params[n]
+            w = obs_update(p.detach().reshape(-1), ~new_masks[n].reshape(-1), fi, self.group)
             pending[n] = w.reshape(p.shape)
-
-    prev = dict(masks) if masks is not None else None
-    grouped = st.kind == "block"
-    pending: dict[str, torch.Tensor] = {}
-    new_masks: dict[str, torch.Tensor] = {}
-    nchunks = len(chunks)
-
-    if scope == "per_layer" or st.kind == "nm" or nchunks <= 1:
-        for ci, chunk in enumerate(chunks):
-            finvs = build(chunk, f"chunk {ci + 1}/{nchunks}")
-            scores = score(finvs)
-            sub_prev = {n: prev[n] for n in chunk if n in prev} if prev is not None else None
-            # Per-layer / N:M masks only depend on the tensor's own scores; with one chunk a
-            # global ranking sees every tensor.
-            cm = compute_masks(scores, sparsity, st, scope, sub_prev, grouped=grouped)
-            del scores
-            new_masks.update(cm)
-            update(finvs, cm, pending)
-            del finvs
-    else:
-        scores: dict[str, torch.Tensor] = {}
-        last: dict[str, FisherInverse] = {}
-        for ci, chunk in enumerate(chunks):
-            finvs = build(chunk, f"scoring chunk {ci + 1}/{nchunks}")
-            scores.update(score(finvs))
-            if ci + 1 == nchunks:
-                last = finvs
-            del finvs
-        new_masks = compute_masks(scores, sparsity, st, scope, prev, grouped=grouped)
-        del scores
-        say("oBERT: global masks selected; update pass")
-        update(last, new_masks, pending)
-        del last
-        for ci, chunk in enumerate(chunks[:-1]):
-            finvs = build(chunk, f"update chunk {ci + 1}/{nchunks - 1}")
-            update(finvs, new_masks, pending)
-            del finvs
-
-    with torch.no_grad():
-        for n in names:
-            p = params[n]
-            p.copy_(pending[n].to(device=p.device, dtype=p.dtype))
-            p.masked_fill_(~new_masks[n].to(p.device), 0)
-    return {n: new_masks[n] for n in names}

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from recipec.sparsity.masks import mask_sparsity, zero_pruned_
+
 
 class MaskStateError(ValueError):
     """Saved masks that do not fit the model (e.g. a checkpoint of another architecture)."""
@@ -49,16 +51,14 @@ class MaskState:
     @torch.no_grad()
     def apply_(self, names: Any = None) -> None:
         """Zero pruned weights in place (exact zeros)."""
-        for name in self.masks if names is None else names:
-            self.params[name].masked_fill_(self._pruned[name], 0)
+        chosen = self.masks if names is None else names
+        zero_pruned_(self.params, {name: self._pruned[name] for name in chosen})
 
     @torch.no_grad()
     def mask_grads_(self) -> None:
         """Zero the gradients of pruned weights."""
-        for name, pruned in self._pruned.items():
-            grad = self.params[name].grad
-            if grad is not None:
-                grad.masked_fill_(pruned, 0)
+        grads = {name: self.params[name].grad for name in self._pruned}
+        zero_pruned_(grads, {n: w for n, w in self._pruned.items() if grads[n] is not None})
 
     @torch.no_grad()
     def zero_optimizer_state_(self, optimizer: torch.optim.Optimizer, names: Any = None) -> None:
@@ -68,16 +68,14 @@ class MaskState:
             state = optimizer.state.get(param)
             if not state:
                 continue
-            for value in state.values():
-                if torch.is_tensor(value) and value.shape == param.shape:
-                    value.masked_fill_(self._pruned[name], 0)
+            shaped = {
+                k: v for k, v in state.items() if torch.is_tensor(v) and v.shape == param.shape
+            }
+            zero_pruned_(shaped, dict.fromkeys(shaped, self._pruned[name]))
 
     def sparsity(self) -> tuple[float, dict[str, float]]:
         """Overall and per-tensor fraction of zeros in the masked tensors."""
-        per = {name: 1.0 - mask.float().mean().item() for name, mask in self.masks.items()}
-        total = sum(mask.numel() for mask in self.masks.values())
-        pruned = sum(mask.numel() - int(mask.sum()) for mask in self.masks.values())
-        return (pruned / total if total else 0.0), per
+        return mask_sparsity(self.masks)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: mask.detach().cpu().clone() for name, mask in self.masks.items()}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 
-from recipec.tasks.load import Example
+from recipec.tasks.base import Example, TaskData, TaskInfo
 
 __all__ = [
     "CLOSERS",
@@ -38,6 +38,7 @@ __all__ = [
     "compose",
     "generate",
     "generate_splits",
+    "load_builtin",
 ]
 
 DEFAULT_TRAIN_SIZE = 2000
@@ -285,3 +286,20 @@ def generate_splits(
     train = generate(n_train, seed)
     dev = generate(n_eval, seed + 1_000_003, exclude={ex.text for ex in train})
     return train, dev
+
+
+def load_builtin(max_train: int | None, max_eval: int | None, seed: int) -> TaskData:
+    """The built-in task as ``TaskData``: ``max_train``/``max_eval`` are the generated sizes."""
+    train, dev = generate_splits(
+        max_train or DEFAULT_TRAIN_SIZE, max_eval or DEFAULT_EVAL_SIZE, seed
+    )
+    info = TaskInfo(
+        name="builtin",
+        kind="classification",
+        num_labels=2,
+        metrics=("accuracy", "f1"),
+        primary_metric="accuracy",
+        label_names=LABEL_NAMES,
+        source=f"recipec built-in synthetic sentiment task (seed {seed})",
+    )
+    return TaskData(info, train, dev)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from recipec.tasks.load import Example, TaskInfo
+from recipec.tasks.base import Example, TaskInfo
 
 __all__ = ["Collator", "ExampleLoader", "epoch_permutation", "make_dataloader"]
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from recipec.tasks.load import TaskInfo
+    from recipec.tasks.base import TaskInfo
 
 __all__ = [
     "METRICS",

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from recipec import distributed as dist_utils
+from recipec.outputs import write_text_atomic
 from recipec.program import Program
+from recipec.tasks import Example, TaskInfo
 from recipec.tasks.data import make_dataloader
-from recipec.tasks.load import Example, TaskInfo
 from recipec.tasks.metrics import compute_metrics
 from recipec.train import resume
 
@@ -170,7 +171,7 @@ class MetricsLog:
             if rec.get("stage") == stage and rec.get("step", 0) > step:
                 continue
             kept.append(line)
-        resume.write_text_atomic(self.path, "".join(k + "\n" for k in kept))
+        write_text_atomic(self.path, "".join(k + "\n" for k in kept))
 
 
 class _SigintFlag:

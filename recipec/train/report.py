@@ -6,31 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
-
+from recipec.checkpoint import write_checkpoint
+from recipec.outputs import write_text_atomic
+from recipec.sparsity.masks import count_zeros, weight_sparsity
 from recipec.sparsity.selection import component_of
-from recipec.train.resume import write_text_atomic
-
-
-def save_model(
-    out: Path,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    masks: dict[str, torch.Tensor],
-    recipe_text: str,
-) -> Path:
-    """HF folder with exact zeros, its tokenizer, ``masks.safetensors`` (uint8, 1 = keep) and the recipe."""
-    folder = out / "model"
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    save_file(
-        {name: mask.to(torch.uint8).cpu().contiguous() for name, mask in masks.items()},
-        str(folder / "masks.safetensors"),
-    )
-    write_text_atomic(folder / "recipe.yaml", recipe_text)
-    return folder
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -140,17 +119,16 @@ def write_outputs(
     """Write the model folder, report.json, report.md and plots; return the report."""
     program = outcomes[-1].program if outcomes else None
     masks = program.masks.masks if program is not None else {}
-    folder = save_model(out, model, tokenizer, masks, recipe_text)
+    folder = write_checkpoint(model, out / "model", masks, tokenizer, recipe_text)
     params = dict(model.named_parameters())
-    per_tensor = {name: float((params[name] == 0).float().mean()) for name in masks}
-    total = sum(params[n].numel() for n in masks)
-    zeros = sum(int((params[n] == 0).sum()) for n in masks)
+    targets_sparsity, per_tensor = weight_sparsity(params, list(masks))
+    zeros = {name: count_zeros(params[name]) for name in masks}
     all_params = sum(p.numel() for p in params.values())
     by_component: dict[str, list[int]] = {}
     for name, p in params.items():
         entry = by_component.setdefault(component_of(name), [0, 0])
         entry[0] += p.numel()
-        entry[1] += int((p == 0).sum()) if name in masks else 0
+        entry[1] += zeros.get(name, 0)
     records = _read_metrics(out / "metrics.jsonl")
     report = {
         "recipe": str(config.recipe_path),
@@ -163,8 +141,8 @@ def write_outputs(
         "primary_metric": info.primary_metric,
         "teacher": teacher_report,
         "sparsity": {
-            "targets": zeros / total if total else 0.0,
-            "model": zeros / all_params if all_params else 0.0,
+            "targets": targets_sparsity,
+            "model": sum(zeros.values()) / all_params if all_params else 0.0,
             "per_tensor": per_tensor,
             "per_component": {c: (z / n if n else 0.0) for c, (n, z) in by_component.items()},
         },

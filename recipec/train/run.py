@@ -275,7 +275,7 @@ class ApplyRun:
         """The task's examples, then the model (its new head seeded: the same command gives the
         same run, whatever torch's per-process seed)."""
         from recipec.models import ModelLoadError, load_model_and_tokenizer
-        from recipec.tasks.load import TaskError, load_task
+        from recipec.tasks import TaskError, load_task
         from recipec.train.loop import seed_everything
 
         config, seed = self.config, self.recipe.training.seed
@@ -668,7 +668,7 @@ def _seed_run(seed: int) -> None:
 
 def _save_teacher(teacher, tokenizer, cache: Path, done: Path, report: dict[str, Any]) -> None:
     """Write the fine-tuned teacher into the cache atomically (rank 0)."""
-    from recipec.train.resume import write_text_atomic
+    from recipec.outputs import write_text_atomic
 
     tmp = cache / ".model-tmp"
     if tmp.exists():
@@ -748,7 +748,7 @@ def _create_output(
     reporter: Reporter,
 ) -> None:
     """Replace (when :func:`_check_output` allowed it) and create the output folder (rank 0)."""
-    from recipec.train import resume as ckpt
+    from recipec.outputs import write_text_atomic
 
     if replace:
         if not config.overwrite:
@@ -756,8 +756,8 @@ def _create_output(
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if not config.resume:
-        ckpt.write_text_atomic(run_json, json.dumps(asked, indent=2))
-        ckpt.write_text_atomic(out / "recipe.yaml", _dump_recipe(recipe))
+        write_text_atomic(run_json, json.dumps(asked, indent=2))
+        write_text_atomic(out / "recipe.yaml", _dump_recipe(recipe))
 
 
 def _default_ckpt_every(plan) -> int:

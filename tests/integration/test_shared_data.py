@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 
+from recipec.tasks import load_task
 from recipec.tasks.data import make_dataloader
-from recipec.tasks.load import load_task
 
 pytestmark = pytest.mark.integration
 

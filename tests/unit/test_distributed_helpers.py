@@ -111,8 +111,8 @@ def test_checksums_see_every_bit_and_position():
 def test_weighted_shard_gradients_sum_to_the_global_gradient(tiny_bert, embedded_tokenizer):
     """The loss weighting DDP relies on: sum_r w_r grad(mean loss_r) == grad(global mean loss),
     even with uneven shards and per-shard dynamic padding."""
+    from recipec.tasks import load_task
     from recipec.tasks.data import make_dataloader
-    from recipec.tasks.load import load_task
 
     task = load_task(None, None, max_train=15, max_eval=8, seed=0)
     loader = make_dataloader(

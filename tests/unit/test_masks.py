@@ -7,14 +7,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from recipec.recipe.structure import MAX_NM_GROUP, Structure, parse_structure
 from recipec.sparsity.masks import (
-    Structure,
     apply_masks_,
     compute_masks,
+    count_pruned,
+    count_zeros,
     group_scores,
     magnitude_scores,
     mask_sparsity,
-    parse_structure,
+    sparsity_table,
+    weight_sparsity,
+    zero_pruned_,
 )
 
 T = torch.tensor
@@ -51,6 +55,24 @@ def test_parse_structure_valid(text, expected):
 def test_parse_structure_invalid(text):
     with pytest.raises(ValueError, match="structure"):
         parse_structure(text)
+
+
+def test_structure_bounds_are_the_recipe_schema_bounds():
+    """One grammar: what a recipe accepts is what the mask code and the converter accept."""
+    from pydantic import ValidationError
+
+    from recipec.recipe.schema import GMPSpec
+
+    assert parse_structure(f"1:{MAX_NM_GROUP}") == Structure("nm", n=1, m=MAX_NM_GROUP)
+    for bad in (f"1:{MAX_NM_GROUP + 1}", "block1", " block4", "block4\n", "2:4 "):
+        with pytest.raises(ValueError, match="structure"):
+            parse_structure(bad)
+        with pytest.raises(ValidationError, match="structure"):
+            GMPSpec(type="gmp", final_sparsity=0.5, structure=bad)
+    with pytest.raises(ValueError):
+        Structure("nm", n=1, m=MAX_NM_GROUP + 1)
+    assert GMPSpec(type="gmp", final_sparsity=0.5, structure="2:4").nm_sparsity() == 0.5
+    assert GMPSpec(type="gmp", final_sparsity=0.5, structure="block8").group_size == 8
 
 
 def test_structure_group_sizes():
@@ -275,6 +297,25 @@ def test_magnitude_apply_and_sparsity():
         apply_masks_(p, {"zz": torch.ones(1).bool()})
     with pytest.raises(ValueError):
         apply_masks_(p, {"v": torch.ones(3).bool()})
+
+
+def test_zero_pruned_writes_exact_zeros_where_pruned():
+    g = {"w": T([[-1.0, 2.0], [3.0, -4.0]])}
+    zero_pruned_(g, {"w": B([[True, False], [False, True]])})
+    assert torch.equal(g["w"], T([[0.0, 2.0], [3.0, 0.0]]))
+    assert not torch.signbit(g["w"]).any()
+
+
+def test_sparsity_is_counted_one_way():
+    masks = {"w": B([[True, False, False, True]]), "v": B([False, True, True])}
+    assert count_pruned(masks["w"]) == 2 and count_pruned(masks["v"]) == 1
+    assert mask_sparsity(masks) == (3 / 7, {"w": 0.5, "v": 1 / 3})
+    weights = {"w": T([[1.0, 0.0, -0.0, 2.0]]), "v": T([0.0, 5.0, 0.0])}
+    assert count_zeros(weights["w"]) == 2  # -0.0 is a zero
+    assert weight_sparsity(weights) == (4 / 7, {"w": 0.5, "v": 2 / 3})
+    assert weight_sparsity(weights, ["v"]) == (2 / 3, {"v": 2 / 3})
+    assert sparsity_table(masks)["v"] == {"shape": [3], "numel": 3, "zeros": 1, "sparsity": 1 / 3}
+    assert mask_sparsity({}) == (0.0, {}) and weight_sparsity({}) == (0.0, {})
 
 
 def test_large_tensor_exact_count():

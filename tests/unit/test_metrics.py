@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from recipec.tasks.load import TaskInfo
+from recipec.tasks import TaskInfo
 from recipec.tasks.metrics import (
     accuracy,
     compute_metrics,

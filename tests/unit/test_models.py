@@ -14,7 +14,7 @@ from recipec.models import (
     load_model_and_tokenizer,
     resolve_model_path,
 )
-from recipec.tasks.load import TaskInfo
+from recipec.tasks import TaskInfo
 
 CLS3 = TaskInfo("t", "classification", 3, label_names=("a", "b", "c"))
 REG = TaskInfo("r", "regression", 1, metrics=("pearson",), primary_metric="pearson")
@@ -101,3 +101,44 @@ def test_unreachable_hub_name_fails_fast():
     message = str(info.value)
     assert "no-such-org/no-such-model-recipec" in message
     assert "offline" in message and "Local paths work" in message
+
+
+# ---------------------------------------------------------------------------- the head rule
+
+
+def test_head_rule_explicit_then_task_then_architectures():
+    from types import SimpleNamespace
+
+    from recipec.models import head_for
+
+    mc_config = SimpleNamespace(architectures=["BertForMultipleChoice"])
+    assert head_for(mc_config) == "multiple-choice"
+    assert head_for(SimpleNamespace(architectures=["BertModel"])) == "sequence-classification"
+    assert head_for(None) == "sequence-classification"
+    assert head_for(mc_config, task=CLS3) == "sequence-classification"  # the task decides
+    assert head_for(None, task=MC) == "multiple-choice"
+    assert head_for(mc_config, task=MC, head="sequence-classification") == (
+        "sequence-classification"
+    )
+    with pytest.raises(ModelLoadError, match="unknown task 'tokens'"):
+        head_for(None, head="tokens")
+
+
+def test_teacher_gets_the_students_head_and_needs_all_its_weights(tmp_path, tiny_bert):
+    from transformers import BertForMultipleChoice
+
+    from recipec.models import head_of_model, load_teacher
+
+    tiny_bert.save_pretrained(tmp_path / "cls")
+    teacher = load_teacher(str(tmp_path / "cls"), tiny_bert)
+    assert type(teacher).__name__ == "BertForSequenceClassification"
+    assert torch.equal(teacher.classifier.weight, tiny_bert.classifier.weight)
+    student = BertForMultipleChoice(tiny_bert.config)
+    assert head_of_model(student) == "multiple-choice"
+    tiny_bert.bert.save_pretrained(tmp_path / "headless")
+    with pytest.raises(ModelLoadError, match="has no trained task head") as info:
+        load_teacher(str(tmp_path / "headless"), tiny_bert)
+    assert "classifier.weight" in str(info.value) and "--teacher auto" in str(info.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="cannot load the teacher from"):
+        load_teacher(str(tmp_path / "empty"), tiny_bert)

@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from recipec.tasks import builtin as builtin_task
-from recipec.tasks.data import Collator, epoch_permutation, make_dataloader
-from recipec.tasks.load import (
+from recipec.tasks import (
     Example,
     TaskError,
     TaskInfo,
@@ -22,6 +20,8 @@ from recipec.tasks.load import (
     load_task,
     resolve_task_name,
 )
+from recipec.tasks import builtin as builtin_task
+from recipec.tasks.data import Collator, epoch_permutation, make_dataloader
 
 
 def write(path: Path, text: str) -> Path:
