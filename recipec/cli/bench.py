@@ -123,10 +123,7 @@ def command(
     from recipec.runtime.bench import (
         BenchError,
         bench,
-        format_table,
         parse_runtimes,
-        plot,
-        save_json,
     )
     from recipec.runtime.runtimes import RuntimeUnavailable, available_kernels
 
@@ -162,6 +159,15 @@ def command(
         fail(str(exc))
     except VerificationError as exc:
         fail(f"export verification failed: {exc}", code=1)
+    _print_report(report, seq_len, clock, json_out, plot_out)
+
+
+def _print_report(
+    report: dict, seq_len: int, clock: str, json_out: Path | None, plot_out: Path | None
+) -> None:
+    """The table, the speedups and what was skipped; then the JSON and the plot if asked."""
+    from recipec.runtime.bench import format_table, plot, save_json
+
     click.echo(
         f"{report['folder']}: {report['task']}, {report['sparsity']:.1%} of masked weights are zero, "
         f"seq {seq_len}, {report['threads']} thread(s), {clock} clock"

@@ -339,64 +339,108 @@ def bench(
         "torch_csr_layers": {},
     }
     with tempfile.TemporaryDirectory(prefix="recipec-bench-") as tmp:
-        workdir = Path(tmp)
-        folder = resolve_folder(path, workdir, log, seq_len)
-        info = read_sparsity(folder)
-        task, names = info["task"], info["inputs"]
-        report.update(
-            model=str(path), folder=str(folder), task=task, sparsity=info["overall"]["sparsity"]
-        )
-        onnx_sparse = folder / ONNX_FILE
-        onnx_dense = dense_twin_onnx(folder, workdir / "dense.onnx") if dense_baseline else None
-        config = check_seq_len(folder, seq_len)
-        active = list(runtimes)
-
-        worker = _deepsparse_worker(active, deepsparse_python, threads, report, log)
-        torch_model, masks, torch_dense = _torch_models(
-            active, folder, info, onnx_dense, report, log
-        )
-        sess_sparse = ort_session(onnx_sparse, threads)
-        sess_dense = ort_session(onnx_dense, threads) if onnx_dense else None
-        measurements: list[Measurement] = []
+        setup = _setup(
+            path, Path(tmp), list(runtimes), seq_len, choices, dense_baseline, threads,
+            deepsparse_python, kernels, atol, rtol, report, log,
+        )  # fmt: skip
         try:
-            for batch in batch_sizes:
-                inputs = bench_inputs(names, task, int(config.vocab_size), batch, seq_len, choices)
-                label = Path(path).name or str(path)
-                targets = _targets_for_batch(
-                    label,
-                    active,
-                    inputs,
-                    batch,
-                    seq_len,
-                    sess_sparse,
-                    sess_dense,
-                    onnx_sparse,
-                    onnx_dense,
-                    worker,
-                    torch_model,
-                    torch_dense,
-                    masks,
-                    kernels,
-                    atol,
-                    rtol,
-                    report,
-                    log,
-                )
-                log(
-                    f"batch {batch}: timing {len(targets)} target(s), {warmup} warm-up + "
-                    f"{repeats} alternating rounds"
-                )
-                try:
-                    measurements += run_alternating(targets, warmup, repeats, log=log, clock=clock)
-                finally:
-                    for t in targets:
-                        t.runner.close()
+            measurements = _measure_batches(setup, batch_sizes, warmup, repeats, clock, report, log)
         finally:
-            if worker is not None:
-                worker.close()
+            if setup.worker is not None:
+                setup.worker.close()
     report["results"] = [asdict(m) for m in measurements]
     report["speedups"] = speedups(measurements)
     return report
+
+
+@dataclass
+class _Setup:
+    """What every batch size of one bench run shares (sessions, models, checks)."""
+
+    label: str
+    runtimes: list[str]
+    names: list[str]
+    task: str
+    vocab_size: int
+    seq_len: int
+    choices: int
+    sess_sparse: Any
+    sess_dense: Any
+    onnx_sparse: Path
+    onnx_dense: Path | None
+    worker: Any
+    torch_model: Any
+    torch_dense: Any
+    masks: Any
+    kernels: list[str] | None
+    atol: float
+    rtol: float
+
+
+def _setup(
+    path, workdir: Path, active: list[str], seq_len: int, choices: int, dense_baseline: bool,
+    threads: int, deepsparse_python, kernels, atol: float, rtol: float, report: dict,
+    log: Callable[[str], None],
+) -> _Setup:  # fmt: skip
+    """Export if needed, read the folder, start every runtime's session or model once."""
+    folder = resolve_folder(path, workdir, log, seq_len)
+    info = read_sparsity(folder)
+    report.update(
+        model=str(path), folder=str(folder), task=info["task"], sparsity=info["overall"]["sparsity"]
+    )
+    onnx_sparse = folder / ONNX_FILE
+    onnx_dense = dense_twin_onnx(folder, workdir / "dense.onnx") if dense_baseline else None
+    config = check_seq_len(folder, seq_len)
+    worker = _deepsparse_worker(active, deepsparse_python, threads, report, log)
+    torch_model, masks, torch_dense = _torch_models(active, folder, info, onnx_dense, report, log)
+    return _Setup(
+        label=Path(path).name or str(path),
+        runtimes=active,
+        names=info["inputs"],
+        task=info["task"],
+        vocab_size=int(config.vocab_size),
+        seq_len=seq_len,
+        choices=choices,
+        sess_sparse=ort_session(onnx_sparse, threads),
+        sess_dense=ort_session(onnx_dense, threads) if onnx_dense else None,
+        onnx_sparse=onnx_sparse,
+        onnx_dense=onnx_dense,
+        worker=worker,
+        torch_model=torch_model,
+        torch_dense=torch_dense,
+        masks=masks,
+        kernels=kernels,
+        atol=atol,
+        rtol=rtol,
+    )
+
+
+def _measure_batches(
+    setup: _Setup,
+    batch_sizes,
+    warmup: int,
+    repeats: int,
+    clock: str,
+    report: dict,
+    log: Callable[[str], None],
+) -> list[Measurement]:
+    """For each batch size: inputs, the checked targets, then alternating timed rounds."""
+    measurements: list[Measurement] = []
+    for batch in batch_sizes:
+        inputs = bench_inputs(
+            setup.names, setup.task, setup.vocab_size, batch, setup.seq_len, setup.choices
+        )
+        targets = _targets_for_batch(setup, inputs, batch, report, log)
+        log(
+            f"batch {batch}: timing {len(targets)} target(s), {warmup} warm-up + "
+            f"{repeats} alternating rounds"
+        )
+        try:
+            measurements += run_alternating(targets, warmup, repeats, log=log, clock=clock)
+        finally:
+            for t in targets:
+                t.runner.close()
+    return measurements
 
 
 def _deepsparse_worker(
@@ -437,41 +481,28 @@ def _torch_models(
 
 
 def _targets_for_batch(
-    label,
-    active,
-    inputs,
-    batch,
-    seq,
-    sess_sparse,
-    sess_dense,
-    onnx_sparse,
-    onnx_dense,
-    worker,
-    torch_model,
-    torch_dense,
-    masks,
-    kernels,
-    atol,
-    rtol,
-    report,
-    log,
+    setup: _Setup, inputs, batch: int, report: dict, log: Callable[[str], None]
 ) -> list[Target]:
     targets = []
-    ort_sparse = OrtRunner(sess_sparse, inputs)
+    ort_sparse = OrtRunner(setup.sess_sparse, inputs)
     ref = {"sparse": ort_sparse.outputs()}
-    targets.append(Target(label, "ort", "sparse", batch, seq, ort_sparse, 0.0))
-    if sess_dense is not None:
-        ort_dense = OrtRunner(sess_dense, inputs)
+    targets.append(Target(setup.label, "ort", "sparse", batch, setup.seq_len, ort_sparse, 0.0))
+    if setup.sess_dense is not None:
+        ort_dense = OrtRunner(setup.sess_dense, inputs)
         ref["dense"] = ort_dense.outputs()
-        targets.append(Target(label, "ort", "dense", batch, seq, ort_dense, 0.0))
-    variants = ["sparse"] + (["dense"] if sess_dense is not None else [])
+        targets.append(Target(setup.label, "ort", "dense", batch, setup.seq_len, ort_dense, 0.0))
+    variants = ["sparse"] + (["dense"] if setup.sess_dense is not None else [])
     for variant in variants:
-        if "deepsparse" in active:
-            path = onnx_sparse if variant == "sparse" else onnx_dense
+        if "deepsparse" in setup.runtimes:
+            path = setup.onnx_sparse if variant == "sparse" else setup.onnx_dense
             try:
-                runner = worker.runner(path, inputs, ref[variant], atol=atol, rtol=rtol)
+                runner = setup.worker.runner(
+                    path, inputs, ref[variant], atol=setup.atol, rtol=setup.rtol
+                )
                 diff = runner.load_info["max_abs_diff"]
-                targets.append(Target(label, "deepsparse", variant, batch, seq, runner, diff))
+                targets.append(
+                    Target(setup.label, "deepsparse", variant, batch, setup.seq_len, runner, diff)
+                )
                 log(
                     f"deepsparse {variant} b{batch}: compiled in "
                     f"{runner.load_info['compile_s']:.1f}s, max |diff| vs ort {diff:.2e}"
@@ -479,18 +510,22 @@ def _targets_for_batch(
             except (OutputMismatch, RuntimeUnavailable) as exc:
                 report["refused"].append(str(exc))
                 log(f"deepsparse {variant} b{batch}: REFUSED: {exc}")
-        if "torch-csr" in active:
+        if "torch-csr" in setup.runtimes:
             if variant == "sparse":
-                runner = torch_csr_runner(torch_model, masks, inputs, kernels=kernels)
+                runner = torch_csr_runner(
+                    setup.torch_model, setup.masks, inputs, kernels=setup.kernels
+                )
                 report["torch_csr_layers"][str(batch)] = runner.summary()
                 log(f"torch-csr b{batch}: layers -> {runner.summary()}")
             else:
-                runner = TorchRunner(torch_dense, inputs)
+                runner = TorchRunner(setup.torch_dense, inputs)
             try:
                 diff = check_outputs(
-                    f"torch-csr {variant}", runner.outputs(), ref[variant], atol, rtol
+                    f"torch-csr {variant}", runner.outputs(), ref[variant], setup.atol, setup.rtol
                 )
-                targets.append(Target(label, "torch-csr", variant, batch, seq, runner, diff))
+                targets.append(
+                    Target(setup.label, "torch-csr", variant, batch, setup.seq_len, runner, diff)
+                )
             except OutputMismatch as exc:
                 report["refused"].append(str(exc))
                 log(f"torch-csr {variant} b{batch}: REFUSED: {exc}")
