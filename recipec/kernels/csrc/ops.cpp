@@ -1,0 +1,173 @@
+// Torch glue: checks tensors, splits the work over torch's own thread pool (at::parallel_for,
+// so the kernels never compete with a second pool for the cores) and registers the ops with
+// TORCH_LIBRARY (no pybind). Only the few ATen headers it needs, to keep the one-off build short.
+
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <vector>
+
+#include "kernels.h"
+
+namespace recipec {
+namespace {
+
+// Grow-only, 64-byte aligned, one per thread: torch's OpenMP workers live for the process, so
+// the packed-tile buffer is allocated (and page-faulted) once, not on every call.
+struct ThreadScratch {
+  void* p = nullptr;
+  size_t n = 0;
+  ~ThreadScratch() { std::free(p); }
+  void* get(size_t need) {
+    if (need > n) {
+      std::free(p);
+      n = (need + 63) / 64 * 64;
+      p = std::aligned_alloc(64, n);
+      TORCH_CHECK(p != nullptr, "recipec kernels: out of memory for ", n, " bytes of scratch");
+    }
+    return p;
+  }
+};
+thread_local ThreadScratch tls_scratch;
+
+struct Item {
+  int64_t tile, r0, r1;
+  double cost;
+};
+
+int resolve_isa(int64_t isa) {
+  if (isa < 0) return cpu_has_avx2_fma() ? kAvx2 : kPortable;
+  TORCH_CHECK(isa == kPortable || cpu_has_avx2_fma(), "recipec kernels: this CPU has no AVX2+FMA");
+  return static_cast<int>(isa);
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col,
+                  const at::Tensor& values, const std::optional<at::Tensor>& wscale,
+                  const std::optional<at::Tensor>& bias, int64_t out_features, int64_t in_features,
+                  int64_t structure, int64_t mode, int64_t isa, int64_t max_tile,
+                  int64_t max_threads) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
+              "recipec kernels: x must be a contiguous 2-D float32 CPU tensor");
+  TORCH_CHECK(x.size(1) == in_features, "recipec kernels: x has ", x.size(1),
+              " features, the layer ", in_features);
+  TORCH_CHECK(structure == kUnstructured || structure == kBlock4, "bad structure ", structure);
+  TORCH_CHECK(mode == kFp32 || mode == kInt8 || mode == kInt8Acc, "bad mode ", mode);
+  TORCH_CHECK(row_ptr.scalar_type() == at::kInt && row_ptr.is_contiguous() &&
+                  row_ptr.numel() == out_features + 1,
+              "recipec kernels: row_ptr must be int32 [out + 1]");
+  TORCH_CHECK((col.scalar_type() == at::kShort || col.scalar_type() == at::kInt) &&
+                  col.is_contiguous(),
+              "recipec kernels: col must be contiguous int16/int32");
+  const bool fp32 = mode == kFp32;
+  TORCH_CHECK(values.scalar_type() == (fp32 ? at::kFloat : at::kChar) && values.is_contiguous(),
+              "recipec kernels: values must be contiguous ", fp32 ? "float32" : "int8");
+  if (!fp32)
+    TORCH_CHECK(wscale.has_value() && wscale->scalar_type() == at::kFloat &&
+                    wscale->is_contiguous() && wscale->numel() == out_features,
+                "recipec kernels: int8 needs float32 weight scales [out]");
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
+                    bias->numel() == out_features,
+                "recipec kernels: bias must be float32 [out]");
+
+  const int64_t T = x.size(0);
+  at::Tensor y = at::empty({T, out_features}, x.options().dtype(mode == kInt8Acc ? at::kInt : at::kFloat));
+  if (T == 0 || out_features == 0) return y;
+
+  LinearArgs a;
+  a.x = x.data_ptr<float>();
+  a.y = y.data_ptr();
+  a.tokens = T;
+  a.in = in_features;
+  a.out = out_features;
+  a.row_ptr = row_ptr.data_ptr<int32_t>();
+  a.col = col.data_ptr();
+  a.col16 = col.scalar_type() == at::kShort;
+  a.values = values.data_ptr();
+  a.wscale = fp32 ? nullptr : wscale->data_ptr<float>();
+  a.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  a.structure = static_cast<int>(structure);
+  a.mode = static_cast<int>(mode);
+  const int is = resolve_isa(isa);
+
+  const int64_t tile = tile_tokens(a, is, max_tile);
+  const int64_t ntiles = (T + tile - 1) / tile;
+  int64_t nthreads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (max_threads > 0) nthreads = std::min(nthreads, max_threads);
+
+  // Work items: (token tile, chunk of output rows). Few tiles (e.g. 128 tokens on 2 threads)
+  // are split by rows too, chunks balanced by entries and aligned to 8 rows (the write-back
+  // transposes 8 rows at a time). Items are tile-major so a thread packs each tile once.
+  const int32_t* rp = a.row_ptr;
+  const int64_t total = rp[out_features];
+  int64_t nchunks = 1;
+  if (nthreads > 1) nchunks = std::min<int64_t>((4 * nthreads + ntiles - 1) / ntiles, (out_features + 7) / 8);
+  std::vector<int64_t> bounds{0};
+  for (int64_t c = 1; c < nchunks; ++c) {
+    const int64_t target = total * c / nchunks;
+    int64_t r = std::lower_bound(rp, rp + out_features + 1, static_cast<int32_t>(target)) - rp;
+    r = std::min<int64_t>((r + 7) / 8 * 8, out_features);
+    if (r > bounds.back()) bounds.push_back(r);
+  }
+  if (bounds.back() < out_features) bounds.push_back(out_features);
+  std::vector<Item> items;
+  double sum = 0;
+  for (int64_t t = 0; t < ntiles; ++t) {
+    const double nt = static_cast<double>(std::min(tile, T - t * tile));
+    for (size_t c = 0; c + 1 < bounds.size(); ++c) {
+      // Entries dominate; each row also costs its write-back.
+      const double e = rp[bounds[c + 1]] - rp[bounds[c]] + 0.25 * (bounds[c + 1] - bounds[c]);
+      items.push_back({t, bounds[c], bounds[c + 1], e * nt});
+      sum += e * nt;
+    }
+  }
+  // Contiguous runs of items per thread, split at equal shares of the estimated cost.
+  std::vector<size_t> first(nthreads + 1, items.size());
+  first[0] = 0;
+  {
+    double acc = 0;
+    int64_t th = 1;
+    for (size_t i = 0; i < items.size() && th < nthreads; ++i) {
+      while (th < nthreads && acc + items[i].cost / 2 >= sum * th / nthreads) first[th++] = i;
+      acc += items[i].cost;
+    }
+  }
+  const size_t sbytes = scratch_bytes(a, tile);
+  auto work = [&](int64_t th) {
+    void* scratch = tls_scratch.get(sbytes);
+    int64_t packed = -1;
+    for (size_t i = first[th]; i < first[th + 1]; ++i) {
+      const Item& it = items[i];
+      const int64_t t0 = it.tile * tile;
+      run_tile(a, is, t0, std::min(tile, T - t0), it.r0, it.r1, scratch, packed != it.tile);
+      packed = it.tile;
+    }
+  };
+  if (nthreads == 1) {
+    work(0);
+  } else {
+    at::parallel_for(0, nthreads, 1, [&](int64_t b, int64_t e) {
+      for (int64_t th = b; th < e; ++th) work(th);
+    });
+  }
+  return y;
+}
+
+bool has_avx2() { return cpu_has_avx2_fma(); }
+
+}  // namespace
+}  // namespace recipec
+
+TORCH_LIBRARY(recipec_kernels, m) {
+  m.def(
+      "linear(Tensor x, Tensor row_ptr, Tensor col, Tensor values, Tensor? wscale, Tensor? bias, "
+      "int out_features, int in_features, int structure, int mode, int isa, int max_tile, "
+      "int max_threads) -> Tensor",
+      &recipec::linear);
+  m.def("has_avx2() -> bool", &recipec::has_avx2);
+}

@@ -1,0 +1,453 @@
+"""recipec's sparse CPU linear kernels: packing, the compiled ops and a pure-torch fallback.
+
+``y[..., out] = x[..., in] @ W^T + b`` for a pruned ``W`` (exact zeros), fp32 or int8, with the
+weight stored as CSR by output row ("unstructured") or as 1x4 blocks of input features
+("block4"). Activations stay row-major ``[tokens, features]`` in and out.
+
+The C++ library (``csrc/``) is compiled on first use with the system C++ compiler into
+``$RECIPEC_CACHE`` (default ``~/.cache/recipec``), keyed by a hash of its sources, the compiler
+and torch, and loaded as torch ops (``torch.ops.recipec_kernels``). Inside it, AVX2+FMA code runs
+only after a CPU check; other CPUs get its portable scalar path. When nothing can be built, a
+pure-torch fallback with the same semantics runs instead, and one line on stderr says why.
+
+``RECIPEC_KERNELS`` picks the path: ``auto`` (default), ``portable-c`` (the compiled scalar
+path) or ``torch`` (the pure-torch fallback, never compiles).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BACKENDS = ("avx2", "portable-c", "torch-fallback")
+STRUCTURES = ("unstructured", "block4")
+DTYPES = ("fp32", "int8")
+
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = ("kernels.cpp", "ops.cpp")
+_HEADERS = ("kernels.h",)
+_LIB_NAME = "recipec_kernels"
+# The kernels' int8 epilogue must round like the fallback: no FMA contraction of a * s + b.
+_CXXFLAGS = ["-O3", "-std=c++20", "-fPIC", "-ffp-contract=off", "-DNDEBUG", "-w"]
+_STRUCTURE_ID = {"unstructured": 0, "block4": 1}
+_MODE_ID = {"fp32": 0, "int8": 1, "int8-acc": 2}
+_ISA_ID = {"portable-c": 0, "avx2": 1}
+# Tokens per packed tile (<= 64): the tile is [in, tile] floats (int16 for int8), e.g. 96 KiB
+# for in=768 at 32 tokens, which stays in the 512 KiB L2 while W streams past it.
+DEFAULT_TILE = {"fp32": 32, "int8": 32}
+# The first build's expected duration, in the line printed while building (measured: 2 cores).
+_BUILD_SECONDS = 15
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _say(msg: str) -> None:
+    print(f"recipec kernels: {msg}", file=sys.stderr, flush=True)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("RECIPEC_CACHE") or os.path.join(Path.home(), ".cache", "recipec")
+    return Path(root) / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build_key(cxx: str) -> str:
+    h = hashlib.sha256()
+    for name in _SOURCES + _HEADERS:
+        h.update((_CSRC / name).read_bytes())
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+        h.update(version.stdout.encode())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{' '.join(_CXXFLAGS)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _build(cxx: str, out: Path) -> None:
+    """Compiles the two sources in parallel and links them into ``out`` (atomic rename)."""
+    from torch.utils import cpp_extension
+
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    libdir = cpp_extension.library_paths()[0]
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        objs, procs = [], []
+        for src in _SOURCES:
+            obj = os.path.join(tmp, src + ".o")
+            cmd = [cxx, *_CXXFLAGS, abi, *includes, "-c", str(_CSRC / src), "-o", obj]
+            procs.append((cmd, subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)))
+            objs.append(obj)
+        errors = []
+        for cmd, proc in procs:
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                errors.append(err.strip() or f"{' '.join(cmd)} exited {proc.returncode}")
+        if errors:
+            raise RuntimeError(errors[0])
+        so = os.path.join(tmp, f"{_LIB_NAME}.so")
+        link = [cxx, "-shared", *objs, f"-L{libdir}", "-lc10", "-ltorch_cpu"]
+        link += [f"-Wl,-rpath,{libdir}", "-o", so]
+        proc = subprocess.run(link, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr.strip() or "link failed")
+        os.replace(so, out)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """Serializes builds across processes (pytest-xdist, several workers); no-op without fcntl."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _load_library() -> tuple[bool, str | None]:
+    """Builds (once per source hash) and loads the library: (loaded, reason when not)."""
+    cxx = _compiler()
+    if cxx is None:
+        return False, "no C++ compiler found (install g++ or set CXX)"
+    key = _build_key(cxx)
+    root = _cache_dir()
+    out = root / key / f"{_LIB_NAME}.so"
+    failed = root / key / "build-failed.txt"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(root / key / "lock"):
+            if not out.exists() and failed.exists():
+                first = failed.read_text().strip().splitlines()[:1] or ["?"]
+                return False, f"build failed earlier ({first[0][:200]}); log: {failed}"
+            if not out.exists():
+                _say(f"building recipec's sparse kernels (once, ~{_BUILD_SECONDS} s)…")
+                start = time.perf_counter()
+                try:
+                    _build(cxx, out)
+                except (OSError, RuntimeError) as exc:
+                    failed.write_text(str(exc))
+                    lines = str(exc).strip().splitlines() or ["?"]
+                    return False, f"build failed ({lines[0][:200]}); log: {failed}"
+                _say(f"built in {time.perf_counter() - start:.0f} s: {out}")
+        torch.ops.load_library(str(out))
+    except (OSError, RuntimeError) as exc:
+        return False, f"could not build or load the library: {exc}"
+    return True, None
+
+
+def _init() -> dict:
+    """Decides the backend once per process; never raises."""
+    if _state:
+        return _state
+    with _lock:
+        if _state:
+            return _state
+        choice = os.environ.get("RECIPEC_KERNELS", "auto").strip().lower() or "auto"
+        state = {"loaded": False, "avx2": False, "reason": None, "default": "torch-fallback"}
+        if choice in ("torch", "torch-fallback", "fallback"):
+            state["reason"] = f"RECIPEC_KERNELS={choice} forces the pure-torch fallback"
+        else:
+            if choice not in ("auto", "portable-c", "portable", "avx2"):
+                _say(f"ignoring unknown RECIPEC_KERNELS={choice!r} (auto, portable-c, torch)")
+                choice = "auto"
+            try:
+                loaded, reason = _load_library()
+            except Exception as exc:  # noqa: BLE001 - a kernel build must never break recipec
+                loaded, reason = False, f"unexpected error: {exc!r}"
+            state["loaded"], state["reason"] = loaded, reason
+            if loaded:
+                state["avx2"] = bool(torch.ops.recipec_kernels.has_avx2())
+                use_avx2 = state["avx2"] and choice not in ("portable-c", "portable")
+                state["default"] = "avx2" if use_avx2 else "portable-c"
+                if choice in ("portable-c", "portable"):
+                    state["reason"] = f"RECIPEC_KERNELS={choice} forces the portable C path"
+                elif not state["avx2"]:
+                    state["reason"] = "this CPU has no AVX2+FMA: portable C path"
+            else:
+                _say(f"fast path unavailable ({reason}); using the pure-torch fallback")
+        _state.update(state)
+    return _state
+
+
+def backend() -> str:
+    """The path ``sparse_linear`` takes by default: "avx2", "portable-c" or "torch-fallback"."""
+    return _init()["default"]
+
+
+def unavailable_reason() -> str | None:
+    """Why the AVX2 path is not the default here, or None when it is."""
+    return _init()["reason"]
+
+
+def available_backends() -> list[str]:
+    """Backends this process can run (the compiled ones only where the library loaded)."""
+    st = _init()
+    got = ["torch-fallback"]
+    if st["loaded"]:
+        got.insert(0, "portable-c")
+        if st["avx2"]:
+            got.insert(0, "avx2")
+    return got
+
+
+@dataclass(eq=False)
+class PackedLinear:
+    """A pruned linear layer in the kernels' format (plain tensors, no compiled state).
+
+    Entries per row (``row_ptr`` counts them): unstructured fp32, one nonzero each
+    (``col`` = input feature); unstructured int8, a pair of nonzeros (``col[2e], col[2e+1]``,
+    a row's odd last one paired with a zero); block4, four weights of features
+    ``col[e] .. col[e] + 3``, zeros of a block included. ``col`` is int16 where
+    ``in_features <= 32767``, else int32. int8: ``values`` are ``round(W / scale)`` with
+    ``scale[o] = max|W[o]| / 127``.
+    """
+
+    out_features: int
+    in_features: int
+    structure: str
+    dtype: str
+    row_ptr: Tensor
+    col: Tensor
+    values: Tensor
+    scale: Tensor | None
+    bias: Tensor | None
+    nnz: int
+    _dense: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def density(self) -> float:
+        """Nonzero weights / all weights of the source layer."""
+        return self.nnz / max(1, self.out_features * self.in_features)
+
+    @property
+    def stored(self) -> int:
+        """Weights stored, padding zeros of blocks and pairs included."""
+        return self.values.numel()
+
+    def dense_weight(self) -> Tensor:
+        """The weight the kernels use, dense [out, in]: fp32, or the int8 values (as float)."""
+        if "w" not in self._dense:
+            w = torch.zeros(self.out_features, _round_up(self.in_features, 4))
+            rows = torch.repeat_interleave(
+                torch.arange(self.out_features), torch.diff(self.row_ptr.long())
+            )
+            vals = self.values.float()
+            if self.structure == "block4":
+                cols = self.col.long()[:, None] + torch.arange(4)
+                w.index_put_((rows[:, None].expand_as(cols), cols), vals.view(-1, 4))
+            elif self.dtype == "int8":
+                w.index_put_((rows.repeat_interleave(2), self.col.long()), vals, accumulate=True)
+            else:
+                w.index_put_((rows, self.col.long()), vals)
+            self._dense["w"] = w[:, : self.in_features].contiguous()
+        return self._dense["w"]
+
+
+def _round_up(v: int, m: int) -> int:
+    return (v + m - 1) // m * m
+
+
+def pack_linear(
+    weight: Tensor, bias: Tensor | None = None, *, structure: str = "unstructured", dtype: str = "fp32"
+) -> PackedLinear:
+    """Packs a pruned ``[out, in]`` weight (exact zeros are pruned) for ``sparse_linear``.
+
+    Args:
+        weight: dense weight with exact zeros; any float dtype, CPU.
+        bias: optional ``[out]`` bias (kept in fp32).
+        structure: "unstructured" (CSR) or "block4" (1x4 blocks of input features aligned to 4;
+            a block with any nonzero is stored whole, so any weight packs).
+        dtype: "fp32", or "int8" (symmetric per output channel; zeros stay exactly zero).
+    """
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    w = weight.detach().to("cpu", torch.float32).contiguous()
+    out_f, in_f = w.shape
+    nnz = int((w != 0).sum())
+    scale = None
+    if dtype == "int8":
+        scale = w.abs().amax(dim=1) / 127.0 if in_f else torch.zeros(out_f)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        wq = torch.round(w / safe[:, None]).clamp_(-127, 127)
+        wq[w == 0] = 0
+        values_of = wq
+    else:
+        values_of = w
+    idx_dtype = torch.int16 if in_f <= 32767 else torch.int32
+    if structure == "block4":
+        in4 = _round_up(in_f, 4)
+        padded = F.pad(values_of, (0, in4 - in_f))
+        mask = F.pad(w != 0, (0, in4 - in_f)).view(out_f, in4 // 4, 4).any(dim=2)
+        rows, blocks = mask.nonzero(as_tuple=True)
+        counts = mask.sum(dim=1)
+        col = blocks * 4
+        values = padded.view(out_f, in4 // 4, 4)[rows, blocks].reshape(-1)
+    else:
+        mask = w != 0
+        rows, cols = mask.nonzero(as_tuple=True)
+        vals = values_of[rows, cols]
+        counts = mask.sum(dim=1)
+        if dtype == "int8":
+            # Pairs of nonzeros: a row with an odd count gets a zero partner on its last column.
+            odd = (counts % 2 == 1).nonzero(as_tuple=True)[0]
+            last = torch.cumsum(counts, 0)[odd] - 1
+            rows = torch.cat([rows, odd])
+            cols = torch.cat([cols, cols[last]])
+            vals = torch.cat([vals, torch.zeros(len(odd))])
+            order = torch.sort(rows, stable=True).indices
+            cols, vals = cols[order], vals[order]
+            counts = (counts + 1) // 2
+        col, values = cols, vals
+    row_ptr = torch.zeros(out_f + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=row_ptr[1:])
+    if int(row_ptr[-1]) >= 2**31:
+        raise ValueError("layer too large for int32 row pointers")
+    return PackedLinear(
+        out_features=out_f,
+        in_features=in_f,
+        structure=structure,
+        dtype=dtype,
+        row_ptr=row_ptr.to(torch.int32),
+        col=col.to(idx_dtype).contiguous(),
+        values=values.to(torch.int8 if dtype == "int8" else torch.float32).contiguous(),
+        scale=scale.contiguous() if scale is not None else None,
+        bias=None if bias is None else bias.detach().to("cpu", torch.float32).contiguous(),
+        nnz=nnz,
+    )
+
+
+def quantize_tokens(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The kernels' per-token int8 quantization of ``x [T, in]``: (int values as float, scales).
+
+    ``scale_t = max|x_t| / 127``; ``q = clamp(round_half_even(x * (127 / max|x_t|)), +-127)``,
+    every step in float32 as in the C++ packing step.
+    """
+    amax = x.abs().amax(dim=1) if x.shape[1] else torch.zeros(x.shape[0])
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(x * inv[:, None]).clamp_(-127, 127)
+    return q, amax / 127.0
+
+
+def _fallback(x2: Tensor, p: PackedLinear, acc_only: bool) -> Tensor:
+    if p.dtype == "fp32":
+        return F.linear(x2, p.dense_weight(), p.bias)
+    q, sx = quantize_tokens(x2)
+    # float64 holds every partial sum exactly (|sum| <= in * 127^2 << 2^53): integer accumulation.
+    acc = (q.double() @ p.dense_weight().double().T).to(torch.int32)
+    if acc_only:
+        return acc
+    y = acc.float() * (sx[:, None] * p.scale[None, :])
+    return y + p.bias if p.bias is not None else y
+
+
+def sparse_linear(
+    x: Tensor,
+    packed: PackedLinear,
+    *,
+    backend: str | None = None,
+    tile: int | None = None,
+    threads: int = 0,
+    int8_accumulators: bool = False,
+) -> Tensor:
+    """``x[..., in] @ W^T + b`` with the packed weight; float32 in, float32 out.
+
+    Args:
+        x: float32 activations ``[..., in]`` (any leading dims; made contiguous).
+        packed: from ``pack_linear``.
+        backend: force "avx2", "portable-c" or "torch-fallback" (tests, benchmarks); default
+            ``backend()``. Raises if the requested one is unavailable.
+        tile: tokens per packed tile (8..64); default per dtype.
+        threads: at most this many of torch's threads (0: ``torch.get_num_threads()``).
+        int8_accumulators: int8 only: return the raw int32 accumulators instead (tests).
+    """
+    if x.dtype != torch.float32:
+        raise TypeError(f"sparse_linear takes float32 activations, got {x.dtype}")
+    if x.shape[-1] != packed.in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the layer {packed.in_features}")
+    if int8_accumulators and packed.dtype != "int8":
+        raise ValueError("int8_accumulators needs an int8 layer")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, packed.in_features).contiguous()
+    which = backend or _init()["default"]
+    if which == "torch-fallback":
+        y = _fallback(x2, packed, int8_accumulators)
+    else:
+        if which not in available_backends():
+            raise RuntimeError(f"backend {which!r} unavailable here: {unavailable_reason()}")
+        mode = "int8-acc" if int8_accumulators else packed.dtype
+        y = torch.ops.recipec_kernels.linear(
+            x2,
+            packed.row_ptr,
+            packed.col,
+            packed.values,
+            packed.scale,
+            packed.bias,
+            packed.out_features,
+            packed.in_features,
+            _STRUCTURE_ID[packed.structure],
+            _MODE_ID[mode],
+            _ISA_ID[which],
+            tile or DEFAULT_TILE[packed.dtype],
+            threads,
+        )
+    return y.reshape(*lead, packed.out_features)
+
+
+class SparseLinearModule(nn.Module):
+    """Inference drop-in for a pruned ``nn.Linear``: same call, the weight packed once.
+
+    Args:
+        linear: the pruned layer (its zeros are pruned; later changes to it are not seen).
+        structure: "unstructured" or "block4".
+        dtype: "fp32" or "int8".
+    """
+
+    def __init__(self, linear: nn.Linear, structure: str = "unstructured", dtype: str = "fp32"):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.packed = pack_linear(linear.weight, linear.bias, structure=structure, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sparse_linear(x, self.packed)
+
+    def extra_repr(self) -> str:
+        p = self.packed
+        return (
+            f"in_features={p.in_features}, out_features={p.out_features}, "
+            f"structure={p.structure}, dtype={p.dtype}, density={p.density:.3f}"
+        )
