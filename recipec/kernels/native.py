@@ -278,7 +278,11 @@ def _round_up(v: int, m: int) -> int:
 
 
 def pack_linear(
-    weight: Tensor, bias: Tensor | None = None, *, structure: str = "unstructured", dtype: str = "fp32"
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    structure: str = "unstructured",
+    dtype: str = "fp32",
 ) -> PackedLinear:
     """Packs a pruned ``[out, in]`` weight (exact zeros are pruned) for ``sparse_linear``.
 
@@ -357,7 +361,8 @@ def quantize_tokens(x: Tensor) -> tuple[Tensor, Tensor]:
     every step in float32 as in the C++ packing step.
     """
     amax = x.abs().amax(dim=1) if x.shape[1] else torch.zeros(x.shape[0])
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # A true division: ``127.0 / amax`` would run as ``amax.reciprocal() * 127`` (rounds twice).
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     q = torch.round(x * inv[:, None]).clamp_(-127, 127)
     return q, amax / 127.0
 
