@@ -456,3 +456,127 @@ class SparseLinearModule(nn.Module):
             f"in_features={p.in_features}, out_features={p.out_features}, "
             f"structure={p.structure}, dtype={p.dtype}, density={p.density:.3f}"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: forward and backward on a fixed mask (replaces the sparseprop package's kernels).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class TrainLayout:
+    """A fixed mask as CSR by output row plus its transpose (CSR by input feature), built once.
+
+    ``flat`` indexes the kept weights in ``weight.view(-1)`` (CSR order); ``t_perm`` orders
+    those values for the transposed CSR, which ``dX = dY @ W`` walks.
+    """
+
+    out_features: int
+    in_features: int
+    row_ptr: Tensor
+    col: Tensor
+    flat: Tensor
+    t_row_ptr: Tensor
+    t_col: Tensor
+    t_perm: Tensor
+    mask: Tensor
+
+    @property
+    def nnz(self) -> int:
+        return self.flat.numel()
+
+
+def make_train_layout(mask: Tensor) -> TrainLayout:
+    """The layout of a boolean ``[out, in]`` mask (True = kept) for ``sparse_linear_train``."""
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be 2-D [out, in], got shape {tuple(mask.shape)}")
+    m = mask.detach().to("cpu").bool().contiguous()
+    out_f, in_f = m.shape
+    if max(out_f, in_f) > 2**31 - 1 or int(m.sum()) >= 2**31:
+        raise ValueError("layer too large for int32 indices")
+    rows, cols = m.nonzero(as_tuple=True)
+    flat = rows * in_f + cols
+    t_perm = torch.sort(cols * out_f + rows).indices  # entries in (col, row) order
+
+    def ptr(counts: Tensor) -> Tensor:
+        p = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+        torch.cumsum(counts, 0, out=p[1:])
+        return p.to(torch.int32)
+
+    return TrainLayout(
+        out_features=out_f,
+        in_features=in_f,
+        row_ptr=ptr(m.sum(dim=1)),
+        col=cols.to(torch.int16 if in_f <= 32767 else torch.int32),
+        flat=flat,
+        t_row_ptr=ptr(m.sum(dim=0)),
+        t_col=rows[t_perm].to(torch.int16 if out_f <= 32767 else torch.int32),
+        t_perm=t_perm,
+        mask=m,
+    )
+
+
+class _SparseLinearTrain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, weight, bias, layout: TrainLayout, isa: int):
+        values = weight.detach().reshape(-1)[layout.flat].contiguous()
+        b = None if bias is None else bias.detach().contiguous()
+        y = torch.ops.recipec_kernels.linear(
+            x2, layout.row_ptr, layout.col, values, None, b, layout.out_features,
+            layout.in_features, 0, 0, isa, DEFAULT_TILE["fp32"], 0,
+        )  # fmt: skip
+        ctx.save_for_backward(x2, values)
+        ctx.layout, ctx.isa, ctx.has_bias = layout, isa, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, values = ctx.saved_tensors
+        lay, isa = ctx.layout, ctx.isa
+        gy = gy.contiguous()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            # dX = dY @ W: the forward kernel with W^T's CSR (rows = input features).
+            gx = torch.ops.recipec_kernels.linear(
+                gy, lay.t_row_ptr, lay.t_col, values[lay.t_perm].contiguous(), None, None,
+                lay.in_features, lay.out_features, 0, 0, isa, DEFAULT_TILE["fp32"], 0,
+            )  # fmt: skip
+        if ctx.needs_input_grad[1]:
+            g = torch.ops.recipec_kernels.sddmm(x2, gy, lay.row_ptr, lay.col, isa, 0)
+            gw = torch.zeros(lay.out_features * lay.in_features, dtype=g.dtype)
+            gw.index_copy_(0, lay.flat, g)
+            gw = gw.view(lay.out_features, lay.in_features)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.sum(dim=0)
+        return gx, gw, gb, None, None
+
+
+def sparse_linear_train(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    layout: TrainLayout,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Autograd-ready ``x @ (W * mask)^T + b`` on the layout's fixed mask.
+
+    Forward and ``dX = dY @ W`` run the sparse kernels (the transposed CSR for dX); ``dW`` is
+    computed only at the kept positions (a sampled dense-dense product) and returned
+    dense-shaped with exact zeros elsewhere, so the pruned weights never move. Weights outside
+    the mask are ignored. Same leading-dims and float32 rules as ``sparse_linear``.
+    """
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        raise TypeError("sparse_linear_train takes float32 activations and weights")
+    if tuple(weight.shape) != (layout.out_features, layout.in_features):
+        raise ValueError(f"weight {tuple(weight.shape)} does not match the layout's mask")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, layout.in_features).contiguous()
+    which = backend or _init()["default"]
+    if which == "torch-fallback":
+        y = F.linear(x2, weight * layout.mask, bias)
+    else:
+        if which not in available_backends():
+            raise RuntimeError(f"backend {which!r} unavailable here: {unavailable_reason()}")
+        y = _SparseLinearTrain.apply(x2, weight, bias, layout, _ISA_ID[which])
+    return y.reshape(*lead, layout.out_features)

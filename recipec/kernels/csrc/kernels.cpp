@@ -172,6 +172,35 @@ void run(const LinearArgs& a, int64_t t0, int64_t nt, int64_t r0, int64_t r1, co
     rows<int32_t>(a, t0, nt, tt, r0, r1, s);
 }
 
+// Packs columns c0..c0+nc-1 of tokens t0..t0+nt-1 of src [*, ld] transposed, zero-padded to
+// tt tokens: dst[c * tt + t].
+void pack_cols(const float* src, int64_t ld, int64_t c0, int64_t nc, int64_t t0, int64_t nt,
+               int64_t tt, float* dst) {
+  for (int64_t c = 0; c < nc; ++c)
+    for (int64_t t = 0; t < tt; ++t) dst[c * tt + t] = t < nt ? src[(t0 + t) * ld + c0 + c] : 0.f;
+}
+
+template <typename IT>
+void sddmm(const SddmmArgs& a, int64_t r0, int64_t r1, float* xt, float* dyt) {
+  constexpr int64_t TT = kSddmmTile;
+  const IT* col = static_cast<const IT*>(a.col);
+  for (int64_t p = a.row_ptr[r0]; p < a.row_ptr[r1]; ++p) a.g[p] = 0.f;
+  for (int64_t t0 = 0; t0 < a.tokens; t0 += TT) {
+    const int64_t nt = min64(TT, a.tokens - t0);
+    pack_cols(a.x, a.in, 0, a.in, t0, nt, TT, xt);
+    pack_cols(a.dy, a.out, r0, r1 - r0, t0, nt, TT, dyt);
+    for (int64_t o = r0; o < r1; ++o) {
+      const float* d = dyt + (o - r0) * TT;
+      for (int64_t p = a.row_ptr[o]; p < a.row_ptr[o + 1]; ++p) {
+        const float* xr = xt + static_cast<int64_t>(col[p]) * TT;
+        float s = 0.f;
+        for (int64_t t = 0; t < TT; ++t) s += d[t] * xr[t];
+        a.g[p] += s;
+      }
+    }
+  }
+}
+
 }  // namespace portable
 
 // ---------------------------------------------------------------------------------------------
@@ -447,6 +476,82 @@ void int8_rows_block4(const LinearArgs& a, int64_t t0, int64_t nt, int64_t r0, i
   }
 }
 
+// Sum of each of 8 vectors, as one vector: out[j] = sum(a[j]).
+inline __m256 hsum8(const __m256 a[8]) {
+  const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 q0 = _mm256_hadd_ps(h01, h23), q1 = _mm256_hadd_ps(h45, h67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Transposed packing of columns c0..c0+nc-1 of src [*, ld] (8x8 blocks), zero-padded to tt.
+void pack_cols(const float* src, int64_t ld, int64_t c0, int64_t nc, int64_t t0, int64_t nt,
+               int64_t tt, float* dst) {
+  for (int64_t t8 = 0; t8 < tt; t8 += 8) {
+    const int64_t rows = nt - t8;
+    int64_t c = 0;
+    if (rows >= 8) {
+      const float* s0 = src + (t0 + t8) * ld + c0;
+      for (; c + 8 <= nc; c += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s0 + i * ld + c);
+        transpose8(r);
+        for (int j = 0; j < 8; ++j) _mm256_store_ps(dst + (c + j) * tt + t8, r[j]);
+      }
+    }
+    for (; c < nc; ++c)
+      for (int64_t i = 0; i < 8; ++i)
+        dst[c * tt + t8 + i] = i < rows ? src[(t0 + t8 + i) * ld + c0 + c] : 0.f;
+  }
+}
+
+// SDDMM: the 32 tokens of dy's row stay in 4 registers; 8 entries at a time each get one
+// accumulator (8 independent FMA chains), reduced together by hsum8 into g[p..p+7].
+template <typename IT>
+void sddmm(const SddmmArgs& a, int64_t r0, int64_t r1, float* xt, float* dyt) {
+  constexpr int64_t TT = kSddmmTile;
+  const IT* col = static_cast<const IT*>(a.col);
+  for (int64_t p = a.row_ptr[r0]; p < a.row_ptr[r1]; ++p) a.g[p] = 0.f;
+  for (int64_t t0 = 0; t0 < a.tokens; t0 += TT) {
+    const int64_t nt = min64(TT, a.tokens - t0);
+    pack_cols(a.x, a.in, 0, a.in, t0, nt, TT, xt);
+    pack_cols(a.dy, a.out, r0, r1 - r0, t0, nt, TT, dyt);
+    for (int64_t o = r0; o < r1; ++o) {
+      const float* d = dyt + (o - r0) * TT;
+      const __m256 d0 = _mm256_load_ps(d), d1 = _mm256_load_ps(d + 8);
+      const __m256 d2 = _mm256_load_ps(d + 16), d3 = _mm256_load_ps(d + 24);
+      int64_t p = a.row_ptr[o];
+      const int64_t e = a.row_ptr[o + 1];
+      for (; p + 8 <= e; p += 8) {
+        __m256 acc[8];
+        for (int j = 0; j < 8; ++j) {
+          const float* xr = xt + static_cast<int64_t>(col[p + j]) * TT;
+          __m256 s = _mm256_mul_ps(d0, _mm256_load_ps(xr));
+          s = _mm256_fmadd_ps(d1, _mm256_load_ps(xr + 8), s);
+          s = _mm256_fmadd_ps(d2, _mm256_load_ps(xr + 16), s);
+          acc[j] = _mm256_fmadd_ps(d3, _mm256_load_ps(xr + 24), s);
+        }
+        _mm256_storeu_ps(a.g + p, _mm256_add_ps(_mm256_loadu_ps(a.g + p), hsum8(acc)));
+      }
+      for (; p < e; ++p) {
+        const float* xr = xt + static_cast<int64_t>(col[p]) * TT;
+        __m256 s = _mm256_mul_ps(d0, _mm256_load_ps(xr));
+        s = _mm256_fmadd_ps(d1, _mm256_load_ps(xr + 8), s);
+        s = _mm256_fmadd_ps(d2, _mm256_load_ps(xr + 16), s);
+        s = _mm256_fmadd_ps(d3, _mm256_load_ps(xr + 24), s);
+        a.g[p] += hsum(s);
+      }
+    }
+  }
+}
+
 template <typename IT>
 void dispatch_rows(const LinearArgs& a, int64_t t0, int64_t nt, int64_t tt, int64_t r0,
                    int64_t r1, const Scratch& s) {
@@ -527,6 +632,24 @@ size_t scratch_bytes(const LinearArgs& a, int64_t /*tile*/) {
   // Sized for the largest tile so one thread-local buffer serves every call of a layer.
   return round_up(static_cast<int64_t>(xt_bytes(a, kMaxTile)), 64) + 64 * sizeof(float) +
          8 * kMaxTile * sizeof(float);
+}
+
+size_t sddmm_scratch_bytes(const SddmmArgs& a, int64_t rows) {
+  return static_cast<size_t>((round_up(a.in, 8) + round_up(rows, 8)) * kSddmmTile) * sizeof(float);
+}
+
+void sddmm_rows(const SddmmArgs& a, int isa, int64_t r0, int64_t r1, void* scratch) {
+  float* xt = static_cast<float*>(scratch);
+  float* dyt = xt + round_up(a.in, 8) * kSddmmTile;
+#if RECIPEC_X86
+  if (isa == kAvx2) {
+    if (a.col16) return avx2::sddmm<int16_t>(a, r0, r1, xt, dyt);
+    return avx2::sddmm<int32_t>(a, r0, r1, xt, dyt);
+  }
+#endif
+  (void)isa;
+  if (a.col16) return portable::sddmm<int16_t>(a, r0, r1, xt, dyt);
+  portable::sddmm<int32_t>(a, r0, r1, xt, dyt);
 }
 
 void run_tile(const LinearArgs& a, int isa, int64_t t0, int64_t nt, int64_t r0, int64_t r1,

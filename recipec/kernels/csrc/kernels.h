@@ -34,6 +34,26 @@ struct LinearArgs {
   int mode = kFp32;
 };
 
+// Training: gradient of the kept weights, g[e] = sum_t dy[t, o] * x[t, col[e]] for each entry e
+// of row o (unstructured fp32 CSR), i.e. dW = dY^T X sampled at the mask.
+struct SddmmArgs {
+  const float* x = nullptr;   // [tokens, in]
+  const float* dy = nullptr;  // [tokens, out]
+  float* g = nullptr;         // [nnz], overwritten
+  int64_t tokens = 0, in = 0, out = 0;
+  const int32_t* row_ptr = nullptr;
+  const void* col = nullptr;
+  bool col16 = false;
+};
+
+constexpr int64_t kSddmmTile = 32;
+
+// Scratch for rows r0..r1 of sddmm_rows.
+size_t sddmm_scratch_bytes(const SddmmArgs& a, int64_t rows);
+
+// g for the entries of rows r0..r1, over all tokens.
+void sddmm_rows(const SddmmArgs& a, int isa, int64_t r0, int64_t r1, void* scratch);
+
 bool cpu_has_avx2_fma();
 
 // Tokens per tile: token tiles are packed transposed, so this sets the packed buffer size.

@@ -46,6 +46,20 @@ int resolve_isa(int64_t isa) {
   return static_cast<int>(isa);
 }
 
+// Row chunks balanced by entries (binary search on row_ptr), boundaries aligned to 8.
+std::vector<int64_t> balanced_rows(const int32_t* rp, int64_t rows, int64_t nchunks) {
+  std::vector<int64_t> bounds{0};
+  const int64_t total = rp[rows];
+  for (int64_t c = 1; c < nchunks; ++c) {
+    const int64_t target = total * c / nchunks;
+    int64_t r = std::lower_bound(rp, rp + rows + 1, static_cast<int32_t>(target)) - rp;
+    r = std::min<int64_t>((r + 7) / 8 * 8, rows);
+    if (r > bounds.back()) bounds.push_back(r);
+  }
+  if (bounds.back() < rows) bounds.push_back(rows);
+  return bounds;
+}
+
 at::Tensor linear(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col,
                   const at::Tensor& values, const std::optional<at::Tensor>& wscale,
                   const std::optional<at::Tensor>& bias, int64_t out_features, int64_t in_features,
@@ -104,17 +118,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tens
   // are split by rows too, chunks balanced by entries and aligned to 8 rows (the write-back
   // transposes 8 rows at a time). Items are tile-major so a thread packs each tile once.
   const int32_t* rp = a.row_ptr;
-  const int64_t total = rp[out_features];
   int64_t nchunks = 1;
-  if (nthreads > 1) nchunks = std::min<int64_t>((4 * nthreads + ntiles - 1) / ntiles, (out_features + 7) / 8);
-  std::vector<int64_t> bounds{0};
-  for (int64_t c = 1; c < nchunks; ++c) {
-    const int64_t target = total * c / nchunks;
-    int64_t r = std::lower_bound(rp, rp + out_features + 1, static_cast<int32_t>(target)) - rp;
-    r = std::min<int64_t>((r + 7) / 8 * 8, out_features);
-    if (r > bounds.back()) bounds.push_back(r);
-  }
-  if (bounds.back() < out_features) bounds.push_back(out_features);
+  if (nthreads > 1)
+    nchunks = std::min<int64_t>((4 * nthreads + ntiles - 1) / ntiles, (out_features + 7) / 8);
+  const std::vector<int64_t> bounds = balanced_rows(rp, out_features, nchunks);
   std::vector<Item> items;
   double sum = 0;
   for (int64_t t = 0; t < ntiles; ++t) {
@@ -158,6 +165,52 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tens
   return y;
 }
 
+// dW sampled at the kept entries: g[e] = sum_t dy[t, row(e)] * x[t, col[e]].
+at::Tensor sddmm(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& row_ptr,
+                 const at::Tensor& col, int64_t isa, int64_t max_threads) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.is_cpu(),
+              "recipec kernels: x must be a contiguous 2-D float32 CPU tensor");
+  TORCH_CHECK(dy.dim() == 2 && dy.scalar_type() == at::kFloat && dy.is_contiguous() &&
+                  dy.size(0) == x.size(0),
+              "recipec kernels: dy must be contiguous float32 [tokens, out]");
+  const int64_t out = dy.size(1);
+  TORCH_CHECK(row_ptr.scalar_type() == at::kInt && row_ptr.is_contiguous() &&
+                  row_ptr.numel() == out + 1,
+              "recipec kernels: row_ptr must be int32 [out + 1]");
+  TORCH_CHECK((col.scalar_type() == at::kShort || col.scalar_type() == at::kInt) &&
+                  col.is_contiguous(),
+              "recipec kernels: col must be contiguous int16/int32");
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  at::Tensor g = at::empty({rp[out]}, x.options());
+  SddmmArgs a;
+  a.x = x.data_ptr<float>();
+  a.dy = dy.data_ptr<float>();
+  a.g = g.data_ptr<float>();
+  a.tokens = x.size(0);
+  a.in = x.size(1);
+  a.out = out;
+  a.row_ptr = rp;
+  a.col = col.data_ptr();
+  a.col16 = col.scalar_type() == at::kShort;
+  const int is = resolve_isa(isa);
+  int64_t nthreads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (max_threads > 0) nthreads = std::min(nthreads, max_threads);
+  const std::vector<int64_t> bounds = balanced_rows(rp, out, nthreads);
+  const int64_t nchunks = static_cast<int64_t>(bounds.size()) - 1;
+  auto work = [&](int64_t c) {
+    const int64_t r0 = bounds[c], r1 = bounds[c + 1];
+    sddmm_rows(a, is, r0, r1, tls_scratch.get(sddmm_scratch_bytes(a, r1 - r0)));
+  };
+  if (nchunks <= 1) {
+    if (nchunks == 1) work(0);
+  } else {
+    at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) work(c);
+    });
+  }
+  return g;
+}
+
 bool has_avx2() { return cpu_has_avx2_fma(); }
 
 }  // namespace
@@ -169,5 +222,7 @@ TORCH_LIBRARY(recipec_kernels, m) {
       "int out_features, int in_features, int structure, int mode, int isa, int max_tile, "
       "int max_threads) -> Tensor",
       &recipec::linear);
+  m.def("sddmm(Tensor x, Tensor dy, Tensor row_ptr, Tensor col, int isa, int max_threads) -> Tensor",
+        &recipec::sddmm);
   m.def("has_avx2() -> bool", &recipec::has_avx2);
 }

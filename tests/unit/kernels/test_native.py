@@ -241,3 +241,29 @@ def test_fallback_when_nothing_builds(tmp_path, how):
     lines = [ln for ln in out.stderr.splitlines() if "fast path unavailable" in ln]
     assert len(lines) == 1, out.stderr
     assert ("no C++ compiler" in lines[0]) == (how == "no-compiler")
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda v: f"{v[0]}x{v[1]}d{v[2]}")
+def test_training_forward_backward(backend, layer):
+    out_f, in_f, density, dense_rows, empty_rows = layer
+    w = torch.randn(out_f, in_f)
+    mask = make_weight(out_f, in_f, density, 5, dense_rows=dense_rows, empty_rows=empty_rows) != 0
+    lay = native.make_train_layout(mask)
+    for t in (1, 17, 130):
+        x = torch.randn(2, t, in_f, requires_grad=True)
+        wp = w.clone().requires_grad_()
+        b = torch.randn(out_f, requires_grad=True)
+        y = native.sparse_linear_train(x, wp, b, lay, backend=backend)
+        gy = torch.randn_like(y)
+        (y * gy).sum().backward()
+        wm = (w * mask).double()
+        x64, gy64 = x.detach().double().reshape(-1, in_f), gy.double().reshape(-1, out_f)
+        ref_y = x64 @ wm.T + b.detach().double()
+        ref_gx = gy64 @ wm
+        ref_gw = (gy64.T @ x64) * mask
+        assert y.shape == (2, t, out_f)
+        assert torch.allclose(y.detach().double().reshape(-1, out_f), ref_y, atol=1e-4)
+        assert torch.allclose(x.grad.double().reshape(-1, in_f), ref_gx, atol=1e-4)
+        assert torch.allclose(wp.grad.double(), ref_gw, atol=1e-4)
+        assert bool((wp.grad[~mask] == 0).all())  # pruned weights get exactly zero gradient
+        assert torch.allclose(b.grad.double(), gy64.sum(0), atol=1e-4)
