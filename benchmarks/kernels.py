@@ -8,11 +8,17 @@ median per variant. Reported: times, speedup over dense, and the GFLOP/s of the 
 (2 * tokens * nonzeros) next to dense's GFLOP/s (2 * tokens * out * in): at 90% sparsity a
 kernel running at 40% of dense's rate is 4x faster. ``--interop`` also checks that the
 kernels and torch's ops share the cores well (a loop alternating both vs each alone).
+``--training`` instead times one forward + backward (dX and the masked dW) per MiniLM layer at
+90% on 2048 tokens: dense autograd, recipec's kernels (``sparse_linear_train``) and the
+sparseprop package driven as recipec's ``MaskedSparseLinear`` does (with its transposes),
+plus sparseprop's two kernel calls alone on pre-transposed arrays.
 
     PYTHONPATH=. python benchmarks/kernels.py                     # ~5 min on 2 idle cores
     PYTHONPATH=. python benchmarks/kernels.py --models minilm --tokens 128 --sparsities 0.9 --repeats 3
+    PYTHONPATH=. python benchmarks/kernels.py --training              # needs sparseprop for its rows
 
-Writes ``--out/kernels.json`` and ``kernels.md`` (default ``benchmarks/results/kernels/``).
+Writes ``--out/kernels.json`` and ``kernels.md`` (``training.json``/``.md`` with ``--training``;
+default ``--out`` ``benchmarks/results/kernels/``).
 """
 
 from __future__ import annotations
@@ -137,6 +143,105 @@ def interop_check(repeats: int) -> dict:
     }
 
 
+def sparseprop_kernels():
+    """The sparseprop package's compiled module (installed as top-level ``backend``), or None."""
+    try:
+        import backend  # sparseprop's generic module name
+    except ImportError:
+        return None
+    return backend if hasattr(backend, "sparse_linear_vectorized_forward") else None
+
+
+def training_layer(out_f: int, in_f: int, threads: int, tokens: int, repeats: int, sp) -> dict:
+    """Median forward + backward times of one 90% layer for each implementation."""
+    torch.set_num_threads(threads)
+    w = pruned_weight(out_f, in_f, 0.9, "unstructured", seed=out_f + in_f)
+    mask = w != 0
+    b = torch.zeros(out_f)
+    x = torch.randn(tokens, in_f)
+    gy = torch.randn(tokens, out_f)
+    lay = native.make_train_layout(mask)
+
+    def step(fn):
+        xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+        fn(xg, wg, bg).backward(gy)
+
+    fns = {
+        "dense": lambda: step(F.linear),
+        "recipec": lambda: step(lambda xg, wg, bg: native.sparse_linear_train(xg, wg, bg, lay)),
+    }
+    if sp is not None:
+        # sparseprop as recipec's MaskedSparseLinear drives it: [features, tokens] arrays, so x,
+        # y, dY and dX are transposed around the two kernel calls.
+        flat = mask.reshape(-1).nonzero().reshape(-1)
+        ip = lay.row_ptr.numpy()
+        ix = (flat % in_f).to(torch.int32).numpy()
+
+        def sp_step(with_transposes: bool):
+            vals = w.reshape(-1)[flat].contiguous()
+            xt = x.T.contiguous() if with_transposes else x_t
+            out = torch.zeros(out_f, tokens)
+            sp.sparse_linear_vectorized_forward(xt.numpy(), ip, ix, vals.numpy(), out.numpy())
+            if with_transposes:
+                (out.T.contiguous() + b).sum()
+            got = gy.T.contiguous() if with_transposes else gy_t
+            gxt = torch.zeros(in_f, tokens)
+            gv = torch.zeros(flat.numel())
+            sp.sparse_linear_vectorized_backward(
+                xt.numpy(), ip, ix, vals.numpy(), got.numpy(), gxt.numpy(), gv.numpy()
+            )
+            if with_transposes:
+                gxt.T.contiguous()
+                torch.zeros(out_f * in_f).index_copy_(0, flat, gv)
+                gy.sum(0)
+
+        x_t, gy_t = x.T.contiguous(), gy.T.contiguous()
+        fns["sparseprop"] = lambda: sp_step(True)
+        fns["sparseprop_kernels"] = lambda: sp_step(False)
+    med = time_interleaved(fns, repeats)
+    row = {"out": out_f, "in": in_f, "tokens": tokens, "threads": threads}
+    row.update({f"{k}_ms": v * 1e3 for k, v in med.items()})
+    return row
+
+
+def training_rows(threads_list: list[int], repeats: int, tokens: int = 2048) -> list[dict]:
+    """Forward + backward per MiniLM layer: dense autograd, recipec, sparseprop (if installed)."""
+    sp = sparseprop_kernels()
+    rows = []
+    for out_f, in_f in [(384, 1536), (1536, 384), (384, 384)]:
+        for threads in threads_list:
+            row = training_layer(out_f, in_f, threads, tokens, repeats, sp)
+            rows.append(row)
+            times = ", ".join(f"{k[:-3]} {v:.1f} ms" for k, v in row.items() if k.endswith("_ms"))
+            print(f"train {out_f}x{in_f} thr={threads}: {times}", file=sys.stderr, flush=True)
+    return rows
+
+
+def training_markdown(rows: list[dict], machine: dict) -> str:
+    lines = [
+        "# Training step of one layer (forward + backward), 90% unstructured, 2048 tokens",
+        "",
+        f"{machine['cpu']}, torch {machine['torch']}, kernels backend `{machine['backend']}`, "
+        f"load average {machine['loadavg_start']} -> {machine['loadavg_end']}, "
+        f"{machine['repeats']} interleaved repeats (median). sparseprop: driven like recipec's "
+        "`MaskedSparseLinear` (transposes included); kernels: its two calls alone.",
+        "",
+        "| out x in | thr | dense ms | recipec ms | sparseprop ms | sparseprop kernels ms |"
+        " recipec vs dense | recipec vs sparseprop |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        sp, spk, ours = r.get("sparseprop_ms"), r.get("sparseprop_kernels_ms"), r["recipec_ms"]
+        sp_s = f"{sp:.1f}" if sp else "-"
+        spk_s = f"{spk:.1f}" if spk else "-"
+        vs_sp = f"{sp / ours:.2f}x" if sp else "-"
+        lines.append(
+            f"| {r['out']}x{r['in']} | {r['threads']} | {r['dense_ms']:.1f} | {ours:.1f} | "
+            f"{sp_s} | {spk_s} | {r['dense_ms'] / ours:.2f}x | {vs_sp} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict], machine: dict, dtypes: list[str], interop: dict | None) -> str:
     lines = [
         "# Sparse kernels vs dense F.linear",
@@ -184,6 +289,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="fp32,int8")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--training", action="store_true", help="the training comparison instead")
     ap.add_argument("--no-interop", action="store_true", help="skip the torch/kernel interop check")
     ap.add_argument(
         "--out", type=Path, default=Path(__file__).resolve().parent / "results" / "kernels"
@@ -202,6 +308,13 @@ def main(argv=None) -> int:
         "loadavg_start": loadavg(),
     }
     print(f"load average {machine['loadavg_start']}, threads {args.threads}", file=sys.stderr)
+    if args.training:
+        rows = training_rows([int(t) for t in args.threads.split(",")], args.repeats)
+        machine["loadavg_end"] = loadavg()
+        md = training_markdown(rows, machine)
+        print(md)
+        save_report(args.out, "training", {"machine": machine, "rows": rows}, md)
+        return 0
     rows = []
     for model in args.models.split(","):
         for out_f, in_f in SHAPES[model]:
