@@ -182,7 +182,7 @@ def _init() -> dict:
                 loaded, reason = False, f"unexpected error: {exc!r}"
             state["loaded"], state["reason"] = loaded, reason
             if loaded:
-                state["avx2"] = bool(torch.ops.recipec_kernels.has_avx2())
+                state["avx2"] = bool(torch.ops.recipec_kernels.has_avx2(torch.empty(0)))
                 use_avx2 = state["avx2"] and choice not in ("portable-c", "portable")
                 state["default"] = "avx2" if use_avx2 else "portable-c"
                 if choice in ("portable-c", "portable"):
@@ -414,7 +414,12 @@ def sparse_linear(
         if which not in available_backends():
             raise RuntimeError(f"backend {which!r} unavailable here: {unavailable_reason()}")
         mode = "int8-acc" if int8_accumulators else packed.dtype
-        y = torch.ops.recipec_kernels.linear(
+        y = torch.empty(
+            x2.shape[0],
+            packed.out_features,
+            dtype=torch.int32 if int8_accumulators else torch.float32,
+        )
+        torch.ops.recipec_kernels.linear(
             x2,
             packed.row_ptr,
             packed.col,
@@ -428,6 +433,7 @@ def sparse_linear(
             _ISA_ID[which],
             tile or DEFAULT_TILE[packed.dtype],
             threads,
+            y,
         )
     return y.reshape(*lead, packed.out_features)
 
@@ -521,9 +527,10 @@ class _SparseLinearTrain(torch.autograd.Function):
     def forward(ctx, x2, weight, bias, layout: TrainLayout, isa: int):
         values = weight.detach().reshape(-1)[layout.flat].contiguous()
         b = None if bias is None else bias.detach().contiguous()
-        y = torch.ops.recipec_kernels.linear(
+        y = torch.empty(x2.shape[0], layout.out_features)
+        torch.ops.recipec_kernels.linear(
             x2, layout.row_ptr, layout.col, values, None, b, layout.out_features,
-            layout.in_features, 0, 0, isa, DEFAULT_TILE["fp32"], 0,
+            layout.in_features, 0, 0, isa, DEFAULT_TILE["fp32"], 0, y,
         )  # fmt: skip
         ctx.save_for_backward(x2, values)
         ctx.layout, ctx.isa, ctx.has_bias = layout, isa, bias is not None
@@ -537,12 +544,14 @@ class _SparseLinearTrain(torch.autograd.Function):
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             # dX = dY @ W: the forward kernel with W^T's CSR (rows = input features).
-            gx = torch.ops.recipec_kernels.linear(
+            gx = torch.empty(gy.shape[0], lay.in_features)
+            torch.ops.recipec_kernels.linear(
                 gy, lay.t_row_ptr, lay.t_col, values[lay.t_perm].contiguous(), None, None,
-                lay.in_features, lay.out_features, 0, 0, isa, DEFAULT_TILE["fp32"], 0,
+                lay.in_features, lay.out_features, 0, 0, isa, DEFAULT_TILE["fp32"], 0, gx,
             )  # fmt: skip
         if ctx.needs_input_grad[1]:
-            g = torch.ops.recipec_kernels.sddmm(x2, gy, lay.row_ptr, lay.col, isa, 0)
+            g = torch.empty(lay.nnz)
+            torch.ops.recipec_kernels.sddmm(x2, gy, lay.row_ptr, lay.col, isa, 0, g)
             gw = torch.zeros(lay.out_features * lay.in_features, dtype=g.dtype)
             gw.index_copy_(0, lay.flat, g)
             gw = gw.view(lay.out_features, lay.in_features)

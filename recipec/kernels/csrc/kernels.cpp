@@ -273,6 +273,27 @@ void pack_fp32(const LinearArgs& a, int64_t t0, int64_t nt, int64_t tt, float* x
   }
 }
 
+// max |x[k]| (exact in any order, so equal to the portable token_absmax).
+float absmax(const float* x, int64_t n) {
+  const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    m0 = _mm256_max_ps(m0, _mm256_and_ps(_mm256_loadu_ps(x + k), nosign));
+    m1 = _mm256_max_ps(m1, _mm256_and_ps(_mm256_loadu_ps(x + k + 8), nosign));
+  }
+  m0 = _mm256_max_ps(m0, m1);
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m0), _mm256_extractf128_ps(m0, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  float m = _mm_cvtss_f32(h);
+  for (; k < n; ++k) {
+    const float v = std::fabs(x[k]);
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
 // INT8 packing. layout 0: xq[k * tt + t] (unstructured); layout 1: int16 pairs of features
 // (2m, 2m+1) per token, xq[(m * tt + t) * 2 + (k & 1)] (block4), so one load is 8 tokens x 2
 // features, ready for vpmaddwd without shuffles.
@@ -280,7 +301,11 @@ void pack_int8(const LinearArgs& a, int64_t t0, int64_t nt, int64_t tt, int layo
                const Scratch& s) {
   const int64_t inp = in_padded(a), in = a.in;
   float inv[kMaxTile];
-  token_scales(a, t0, nt, s.xscale, inv);
+  for (int64_t t = 0; t < nt; ++t) {
+    const float m = absmax(a.x + (t0 + t) * in, in);
+    s.xscale[t] = m / 127.f;
+    inv[t] = m > 0.f ? 127.f / m : 0.f;
+  }
   int16_t* xq = static_cast<int16_t*>(s.xt);
   const __m256i lim = _mm256_set1_epi32(127), nlim = _mm256_set1_epi32(-127);
   const __m256i lo16 = _mm256_set1_epi32(0xffff);
