@@ -445,8 +445,11 @@ void int8_rows_unstructured(const LinearArgs& a, int64_t t0, int64_t nt, int64_t
         const int16_t* xb = xq + static_cast<int64_t>(col[2 * p + 1]) * TT;
         const __m256i w = bcast_pair(val + 2 * p);
         for (int g = 0; g < NV16; ++g) {
-          const __m256i va = _mm256_load_si256(reinterpret_cast<const __m256i*>(xa + 16 * g));
-          const __m256i vb = _mm256_load_si256(reinterpret_cast<const __m256i*>(xb + 16 * g));
+          __m256i va = _mm256_load_si256(reinterpret_cast<const __m256i*>(xa + 16 * g));
+          __m256i vb = _mm256_load_si256(reinterpret_cast<const __m256i*>(xb + 16 * g));
+          // Keep both in registers: compilers otherwise fold them into the two unpacks as memory
+          // operands, loading each twice, and loads are what this loop runs out of.
+          __asm__("" : "+x"(va), "+x"(vb));
           acc[2 * g] = _mm256_add_epi32(acc[2 * g], _mm256_madd_epi16(_mm256_unpacklo_epi16(va, vb), w));
           acc[2 * g + 1] =
               _mm256_add_epi32(acc[2 * g + 1], _mm256_madd_epi16(_mm256_unpackhi_epi16(va, vb), w));
