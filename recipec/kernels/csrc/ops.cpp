@@ -68,10 +68,12 @@ void linear(const Tensor& x, const Tensor& row_ptr, const Tensor& col,
             const std::optional<Tensor>& bias, int64_t out_features, int64_t in_features,
             int64_t structure, int64_t mode, int64_t isa, int64_t max_tile, int64_t max_threads,
             const Tensor& y) {
-  STD_TORCH_CHECK(x.dim() == 2 && x.scalar_type() == ScalarType::Float && x.is_contiguous() && x.is_cpu(),
-              "recipec kernels: x must be a contiguous 2-D float32 CPU tensor");
-  STD_TORCH_CHECK(x.size(1) == in_features, "recipec kernels: x has ", x.size(1),
-              " features, the layer ", in_features);
+  // x [..., in] and y [..., out]: any leading dims (contiguous), so Python needs no reshapes.
+  STD_TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == ScalarType::Float && x.is_contiguous() &&
+                      x.is_cpu(),
+                  "recipec kernels: x must be a contiguous float32 CPU tensor");
+  STD_TORCH_CHECK(x.size(x.dim() - 1) == in_features, "recipec kernels: x has ",
+                  x.size(x.dim() - 1), " features, the layer ", in_features);
   STD_TORCH_CHECK(structure == kUnstructured || structure == kBlock4, "bad structure ", structure);
   STD_TORCH_CHECK(mode == kFp32 || mode == kInt8 || mode == kInt8Acc, "bad mode ", mode);
   STD_TORCH_CHECK(row_ptr.scalar_type() == ScalarType::Int && row_ptr.is_contiguous() &&
@@ -92,10 +94,10 @@ void linear(const Tensor& x, const Tensor& row_ptr, const Tensor& col,
                     bias->numel() == out_features,
                 "recipec kernels: bias must be float32 [out]");
 
-  const int64_t T = x.size(0);
-  STD_TORCH_CHECK(y.dim() == 2 && y.size(0) == T && y.size(1) == out_features && y.is_contiguous() &&
-                  y.scalar_type() == (mode == kInt8Acc ? ScalarType::Int : ScalarType::Float),
-              "recipec kernels: y must be contiguous [tokens, out], float32 (int32 accumulators)");
+  const int64_t T = in_features > 0 ? x.numel() / in_features : 0;
+  STD_TORCH_CHECK(y.numel() == T * out_features && y.is_contiguous() &&
+                      y.scalar_type() == (mode == kInt8Acc ? ScalarType::Int : ScalarType::Float),
+                  "recipec kernels: y must be contiguous [..., out], float32 (int32 accumulators)");
   if (T == 0 || out_features == 0) return;
 
   LinearArgs a;
