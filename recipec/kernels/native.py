@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -435,7 +436,7 @@ def sparse_linear(
     st = _state or _init()
     which = backend or st["default"]
     if which == "torch-fallback":
-        y = _fallback(x.reshape(-1, in_f), packed, int8_accumulators)
+        y = _fallback(x.reshape(math.prod(x.shape[:-1]), in_f), packed, int8_accumulators)
         return y.reshape(*x.shape[:-1], out_f)
     # The per-call Python work is kept to a minimum (the op takes any leading dims, so no
     # reshapes): at 128 tokens a MiniLM layer at 90% takes ~100 us, and each us here shows.

@@ -94,7 +94,9 @@ void linear(const Tensor& x, const Tensor& row_ptr, const Tensor& col,
                     bias->numel() == out_features,
                 "recipec kernels: bias must be float32 [out]");
 
-  const int64_t T = in_features > 0 ? x.numel() / in_features : 0;
+  // Tokens from y when the layer has no inputs (then y = bias).
+  const int64_t T = in_features > 0 ? x.numel() / in_features
+                                    : (out_features > 0 ? y.numel() / out_features : 0);
   STD_TORCH_CHECK(y.numel() == T * out_features && y.is_contiguous() &&
                       y.scalar_type() == (mode == kInt8Acc ? ScalarType::Int : ScalarType::Float),
                   "recipec kernels: y must be contiguous [..., out], float32 (int32 accumulators)");

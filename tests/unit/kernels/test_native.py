@@ -203,6 +203,22 @@ def test_bad_inputs():
     assert native.sparse_linear(torch.ones(0, 4), p).shape == (0, 4)
 
 
+def test_degenerate_layers(backend):
+    b = torch.arange(3.0)
+    for dtype in ("fp32", "int8"):
+        for structure in ("unstructured", "block4"):
+            no_inputs = native.pack_linear(torch.zeros(3, 0), b, structure=structure, dtype=dtype)
+            y = native.sparse_linear(torch.ones(2, 0), no_inputs, backend=backend)
+            assert torch.equal(y, b.expand(2, 3)), (dtype, structure)
+            no_outputs = native.pack_linear(
+                torch.zeros(0, 5), None, structure=structure, dtype=dtype
+            )
+            assert native.sparse_linear(torch.ones(2, 5), no_outputs, backend=backend).shape == (
+                2,
+                0,
+            )
+
+
 def run_python(code, **env):
     full = {**os.environ, **env}
     return subprocess.run(
