@@ -7,10 +7,11 @@
 // 8 rows x 8 tokens at a time, so x and y stay row-major [tokens, features] in memory.
 //
 // INT8: activations are quantized per token while packing (scale = max|x_t| / 127, values
-// rounded half-to-even and clamped to +-127) and stored as int16, so `vpmaddwd` multiplies
-// int16 pairs into exact int32 sums: |2 * 127 * 127| fits int16 products without saturation
-// (unlike `vpmaddubsw`, whose u8*s8 pair sums saturate at 32767), and int32 holds the sum of
-// up to 133,000 features.
+// rounded half-to-even and clamped to +-127) and stored as int16; `vpmaddwd` multiplies int16
+// pairs and adds each pair into an int32 lane, exactly (|w x| <= 127 * 127, no saturation at
+// any step; `vpmaddubsw` would add u8 * s8 pairs into int16 with saturation at 32767, and on
+// Zen 2 it shares the one vector-multiply pipe, so it would not be faster once widened).
+// int32 holds the sum of up to 133,000 features.
 //
 // No torch headers: this file is compiled with -ffp-contract=off so the int8 epilogue rounds
 // (acc * (scale_w * scale_x)) + b exactly like the pure-torch fallback.

@@ -170,8 +170,10 @@ def test_packing_formats():
     w[0, 1], w[0, 6], w[0, 9] = 1.0, -2.0, 3.0
     w[2, 4] = 0.5
     p = native.pack_linear(w, None, structure="unstructured")
-    assert (p.nnz, p.stored, p.col.dtype) == (4, 4, torch.int16)
-    assert p.row_ptr.tolist() == [0, 3, 3, 4] and p.col.tolist() == [1, 6, 9, 4]
+    # Odd rows end with a zero on their last column (even counts for the 2-way unrolled loop).
+    assert (p.nnz, p.stored, p.col.dtype) == (4, 6, torch.int16)
+    assert p.row_ptr.tolist() == [0, 4, 4, 6] and p.col.tolist() == [1, 6, 9, 9, 4, 4]
+    assert p.values.tolist() == [1.0, -2.0, 3.0, 0.0, 0.5, 0.0]
     b4 = native.pack_linear(w, None, structure="block4")
     # Blocks of features 0-3, 4-7, 8-11 (past in=10: zeros); zeros inside a block are stored.
     assert b4.row_ptr.tolist() == [0, 3, 3, 4] and b4.col.tolist() == [0, 4, 8, 4]
