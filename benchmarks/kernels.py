@@ -160,7 +160,9 @@ def sparseprop_kernels():
     return backend if hasattr(backend, "sparse_linear_vectorized_forward") else None
 
 
-def training_layer(out_f: int, in_f: int, threads: int, tokens: int, repeats: int, sp) -> dict:
+def training_layer(
+    out_f: int, in_f: int, threads: int, tokens: int, repeats: int, sp, clock_mode: str
+) -> dict:
     """Median forward + backward times of one 90% layer for each implementation."""
     torch.set_num_threads(threads)
     w = pruned_weight(out_f, in_f, 0.9, "unstructured", seed=out_f + in_f)
@@ -206,19 +208,24 @@ def training_layer(out_f: int, in_f: int, threads: int, tokens: int, repeats: in
         x_t, gy_t = x.T.contiguous(), gy.T.contiguous()
         fns["sparseprop"] = lambda: sp_step(True)
         fns["sparseprop_kernels"] = lambda: sp_step(False)
-    med = time_interleaved(fns, repeats)
+    # sparseprop's OpenMP runs on torch's libgomp (same soname, loaded first): 1 thread is 1.
+    clock = time.thread_time if (clock_mode == "thread" and threads == 1) else time.perf_counter
+    med = time_interleaved(fns, repeats, clock=clock)
     row = {"out": out_f, "in": in_f, "tokens": tokens, "threads": threads}
+    row["clock"] = "thread-cpu" if clock is time.thread_time else "wall"
     row.update({f"{k}_ms": v * 1e3 for k, v in med.items()})
     return row
 
 
-def training_rows(threads_list: list[int], repeats: int, tokens: int = 2048) -> list[dict]:
+def training_rows(
+    threads_list: list[int], repeats: int, clock_mode: str, tokens: int = 2048
+) -> list[dict]:
     """Forward + backward per MiniLM layer: dense autograd, recipec, sparseprop (if installed)."""
     sp = sparseprop_kernels()
     rows = []
     for out_f, in_f in [(384, 1536), (1536, 384), (384, 384)]:
         for threads in threads_list:
-            row = training_layer(out_f, in_f, threads, tokens, repeats, sp)
+            row = training_layer(out_f, in_f, threads, tokens, repeats, sp, clock_mode)
             rows.append(row)
             times = ", ".join(f"{k[:-3]} {v:.1f} ms" for k, v in row.items() if k.endswith("_ms"))
             print(f"train {out_f}x{in_f} thr={threads}: {times}", file=sys.stderr, flush=True)
@@ -231,7 +238,8 @@ def training_markdown(rows: list[dict], machine: dict) -> str:
         "",
         f"{machine['cpu']}, torch {machine['torch']}, kernels backend `{machine['backend']}`, "
         f"load average {machine['loadavg_start']} -> {machine['loadavg_end']}, "
-        f"{machine['repeats']} interleaved repeats (median). sparseprop: driven like recipec's "
+        f"{machine['repeats']} interleaved repeats (median), clock {machine['clock']} (thread: "
+        "1-thread rows in thread CPU time). sparseprop: driven like recipec's "
         "`MaskedSparseLinear` (transposes included); kernels: its two calls alone.",
         "",
         "| out x in | thr | dense ms | recipec ms | sparseprop ms | sparseprop kernels ms |"
@@ -329,7 +337,8 @@ def main(argv=None) -> int:
     }
     print(f"load average {machine['loadavg_start']}, threads {args.threads}", file=sys.stderr)
     if args.training:
-        rows = training_rows([int(t) for t in args.threads.split(",")], args.repeats)
+        threads = [int(t) for t in args.threads.split(",")]
+        rows = training_rows(threads, args.repeats, args.clock)
         machine["loadavg_end"] = loadavg()
         md = training_markdown(rows, machine)
         print(md)
