@@ -49,6 +49,13 @@ struct Scratch {
   void* xt;       // packed tile
   float* xscale;  // int8: per-token activation scale of the tile
   float* obuf;    // 8 rows x tile outputs before the transposed write-back
+  void* acc;      // rows x tile partial sums (fp32 or int32) between panels
+};
+
+// One pass over the rows for one panel of input features.
+struct Pass {
+  const int32_t* rp;  // the panel's row pointers
+  bool first, last;   // first panel: start from zero; last: finish the outputs
 };
 
 inline size_t xt_bytes(const LinearArgs& a, int64_t tile) {
@@ -61,7 +68,8 @@ inline Scratch carve(const LinearArgs& a, void* s) {
   Scratch r;
   r.xt = p;
   r.xscale = reinterpret_cast<float*>(p + off);
-  r.obuf = reinterpret_cast<float*>(p + off + 64 * sizeof(float));
+  r.obuf = reinterpret_cast<float*>(p + off + kMaxTile * sizeof(float));
+  r.acc = p + off + kMaxTile * sizeof(float) + 8 * kMaxTile * sizeof(float);
   return r;
 }
 
@@ -114,15 +122,17 @@ void pack(const LinearArgs& a, int64_t t0, int64_t nt, int64_t tt, const Scratch
 
 template <typename IT>
 void rows(const LinearArgs& a, int64_t t0, int64_t nt, int64_t tt, int64_t r0, int64_t r1,
-          const Scratch& s) {
+          const Scratch& s, const Pass& ps) {
   const IT* col = static_cast<const IT*>(a.col);
   float* y = static_cast<float*>(a.y);
   for (int64_t o = r0; o < r1; ++o) {
-    const int64_t pb = a.row_ptr[o], pe = a.row_ptr[o + 1];
+    const int64_t pb = ps.rp[o], pe = ps.rp[o + 1];
     if (a.mode == kFp32) {
       const float* xt = static_cast<const float*>(s.xt);
       const float* w = static_cast<const float*>(a.values);
-      float acc[kMaxTile] = {0.f};
+      float* part = static_cast<float*>(s.acc) + (o - r0) * tt;
+      float acc[kMaxTile];
+      for (int64_t t = 0; t < tt; ++t) acc[t] = ps.first ? 0.f : part[t];
       if (a.structure == kUnstructured) {
         for (int64_t p = pb; p < pe; ++p) {
           const float* xr = xt + static_cast<int64_t>(col[p]) * tt;
@@ -135,13 +145,19 @@ void rows(const LinearArgs& a, int64_t t0, int64_t nt, int64_t tt, int64_t r0, i
             for (int64_t t = 0; t < tt; ++t) acc[t] += w[4 * p + j] * xr[j * tt + t];
         }
       }
+      if (!ps.last) {
+        for (int64_t t = 0; t < tt; ++t) part[t] = acc[t];
+        continue;
+      }
       const float b = a.bias ? a.bias[o] : 0.f;
       for (int64_t t = 0; t < nt; ++t) y[(t0 + t) * a.out + o] = acc[t] + b;
       continue;
     }
     const int16_t* xq = static_cast<const int16_t*>(s.xt);
     const int8_t* w = static_cast<const int8_t*>(a.values);
-    int32_t acc[kMaxTile] = {0};
+    int32_t* part = static_cast<int32_t*>(s.acc) + (o - r0) * tt;
+    int32_t acc[kMaxTile];
+    for (int64_t t = 0; t < tt; ++t) acc[t] = ps.first ? 0 : part[t];
     const int n = a.structure == kUnstructured ? 2 : 4;
     for (int64_t p = pb; p < pe; ++p) {
       for (int j = 0; j < n; ++j) {
@@ -151,6 +167,10 @@ void rows(const LinearArgs& a, int64_t t0, int64_t nt, int64_t tt, int64_t r0, i
         const int16_t* xr = xq + k * tt;
         for (int64_t t = 0; t < tt; ++t) acc[t] += wv * static_cast<int32_t>(xr[t]);
       }
+    }
+    if (!ps.last) {
+      for (int64_t t = 0; t < tt; ++t) part[t] = acc[t];
+      continue;
     }
     if (a.mode == kInt8Acc) {
       int32_t* yi = static_cast<int32_t*>(a.y);
@@ -167,10 +187,13 @@ void run(const LinearArgs& a, int64_t t0, int64_t nt, int64_t r0, int64_t r1, co
          bool do_pack) {
   const int64_t tt = round_up(nt, token_group(a));
   if (do_pack) pack(a, t0, nt, tt, s);
-  if (a.col16)
-    rows<int16_t>(a, t0, nt, tt, r0, r1, s);
-  else
-    rows<int32_t>(a, t0, nt, tt, r0, r1, s);
+  for (int64_t q = 0; q < a.npanels; ++q) {
+    const Pass ps{a.row_ptr + q * (a.out + 1), q == 0, q == a.npanels - 1};
+    if (a.col16)
+      rows<int16_t>(a, t0, nt, tt, r0, r1, s, ps);
+    else
+      rows<int32_t>(a, t0, nt, tt, r0, r1, s, ps);
+  }
 }
 
 // Packs columns c0..c0+nc-1 of tokens t0..t0+nt-1 of src [*, ld] transposed, zero-padded to
@@ -356,7 +379,7 @@ void pack_int8(const LinearArgs& a, int64_t t0, int64_t nt, int64_t tt, int layo
 // hide the 5-cycle FMA latency on 2 FMA ports; NV vectors of 8 tokens each.
 template <int NV, int U, typename IT>
 void fp32_rows(const LinearArgs& a, int64_t t0, int64_t nt, int64_t r0, int64_t r1,
-               const Scratch& s) {
+               const Scratch& s, const Pass& ps) {
   constexpr int64_t TT = NV * 8;
   const IT* col = static_cast<const IT*>(a.col);
   const float* val = static_cast<const float*>(a.values);
@@ -366,11 +389,13 @@ void fp32_rows(const LinearArgs& a, int64_t t0, int64_t nt, int64_t r0, int64_t 
     const int64_t nr = min64(8, r1 - o0);
     for (int64_t j = 0; j < nr; ++j) {
       const int64_t o = o0 + j;
+      float* part = static_cast<float*>(s.acc) + (o - r0) * TT;
       __m256 acc[U][NV];
       for (int u = 0; u < U; ++u)
-        for (int v = 0; v < NV; ++v) acc[u][v] = _mm256_setzero_ps();
-      int64_t p = a.row_ptr[o];
-      const int64_t e = a.row_ptr[o + 1];
+        for (int v = 0; v < NV; ++v)
+          acc[u][v] = (u == 0 && !ps.first) ? _mm256_load_ps(part + 8 * v) : _mm256_setzero_ps();
+      int64_t p = ps.rp[o];
+      const int64_t e = ps.rp[o + 1];
       if (!b4) {
         for (; p + U <= e; p += U) {
           for (int u = 0; u < U; ++u) {
@@ -407,10 +432,13 @@ void fp32_rows(const LinearArgs& a, int64_t t0, int64_t nt, int64_t r0, int64_t 
       for (int v = 0; v < NV; ++v) {
         __m256 r = acc[0][v];
         for (int u = 1; u < U; ++u) r = _mm256_add_ps(r, acc[u][v]);
-        _mm256_store_ps(s.obuf + j * TT + 8 * v, _mm256_add_ps(r, b));
+        if (ps.last)
+          _mm256_store_ps(s.obuf + j * TT + 8 * v, _mm256_add_ps(r, b));
+        else
+          _mm256_store_ps(part + 8 * v, r);
       }
     }
-    write_back(a, s.obuf, TT, t0, nt, o0, nr);
+    if (ps.last) write_back(a, s.obuf, TT, t0, nt, o0, nr);
   }
 }
 
@@ -436,7 +464,7 @@ inline void int8_store(const LinearArgs& a, const Scratch& s, int64_t o, int64_t
 // with unpack so each vpmaddwd does 16 useful multiply-adds. NV16 vectors of 16 tokens.
 template <int NV16, typename IT>
 void int8_rows_unstructured(const LinearArgs& a, int64_t t0, int64_t nt, int64_t r0, int64_t r1,
-                            const Scratch& s) {
+                            const Scratch& s, const Pass& ps) {
   constexpr int64_t TT = NV16 * 16;
   const IT* col = static_cast<const IT*>(a.col);
   const int8_t* val = static_cast<const int8_t*>(a.values);
@@ -445,9 +473,11 @@ void int8_rows_unstructured(const LinearArgs& a, int64_t t0, int64_t nt, int64_t
     const int64_t nr = min64(8, r1 - o0);
     for (int64_t j = 0; j < nr; ++j) {
       const int64_t o = o0 + j;
+      __m256i* part = static_cast<__m256i*>(s.acc) + (o - r0) * 2 * NV16;
       __m256i acc[2 * NV16];
-      for (int v = 0; v < 2 * NV16; ++v) acc[v] = _mm256_setzero_si256();
-      for (int64_t p = a.row_ptr[o], e = a.row_ptr[o + 1]; p < e; ++p) {
+      for (int v = 0; v < 2 * NV16; ++v)
+        acc[v] = ps.first ? _mm256_setzero_si256() : _mm256_load_si256(part + v);
+      for (int64_t p = ps.rp[o], e = ps.rp[o + 1]; p < e; ++p) {
         const int16_t* xa = xq + static_cast<int64_t>(col[2 * p]) * TT;
         const int16_t* xb = xq + static_cast<int64_t>(col[2 * p + 1]) * TT;
         const __m256i w = bcast_pair(val + 2 * p);
@@ -462,6 +492,10 @@ void int8_rows_unstructured(const LinearArgs& a, int64_t t0, int64_t nt, int64_t
               _mm256_add_epi32(acc[2 * g + 1], _mm256_madd_epi16(_mm256_unpackhi_epi16(va, vb), w));
         }
       }
+      if (!ps.last) {  // partial sums kept in the accumulators' own token order
+        for (int v = 0; v < 2 * NV16; ++v) _mm256_store_si256(part + v, acc[v]);
+        continue;
+      }
       // unpacklo/hi work per 128-bit lane: acc[2g] holds tokens 0-3 | 8-11, acc[2g+1] 4-7 | 12-15.
       for (int g = 0; g < NV16; ++g) {
         const __m256i lo = _mm256_permute2x128_si256(acc[2 * g], acc[2 * g + 1], 0x20);
@@ -470,7 +504,7 @@ void int8_rows_unstructured(const LinearArgs& a, int64_t t0, int64_t nt, int64_t
         int8_store(a, s, o, 16 * g + 8, hi, s.obuf + j * TT + 16 * g + 8);
       }
     }
-    write_back(a, s.obuf, TT, t0, nt, o0, nr);
+    if (ps.last) write_back(a, s.obuf, TT, t0, nt, o0, nr);
   }
 }
 
@@ -478,7 +512,7 @@ void int8_rows_unstructured(const LinearArgs& a, int64_t t0, int64_t nt, int64_t
 // costs two loads and two vpmaddwd per 8 tokens with no shuffles.
 template <int NV, typename IT>
 void int8_rows_block4(const LinearArgs& a, int64_t t0, int64_t nt, int64_t r0, int64_t r1,
-                      const Scratch& s) {
+                      const Scratch& s, const Pass& ps) {
   constexpr int64_t TT = NV * 8;
   const IT* col = static_cast<const IT*>(a.col);
   const int8_t* val = static_cast<const int8_t*>(a.values);
@@ -487,9 +521,11 @@ void int8_rows_block4(const LinearArgs& a, int64_t t0, int64_t nt, int64_t r0, i
     const int64_t nr = min64(8, r1 - o0);
     for (int64_t j = 0; j < nr; ++j) {
       const int64_t o = o0 + j;
+      __m256i* part = static_cast<__m256i*>(s.acc) + (o - r0) * NV;
       __m256i acc[NV];
-      for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_si256();
-      for (int64_t p = a.row_ptr[o], e = a.row_ptr[o + 1]; p < e; ++p) {
+      for (int v = 0; v < NV; ++v)
+        acc[v] = ps.first ? _mm256_setzero_si256() : _mm256_load_si256(part + v);
+      for (int64_t p = ps.rp[o], e = ps.rp[o + 1]; p < e; ++p) {
         const int16_t* x0 = xq + (static_cast<int64_t>(col[p]) / 2) * TT * 2;
         const int16_t* x1 = x0 + TT * 2;
         int32_t four;
@@ -505,9 +541,13 @@ void int8_rows_block4(const LinearArgs& a, int64_t t0, int64_t nt, int64_t r0, i
           acc[v] = _mm256_add_epi32(acc[v], _mm256_add_epi32(m0, m1));
         }
       }
+      if (!ps.last) {
+        for (int v = 0; v < NV; ++v) _mm256_store_si256(part + v, acc[v]);
+        continue;
+      }
       for (int v = 0; v < NV; ++v) int8_store(a, s, o, 8 * v, acc[v], s.obuf + j * TT + 8 * v);
     }
-    write_back(a, s.obuf, TT, t0, nt, o0, nr);
+    if (ps.last) write_back(a, s.obuf, TT, t0, nt, o0, nr);
   }
 }
 
@@ -589,37 +629,37 @@ void sddmm(const SddmmArgs& a, int64_t r0, int64_t r1, float* xt, float* dyt) {
 
 template <typename IT>
 void dispatch_rows(const LinearArgs& a, int64_t t0, int64_t nt, int64_t tt, int64_t r0,
-                   int64_t r1, const Scratch& s) {
+                   int64_t r1, const Scratch& s, const Pass& ps) {
   if (a.mode == kFp32) {
     // U sets of accumulators: enough independent FMA chains (U * NV >= ~8) within 16 registers.
     switch (tt / 8) {
-      case 1: return fp32_rows<1, 4, IT>(a, t0, nt, r0, r1, s);
-      case 2: return fp32_rows<2, 4, IT>(a, t0, nt, r0, r1, s);
-      case 3: return fp32_rows<3, 3, IT>(a, t0, nt, r0, r1, s);
-      case 4: return fp32_rows<4, 2, IT>(a, t0, nt, r0, r1, s);
-      case 5: return fp32_rows<5, 2, IT>(a, t0, nt, r0, r1, s);
-      case 6: return fp32_rows<6, 2, IT>(a, t0, nt, r0, r1, s);
-      case 7: return fp32_rows<7, 1, IT>(a, t0, nt, r0, r1, s);
-      default: return fp32_rows<8, 1, IT>(a, t0, nt, r0, r1, s);
+      case 1: return fp32_rows<1, 4, IT>(a, t0, nt, r0, r1, s, ps);
+      case 2: return fp32_rows<2, 4, IT>(a, t0, nt, r0, r1, s, ps);
+      case 3: return fp32_rows<3, 3, IT>(a, t0, nt, r0, r1, s, ps);
+      case 4: return fp32_rows<4, 2, IT>(a, t0, nt, r0, r1, s, ps);
+      case 5: return fp32_rows<5, 2, IT>(a, t0, nt, r0, r1, s, ps);
+      case 6: return fp32_rows<6, 2, IT>(a, t0, nt, r0, r1, s, ps);
+      case 7: return fp32_rows<7, 1, IT>(a, t0, nt, r0, r1, s, ps);
+      default: return fp32_rows<8, 1, IT>(a, t0, nt, r0, r1, s, ps);
     }
   }
   if (a.structure == kUnstructured) {
     switch (tt / 16) {
-      case 1: return int8_rows_unstructured<1, IT>(a, t0, nt, r0, r1, s);
-      case 2: return int8_rows_unstructured<2, IT>(a, t0, nt, r0, r1, s);
-      case 3: return int8_rows_unstructured<3, IT>(a, t0, nt, r0, r1, s);
-      default: return int8_rows_unstructured<4, IT>(a, t0, nt, r0, r1, s);
+      case 1: return int8_rows_unstructured<1, IT>(a, t0, nt, r0, r1, s, ps);
+      case 2: return int8_rows_unstructured<2, IT>(a, t0, nt, r0, r1, s, ps);
+      case 3: return int8_rows_unstructured<3, IT>(a, t0, nt, r0, r1, s, ps);
+      default: return int8_rows_unstructured<4, IT>(a, t0, nt, r0, r1, s, ps);
     }
   }
   switch (tt / 8) {
-    case 1: return int8_rows_block4<1, IT>(a, t0, nt, r0, r1, s);
-    case 2: return int8_rows_block4<2, IT>(a, t0, nt, r0, r1, s);
-    case 3: return int8_rows_block4<3, IT>(a, t0, nt, r0, r1, s);
-    case 4: return int8_rows_block4<4, IT>(a, t0, nt, r0, r1, s);
-    case 5: return int8_rows_block4<5, IT>(a, t0, nt, r0, r1, s);
-    case 6: return int8_rows_block4<6, IT>(a, t0, nt, r0, r1, s);
-    case 7: return int8_rows_block4<7, IT>(a, t0, nt, r0, r1, s);
-    default: return int8_rows_block4<8, IT>(a, t0, nt, r0, r1, s);
+    case 1: return int8_rows_block4<1, IT>(a, t0, nt, r0, r1, s, ps);
+    case 2: return int8_rows_block4<2, IT>(a, t0, nt, r0, r1, s, ps);
+    case 3: return int8_rows_block4<3, IT>(a, t0, nt, r0, r1, s, ps);
+    case 4: return int8_rows_block4<4, IT>(a, t0, nt, r0, r1, s, ps);
+    case 5: return int8_rows_block4<5, IT>(a, t0, nt, r0, r1, s, ps);
+    case 6: return int8_rows_block4<6, IT>(a, t0, nt, r0, r1, s, ps);
+    case 7: return int8_rows_block4<7, IT>(a, t0, nt, r0, r1, s, ps);
+    default: return int8_rows_block4<8, IT>(a, t0, nt, r0, r1, s, ps);
   }
 }
 
@@ -632,10 +672,13 @@ void run(const LinearArgs& a, int64_t t0, int64_t nt, int64_t r0, int64_t r1, co
     else
       pack_int8(a, t0, nt, tt, a.structure == kUnstructured ? 0 : 1, s);
   }
-  if (a.col16)
-    dispatch_rows<int16_t>(a, t0, nt, tt, r0, r1, s);
-  else
-    dispatch_rows<int32_t>(a, t0, nt, tt, r0, r1, s);
+  for (int64_t q = 0; q < a.npanels; ++q) {
+    const Pass ps{a.row_ptr + q * (a.out + 1), q == 0, q == a.npanels - 1};
+    if (a.col16)
+      dispatch_rows<int16_t>(a, t0, nt, tt, r0, r1, s, ps);
+    else
+      dispatch_rows<int32_t>(a, t0, nt, tt, r0, r1, s, ps);
+  }
 }
 
 }  // namespace avx2
@@ -663,10 +706,12 @@ int64_t tile_tokens(const LinearArgs& a, int /*isa*/, int64_t max_tile) {
   return t > kMaxTile ? kMaxTile : t;
 }
 
-size_t scratch_bytes(const LinearArgs& a, int64_t /*tile*/) {
+size_t scratch_bytes(const LinearArgs& a) {
   // Sized for the largest tile so one thread-local buffer serves every call of a layer.
-  return round_up(static_cast<int64_t>(xt_bytes(a, kMaxTile)), 64) + 64 * sizeof(float) +
-         8 * kMaxTile * sizeof(float);
+  size_t n = round_up(static_cast<int64_t>(xt_bytes(a, kMaxTile)), 64) +
+             kMaxTile * sizeof(float) + 8 * kMaxTile * sizeof(float);
+  if (a.npanels > 1) n += static_cast<size_t>(round_up(a.out, 8) * kMaxTile) * sizeof(float);
+  return n;
 }
 
 size_t sddmm_scratch_bytes(const SddmmArgs& a, int64_t rows) {

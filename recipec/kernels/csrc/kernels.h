@@ -24,7 +24,10 @@ struct LinearArgs {
   const float* x = nullptr;  // [tokens, in] row-major
   void* y = nullptr;         // [tokens, out] row-major, float (int32 for kInt8Acc)
   int64_t tokens = 0, in = 0, out = 0;
+  // npanels x (out + 1): entries of panel q (a range of input features) of row r are
+  // row_ptr[q*(out+1) + r] .. row_ptr[q*(out+1) + r + 1] - 1, panels one after the other.
   const int32_t* row_ptr = nullptr;
+  int64_t npanels = 1;
   const void* col = nullptr;  // int16 if col16 else int32
   bool col16 = false;
   const void* values = nullptr;   // float (kFp32) or int8
@@ -59,11 +62,12 @@ bool cpu_has_avx2_fma();
 // Tokens per tile: token tiles are packed transposed, so this sets the packed buffer size.
 int64_t tile_tokens(const LinearArgs& a, int isa, int64_t max_tile);
 
-// Bytes of thread-local scratch one run_tile call needs for tiles of up to `tile` tokens.
-size_t scratch_bytes(const LinearArgs& a, int64_t tile);
+// Bytes of thread-local scratch one run_tile call needs (tiles of up to 64 tokens).
+size_t scratch_bytes(const LinearArgs& a);
 
-// Computes y[t0:t0+nt, r0:r1]. scratch holds the packed tile; pack=false reuses the tile the
-// previous call on this scratch packed (same t0, nt), so row chunks of one tile pack it once.
+// Computes y[t0:t0+nt, r0:r1], panel by panel (partial sums of rows r0..r1 wait in scratch).
+// scratch holds the packed tile; pack=false reuses the tile the previous call on this scratch
+// packed (same t0, nt), so row chunks of one tile pack it once.
 void run_tile(const LinearArgs& a, int isa, int64_t t0, int64_t nt, int64_t r0, int64_t r1,
               void* scratch, bool pack);
 

@@ -77,8 +77,9 @@ void linear(const Tensor& x, const Tensor& row_ptr, const Tensor& col,
   STD_TORCH_CHECK(structure == kUnstructured || structure == kBlock4, "bad structure ", structure);
   STD_TORCH_CHECK(mode == kFp32 || mode == kInt8 || mode == kInt8Acc, "bad mode ", mode);
   STD_TORCH_CHECK(row_ptr.scalar_type() == ScalarType::Int && row_ptr.is_contiguous() &&
-                  row_ptr.numel() == out_features + 1,
-              "recipec kernels: row_ptr must be int32 [out + 1]");
+                      row_ptr.numel() >= out_features + 1 &&
+                      row_ptr.numel() % (out_features + 1) == 0,
+                  "recipec kernels: row_ptr must be int32 [panels * (out + 1)]");
   STD_TORCH_CHECK((col.scalar_type() == ScalarType::Short || col.scalar_type() == ScalarType::Int) &&
                   col.is_contiguous(),
               "recipec kernels: col must be contiguous int16/int32");
@@ -109,6 +110,7 @@ void linear(const Tensor& x, const Tensor& row_ptr, const Tensor& col,
   a.in = in_features;
   a.out = out_features;
   a.row_ptr = static_cast<const int32_t*>(row_ptr.data_ptr());
+  a.npanels = row_ptr.numel() / (out_features + 1);
   a.col = col.data_ptr();
   a.col16 = col.scalar_type() == ScalarType::Short;
   a.values = values.data_ptr();
@@ -126,7 +128,18 @@ void linear(const Tensor& x, const Tensor& row_ptr, const Tensor& col,
   // Work items: (token tile, chunk of output rows). Few tiles (e.g. 128 tokens on 2 threads)
   // are split by rows too, chunks balanced by entries and aligned to 8 rows (the write-back
   // transposes 8 rows at a time). Items are tile-major so a thread packs each tile once.
+  // Entries per row over all panels, cumulated (the row pointers themselves for one panel).
+  std::vector<int32_t> cum;
   const int32_t* rp = a.row_ptr;
+  if (a.npanels > 1) {
+    cum.assign(out_features + 1, 0);
+    for (int64_t q = 0; q < a.npanels; ++q) {
+      const int32_t* r = a.row_ptr + q * (out_features + 1);
+      for (int64_t o = 0; o < out_features; ++o) cum[o + 1] += r[o + 1] - r[o];
+    }
+    for (int64_t o = 0; o < out_features; ++o) cum[o + 1] += cum[o];
+    rp = cum.data();
+  }
   int64_t nchunks = 1;
   if (nthreads > 1)
     nchunks = std::min<int64_t>((4 * nthreads + ntiles - 1) / ntiles, (out_features + 7) / 8);
@@ -153,7 +166,7 @@ void linear(const Tensor& x, const Tensor& row_ptr, const Tensor& col,
       acc += items[i].cost;
     }
   }
-  const size_t sbytes = scratch_bytes(a, tile);
+  const size_t sbytes = scratch_bytes(a);
   auto work = [&](int64_t th) {
     void* scratch = tls_scratch.get(sbytes);
     int64_t packed = -1;

@@ -51,6 +51,8 @@ LAYERS = [
     (9, 12, 0.0, (), ()),
     (11, 21, 1.0, (), ()),
     (40, 97, 0.15, (2,), (39,)),
+    # Wider than a panel (768 fp32 features): several CSR panels, partial sums between them.
+    (20, 1700, 0.1, (3,), (5,)),
 ]
 
 
@@ -169,6 +171,7 @@ def test_packing_formats():
     w = torch.zeros(3, 10)
     w[0, 1], w[0, 6], w[0, 9] = 1.0, -2.0, 3.0
     w[2, 4] = 0.5
+    assert native.pack_linear(torch.ones(2, 1700), None).row_ptr.numel() == 3 * 3  # 3 panels
     p = native.pack_linear(w, None, structure="unstructured")
     # Odd rows end with a zero on their last column (even counts for the 2-way unrolled loop).
     assert (p.nnz, p.stored, p.col.dtype) == (4, 6, torch.int16)
@@ -285,3 +288,23 @@ def test_training_forward_backward(backend, layer):
         assert torch.allclose(wp.grad.double(), ref_gw, atol=1e-4)
         assert bool((wp.grad[~mask] == 0).all())  # pruned weights get exactly zero gradient
         assert torch.allclose(b.grad.double(), gy64.sum(0), atol=1e-4)
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "block4"])
+def test_small_panels(backend, structure, monkeypatch):
+    """Many panels (16 features each) for both dtypes: partial sums carried across panels."""
+    monkeypatch.setitem(native.PANEL_FEATURES, "fp32", 16)
+    monkeypatch.setitem(native.PANEL_FEATURES, "int8", 16)
+    w = make_weight(19, 70, 0.3, 6, block4=structure == "block4", dense_rows=(2,), empty_rows=(4,))
+    b = torch.randn(19)
+    fp = native.pack_linear(w, b, structure=structure, dtype="fp32")
+    q8 = native.pack_linear(w, b, structure=structure, dtype="int8")
+    assert fp.row_ptr.numel() == 5 * 20 and q8.row_ptr.numel() == 5 * 20
+    wq, _ = int8_weight_reference(w)
+    for t in (1, 17, 130):
+        x = torch.randn(t, 70)
+        y = native.sparse_linear(x, fp, backend=backend)
+        err = (y.double() - (x.double() @ w.double().T + b.double())).abs()
+        assert bool((err <= fp32_tolerance(x, w)).all()), t
+        acc = native.sparse_linear(x, q8, backend=backend, int8_accumulators=True)
+        assert torch.equal(acc.to(torch.int64), quantize_reference(x)[0] @ wq.T), t
