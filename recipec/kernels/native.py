@@ -163,7 +163,7 @@ def _load_library() -> tuple[bool, str | None]:
         with _file_lock(root / key / "lock"):
             if not out.exists() and failed.exists():
                 first = failed.read_text().strip().splitlines()[:1] or ["?"]
-                return False, f"build failed earlier ({first[0][:200]}); log: {failed}"
+                return False, f"build failed earlier ({first[0][:200]}); delete {failed} to retry"
             if not out.exists():
                 _say(f"building recipec's sparse kernels (once, ~{_BUILD_SECONDS} s)…")
                 start = time.perf_counter()
