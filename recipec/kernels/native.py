@@ -53,11 +53,11 @@ _ISA_ID = {"portable-c": 0, "avx2": 1}
 DEFAULT_TILE = {"fp32": 32, "int8": 32}
 
 
-# Input features per panel (see pack_linear). Measured (Zen 2, 1 thread, 90%): fp32 at 3072
-# features runs 15-20% faster in 4 panels of 768 (96 KiB of tile each) than in one (384 KiB);
-# at 1536 (192 KiB) panels are neutral; int8's tile is half the size and gained nothing at
-# 3072 from 2 panels, so it is cut only beyond 4096 (256 KiB).
-PANEL_FEATURES = {"fp32": 768, "int8": 4096}
+# Input features per panel (see pack_linear). Measured (Zen 2, 1 thread, 90%, 2048 tokens):
+# fp32 panels of 384 features (48 KiB of tile) beat one panel by 17% at 3072 features, 10% at
+# 1536 and 8% at 768 (256-768 within 3% of each other); int8's tile is half the size and
+# panels only cost it (up to 5%), so it is cut only beyond 4096 features.
+PANEL_FEATURES = {"fp32": 384, "int8": 4096}
 
 
 def default_tile(dtype: str, in_features: int) -> int:
@@ -362,7 +362,7 @@ def pack_linear(
     idx_dtype = torch.int16 if in_f <= 32767 else torch.int32
     # Wide layers are cut into panels of input features, each stored as its own CSR: the
     # kernel runs all rows over one panel's slice of the packed tile before the next, so the
-    # slice stays in L2 (at 3072 features the whole fp32 tile, 384 KiB, does not).
+    # slice stays near L1 (at 3072 features the whole fp32 tile, 384 KiB, does not fit L2).
     panel = PANEL_FEATURES[dtype] if in_f > PANEL_FEATURES[dtype] else max(in_f, 1)
     npanels = max(1, -(-in_f // panel))
     if structure == "block4":
