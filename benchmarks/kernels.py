@@ -328,6 +328,7 @@ def main(argv=None) -> int:
         help="thread: 1-thread rows timed in this thread's CPU time (for a shared, loaded machine)",
     )
     ap.add_argument("--training", action="store_true", help="the training comparison instead")
+    ap.add_argument("--stem", default=None, help="file name stem (default kernels / training)")
     ap.add_argument("--no-interop", action="store_true", help="skip the torch/kernel interop check")
     ap.add_argument(
         "--out", type=Path, default=Path(__file__).resolve().parent / "results" / "kernels"
@@ -354,7 +355,7 @@ def main(argv=None) -> int:
         machine["loadavg_end"] = loadavg()
         md = training_markdown(rows, machine)
         print(md)
-        save_report(args.out, "training", {"machine": machine, "rows": rows}, md)
+        save_report(args.out, args.stem or "training", {"machine": machine, "rows": rows}, md)
         return 0
     rows = []
     for model in args.models.split(","):
@@ -378,7 +379,8 @@ def main(argv=None) -> int:
     machine["loadavg_end"] = loadavg()
     md = markdown(rows, machine, args.dtypes, interop)
     print(md)
-    save_report(args.out, "kernels", {"machine": machine, "rows": rows, "interop": interop}, md)
+    report = {"machine": machine, "rows": rows, "interop": interop}
+    save_report(args.out, args.stem or "kernels", report, md)
     return 0
 
 
