@@ -471,6 +471,9 @@ def sparse_linear(
         raise ValueError(f"x has {x.shape[-1]} features, the layer {in_f}")
     if int8_accumulators and packed.dtype != "int8":
         raise ValueError("int8_accumulators needs an int8 layer")
+    if x.requires_grad and torch.is_grad_enabled():
+        # The compiled op has no backward: a silent cut in the graph would be worse.
+        raise RuntimeError("sparse_linear is inference-only; train with sparse_linear_train")
     st = _state or _init()
     which = backend or st["default"]
     if which == "torch-fallback":

@@ -206,6 +206,10 @@ def test_bad_inputs():
     with pytest.raises(ValueError):
         native.pack_linear(torch.eye(4), None, structure="2:4")
     assert native.sparse_linear(torch.ones(0, 4), p).shape == (0, 4)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        native.sparse_linear(torch.ones(2, 4, requires_grad=True), p)
+    with torch.no_grad():
+        assert native.sparse_linear(torch.ones(2, 4, requires_grad=True), p).shape == (2, 4)
 
 
 def test_degenerate_layers(backend):
