@@ -4,8 +4,10 @@ from recipec.kernels.native import (
     PackedLinear,
     SparseLinearModule,
     backend,
+    make_train_layout,
     pack_linear,
     sparse_linear,
+    sparse_linear_train,
     unavailable_reason,
 )
 
@@ -13,7 +15,9 @@ __all__ = [
     "PackedLinear",
     "SparseLinearModule",
     "backend",
+    "make_train_layout",
     "pack_linear",
     "sparse_linear",
+    "sparse_linear_train",
     "unavailable_reason",
 ]

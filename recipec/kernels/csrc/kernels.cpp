@@ -365,8 +365,8 @@ void pack_int8(const LinearArgs& a, int64_t t0, int64_t nt, int64_t tt, int layo
     }
     for (; k < inp; ++k)
       for (int64_t i = 0; i < 8; ++i) {
-        const int16_t q =
-            static_cast<int16_t>((k < in && i < rows) ? quantize(a.x[(t0 + t8 + i) * in + k], inv[t8 + i]) : 0);
+        const int16_t q = static_cast<int16_t>(
+            (k < in && i < rows) ? quantize(a.x[(t0 + t8 + i) * in + k], inv[t8 + i]) : 0);
         if (layout == 0)
           xq[k * tt + t8 + i] = q;
         else
@@ -487,7 +487,8 @@ void int8_rows_unstructured(const LinearArgs& a, int64_t t0, int64_t nt, int64_t
           // Keep both in registers: compilers otherwise fold them into the two unpacks as memory
           // operands, loading each twice, and loads are what this loop runs out of.
           __asm__("" : "+x"(va), "+x"(vb));
-          acc[2 * g] = _mm256_add_epi32(acc[2 * g], _mm256_madd_epi16(_mm256_unpacklo_epi16(va, vb), w));
+          acc[2 * g] =
+              _mm256_add_epi32(acc[2 * g], _mm256_madd_epi16(_mm256_unpacklo_epi16(va, vb), w));
           acc[2 * g + 1] =
               _mm256_add_epi32(acc[2 * g + 1], _mm256_madd_epi16(_mm256_unpackhi_epi16(va, vb), w));
         }
@@ -628,8 +629,8 @@ void sddmm(const SddmmArgs& a, int64_t r0, int64_t r1, float* xt, float* dyt) {
 }
 
 template <typename IT>
-void dispatch_rows(const LinearArgs& a, int64_t t0, int64_t nt, int64_t tt, int64_t r0,
-                   int64_t r1, const Scratch& s, const Pass& ps) {
+void dispatch_rows(const LinearArgs& a, int64_t t0, int64_t nt, int64_t tt, int64_t r0, int64_t r1,
+                   const Scratch& s, const Pass& ps) {
   if (a.mode == kFp32) {
     // U sets of accumulators: enough independent FMA chains (U * NV >= ~8) within 16 registers.
     switch (tt / 8) {
@@ -708,8 +709,8 @@ int64_t tile_tokens(const LinearArgs& a, int /*isa*/, int64_t max_tile) {
 
 size_t scratch_bytes(const LinearArgs& a) {
   // Sized for the largest tile so one thread-local buffer serves every call of a layer.
-  size_t n = round_up(static_cast<int64_t>(xt_bytes(a, kMaxTile)), 64) +
-             kMaxTile * sizeof(float) + 8 * kMaxTile * sizeof(float);
+  size_t n = round_up(static_cast<int64_t>(xt_bytes(a, kMaxTile)), 64) + kMaxTile * sizeof(float) +
+             8 * kMaxTile * sizeof(float);
   if (a.npanels > 1) n += static_cast<size_t>(round_up(a.out, 8) * kMaxTile) * sizeof(float);
   return n;
 }

@@ -45,7 +45,8 @@ struct Item {
 
 int resolve_isa(int64_t isa) {
   if (isa < 0) return cpu_has_avx2_fma() ? kAvx2 : kPortable;
-  STD_TORCH_CHECK(isa == kPortable || cpu_has_avx2_fma(), "recipec kernels: this CPU has no AVX2+FMA");
+  STD_TORCH_CHECK(isa == kPortable || cpu_has_avx2_fma(),
+                  "recipec kernels: this CPU has no AVX2+FMA");
   return static_cast<int>(isa);
 }
 
@@ -63,15 +64,14 @@ std::vector<int64_t> balanced_rows(const int32_t* rp, int64_t rows, int64_t nchu
   return bounds;
 }
 
-void linear(const Tensor& x, const Tensor& row_ptr, const Tensor& col,
-            const Tensor& values, const std::optional<Tensor>& wscale,
-            const std::optional<Tensor>& bias, int64_t out_features, int64_t in_features,
-            int64_t structure, int64_t mode, int64_t isa, int64_t max_tile, int64_t max_threads,
-            const Tensor& y) {
+void linear(const Tensor& x, const Tensor& row_ptr, const Tensor& col, const Tensor& values,
+            const std::optional<Tensor>& wscale, const std::optional<Tensor>& bias,
+            int64_t out_features, int64_t in_features, int64_t structure, int64_t mode, int64_t isa,
+            int64_t max_tile, int64_t max_threads, const Tensor& y) {
   // x [..., in] and y [..., out]: any leading dims (contiguous), so Python needs no reshapes.
-  STD_TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == ScalarType::Float && x.is_contiguous() &&
-                      x.is_cpu(),
-                  "recipec kernels: x must be a contiguous float32 CPU tensor");
+  STD_TORCH_CHECK(
+      x.dim() >= 1 && x.scalar_type() == ScalarType::Float && x.is_contiguous() && x.is_cpu(),
+      "recipec kernels: x must be a contiguous float32 CPU tensor");
   STD_TORCH_CHECK(x.size(x.dim() - 1) == in_features, "recipec kernels: x has ",
                   x.size(x.dim() - 1), " features, the layer ", in_features);
   STD_TORCH_CHECK(structure == kUnstructured || structure == kBlock4, "bad structure ", structure);
@@ -80,24 +80,26 @@ void linear(const Tensor& x, const Tensor& row_ptr, const Tensor& col,
                       row_ptr.numel() >= out_features + 1 &&
                       row_ptr.numel() % (out_features + 1) == 0,
                   "recipec kernels: row_ptr must be int32 [panels * (out + 1)]");
-  STD_TORCH_CHECK((col.scalar_type() == ScalarType::Short || col.scalar_type() == ScalarType::Int) &&
-                  col.is_contiguous(),
-              "recipec kernels: col must be contiguous int16/int32");
+  STD_TORCH_CHECK(
+      (col.scalar_type() == ScalarType::Short || col.scalar_type() == ScalarType::Int) &&
+          col.is_contiguous(),
+      "recipec kernels: col must be contiguous int16/int32");
   const bool fp32 = mode == kFp32;
-  STD_TORCH_CHECK(values.scalar_type() == (fp32 ? ScalarType::Float : ScalarType::Char) && values.is_contiguous(),
-              "recipec kernels: values must be contiguous ", fp32 ? "float32" : "int8");
+  STD_TORCH_CHECK(values.scalar_type() == (fp32 ? ScalarType::Float : ScalarType::Char) &&
+                      values.is_contiguous(),
+                  "recipec kernels: values must be contiguous ", fp32 ? "float32" : "int8");
   if (!fp32)
     STD_TORCH_CHECK(wscale.has_value() && wscale->scalar_type() == ScalarType::Float &&
-                    wscale->is_contiguous() && wscale->numel() == out_features,
-                "recipec kernels: int8 needs float32 weight scales [out]");
+                        wscale->is_contiguous() && wscale->numel() == out_features,
+                    "recipec kernels: int8 needs float32 weight scales [out]");
   if (bias.has_value())
     STD_TORCH_CHECK(bias->scalar_type() == ScalarType::Float && bias->is_contiguous() &&
-                    bias->numel() == out_features,
-                "recipec kernels: bias must be float32 [out]");
+                        bias->numel() == out_features,
+                    "recipec kernels: bias must be float32 [out]");
 
   // Tokens from y when the layer has no inputs (then y = bias).
-  const int64_t T = in_features > 0 ? x.numel() / in_features
-                                    : (out_features > 0 ? y.numel() / out_features : 0);
+  const int64_t T =
+      in_features > 0 ? x.numel() / in_features : (out_features > 0 ? y.numel() / out_features : 0);
   STD_TORCH_CHECK(y.numel() == T * out_features && y.is_contiguous() &&
                       y.scalar_type() == (mode == kInt8Acc ? ScalarType::Int : ScalarType::Float),
                   "recipec kernels: y must be contiguous [..., out], float32 (int32 accumulators)");
@@ -187,24 +189,26 @@ void linear(const Tensor& x, const Tensor& row_ptr, const Tensor& col,
 }
 
 // dW sampled at the kept entries: g[e] = sum_t dy[t, row(e)] * x[t, col[e]].
-void sddmm(const Tensor& x, const Tensor& dy, const Tensor& row_ptr,
-           const Tensor& col, int64_t isa, int64_t max_threads, const Tensor& g) {
-  STD_TORCH_CHECK(x.dim() == 2 && x.scalar_type() == ScalarType::Float && x.is_contiguous() && x.is_cpu(),
-              "recipec kernels: x must be a contiguous 2-D float32 CPU tensor");
+void sddmm(const Tensor& x, const Tensor& dy, const Tensor& row_ptr, const Tensor& col, int64_t isa,
+           int64_t max_threads, const Tensor& g) {
+  STD_TORCH_CHECK(
+      x.dim() == 2 && x.scalar_type() == ScalarType::Float && x.is_contiguous() && x.is_cpu(),
+      "recipec kernels: x must be a contiguous 2-D float32 CPU tensor");
   STD_TORCH_CHECK(dy.dim() == 2 && dy.scalar_type() == ScalarType::Float && dy.is_contiguous() &&
-                  dy.size(0) == x.size(0),
-              "recipec kernels: dy must be contiguous float32 [tokens, out]");
+                      dy.size(0) == x.size(0),
+                  "recipec kernels: dy must be contiguous float32 [tokens, out]");
   const int64_t out = dy.size(1);
   STD_TORCH_CHECK(row_ptr.scalar_type() == ScalarType::Int && row_ptr.is_contiguous() &&
-                  row_ptr.numel() == out + 1,
-              "recipec kernels: row_ptr must be int32 [out + 1]");
-  STD_TORCH_CHECK((col.scalar_type() == ScalarType::Short || col.scalar_type() == ScalarType::Int) &&
-                  col.is_contiguous(),
-              "recipec kernels: col must be contiguous int16/int32");
+                      row_ptr.numel() == out + 1,
+                  "recipec kernels: row_ptr must be int32 [out + 1]");
+  STD_TORCH_CHECK(
+      (col.scalar_type() == ScalarType::Short || col.scalar_type() == ScalarType::Int) &&
+          col.is_contiguous(),
+      "recipec kernels: col must be contiguous int16/int32");
   const int32_t* rp = static_cast<const int32_t*>(row_ptr.data_ptr());
   STD_TORCH_CHECK(g.dim() == 1 && g.numel() == rp[out] && g.scalar_type() == ScalarType::Float &&
-                  g.is_contiguous(),
-              "recipec kernels: g must be contiguous float32 [nnz]");
+                      g.is_contiguous(),
+                  "recipec kernels: g must be contiguous float32 [nnz]");
   SddmmArgs a;
   a.x = static_cast<const float*>(x.data_ptr());
   a.dy = static_cast<const float*>(dy.data_ptr());
