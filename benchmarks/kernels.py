@@ -3,8 +3,9 @@
 For each BERT-base (768x768, 3072x768, 768x3072) and MiniLM (384x384, 1536x384, 384x1536)
 linear (out x in), token count, sparsity, structure and thread count: a random pruned weight
 (unstructured: random mask; block4: random mask of 1x4 blocks), then dense ``F.linear``, the
-fp32 kernel and the int8 kernel timed in interleaved rounds (the first of each round rotates),
-median per variant. Reported: times, speedup over dense, and the GFLOP/s of the useful work
+fp32 kernel and the int8 kernel (and, where onnxruntime is installed, its dense fp32 and
+dynamically quantized int8 MatMul: the runtime to beat) timed in interleaved rounds (the first
+of each round rotates), median per variant. Reported: times, speedup over dense, and the GFLOP/s of the useful work
 (2 * tokens * nonzeros) next to dense's GFLOP/s (2 * tokens * out * in): at 90% sparsity a
 kernel running at 40% of dense's rate is 4x faster. ``--interop`` also checks that the
 kernels and torch's ops share the cores well (a loop alternating both vs each alone).
@@ -29,6 +30,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,12 +87,59 @@ def time_interleaved(
     return {name: stat(s) for name, s in samples.items()}
 
 
+_ORT_SESSIONS: dict = {}
+
+
+def ort_sessions(out_f: int, in_f: int, threads: int):
+    """onnxruntime sessions of a dense [in -> out] MatMul: fp32, and int8 (dynamic quantization,
+    as ``quantize_dynamic`` makes it: DynamicQuantizeLinear + MatMulInteger); None without ORT.
+    Their speed does not depend on the weight's values, so one pair serves every sparsity."""
+    key = (out_f, in_f, threads)
+    if key in _ORT_SESSIONS:
+        return _ORT_SESSIONS[key]
+    try:
+        import numpy as np
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        _ORT_SESSIONS[key] = None
+        return None
+    tmp = Path(tempfile.mkdtemp(prefix="recipec-kernels-ort-"))
+    w = np.random.default_rng(0).standard_normal((in_f, out_f), dtype=np.float32) * 0.05
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", in_f])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", out_f])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, tmp / "fp32.onnx")
+    quantize_dynamic(tmp / "fp32.onnx", tmp / "int8.onnx", weight_type=QuantType.QInt8)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    sessions = tuple(
+        ort.InferenceSession(str(tmp / f), so, providers=["CPUExecutionProvider"])
+        for f in ("fp32.onnx", "int8.onnx")
+    )
+    _ORT_SESSIONS[key] = sessions
+    return sessions
+
+
 def bench_layer(model, out_f, in_f, tokens, sparsity, structure, threads, args) -> dict:
     torch.set_num_threads(threads)
     w = pruned_weight(out_f, in_f, sparsity, structure, seed=out_f * 7 + in_f)
     b = torch.randn(out_f) * 0.01
     x = torch.randn(tokens, in_f)
     fns = {"dense": lambda: F.linear(x, w, b)}
+    ort_pair = None if args.no_ort else ort_sessions(out_f, in_f, threads)
+    if ort_pair is not None:
+        xn = x.numpy()
+        fns["ort_fp32"] = lambda: ort_pair[0].run(None, {"x": xn})
+        fns["ort_int8"] = lambda: ort_pair[1].run(None, {"x": xn})
     packed = {}
     for dtype in args.dtypes:
         p = native.pack_linear(w, b, structure=structure, dtype=dtype)
@@ -123,6 +172,12 @@ def bench_layer(model, out_f, in_f, tokens, sparsity, structure, threads, args) 
         row[f"{dtype}_speedup"] = med["dense"] / med[dtype]
         row[f"{dtype}_useful_gflops"] = useful
         row[f"{dtype}_vs_dense_rate"] = useful / dense_gf
+    if ort_pair is not None:
+        for kind in ("fp32", "int8"):
+            row[f"ort_{kind}_ms"] = med[f"ort_{kind}"] * 1e3
+            row[f"ort_{kind}_gflops"] = 2 * tokens * out_f * in_f / med[f"ort_{kind}"] / 1e9
+            if kind in args.dtypes:  # ours vs ORT's dense kernel of the same dtype
+                row[f"{kind}_vs_ort_{kind}"] = med[f"ort_{kind}"] / med[kind]
     return row
 
 
@@ -279,22 +334,39 @@ def markdown(rows: list[dict], machine: dict, dtypes: list[str], interop: dict |
         " % = that rate over dense's GFLOP/s.",
         "",
     ]
+    ort = any("ort_fp32_ms" in r for r in rows)
+    if ort:
+        lines.insert(
+            -1,
+            "ORT: onnxruntime's dense MatMul on the same layer, fp32 and dynamically quantized int8"
+            " (GF/s); `vs ORT` = ORT's time of the same dtype / ours.",
+        )
     head = "| model | out x in | T | sparsity | structure | thr | dense ms | dense GF/s |"
     sep = "|---|---|---|---|---|---|---|---|"
+    if ort:
+        head += " ORT fp32 / int8 GF/s |"
+        sep += "---|"
     for d in dtypes:
         head += f" {d} ms | {d} speedup | {d} GF/s (%) |"
         sep += "---|---|---|"
+        if ort:
+            head += f" {d} vs ORT |"
+            sep += "---|"
     lines += [head, sep]
     for r in rows:
         line = (
             f"| {r['model']} | {r['out']}x{r['in']} | {r['tokens']} | {r['sparsity']:.0%} | "
             f"{r['structure']} | {r['threads']} | {r['dense_ms']:.3f} | {r['dense_gflops']:.0f} |"
         )
+        if ort:
+            line += f" {r.get('ort_fp32_gflops', 0):.0f} / {r.get('ort_int8_gflops', 0):.0f} |"
         for d in dtypes:
             line += (
                 f" {r[f'{d}_ms']:.3f} | **{r[f'{d}_speedup']:.2f}x** | "
                 f"{r[f'{d}_useful_gflops']:.0f} ({r[f'{d}_vs_dense_rate']:.0%}) |"
             )
+            if ort:
+                line += f" {r.get(f'{d}_vs_ort_{d}', 0):.2f}x |"
         lines.append(line)
     if interop:
         lines += [
@@ -330,6 +402,7 @@ def main(argv=None) -> int:
     ap.add_argument("--training", action="store_true", help="the training comparison instead")
     ap.add_argument("--stem", default=None, help="file name stem (default kernels / training)")
     ap.add_argument("--no-interop", action="store_true", help="skip the torch/kernel interop check")
+    ap.add_argument("--no-ort", action="store_true", help="skip onnxruntime's dense baselines")
     ap.add_argument(
         "--out", type=Path, default=Path(__file__).resolve().parent / "results" / "kernels"
     )
