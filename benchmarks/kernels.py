@@ -121,6 +121,9 @@ def ort_sessions(out_f: int, in_f: int, threads: int):
     quantize_dynamic(tmp / "fp32.onnx", tmp / "int8.onnx", weight_type=QuantType.QInt8)
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    # ORT's own pool would keep spinning after each run and slow the torch/kernel calls
+    # interleaved with it (the two-pools problem); 1 thread runs on the caller, no pool.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = tuple(
         ort.InferenceSession(str(tmp / f), so, providers=["CPUExecutionProvider"])
         for f in ("fp32.onnx", "int8.onnx")
