@@ -203,13 +203,14 @@ def _init() -> dict:
                 choice = "auto"
             try:
                 loaded, reason = _load_library()
+                if loaded:
+                    ops = torch.ops.recipec_kernels
+                    state["linear"], state["sddmm"] = ops.linear.default, ops.sddmm.default
+                    state["avx2"] = bool(ops.has_avx2(torch.empty(0)))
             except Exception as exc:  # noqa: BLE001 - a kernel build must never break recipec
                 loaded, reason = False, f"unexpected error: {exc!r}"
             state["loaded"], state["reason"] = loaded, reason
             if loaded:
-                ops = torch.ops.recipec_kernels
-                state["linear"], state["sddmm"] = ops.linear.default, ops.sddmm.default
-                state["avx2"] = bool(ops.has_avx2(torch.empty(0)))
                 state["isa"] = {"portable-c": _ISA_ID["portable-c"]}
                 if state["avx2"]:
                     state["isa"]["avx2"] = _ISA_ID["avx2"]
