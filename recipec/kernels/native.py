@@ -209,6 +209,7 @@ def _init() -> dict:
                     state["avx2"] = bool(ops.has_avx2(torch.empty(0)))
             except Exception as exc:  # noqa: BLE001 - a kernel build must never break recipec
                 loaded, reason = False, f"unexpected error: {exc!r}"
+                state["avx2"] = False
             state["loaded"], state["reason"] = loaded, reason
             if loaded:
                 state["isa"] = {"portable-c": _ISA_ID["portable-c"]}
