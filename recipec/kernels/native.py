@@ -368,37 +368,9 @@ def pack_linear(
     panel = PANEL_FEATURES[dtype] if in_f > PANEL_FEATURES[dtype] else max(in_f, 1)
     npanels = max(1, -(-in_f // panel))
     if structure == "block4":
-        in4 = _round_up(in_f, 4)
-        padded = F.pad(values_of, (0, in4 - in_f))
-        mask = F.pad(w != 0, (0, in4 - in_f)).view(out_f, in4 // 4, 4).any(dim=2)
-        rows, blocks = mask.nonzero(as_tuple=True)
-        cols = blocks * 4
-        vals = padded.view(out_f, in4 // 4, 4)[rows, blocks]
-        key = (cols // panel) * out_f + rows  # (panel, row); blocks never straddle panels
-        order = torch.sort(key, stable=True).indices
-        key, col, values = key[order], cols[order], vals[order].reshape(-1)
-        counts = torch.bincount(key, minlength=npanels * out_f)
+        key, col, values, counts = _block4_entries(w, values_of, panel, npanels)
     else:
-        mask = w != 0
-        rows, cols = mask.nonzero(as_tuple=True)
-        vals = values_of[rows, cols]
-        key = (cols // panel) * out_f + rows
-        counts = torch.bincount(key, minlength=npanels * out_f)
-        # Each (panel, row) padded to an even count with a zero on its last column: int8
-        # entries are pairs, and the fp32 kernel's 2-way unrolled loop then never runs its
-        # remainder loop (one mispredicted loop exit less per row and tile).
-        order = torch.sort(key, stable=True).indices
-        key, cols, vals = key[order], cols[order], vals[order]
-        odd = (counts % 2 == 1).nonzero(as_tuple=True)[0]
-        last = torch.cumsum(counts, 0)[odd] - 1
-        key = torch.cat([key, odd])
-        cols = torch.cat([cols, cols[last]])
-        vals = torch.cat([vals, torch.zeros(len(odd))])
-        order = torch.sort(key, stable=True).indices
-        col, values = cols[order], vals[order]
-        counts = counts + counts % 2
-        if dtype == "int8":
-            counts = counts // 2
+        key, col, values, counts = _csr_entries(w, values_of, panel, npanels, dtype)
     ends = torch.cumsum(counts, 0).view(npanels, out_f)
     row_ptr = torch.zeros(npanels, out_f + 1, dtype=torch.int64)
     row_ptr[:, 1:] = ends
@@ -419,6 +391,50 @@ def pack_linear(
         bias=None if bias is None else bias.detach().to("cpu", torch.float32).contiguous(),
         nnz=nnz,
     )
+
+
+def _block4_entries(w: Tensor, values_of: Tensor, panel: int, npanels: int):
+    """Block4 entries sorted by (panel, row): block start columns, values, counts per row."""
+    out_f, in_f = w.shape
+    in4 = _round_up(in_f, 4)
+    padded = F.pad(values_of, (0, in4 - in_f))
+    mask = F.pad(w != 0, (0, in4 - in_f)).view(out_f, in4 // 4, 4).any(dim=2)
+    rows, blocks = mask.nonzero(as_tuple=True)
+    cols = blocks * 4
+    vals = padded.view(out_f, in4 // 4, 4)[rows, blocks]
+    key = (cols // panel) * out_f + rows  # (panel, row); blocks never straddle panels
+    order = torch.sort(key, stable=True).indices
+    key, col, values = key[order], cols[order], vals[order].reshape(-1)
+    counts = torch.bincount(key, minlength=npanels * out_f)
+    return key, col, values, counts
+
+
+def _csr_entries(w: Tensor, values_of: Tensor, panel: int, npanels: int, dtype: str):
+    """Unstructured entries sorted by (panel, row), each row padded to an even count.
+
+    Each (panel, row) is padded with a zero on its last column: int8 entries are pairs, and the
+    fp32 kernel's 2-way unrolled loop then never runs its remainder loop (one mispredicted
+    loop exit less per row and tile).
+    """
+    out_f = w.shape[0]
+    mask = w != 0
+    rows, cols = mask.nonzero(as_tuple=True)
+    vals = values_of[rows, cols]
+    key = (cols // panel) * out_f + rows
+    counts = torch.bincount(key, minlength=npanels * out_f)
+    order = torch.sort(key, stable=True).indices
+    key, cols, vals = key[order], cols[order], vals[order]
+    odd = (counts % 2 == 1).nonzero(as_tuple=True)[0]
+    last = torch.cumsum(counts, 0)[odd] - 1
+    key = torch.cat([key, odd])
+    cols = torch.cat([cols, cols[last]])
+    vals = torch.cat([vals, torch.zeros(len(odd))])
+    order = torch.sort(key, stable=True).indices
+    col, values = cols[order], vals[order]
+    counts = counts + counts % 2
+    if dtype == "int8":
+        counts = counts // 2
+    return key, col, values, counts
 
 
 def quantize_tokens(x: Tensor) -> tuple[Tensor, Tensor]:
