@@ -216,6 +216,10 @@ def _read_variable(name: object, value: object) -> Number | ast.expr:
     )
 
 
+# The longest chain of variables each defined by the next (each level is one stack frame).
+MAX_CHAIN = 200
+
+
 class _DependencyOrder:
     """Evaluate parsed variables depth first, each after the variables it reads.
 
@@ -247,6 +251,11 @@ class _DependencyOrder:
         if self.state.get(name) == "visiting":
             cycle = " -> ".join([*stack[stack.index(name) :], name])
             raise ExprError(f"variables form a cycle: {cycle}")
+        if len(stack) >= MAX_CHAIN:
+            raise ExprError(
+                f"variables depend on each other more than {MAX_CHAIN} deep "
+                f"({stack[0]} -> ... -> {name}); shorten the chain"
+            )
         self.state[name] = "visiting"
         for dep in sorted(free_names(self.parsed[name])):
             if dep in self.parsed:

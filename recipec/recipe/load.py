@@ -146,6 +146,9 @@ def _build_tree(builder: _TreeBuilder, root: yaml.Node, source: str) -> Any:
         if "could not determine a constructor" in msg:
             msg = f"YAML tags are not allowed here ({msg.split('for the tag')[-1].strip()})"
         raise _Stop(_mark(source, exc.problem_mark), msg) from None
+    except KeyError as exc:  # PyYAML's typed constructors, e.g. ``!!bool maybe``
+        message = f"invalid YAML: a value with an explicit type tag cannot be read ({exc})"
+        raise _Stop(Location(source, 1, 1), message) from None
     except (yaml.YAMLError, RecursionError, MemoryError, ValueError, OverflowError) as exc:
         message = f"invalid YAML: {type(exc).__name__}: {exc}"
         raise _Stop(Location(source, 1, 1), message) from None

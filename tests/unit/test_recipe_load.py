@@ -302,3 +302,18 @@ def test_overrides_given_as_a_generator_are_all_checked():
     staged = "training: {epochs: 4}\nstages:\n  - name: a\n    training: {epochs: 2}\n"
     with pytest.raises(RecipeError, match="has no effect"):
         load_recipe_text(staged, "r.yaml", (o for o in ["training.epochs=3"]))
+
+
+def test_a_typed_value_that_cannot_be_read_is_a_recipe_error():
+    with pytest.raises(RecipeError, match="explicit type tag cannot be read"):
+        load_recipe_text("version: 1\ntraining: {steps: !!bool maybe}\nmodifiers: []\n")
+
+
+def test_a_very_long_chain_of_variables_is_a_recipe_error_not_a_crash():
+    chain = "".join(f"  v{i}: ${{v{i + 1}}}\n" for i in range(1500))
+    text = f"version: 1\nvariables:\n{chain}  v1500: 1\ntraining: {{steps: 1}}\nmodifiers: []\n"
+    with pytest.raises(RecipeError, match="more than 200 deep"):
+        load_recipe_text(text)
+    short = "".join(f"  v{i}: ${{v{i + 1}}}\n" for i in range(150))
+    ok = f"version: 1\nvariables:\n{short}  v150: 1\ntraining: {{steps: 1}}\nmodifiers: []\n"
+    assert load_recipe_text(ok).variables["v0"] == 1
