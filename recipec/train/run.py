@@ -40,6 +40,9 @@ class RunConfig:
     model: str | None = None
     task: str | None = None
     data: Sequence[str] = ()
+    metric: str | None = None  # --metric: the primary metric
+    task_kind: str | None = None  # --task-kind: how numeric labels are read
+    labels: Sequence[str] | None = None  # --labels: every class, in id order
     teacher: str | None = None
     output: Path | None = None
     resume: bool = False
@@ -234,6 +237,9 @@ class ApplyRun:
             "model": config.model,
             "task": config.task,
             "data": [str(Path(d).resolve()) for d in config.data],
+            "metric": config.metric,  # None in run.json files older than these options
+            "task_kind": config.task_kind,
+            "labels": list(config.labels) if config.labels is not None else None,
             "teacher": config.teacher,
             "max_train": config.max_train,
             "max_eval": config.max_eval,
@@ -286,6 +292,9 @@ class ApplyRun:
                 max_train=config.max_train,
                 max_eval=config.max_eval,
                 seed=seed,
+                task_kind=config.task_kind,
+                labels=config.labels,
+                metric=config.metric,
             )
         except TaskError as exc:
             raise RunError(str(exc)) from None
