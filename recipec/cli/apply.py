@@ -154,9 +154,6 @@ def command(
     model,
     task,
     data,
-    metric,
-    task_kind,
-    label_list,
     teacher,
     output,
     overrides,
@@ -169,6 +166,7 @@ def command(
     sparse_backprop,
     sparse_backprop_min,
     quiet,
+    **task_options,  # --metric, --task-kind, --labels
 ) -> None:
     """Fine-tune and prune a model with RECIPE; write a sparse checkpoint and a report.
 
@@ -209,9 +207,7 @@ def command(
         model=model,
         task=task,
         data=data,
-        metric=metric,
-        task_kind=task_kind,
-        labels=_labels(label_list),
+        **_task_options(**task_options),
         teacher=teacher,
         output=output,
         resume=resume,
@@ -252,9 +248,11 @@ def command(
     click.echo(f"report: {Path(report['model_dir']).parent / 'report.md'}")
 
 
-def _labels(value: str | None) -> tuple[str, ...] | None:
-    """``--labels a,b,c`` as a tuple (checked by the task loader)."""
-    return None if value is None else tuple(v.strip() for v in value.split(","))
+def _task_options(metric: str | None, task_kind: str | None, label_list: str | None) -> dict:
+    """``RunConfig``'s task options from ``--metric``, ``--task-kind`` and ``--labels a,b,c``
+    (checked by the task loader)."""
+    labels = None if label_list is None else tuple(v.strip() for v in label_list.split(","))
+    return {"metric": metric, "task_kind": task_kind, "labels": labels}
 
 
 def _sparse_backprop_min(flag: bool, least: float | None, device: str) -> float | None:
