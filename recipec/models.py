@@ -586,6 +586,11 @@ def load_teacher(name_or_path: str | os.PathLike, student: Any, *, tokenizer: An
         loaded = load_model(name_or_path, head=head_of_model(student), quiet=False)
     except ModelLoadError as exc:
         raise ModelLoadError(f"cannot load the teacher from {name_or_path!r}: {exc}") from exc
+    if loaded.resized_head:
+        raise ModelLoadError(
+            f"the teacher {str(name_or_path)!r} does not fit this student: its saved head does "
+            f"not fit a {loaded.head} head ({', '.join(loaded.resized_head)})"
+        )
     if loaded.missing_keys:
         raise ModelLoadError(
             f"the teacher {name_or_path!r} has no trained task head or lacks weights "
