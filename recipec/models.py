@@ -731,11 +731,14 @@ def check_teacher(
 
 
 def meta_model(name_or_path: str | None, num_labels: int = 2) -> torch.nn.Module:
-    """A model with the right architecture and parameter names, on the meta device (no weights)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    """A model with the right architecture and parameter names, on the meta device (no weights).
 
-    path = resolve_model_path(name_or_path)
-    config = AutoConfig.from_pretrained(str(path), num_labels=num_labels)
+    Raises:
+        ModelLoadError: The config cannot be found or read (see :func:`load_config`).
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    config = load_config(name_or_path, num_labels=num_labels)  # offline: the cache, no retries
     with torch.device("meta"):
         return AutoModelForSequenceClassification.from_config(config)
