@@ -80,7 +80,7 @@ def _spread_data(args: list[str], takes_value: set[str]) -> list[str]:
 @click.option(
     "--metric",
     default=None,
-    help="Primary metric (picks the best checkpoint, heads the report): accuracy, f1 or mcc "
+    help="Primary metric (the report's and the final line's): accuracy, f1 or mcc "
     "for classification, pearson or spearman for regression [default: the known task's, "
     "else accuracy / spearman].",
 )

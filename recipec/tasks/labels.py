@@ -296,7 +296,7 @@ def build_task(
         info, train, dev = _multiple_choice_task(
             display, known, list(train_rows), list(eval_rows), source
         )
-        return info, train, dev, "answer positions (multiple choice)"
+        return info, train, dev, "labels are the right choice's position"
     return _text_task(display, known, list(train_rows), list(eval_rows), source, options)
 
 
@@ -484,7 +484,10 @@ def describe_task(task: TaskData, how: str, metric: str | None) -> TaskData:
     labels were read, the label counts of each split, the primary metric and why; logs them."""
     info, metric_line = choose_metric(task.info, metric)
     kind = info.kind.replace("_", "-")
-    classes = f", {info.num_labels} classes" if info.kind == "classification" else ""
+    classes = {
+        "classification": f", {info.num_labels} classes",
+        "multiple_choice": f", {info.num_choices} choices",
+    }.get(info.kind, "")
     notes = [
         *task.notes,
         f"{kind}{classes} ({how}); labels: train {_counts(info, task.train)}, "
