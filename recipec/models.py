@@ -652,8 +652,18 @@ def _head_problems(teacher: Any, student: Any) -> list[str]:
     if t.num_labels != s.num_labels:
         return [f"it has {t.num_labels} labels, the task {s.num_labels}"]
     t_names, s_names = _named_labels(t), _named_labels(s)
-    if t_names and s_names and t_names != s_names:
+    if not t_names or not s_names:
+        return []
+    t_low, s_low = [n.lower() for n in t_names], [n.lower() for n in s_names]
+    if t_low != s_low and sorted(t_low) == sorted(s_low):  # the same classes, other ids
         return [f"its labels are {t_names} (in id order), the task's {s_names}"]
+    if t_low != s_low:
+        logger.warning(
+            "the teacher's labels %s are named unlike the task's %s: check they mean the same "
+            "classes in the same order",
+            t_names,
+            s_names,
+        )
     return []
 
 

@@ -194,3 +194,19 @@ def test_a_teacher_with_a_truncated_weights_file_is_named(tiny_folder, tmp_path)
     with pytest.raises(ModelLoadError) as info:
         load_teacher(teacher, student_of(tiny_folder))
     assert f"{teacher / 'model.safetensors'}: the weights file is truncated" in str(info.value)
+
+
+def test_a_teacher_whose_labels_are_the_same_classes_in_another_order_is_refused(
+    tiny_folder, tmp_path
+):
+    named = TaskInfo("t", "classification", 2, label_names=("negative", "positive"))
+    student = load_model(tiny_folder, task=named).model
+    teacher = edit_config(
+        shutil.copytree(tiny_folder, tmp_path / "teacher"),
+        id2label={"0": "POSITIVE", "1": "NEGATIVE"},
+        label2id={"POSITIVE": 0, "NEGATIVE": 1},
+    )
+    with pytest.raises(ModelLoadError, match=r"its labels are \['POSITIVE', 'NEGATIVE'\]"):
+        load_teacher(teacher, student)
+    edit_config(teacher, id2label={"0": "NEGATIVE", "1": "POSITIVE"}, label2id={})
+    load_teacher(teacher, student)  # the same order, another case: accepted
