@@ -2,8 +2,10 @@
 
 Labels are typed once every row of a task is read (train then eval): class names, class ids or
 float scores (regression). ``build_task`` checks the rows against the known task they belong to,
-if any, and picks the metrics; ``finish_task`` checks that both splits have examples and takes
-the seeded subsets asked for.
+if any, refuses label sets that look accidental (one train class, eval-only classes, gaps in
+class ids, a class seen once, integers mixed with decimals; ``TaskOptions`` says otherwise) and
+picks the metrics; ``finish_task`` checks that both splits have examples and takes the seeded
+subsets asked for; ``describe_task`` applies ``--metric`` and says what was inferred and why.
 """
 
 from __future__ import annotations
@@ -236,11 +238,12 @@ def _check_classes(
         missing = sorted(set(range(ids[-1] + 1)) - set(ids))
         if missing:
             stray = next(r for r, v in zip(rows, values) if v > missing[0])
+            every_id = ",".join(str(i) for i in range(ids[-1] + 1))
             raise TaskError(
                 f"{stray.where}: class ids {_ranges(ids)} skip {_ranges(missing)}: a head for "
                 f"{ids[-1] + 1} classes would be trained, {len(missing)} of them never seen; "
-                f"fix the label, or list the classes: --labels "
-                f"{','.join(str(i) for i in range(ids[-1] + 1))[:60]}"
+                "fix the label, or list the classes: --labels "
+                + (every_id if len(every_id) <= 60 else every_id[:60].rsplit(",", 1)[0] + ",...")
             )
     once = [c for c, n in every.items() if n == 1]
     if once and len(values) >= _ONCE_MIN_ROWS and not typed.explicit:
