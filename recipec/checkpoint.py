@@ -67,7 +67,12 @@ def resolve_model_dir(path: str | Path) -> tuple[Path, Path | None]:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if not path.is_dir():
-        raise CheckpointError(f"{path}: expected a run directory or a model folder")
+        hint = (
+            ": this ONNX file is already exported (time its folder with recipec bench FOLDER)"
+            if path.suffix.lower() == ".onnx"
+            else ""
+        )
+        raise CheckpointError(f"{path}: expected a run directory or a model folder{hint}")
     if (path / "model" / "config.json").is_file():
         return path / "model", path
     if (path / "config.json").is_file():
@@ -100,9 +105,13 @@ def load_model(model_dir: Path, task: str) -> torch.nn.Module:
     try:
         loaded = models.load_model(model_dir, head=task, dtype=torch.float32, quiet=False)
     except ModelLoadError as err:
-        exc = err.__cause__ if err.__cause__ is not None else err
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{model_dir}: cannot load as {task}: {first}") from exc
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{model_dir}: cannot load as {task}: {first}") from err
+    if loaded.resized_head:
+        raise CheckpointError(
+            f"{model_dir}: cannot load as {task}: its saved head does not fit a {task} head "
+            f"({', '.join(loaded.resized_head)}); pass the head it was trained with (--task)"
+        )
     return loaded.model.eval()
 
 

@@ -10,7 +10,52 @@ import click
 from recipec.cli._common import fail, load_or_exit, set_option
 
 
-@click.command("apply")
+class _ApplyCommand(click.Command):
+    """``apply`` with ``--data TRAIN EVAL`` as well as ``--data TRAIN --data EVAL``.
+
+    Once RECIPE has been given, the paths that follow ``--data`` up to the next option are all
+    data paths (``recipec apply RECIPE --data train.tsv dev.tsv``); before RECIPE, ``--data``
+    takes one path as usual (``recipec apply --data DIR RECIPE``).
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        takes_value = {
+            opt
+            for p in self.params
+            if isinstance(p, click.Option) and not p.is_flag and not p.count
+            for opt in (*p.opts, *p.secondary_opts)
+        }
+        return super().parse_args(ctx, _spread_data(list(args), takes_value))
+
+
+def _spread_data(args: list[str], takes_value: set[str]) -> list[str]:
+    """``[R, --data, A, B]`` -> ``[R, --data, A, --data, B]`` (see ``_ApplyCommand``)."""
+    out: list[str] = []
+    positional = False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return out + args[i:]
+        if arg == "--data" or arg.startswith("--data="):
+            taken = 1 if "=" in arg else 2
+            out += args[i : i + taken]
+            i += taken
+            while positional and i < len(args) and not args[i].startswith("-"):
+                out += ["--data", args[i]]
+                i += 1
+            continue
+        if arg in takes_value:
+            out += args[i : i + 2]
+            i += 2
+            continue
+        positional = positional or not arg.startswith("-")
+        out.append(arg)
+        i += 1
+    return out
+
+
+@click.command("apply", cls=_ApplyCommand)
 @click.argument("recipe")
 @click.option(
     "--model",
@@ -27,8 +72,32 @@ from recipec.cli._common import fail, load_or_exit, set_option
     "--data",
     multiple=True,
     type=click.Path(),
-    help="A folder with train/dev files, or the train file then "
-    "the eval file (TSV, CSV, JSONL, CommonsenseQA or WinoGrande JSONL).",
+    metavar="DIR | TRAIN EVAL",
+    help="Local data: a folder with train/dev files (--data DIR), or the train file then the "
+    "eval file (--data TRAIN EVAL, or --data TRAIN --data EVAL): UTF-8 TSV with a header or "
+    "GLUE's headerless CoLA TSV, CSV, JSONL, JSON, CommonsenseQA or WinoGrande JSONL.",
+)
+@click.option(
+    "--metric",
+    default=None,
+    help="Primary metric (the report's and the final line's): accuracy, f1 or mcc "
+    "for classification, pearson or spearman for regression [default: the known task's, "
+    "else accuracy / spearman].",
+)
+@click.option(
+    "--task-kind",
+    type=click.Choice(["classification", "regression"]),
+    default=None,
+    help="How to read numeric labels when the files alone are ambiguous (integers mixed with "
+    "decimals) [default: integers are class ids, decimals are scores].",
+)
+@click.option(
+    "--labels",
+    "label_list",
+    default=None,
+    metavar="A,B,...",
+    help="Every class, in id order (e.g. 0,1,2 or negative,positive): labels outside it are "
+    "refused; rare, missing or eval-only classes in it are accepted.",
 )
 @click.option(
     "--teacher",
@@ -97,6 +166,7 @@ def command(
     sparse_backprop,
     sparse_backprop_min,
     quiet,
+    **task_options,  # --metric, --task-kind, --labels
 ) -> None:
     """Fine-tune and prune a model with RECIPE; write a sparse checkpoint and a report.
 
@@ -104,6 +174,7 @@ def command(
     Examples:
       recipec apply recipes/quickstart.yaml
       recipec apply recipes/downstream_gmp_90.yaml --data ../shared/data/sst2 --set init_sparsity=0.3
+      recipec apply quickstart --data train.tsv dev.tsv --metric f1
       recipec apply recipes/downstream_gmp_90.yaml --model roberta-large --task glue/sst2 --device cuda
       recipec apply recipes/quickstart.yaml --resume        # after Ctrl-C or a crash
       torchrun --nproc_per_node 4 --no-python recipec apply recipes/quickstart.yaml --device cuda
@@ -136,6 +207,7 @@ def command(
         model=model,
         task=task,
         data=data,
+        **_task_options(**task_options),
         teacher=teacher,
         output=output,
         resume=resume,
@@ -174,6 +246,13 @@ def command(
         line += f"  (dense teacher {report['teacher']['eval'][primary]:.4f})"
     click.echo(line)
     click.echo(f"report: {Path(report['model_dir']).parent / 'report.md'}")
+
+
+def _task_options(metric: str | None, task_kind: str | None, label_list: str | None) -> dict:
+    """``RunConfig``'s task options from ``--metric``, ``--task-kind`` and ``--labels a,b,c``
+    (checked by the task loader)."""
+    labels = None if label_list is None else tuple(v.strip() for v in label_list.split(","))
+    return {"metric": metric, "task_kind": task_kind, "labels": labels}
 
 
 def _sparse_backprop_min(flag: bool, least: float | None, device: str) -> float | None:

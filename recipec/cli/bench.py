@@ -169,9 +169,10 @@ def _print_report(
     from recipec.runtime.bench import format_table, plot, save_json
 
     click.echo(
-        f"{report['folder']}: {report['task']}, {report['sparsity']:.1%} of masked weights are zero, "
-        f"seq {seq_len}, {report['threads']} thread(s), {clock} clock"
+        f"{report['folder']}: {report['task']}, {report['sparsity']:.1%} of the pruned weights in "
+        f"the graph are zero, seq {seq_len}, {report['threads']} thread(s), {clock} clock"
     )
+
     click.echo(format_table(report))
     ratios = [s for s in report["speedups"] if s["vs_dense_ort"]]
     for s in ratios:

@@ -489,13 +489,91 @@ def export(
     )
 
 
+_SPARSITY_KEYS = {
+    "task": str,
+    "inputs": list,
+    "tensors": dict,
+    "overall": dict,
+}
+
+
 def read_sparsity(folder: str | Path) -> dict:
-    """The folder's ``sparsity.json``."""
+    """The folder's ``sparsity.json``, checked to be one ``export`` wrote.
+
+    Raises:
+        ExportError: The file is missing, not JSON, or lacks what the benchmark reads.
+    """
     path = Path(folder) / SPARSITY_FILE
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{path}: cannot read: {exc}") from exc
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise ExportError(f"{path}: cannot read: {exc}") from None
+    redo = "export the checkpoint again (recipec export RUN_DIR --onnx --overwrite)"
+    if not isinstance(info, dict):
+        raise ExportError(f"{path}: not a sparsity.json written by recipec export; {redo}")
+    for key, kind in _SPARSITY_KEYS.items():
+        if not isinstance(info.get(key), kind):
+            raise ExportError(f"{path}: {key!r} is missing or not a {kind.__name__}; {redo}")
+    tensors = info["tensors"].values()
+    if not all(isinstance(t, dict) and isinstance(t.get("numel"), int) for t in tensors):
+        raise ExportError(f"{path}: its 'tensors' table is not one recipec export wrote; {redo}")
+    if not isinstance(info["overall"].get("sparsity"), int | float):
+        raise ExportError(f"{path}: 'overall.sparsity' is missing; {redo}")
+    return info
+
+
+def load_onnx(path: str | Path):
+    """The ONNX model at ``path``; an empty, truncated or foreign file is an ExportError."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    try:
+        model = onnx.load(str(path))
+    except (OSError, DecodeError, ValueError, RuntimeError) as exc:
+        raise ExportError(
+            f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc}); export it again"
+        ) from None
+    if not model.graph.node:
+        size = path.stat().st_size
+        raise ExportError(
+            f"{path}: no ONNX graph in this file ({'empty' if size == 0 else f'{size} bytes'}"
+            "; truncated or not ONNX); export it again"
+        )
+    return model
+
+
+def graph_zeros(onnx_model, info: dict) -> dict:
+    """The zeros actually held by the initializers sparsity.json names, and where they differ.
+
+    Returns:
+        ``{"zeros", "numel", "sparsity", "recorded", "missing", "differ"}``: ``recorded`` is
+        sparsity.json's overall sparsity, ``missing`` the tensors whose initializer is not in
+        the graph, ``differ`` the tensors whose zero count differs from the recorded one.
+    """
+    from onnx import numpy_helper
+
+    by_name = {init.name: init for init in onnx_model.graph.initializer}
+    zeros = numel = 0
+    missing, differ = [], []
+    for name, t in info["tensors"].items():
+        init = by_name.get(t.get("onnx_initializer"))
+        if init is None:
+            missing.append(name)
+            continue
+        arr = numpy_helper.to_array(init)
+        count = int(arr.size - np.count_nonzero(arr))
+        zeros, numel = zeros + count, numel + int(arr.size)
+        if count != t.get("onnx_zeros", t.get("zeros")):
+            differ.append(name)
+    return {
+        "zeros": zeros,
+        "numel": numel,
+        "sparsity": zeros / numel if numel else 0.0,
+        "recorded": float(info["overall"]["sparsity"]),
+        "missing": missing,
+        "differ": differ,
+    }
 
 
 def is_deployment_folder(folder: str | Path) -> bool:
@@ -506,7 +584,6 @@ def is_deployment_folder(folder: str | Path) -> bool:
 
 def verify_deployment(folder: str | Path, atol: float = DEFAULT_ATOL) -> dict:
     """Re-run both checks on a deployment folder (needs its torch weights and masks)."""
-    import onnx
 
     folder = Path(folder)
     info = read_sparsity(folder)
@@ -519,7 +596,7 @@ def verify_deployment(folder: str | Path, atol: float = DEFAULT_ATOL) -> dict:
     masks = load_masks(folder / MASKS_FILE, model)
     params = dict(model.named_parameters())
     tensors = verify_zeros(
-        onnx.load(str(folder / ONNX_FILE)), {n: params[n].detach() for n in masks}, masks
+        load_onnx(folder / ONNX_FILE), {n: params[n].detach() for n in masks}, masks
     )
     tokenizer = load_tokenizer(folder)
     samples = parity_samples(model, info["task"], info["inputs"], tokenizer)

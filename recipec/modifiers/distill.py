@@ -58,6 +58,8 @@ class DistillModifier(Modifier):
             )
         if isinstance(teacher, str):
             teacher = _load_teacher(teacher, ctx.model)
+        else:
+            _check_teacher(teacher, ctx.model)
         device = next(ctx.model.parameters()).device
         self.teacher = teacher.to(device).eval()
         for p in self.teacher.parameters():
@@ -88,10 +90,24 @@ class DistillModifier(Modifier):
 
 
 def _load_teacher(path: str, student: nn.Module) -> nn.Module:
-    """The teacher at ``path`` through the one model loader, with the student's head kind."""
+    """The teacher at ``path`` through the one model loader, with the student's head kind;
+    checked against the student (labels, task kind, tokenizer) by ``models.load_teacher``."""
     from recipec.models import ModelLoadError, load_teacher
 
     try:
         return load_teacher(path, student)
+    except ModelLoadError as exc:
+        raise CompileError(str(exc)) from None
+
+
+def _check_teacher(teacher: nn.Module, student: nn.Module) -> None:
+    """A teacher given as a model: its outputs and vocabulary must fit the student's (models
+    without a Hugging Face config are taken as they are)."""
+    from recipec.models import ModelLoadError, check_teacher
+
+    if not hasattr(teacher, "config") or not hasattr(student, "config"):
+        return
+    try:
+        check_teacher(teacher, student)
     except ModelLoadError as exc:
         raise CompileError(str(exc)) from None

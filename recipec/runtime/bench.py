@@ -34,7 +34,9 @@ from recipec.checkpoint import (
 from recipec.export.onnx import (
     ONNX_FILE,
     export,
+    graph_zeros,
     is_deployment_folder,
+    load_onnx,
     read_sparsity,
 )
 from recipec.runtime.runtimes import (
@@ -211,7 +213,7 @@ def dense_twin_onnx(folder: str | Path, out_path: str | Path, seed: int = 0) -> 
     from onnx import numpy_helper
 
     info = read_sparsity(folder)
-    model = onnx.load(str(Path(folder) / ONNX_FILE))
+    model = load_onnx(Path(folder) / ONNX_FILE)
     targets = {t["onnx_initializer"] for t in info["tensors"].values() if "onnx_initializer" in t}
     rng = np.random.default_rng(seed)
     for init in model.graph.initializer:
@@ -261,6 +263,44 @@ def check_seq_len(folder: Path, seq_len: int):
             f"max_position_embeddings in {folder / 'config.json'})"
         )
     return config
+
+
+def activation_bytes(config, task: str, batch: int, seq: int, choices: int = 4) -> int:
+    """A rough peak of one forward's activations in bytes (float32): the hidden states, Q/K/V,
+    the FFN's intermediate output and the attention scores of one layer, plus the inputs."""
+    rows = batch * (choices if task == "multiple-choice" else 1)
+    hidden = int(getattr(config, "hidden_size", 768) or 768)
+    inner = int(getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden)
+    heads = int(getattr(config, "num_attention_heads", 12) or 12)
+    per_token = 4 * (6 * hidden + 2 * inner) + 3 * 8
+    return rows * seq * per_token + 4 * 3 * rows * heads * seq * seq
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``), None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(config, task: str, batch_sizes, seq: int, choices: int = 4) -> None:
+    """Refuses (BenchError) batch sizes whose activations would not fit in memory, up front."""
+    free = available_memory()
+    if free is None:
+        return
+    for batch in batch_sizes:
+        need = activation_bytes(config, task, batch, seq, choices)
+        if need > 0.8 * free:
+            items = f"{batch} x {choices} choices" if task == "multiple-choice" else f"{batch}"
+            raise BenchError(
+                f"batch {items} at --seq-len {seq} needs about {need / 2**30:.1f} GiB of "
+                f"activations per call (estimate), more than the {free / 2**30:.1f} GiB of memory "
+                "available: use smaller --batch-sizes or --seq-len"
+            )
 
 
 def resolve_folder(path: str | Path, workdir: Path, log, seq_len: int | None = None) -> Path:
@@ -385,12 +425,12 @@ def _setup(
     """Export if needed, read the folder, start every runtime's session or model once."""
     folder = resolve_folder(path, workdir, log, seq_len)
     info = read_sparsity(folder)
-    report.update(
-        model=str(path), folder=str(folder), task=info["task"], sparsity=info["overall"]["sparsity"]
-    )
-    onnx_sparse = folder / ONNX_FILE
-    onnx_dense = dense_twin_onnx(folder, workdir / "dense.onnx") if dense_baseline else None
     config = check_seq_len(folder, seq_len)
+    check_memory(config, info["task"], report["batch_sizes"], seq_len, choices)
+    onnx_sparse = folder / ONNX_FILE
+    report.update(model=str(path), folder=str(folder), task=info["task"])
+    _count_zeros(load_onnx(onnx_sparse), info, report, log)
+    onnx_dense = dense_twin_onnx(folder, workdir / "dense.onnx") if dense_baseline else None
     worker = _deepsparse_worker(active, deepsparse_python, threads, report, log)
     torch_model, masks, torch_dense = _torch_models(active, folder, info, onnx_dense, report, log)
     return _Setup(
@@ -401,8 +441,8 @@ def _setup(
         vocab_size=int(config.vocab_size),
         seq_len=seq_len,
         choices=choices,
-        sess_sparse=ort_session(onnx_sparse, threads),
-        sess_dense=ort_session(onnx_dense, threads) if onnx_dense else None,
+        sess_sparse=_session(onnx_sparse, threads),
+        sess_dense=_session(onnx_dense, threads) if onnx_dense else None,
         onnx_sparse=onnx_sparse,
         onnx_dense=onnx_dense,
         worker=worker,
@@ -413,6 +453,37 @@ def _setup(
         atol=atol,
         rtol=rtol,
     )
+
+
+def _count_zeros(graph, info: dict, report: dict, log: Callable[[str], None]) -> None:
+    """The zeros actually in the graph's pruned initializers go into the report (``sparsity``);
+    where they differ from sparsity.json, ``sparsity_mismatch`` says so."""
+    found = graph_zeros(graph, info)
+    report["sparsity"] = found["sparsity"]
+    report["sparsity_recorded"] = found["recorded"]
+    problems = []
+    if found["missing"]:
+        problems.append(f"{len(found['missing'])} pruned tensor(s) are not in the graph")
+    if found["differ"] or abs(found["sparsity"] - found["recorded"]) > 1e-9:
+        problems.append(
+            f"its pruned initializers hold {found['sparsity']:.1%} zeros, sparsity.json records "
+            f"{found['recorded']:.1%} ({len(found['differ'])} tensor(s) differ)"
+        )
+    if problems:
+        report["sparsity_mismatch"] = (
+            f"{report['folder']}/{ONNX_FILE} was changed after export: {'; '.join(problems)}. "
+            "The 'sparse' rows time the graph as it is"
+        )
+        log(f"warning: {report['sparsity_mismatch']}")
+
+
+def _session(onnx_path: Path, threads: int):
+    """An onnxruntime session; a graph it cannot load is a BenchError naming the file."""
+    try:
+        return ort_session(onnx_path, threads)
+    except Exception as exc:  # onnxruntime's pybind errors (InvalidProtobuf, Fail, ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BenchError(f"{onnx_path}: onnxruntime cannot load it: {first}") from None
 
 
 def _measure_batches(
@@ -430,7 +501,15 @@ def _measure_batches(
         inputs = bench_inputs(
             setup.names, setup.task, setup.vocab_size, batch, setup.seq_len, setup.choices
         )
-        targets = _targets_for_batch(setup, inputs, batch, report, log)
+        try:
+            targets = _targets_for_batch(setup, inputs, batch, report, log)
+        except Exception as exc:  # MemoryError, or onnxruntime's "Failed to allocate memory"
+            if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower():
+                raise
+            raise BenchError(
+                f"batch {batch} at --seq-len {setup.seq_len} ran out of memory: use smaller "
+                "--batch-sizes or --seq-len"
+            ) from None
         log(
             f"batch {batch}: timing {len(targets)} target(s), {warmup} warm-up + "
             f"{repeats} alternating rounds"
@@ -547,6 +626,7 @@ def format_table(report: dict) -> str:
         f"{'items/s':>9}  {'vs dense ort':>12}  {'vs same dense':>13}"
     )
     lines = [header, "-" * len(header)]
+    mismatch = bool(report.get("sparsity_mismatch"))
     for m in report.get("results", []):
         r = (
             ratios.get((m["model"], m["runtime"], m["batch"], m["seq"]))
@@ -555,9 +635,15 @@ def format_table(report: dict) -> str:
         )
         vs_ort = f"{r['vs_dense_ort']:.2f}x" if r and r["vs_dense_ort"] else ""
         vs_same = f"{r['vs_dense_same_runtime']:.2f}x" if r and r["vs_dense_same_runtime"] else ""
+        variant = f"{m['variant']}*" if mismatch and m["variant"] == "sparse" else m["variant"]
         lines.append(
-            f"{m['batch']:>5}  {m['runtime']:<11} {m['variant']:<7} {m['p50_ms']:>9.2f} "
+            f"{m['batch']:>5}  {m['runtime']:<11} {variant:<7} {m['p50_ms']:>9.2f} "
             f"{m['p90_ms']:>9.2f} {m['items_per_s']:>9.1f}  {vs_ort:>12}  {vs_same:>13}"
+        )
+    if mismatch:
+        lines.append(
+            f"* the graph holds {report['sparsity']:.1%} zeros where sparsity.json records "
+            f"{report['sparsity_recorded']:.1%}: see the warning"
         )
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["KINDS", "Example", "Kind", "TaskData", "TaskError", "TaskInfo"]
+__all__ = ["KINDS", "Example", "Kind", "TaskData", "TaskError", "TaskInfo", "TaskOptions"]
 
 Kind = Literal["classification", "regression", "multiple_choice"]
 KINDS = ("classification", "regression", "multiple_choice")
@@ -78,6 +78,23 @@ class TaskInfo:
         d["metrics"] = list(self.metrics)
         d["label_names"] = list(self.label_names) if self.label_names else None
         return d
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """What the user says about a task instead of letting recipec infer it.
+
+    Attributes:
+        kind: ``"classification"`` or ``"regression"`` (``--task-kind``): how numeric labels
+            are read when the files alone are ambiguous (integers mixed with decimals).
+        labels: Every class, in id order (``--labels``): labels outside it are refused, and
+            rare, missing or dev-only classes in it are accepted.
+        metric: The primary metric (``--metric``), one the task's kind supports.
+    """
+
+    kind: str | None = None
+    labels: tuple[str, ...] | None = None
+    metric: str | None = None
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from recipec.tasks.base import Example, TaskData, TaskError
+from recipec.tasks.base import Example, TaskData, TaskError, TaskOptions
 from recipec.tasks.known import KnownTask
 from recipec.tasks.labels import build_task, finish_task
 from recipec.tasks.records import RawRow, parse_records
@@ -17,11 +17,21 @@ from recipec.tasks.records import RawRow, parse_records
 __all__ = ["load_hub"]
 
 
-def load_hub(known: KnownTask, max_train: int | None, max_eval: int | None, seed: int) -> TaskData:
-    """Loads a known task through ``datasets.load_dataset`` (imported lazily)."""
+def load_hub(
+    known: KnownTask,
+    max_train: int | None,
+    max_eval: int | None,
+    seed: int,
+    options: TaskOptions | None = None,
+) -> tuple[TaskData, str]:
+    """Loads a known task through ``datasets.load_dataset`` (imported lazily).
+
+    Returns:
+        ``(task data, how its labels were read)``.
+    """
     hint = (
-        "or pass local files instead: data=[DIR] with train/dev files, or data=[TRAIN, EVAL] "
-        "(--data); `recipec apply` without a task uses the offline built-in task"
+        "or pass local files instead: --data DIR (a folder with train/dev files) or --data "
+        "TRAIN EVAL; `recipec apply` without a task uses the offline built-in task"
     )
     try:
         import datasets
@@ -43,8 +53,9 @@ def load_hub(known: KnownTask, max_train: int | None, max_eval: int | None, seed
 
     train_rows = _split_rows(train_split, known, known.train_split)
     eval_rows = _split_rows(eval_split, known, known.eval_split)
-    info, train, dev = build_task(known.name, known, train_rows, eval_rows, source)
-    return finish_task(info, train, dev, max_train, max_eval, seed, [])
+    info, train, dev, how = build_task(known.name, known, train_rows, eval_rows, source, options)
+    notes = [f"task {known.name} from the Hugging Face hub ({source})"]
+    return finish_task(info, train, dev, max_train, max_eval, seed, notes), how
 
 
 def _split_rows(

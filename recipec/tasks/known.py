@@ -136,5 +136,6 @@ def unknown_task_message(name: str) -> str:
     return (
         f"Unknown task {name!r}. Known tasks: {', '.join(known_tasks())} "
         f"(aliases such as sst2, mrpc, stsb, csqa, winogrande also work). "
-        "To use your own data, pass local files: data=[DIR] or data=[TRAIN, EVAL] (--data)."
+        "To use your own data, pass local files: --data DIR (a folder with train and dev "
+        "files) or --data TRAIN EVAL."
     )

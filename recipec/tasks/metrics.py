@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "METRICS",
+    "METRICS_BY_KIND",
     "accuracy",
     "compute_metrics",
     "f1",
@@ -170,6 +171,13 @@ METRICS = {
     "spearman": spearman,
 }
 """Metric name -> function(predictions, labels). Names used in ``TaskInfo.metrics``."""
+
+METRICS_BY_KIND = {
+    "classification": ("accuracy", "f1", "mcc"),
+    "regression": ("pearson", "spearman"),
+    "multiple_choice": ("accuracy",),
+}
+"""The metrics each task kind can be scored with (``--metric``)."""
 
 
 def compute_metrics(info: TaskInfo, predictions: Any, labels: Any) -> dict[str, float]:

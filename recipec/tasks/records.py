@@ -143,6 +143,10 @@ def _text_row(record: Mapping[str, Any], columns: Columns, where: str) -> RawRow
         missing = columns.first if not isinstance(text, str) else columns.second
         raise TaskError(f"{where}: field {missing!r} is missing or not a string")
     label = record.get(columns.label) if columns.label else None
+    if label is not None and not isinstance(label, str | int | float):
+        raise TaskError(
+            f"{where}: the label must be a number or a string, got a {type(label).__name__}"
+        )
     return RawRow(text.strip(), pair.strip() if pair is not None else None, label, where)
 
 

@@ -40,6 +40,9 @@ class RunConfig:
     model: str | None = None
     task: str | None = None
     data: Sequence[str] = ()
+    metric: str | None = None  # --metric: the primary metric
+    task_kind: str | None = None  # --task-kind: how numeric labels are read
+    labels: Sequence[str] | None = None  # --labels: every class, in id order
     teacher: str | None = None
     output: Path | None = None
     resume: bool = False
@@ -234,6 +237,9 @@ class ApplyRun:
             "model": config.model,
             "task": config.task,
             "data": [str(Path(d).resolve()) for d in config.data],
+            "metric": config.metric,  # None in run.json files older than these options
+            "task_kind": config.task_kind,
+            "labels": list(config.labels) if config.labels is not None else None,
             "teacher": config.teacher,
             "max_train": config.max_train,
             "max_eval": config.max_eval,
@@ -286,6 +292,9 @@ class ApplyRun:
                 max_train=config.max_train,
                 max_eval=config.max_eval,
                 seed=seed,
+                task_kind=config.task_kind,
+                labels=config.labels,
+                metric=config.metric,
             )
         except TaskError as exc:
             raise RunError(str(exc)) from None
@@ -336,16 +345,36 @@ class ApplyRun:
         self.metrics = MetricsLog(self.out / "metrics.jsonl" if self.main_rank else None)
 
     def teacher(self) -> tuple[Any, dict[str, Any] | None]:
-        """The distillation teacher: a path, or (``auto``) a dense model fine-tuned here."""
+        """The distillation teacher, loaded and checked against the student (labels, task kind,
+        tokenizer): a path, or (``auto``) a dense model fine-tuned here (or cached)."""
+        if self.teacher_spec is None:
+            return None, None
         if self.teacher_spec != "auto":
-            return self.teacher_spec, None
+            return self._load_teacher(self.teacher_spec), None
         # the teacher trains like the first stage that distils (not a prune-only stage before it)
         first = next(
             i
             for i, stage in enumerate(self.stages)
             if any(m is self.distill for m in stage.modifiers)
         )
-        return self._auto_teacher(self.plans[first])
+        path, report = self._auto_teacher(self.plans[first])
+        return self._load_teacher(path, cache=Path(path).parent), report
+
+    def _load_teacher(self, path: str, cache: Path | None = None) -> Any:
+        """The teacher model at ``path``; a RunError says what does not fit (and, for a cached
+        teacher, how to clear the cache)."""
+        from recipec.models import ModelLoadError, load_teacher
+
+        try:
+            return load_teacher(path, self.model, tokenizer=self.tokenizer)
+        except ModelLoadError as exc:
+            hint = (
+                f"; the cached teacher may be damaged: remove it (rm -r {cache}) and run again "
+                "to fine-tune it anew"
+                if cache is not None
+                else ""
+            )
+            raise RunError(f"teacher: {exc}{hint}") from None
 
     def find_resume(self) -> tuple[int, Path | None]:
         """With --resume: the stage and checkpoint to continue from (rank 0 decides)."""
@@ -575,8 +604,7 @@ class ApplyRun:
             (done / "config.json").is_file(), what="checking the teacher cache"
         ):
             reporter.log(f"[teacher] reusing the fine-tuned dense teacher at {done}")
-            saved = cache / "teacher.json"
-            return str(done), json.loads(saved.read_text()) if saved.is_file() else None
+            return str(done), _cached_teacher_report(cache)
         reporter.log(f"[teacher] fine-tuning a dense teacher for {total} steps (cached at {cache})")
         _seed_run(training.seed)
         teacher, tokenizer = load_model_and_tokenizer(config.model, task.info, device=config.device)
@@ -664,6 +692,26 @@ def _seed_run(seed: int) -> None:
 
     seed_everything(seed)
     dist_utils.seed_rank(seed)
+
+
+def _cached_teacher_report(cache: Path) -> dict[str, Any] | None:
+    """The cached teacher's ``teacher.json`` (its evaluation), None if absent."""
+    saved = cache / "teacher.json"
+    if not saved.is_file():
+        return None
+    try:
+        report = json.loads(saved.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RunError(
+            f"{saved}: cannot read the cached teacher's report ({exc}); remove the cached "
+            f"teacher (rm -r {cache}) and run again to fine-tune it anew"
+        ) from None
+    if not isinstance(report, dict) or not isinstance(report.get("eval"), dict):
+        raise RunError(
+            f"{saved}: not a teacher report written by recipec; remove the cached teacher "
+            f"(rm -r {cache}) and run again to fine-tune it anew"
+        )
+    return report
 
 
 def _save_teacher(teacher, tokenizer, cache: Path, done: Path, report: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ import yaml
 from transformers import BertConfig, BertForMultipleChoice, BertForSequenceClassification
 
 import recipec
+from recipec.modifiers.base import CompileError
 from recipec.modifiers.distill import distillation_loss, kd_loss
 from recipec.recipe.load import load_recipe_text
 
@@ -196,11 +197,27 @@ def test_distill_window_and_missing_batch():
         program.loss(out.loss)
 
 
-def test_teacher_with_other_labels_is_refused_at_loss_time():
+def test_teacher_with_other_labels_is_refused_at_compile_time():
+    """#22: a mismatched teacher is a clear error when the stage is compiled, not a traceback
+    at the first loss; a teacher without a Hugging Face config is still checked at loss time."""
     torch.manual_seed(0)
     student = BertForSequenceClassification(_config())
     teacher = BertForSequenceClassification(_config(num_labels=3))
-    program = recipec.compile(_distill_recipe(), student, None, steps_per_epoch=4, teacher=teacher)
+    with pytest.raises(CompileError, match="it has 3 labels, the task 2"):
+        recipec.compile(_distill_recipe(), student, None, steps_per_epoch=4, teacher=teacher)
+    regression = BertForSequenceClassification(_config(num_labels=1))
+    with pytest.raises(CompileError, match="it is a regression model"):
+        recipec.compile(_distill_recipe(), student, None, steps_per_epoch=4, teacher=regression)
+
+    class Bare(torch.nn.Module):  # no config: only its logits' shape can be checked
+        def __init__(self):
+            super().__init__()
+            self.inner = teacher
+
+        def forward(self, **inputs):
+            return self.inner(**inputs)
+
+    program = recipec.compile(_distill_recipe(), student, None, steps_per_epoch=4, teacher=Bare())
     batch = _batch()
     out = student(**batch)
     program.step_start(0)

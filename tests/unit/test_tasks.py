@@ -103,7 +103,10 @@ def test_known_task_fixes_label_order(tmp_path):
 
 def test_tsv_question_sentence_columns(tmp_path):
     header = "index\tquestion\tsentence\tlabel\n"
-    train = write(tmp_path / "t.tsv", header + "0\twho baked it?\tmy aunt baked the bread.\t0\n")
+    train = write(
+        tmp_path / "t.tsv",
+        header + "0\twho baked it?\tmy aunt baked the bread.\t0\n1\twhen?\tat noon.\t1\n",
+    )
     dev = write(tmp_path / "d.tsv", header + "0\twhere?\tin the hall.\t1\n")
     td = load_task(data=[train, dev])
     assert (
