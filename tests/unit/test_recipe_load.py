@@ -302,3 +302,24 @@ def test_overrides_given_as_a_generator_are_all_checked():
     staged = "training: {epochs: 4}\nstages:\n  - name: a\n    training: {epochs: 2}\n"
     with pytest.raises(RecipeError, match="has no effect"):
         load_recipe_text(staged, "r.yaml", (o for o in ["training.epochs=3"]))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../pyproject.toml", "../recipec/__init__.py", "../__init__.py", "../README", "/etc/passwd"],
+)
+def test_a_bundled_name_never_resolves_outside_the_recipe_library(name, tmp_path, monkeypatch):
+    from recipec.recipe.load import find_bundled, resolve_recipe_path
+
+    monkeypatch.chdir(tmp_path)  # where none of these exist as given
+    assert find_bundled(name) is None
+    assert find_bundled(name.removesuffix(".toml").removesuffix(".py")) is None
+    resolved = resolve_recipe_path(name)
+    assert resolved == __import__("pathlib").Path(name)  # left as given: "no such file" follows
+
+
+def test_bundled_names_resolve_with_or_without_yaml():
+    from recipec.recipe.load import bundled_names, find_bundled
+
+    for name in bundled_names():
+        assert find_bundled(name) == find_bundled(f"{name}.yaml") and find_bundled(name).is_file()
