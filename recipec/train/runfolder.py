@@ -138,10 +138,11 @@ def resume_changes(
     """The recipe changes ``--resume`` makes, relative to the last session: a list of
     ``{"field", "was", "now"}`` (empty when none). Raises RunFolderError naming what differs
     from how the run was started beyond :data:`RESUME_CHANGEABLE`."""
-    refused = []
-    for key, label in _ASKED_LABELS.items():
-        if key in asked and before.get(key) != asked[key]:
-            refused.append(f"{label} ({_shown(before.get(key))} then, {_shown(asked[key])} now)")
+    refused = [
+        f"{_ASKED_LABELS.get(key, key)} ({_shown(before.get(key))} then, {_shown(value)} now)"
+        for key, value in asked.items()
+        if key != "recipe" and before.get(key) != value
+    ]
     where = str(out / RUN.marker)
     started, now = _recipe_tree(before.get("recipe"), where), _recipe_tree(asked["recipe"], where)
     fields = [p for p in diff_paths(started, now) if not changeable(p, started, now)]

@@ -263,15 +263,19 @@ def test_a_second_process_on_the_same_run_folder_is_refused(
 # -- leftovers of a failed write ------------------------------------------------------------------
 
 
-def test_leftovers_of_failed_writes_do_not_block_a_rerun(
-    fast_run, fast_recipe, tiny_model_dir, tmp_path
-):
+def test_leftovers_of_failed_writes_do_not_block_a_rerun(fast_recipe, tiny_model_dir, tmp_path):
     """Issue #22 item 6: a 0-byte .run.json.tmp-PID blocked rerun, --overwrite and --resume."""
     out = tmp_path / "fresh"
     out.mkdir()
     (out / ".run.json.tmp-4242").write_text("")
     assert_clean(apply(fast_recipe, tiny_model_dir, out, quiet=True), 0)
     assert not leftovers(out)
+
+
+@pytest.mark.slow
+def test_leftovers_block_neither_resume_nor_overwrite(
+    fast_run, fast_recipe, tiny_model_dir, tmp_path
+):
     run = copy_run(fast_run, tmp_path / "run")
     (run / ".metrics.jsonl.tmp-4242").write_text("")
     (checkpoint_dir(run) / ".latest.tmp-4242").write_text("")
@@ -328,6 +332,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+@pytest.mark.slow
 def test_a_real_full_disk(fast_run, fast_recipe, tiny_model_dir, small_disk):
     run = small_disk / "run"
     result = apply(fast_recipe, tiny_model_dir, run, quiet=True)
@@ -397,7 +402,10 @@ def test_an_unwritable_output(fast_recipe, tiny_model_dir, tmp_path, monkeypatch
 # -- Ctrl-C -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["loading the model", "after creating the folder"])
+@pytest.mark.parametrize(
+    "where",
+    ["loading the model", pytest.param("after creating the folder", marks=pytest.mark.slow)],
+)
 def test_ctrl_c_while_starting_exits_130_and_leaves_a_folder_that_reruns(
     fast_recipe, tiny_model_dir, tmp_path, monkeypatch, where
 ):
@@ -445,6 +453,7 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(
     assert same_weights(run, fast_run)
 
 
+@pytest.mark.slow
 def test_a_resume_with_a_lower_learning_rate_keeps_its_auto_teacher(
     fast_recipe, tiny_model_dir, tmp_path, monkeypatch
 ):

@@ -422,6 +422,37 @@ def test_trainer_checkpoint_resume_restores_the_program(tmp_path):
         trainer.train(resume_from_checkpoint=str(checkpoint))
 
 
+def test_the_callback_refuses_a_planted_program_state(tmp_path):
+    """The callback's resume reads recipec_program.json + .safetensors; a planted (or old)
+    recipec_program.pt is refused with a message, never unpickled (the Trainer path: below)."""
+    import pickle
+    from types import SimpleNamespace
+
+    from recipec.train.hf import read_program_state
+    from recipec.train.resume import CheckpointStateError
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "payload-ran"), "w"))
+
+    model = _model()
+    program = recipec.compile(_recipe(GMP_LR), model, _optimizer(model), steps_per_epoch=6)
+    callback = RecipecCallback(program)
+    folder = tmp_path / "hf" / "checkpoint-4"
+    folder.mkdir(parents=True)
+    args = SimpleNamespace(output_dir=str(tmp_path / "hf"), should_save=True)
+    callback.on_save(args, SimpleNamespace(global_step=4), None)
+    assert read_program_state(folder)["step"] == program.state_dict()["step"]
+    for name in ("recipec_program.json", "recipec_program.safetensors"):
+        (folder / name).unlink()
+    (folder / "recipec_program.pt").write_bytes(pickle.dumps({"masks": Payload()}))
+    with pytest.raises(CheckpointStateError, match="does not unpickle") as info:
+        callback._resume(args, SimpleNamespace(global_step=4))
+    assert str(folder / "recipec_program.pt") in str(info.value)
+    assert not (tmp_path / "payload-ran").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:the Trainer will run")
 def test_a_planted_program_state_is_refused_not_unpickled(tmp_path):
     """The Trainer checkpoint's Program state is JSON + safetensors: a pickle planted as
