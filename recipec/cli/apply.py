@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 from pathlib import Path
 
@@ -53,6 +55,27 @@ def _spread_data(args: list[str], takes_value: set[str]) -> list[str]:
         out.append(arg)
         i += 1
     return out
+
+
+def _exit_130_on_ctrl_c(func):
+    """Ctrl-C outside the training loop's own handling (while starting, or a second Ctrl-C):
+    one message and exit status 130, no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            if os.environ.get("RANK", "0") == "0":  # (torch may be half imported: no is_main)
+                click.echo(
+                    "\ninterrupted: stopped at once (Ctrl-C while starting, or a second Ctrl-C). "
+                    "The last checkpoint, if any, is kept: the same command plus --resume "
+                    "continues from it",
+                    err=True,
+                )
+            sys.exit(130)
+
+    return wrapper
 
 
 @click.command("apply", cls=_ApplyCommand)
@@ -149,6 +172,7 @@ def _spread_data(args: list[str], takes_value: set[str]) -> list[str]:
     "here). Implies --sparse-backprop.",
 )
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@_exit_130_on_ctrl_c
 def command(
     recipe,
     model,
@@ -183,8 +207,9 @@ def command(
     Under torchrun / accelerate launch every process trains a shard of each global batch
     (DDP); only rank 0 prints and writes. See docs/distributed.md.
 
-    Exit status: 0 done, 1 training stopped (non-finite loss, a lost or diverging rank), 2 bad
-    input, 130 interrupted.
+    Exit status: 0 done, 1 training stopped (non-finite loss, a full disk, a lost or diverging
+    rank; the last checkpoint is kept), 2 bad input (including an output folder in use by another
+    run, read-only, or not recipec's), 130 interrupted. See docs/safety.md.
     """
     if resume and overwrite:
         fail("--resume continues the run in --output and --overwrite replaces it: pass one of them")
@@ -233,17 +258,20 @@ def command(
         if is_main():
             click.echo(f"{exc}; continue with the same command plus --resume", err=True)
         sys.exit(130)
+
     if not is_main():
         return
+    from recipec.train.report import number
+
     primary = report["primary_metric"]
-    final = report["final_eval"][primary]
+    final = report["final_eval"].get(primary)
     line = (
-        f"done: {report['model_dir']}  eval {primary} {final:.4f}  "
+        f"done: {report['model_dir']}  eval {primary} {number(final)}  "
         f"sparsity {100 * report['sparsity']['targets']:.2f}% of targets "
         f"({100 * report['sparsity']['model']:.2f}% of all weights)  {report['wall_seconds']:.0f} s"
     )
     if report.get("teacher"):
-        line += f"  (dense teacher {report['teacher']['eval'][primary]:.4f})"
+        line += f"  (dense teacher {number(report['teacher']['eval'].get(primary))})"
     click.echo(line)
     click.echo(f"report: {Path(report['model_dir']).parent / 'report.md'}")
 

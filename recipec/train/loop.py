@@ -11,7 +11,7 @@ import json
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,23 +155,30 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
-    def truncate_after(self, stage: str, step: int) -> None:
-        """On resume, drop records newer than the checkpoint (they will be re-logged)."""
+    def truncate_after(self, stage: str, step: int, later: Sequence[str] = ()) -> None:
+        """On resume, drop the records newer than the checkpoint (they will be logged again):
+        ``stage``'s after ``step``, every record of the ``later`` stages, and lines that are not
+        JSON objects (a write cut short)."""
         if self.path is None or not self.path.exists():
             return
         kept = []
-        stages_seen: list[str] = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:
                 continue
-            if rec.get("stage") not in stages_seen:
-                stages_seen.append(rec.get("stage"))
-            if rec.get("stage") == stage and rec.get("step", 0) > step:
+            if not isinstance(rec, dict) or rec.get("stage") in later:
+                continue
+            at = rec.get("step", 0)
+            if rec.get("stage") == stage and (not isinstance(at, int) or at > step):
                 continue
             kept.append(line)
         write_text_atomic(self.path, "".join(k + "\n" for k in kept))
+
+    def clear(self) -> None:
+        """A run that starts from its first step: no records from an earlier attempt."""
+        if self.path is not None and self.path.exists():
+            self.path.unlink()
 
 
 class _SigintFlag:
@@ -265,6 +272,7 @@ class StageRunner:
         self.stop_after_step = stop_after_step
         self.eval_before = eval_before
         self.log_sparsity = log_sparsity
+        self.on_resumed: Callable[[], None] | None = None  # after a checkpoint's state loaded
         self.world = dist_utils.world_size()
         self.rank = dist_utils.rank()
         self.step = 0
@@ -279,9 +287,15 @@ class StageRunner:
     def run(self, checkpoint: dict[str, Any] | None = None) -> StageResult:
         """The whole stage, from the start or from a checkpoint's state; returns its result
         (``final_eval`` None when stopped early)."""
-        if checkpoint is not None and self.resume(checkpoint):
-            last = eval_metrics(self.eval_history[-1]) if self.eval_history else None
-            return StageResult(self.plan.total_steps, self.elapsed_before, self.eval_history, last)
+        if checkpoint is not None:
+            finished = self.resume(checkpoint)
+            if self.on_resumed is not None:
+                self.on_resumed()
+            if finished:
+                last = eval_metrics(self.eval_history[-1]) if self.eval_history else None
+                return StageResult(
+                    self.plan.total_steps, self.elapsed_before, self.eval_history, last
+                )
         self.net = dist_utils.wrap_model(self.data.model, self.data.device)
         self.check_masks(f"start (step {self.step})")
         self.checked_version = self.program.masks.version
@@ -302,14 +316,23 @@ class StageRunner:
             self.program.close()
 
     def resume(self, state: dict[str, Any]) -> bool:
-        """Restore a checkpoint's state; True when it is a finished stage (nothing to do)."""
-        self.step = int(state["step"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("program") is not None:
-            self.program.load_state_dict(state["program"])
-        _restore_rng(state, self.world, self.rank, self.plan.training.seed + self.step)
-        self.eval_history = list(state.get("eval_history", []))
-        self.elapsed_before = float(state.get("seconds", 0.0))
+        """Restore a checkpoint's state; True when it is a finished stage (nothing to do).
+
+        Raises :class:`recipec.train.resume.CheckpointStateError` when the state does not fit
+        this stage (its optimizer, Program or RNG state)."""
+        try:
+            self.step = int(state["step"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("program") is not None:
+                self.program.load_state_dict(state["program"])
+            _restore_rng(state, self.world, self.rank, self.plan.training.seed + self.step)
+            self.eval_history = list(state.get("eval_history", []))
+            self.elapsed_before = float(state.get("seconds", 0.0))
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            raise resume.CheckpointStateError(
+                f"its state does not fit stage {self.plan.name!r}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            ) from None
         return self.step >= self.plan.total_steps and bool(state.get("complete"))
 
     def prune_only(self, sigint: _SigintFlag) -> None:
@@ -364,8 +387,10 @@ class StageRunner:
                 self.checked_version = program.masks.version
         if not math.isfinite(loss_value):
             raise TrainingError(
-                f"stage {name!r}: the loss is {loss_value} at step {step}; stopping. "
-                "The last good checkpoint is kept (lower the learning rate, then --resume)."
+                f"stage {name!r}: the loss is {loss_value} at step {step}; stopping. The last good "
+                "checkpoint is kept: continue from it with a lower learning rate, i.e. the same "
+                "command plus --resume --set training.learning_rate=... (or the lr modifiers' "
+                "init_lr / final_lr, or the variables that feed them; see docs/safety.md)."
             )
         self.backward(loss, weight, step)
         program.before_optimizer_step(step)

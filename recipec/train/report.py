@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,40 @@ from recipec.sparsity.selection import component_of
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``; a line that is not a record (a write cut short by a
+    full disk) is left out."""
     if not path.exists():
         return []
-    return [
-        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step", 0), int):
+            records.append(record)
+    return records
+
+
+def number(value: Any, digits: int = 4) -> str:
+    """A metric for people: ``0.8125``; anything that is not a number as it is."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def kept_line(primary: str, final: Any, teacher: Any) -> str:
+    """The dense teacher's score and the share of it the sparse model kept: a percentage only
+    when the teacher's score is positive (a Matthews correlation of 0, or a negative one, has
+    no meaningful ratio)."""
+    line = f"Dense teacher: {primary} {number(teacher)}"
+    finite = all(isinstance(v, int | float) and math.isfinite(v) for v in (final, teacher))
+    if finite and teacher > 0:
+        return line + f"; kept {100 * final / teacher:.2f}% of it."
+    return (
+        line
+        + f"; the sparse model: {number(final)} (no percentage: the teacher's score is not positive)."
+    )
 
 
 def _plots(
@@ -115,6 +145,7 @@ def write_outputs(
     teacher_report,
     seconds: float,
     config,
+    resumes: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write the model folder, report.json, report.md and plots; return the report."""
     program = outcomes[-1].program if outcomes else None
@@ -171,6 +202,8 @@ def write_outputs(
         "resumed": bool(config.resume),
         "model_dir": str(folder),
     }
+    if resumes:
+        report["resumes"] = resumes
     report["plots"] = _plots(out, records, per_tensor, info.primary_metric)
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     write_text_atomic(out / "report.md", _markdown(report))
@@ -222,12 +255,16 @@ def _markdown(report: dict[str, Any]) -> str:
         "| metric | value |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {v:.4f} |" for k, v in report["final_eval"].items()]
+    lines += [f"| {k} | {number(v)} |" for k, v in report["final_eval"].items()]
     if report.get("teacher"):
         t = report["teacher"]["eval"]
+        lines += ["", kept_line(primary, report["final_eval"].get(primary), t.get(primary))]
+    changes = [(r, c) for r in report.get("resumes", []) for c in r.get("changes", [])]
+    if changes:
+        lines += ["", "Changed on resume:", ""]
         lines += [
-            "",
-            f"Dense teacher: {primary} {t[primary]:.4f}; kept {100 * report['final_eval'][primary] / t[primary]:.2f}% of it.",
+            f"- `{c['field']}`: {c['was']} -> {c['now']} (from stage `{r['stage']}` step {r['step']})"
+            for r, c in changes
         ]
     s = report["sparsity"]
     lines += [
@@ -252,7 +289,7 @@ def _markdown(report: dict[str, Any]) -> str:
             before, after = stage.get("eval_before_pruning") or {}, stage.get("final_eval") or {}
             if primary in before and primary in after:
                 lines += [
-                    f"{primary}: {before[primary]:.4f} before pruning, {after[primary]:.4f} after.",
+                    f"{primary}: {number(before[primary])} before pruning, {number(after[primary])} after.",
                     "",
                 ]
         else:

@@ -77,6 +77,10 @@ def test_apply_writes_a_sparse_checkpoint_and_report(recipe_file, tiny_model_dir
         assert (out / name).is_file(), name
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == list(range(1, 31))
+    # Everything in the run folder is something recipec writes there (what --overwrite may delete).
+    from recipec.outputs import RUN, foreign_entries
+
+    assert foreign_entries(out, RUN.rule) == []
     # The folder loads as a plain HF model.
     from transformers import AutoModelForSequenceClassification
 

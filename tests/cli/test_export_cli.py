@@ -143,3 +143,22 @@ def test_export_verification_failure_exits_1_and_names_tensor(tmp_path, runner, 
     assert "verification failed" in res.output
     assert "bert.encoder.layer.0.attention.output.dense.weight" in res.output
     assert not (run / "onnx").exists()
+
+
+def test_export_overwrite_goes_through_the_same_rule_as_apply(tmp_path, runner):
+    """An export folder is recipec's by its sparsity.json format marker, and holds only what
+    export writes (recipec.outputs.EXPORT_FOLDER); anything else there refuses --overwrite."""
+    from recipec.outputs import EXPORT, foreign_entries
+
+    run = tiny_run(tmp_path / "run")
+    assert runner.invoke(main, ["export", str(run), "--onnx"]).exit_code == 0
+    onnx = run / "onnx"
+    assert foreign_entries(onnx, EXPORT.rule) == []  # the rule lists everything export writes
+    (onnx / "latency.csv").write_text("mine")
+    res = runner.invoke(main, ["export", str(run), "--onnx", "--overwrite"])
+    assert res.exit_code == 2 and "latency.csv" in res.output, res.output
+    assert (onnx / "latency.csv").read_text() == "mine"
+    (onnx / "latency.csv").unlink()
+    (onnx / "sparsity.json").write_text("{}")  # not recipec's marker any more
+    res = runner.invoke(main, ["export", str(run), "--onnx", "--overwrite"])
+    assert res.exit_code == 2 and "not a recipec export" in res.output, res.output

@@ -317,3 +317,22 @@ def test_a_very_long_chain_of_variables_is_a_recipe_error_not_a_crash():
     short = "".join(f"  v{i}: ${{v{i + 1}}}\n" for i in range(150))
     ok = f"version: 1\nvariables:\n{short}  v150: 1\ntraining: {{steps: 1}}\nmodifiers: []\n"
     assert load_recipe_text(ok).variables["v0"] == 1
+@pytest.mark.parametrize(
+    "name",
+    ["../pyproject.toml", "../recipec/__init__.py", "../__init__.py", "../README", "/etc/passwd"],
+)
+def test_a_bundled_name_never_resolves_outside_the_recipe_library(name, tmp_path, monkeypatch):
+    from recipec.recipe.load import find_bundled, resolve_recipe_path
+
+    monkeypatch.chdir(tmp_path)  # where none of these exist as given
+    assert find_bundled(name) is None
+    assert find_bundled(name.removesuffix(".toml").removesuffix(".py")) is None
+    resolved = resolve_recipe_path(name)
+    assert resolved == __import__("pathlib").Path(name)  # left as given: "no such file" follows
+
+
+def test_bundled_names_resolve_with_or_without_yaml():
+    from recipec.recipe.load import bundled_names, find_bundled
+
+    for name in bundled_names():
+        assert find_bundled(name) == find_bundled(f"{name}.yaml") and find_bundled(name).is_file()
