@@ -24,8 +24,9 @@ The recipe owns the learning rate (it has an ``lr`` modifier); no scheduler is n
 state) into ``accelerator.save_state`` / ``load_state``.
 
 ``--output DIR`` gets ``result.json`` (the pruning steps planned and run, the sparsity) and
-``model.pt`` (the trained weights) from the main process, and ``masks-rank<R>.pt`` from every
-process.
+``model.pt`` (the trained weights) from the main process, ``masks-rank<R>.pt`` from every
+process, and ``state/`` (``accelerator.save_state``; the Program's state is its
+``custom_checkpoint_0.pkl``).
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = train(accelerator, model, optimizer, loader, program)
 
     args.output.mkdir(parents=True, exist_ok=True)
+    accelerator.save_state(args.output / "state")  # model, optimizer, RNG and the Program
     torch.save(
         program.masks.state_dict(), args.output / f"masks-rank{accelerator.process_index}.pt"
     )

@@ -85,6 +85,10 @@ def test_the_accelerate_example_equals_the_plain_loop(tmp_path):
     weights = torch.load(output / "model.pt", weights_only=True)
     masks = torch.load(output / "masks-rank0.pt", weights_only=True)
     _assert_masks_exact(weights, masks)
+    # accelerator.save_state holds the Program's state (register_for_checkpointing).
+    saved = torch.load(output / "state" / "custom_checkpoint_0.pkl", weights_only=True)
+    assert saved["step"] == 23 and saved["finalized"]
+    assert all(torch.equal(saved["masks"][name], mask) for name, mask in masks.items())
 
     ref_model, ref_program = _plain_loop(_example(), accumulate=2)
     assert set(masks) == set(ref_program.masks.masks)
