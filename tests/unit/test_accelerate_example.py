@@ -7,6 +7,8 @@ import importlib.util
 import json
 import math
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -35,9 +37,7 @@ def _run(command: list[str], output: Path) -> dict:
         os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     )
     env.setdefault("OMP_NUM_THREADS", "1")
-    result = subprocess.run(
-        command, cwd=output.parent, env=env, capture_output=True, text=True, timeout=900
-    )
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr[-4000:]}"
     return json.loads((output / "result.json").read_text())
 
@@ -76,9 +76,26 @@ def _assert_masks_exact(weights: dict, masks: dict) -> None:
         assert not bool((weights[name][~mask] != 0).any()), name
 
 
+def _documented(first: str, output: Path) -> list[str]:
+    """The command of docs/frameworks.md's bash blocks that starts with ``first``, writing to
+    ``output``."""
+    doc = (ROOT / "docs" / "frameworks.md").read_text(encoding="utf-8")
+    lines = [
+        line.strip()
+        for b in re.findall(r"```bash\n(.*?)```", doc, flags=re.DOTALL)
+        for line in b.splitlines()
+    ]
+    (line,) = [c for c in lines if c.startswith(first + " ")]
+    args = shlex.split(line)
+    args[args.index("--output") + 1] = str(output)
+    return args
+
+
 def test_the_accelerate_example_equals_the_plain_loop(tmp_path):
     output = tmp_path / "run"
-    result = _run([sys.executable, str(SCRIPT), "--output", str(output), "--cpu"], output)
+    command = _documented("python", output)
+    assert command[1:3] == ["examples/accelerate_loop.py", "--output"]
+    result = _run([sys.executable, *command[1:]], output)
     assert result["processes"] == 1 and result["steps"] == 24  # 12 batches / 2 per step x 4
     assert result["pruning_steps"] == result["planned_pruning_steps"] == [6, 12, 18]
     assert result["sparsity"] == pytest.approx(0.8, abs=1e-3)
@@ -104,9 +121,9 @@ def test_the_accelerate_example_under_accelerate_launch_with_two_cpu_processes(t
     if launcher is None:
         pytest.skip("the accelerate command is not on PATH")
     output = tmp_path / "ddp"
-    command = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    command += ["--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT)]
-    result = _run(command + ["--output", str(output), "--cpu"], output)
+    command = _documented("accelerate launch", output)
+    assert command[command.index("--num_processes") + 1] == "2" and "--cpu" in command
+    result = _run([launcher, *command[1:]], output)
     # Each process takes every other batch: 6 per epoch, 3 optimizer steps of 2.
     assert result["processes"] == 2 and result["steps_per_epoch"] == 3 and result["steps"] == 12
     assert result["pruning_steps"] == result["planned_pruning_steps"] == [3, 6, 9]
