@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import re
+import shlex
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -404,3 +411,34 @@ def test_step_count_mismatch_warns(tmp_path):
         "run 3 optimizer steps but the recipe stage 'main' is planned for 12" in str(w.message)
         for w in caught
     )
+
+
+@pytest.mark.slow
+def test_the_lightning_example_under_ddp_with_two_cpu_processes(tmp_path):
+    """docs/frameworks.md's command: examples/lightning_loop.py with --devices 2 (Lightning
+    starts the second process; DDP over gloo)."""
+    root = Path(__file__).resolve().parents[2]
+    doc = (root / "docs" / "frameworks.md").read_text(encoding="utf-8")
+    (line,) = [c for c in re.findall(r"^python examples/lightning_loop\.py .*$", doc, re.M)]
+    args = shlex.split(line)
+    output = tmp_path / "ddp"
+    args[args.index("--output") + 1] = str(output)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    )
+    run = subprocess.run(
+        [sys.executable, *args[1:]], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert run.returncode == 0, f"{line}\n{run.stdout}\n{run.stderr[-4000:]}"
+    result = json.loads((output / "result.json").read_text())
+    # 48 examples over 2 processes: 6 batches each per epoch, 3 optimizer steps of 2.
+    assert result["processes"] == 2 and result["steps_per_epoch"] == 3 and result["steps"] == 12
+    assert result["pruning_steps"] == result["planned_pruning_steps"] == [3, 6, 9]
+    assert result["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    masks = [torch.load(output / f"masks-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert len(masks[0]) == 12 and masks[0].keys() == masks[1].keys()
+    for name in masks[0]:
+        assert torch.equal(masks[0][name], masks[1][name]), name
+    weights = torch.load(output / "model.pt", weights_only=True)
+    for name, mask in masks[0].items():
+        assert not bool((weights[name][~mask] != 0).any()), name
