@@ -317,6 +317,8 @@ def test_a_very_long_chain_of_variables_is_a_recipe_error_not_a_crash():
     short = "".join(f"  v{i}: ${{v{i + 1}}}\n" for i in range(150))
     ok = f"version: 1\nvariables:\n{short}  v150: 1\ntraining: {{steps: 1}}\nmodifiers: []\n"
     assert load_recipe_text(ok).variables["v0"] == 1
+
+
 @pytest.mark.parametrize(
     "name",
     ["../pyproject.toml", "../recipec/__init__.py", "../__init__.py", "../README", "/etc/passwd"],
