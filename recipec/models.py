@@ -421,11 +421,12 @@ def load_teacher(name_or_path: str | os.PathLike, student: Any) -> Any:
 
 
 def meta_model(name_or_path: str | None, num_labels: int = 2) -> torch.nn.Module:
-    """A model with the right architecture and parameter names, on the meta device (no weights)."""
+    """A model with the right architecture and parameter names, on the meta device (no weights),
+    with the head of the folder's ``config.architectures`` (:func:`head_for`)."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     path = resolve_model_path(name_or_path)
     config = AutoConfig.from_pretrained(str(path), num_labels=num_labels)
     with torch.device("meta"):
-        return AutoModelForSequenceClassification.from_config(config)
+        return _auto_class(head_for(config)).from_config(config)
