@@ -271,6 +271,24 @@ def test_plan_accepts_an_explicit_exclude_and_lists_what_stays_dense(folder, tmp
     assert "modernbert, seq 128), stage 'main': 6 target tensors" in result.output
 
 
+def test_apply_reports_the_encoder_linears_an_exclude_leaves_dense(folder, tmp_path):
+    recipe = _recipe(tmp_path, "exclude: ['layers\\.1\\.attn\\.']\n" + GMP_80)
+    out = tmp_path / "run"
+    result = _cli(
+        "apply", recipe, "--model", folder("modernbert", "seq"), "--max-train", 16,
+        "--max-eval", 8, "--output", out, "--quiet",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity"]["dense_encoder_linears"] == [
+        "model.layers.1.attn.Wqkv.weight",
+        "model.layers.1.attn.Wo.weight",
+    ]
+    markdown = (out / "report.md").read_text()
+    assert "Encoder linear layers left dense (2):" in markdown
+    assert "- `model.layers.1.attn.Wqkv.weight`" in markdown
+
+
 def test_apply_refuses_before_the_teacher_trains(folder, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("RECIPEC_CACHE", str(cache))
