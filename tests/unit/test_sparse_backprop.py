@@ -195,8 +195,7 @@ def test_the_report_line_says_when_a_stage_was_resumed():
 @needs_sparseprop
 def test_the_loop_removes_the_kernels_however_the_stage_ends(tiny_bert, embedded_tokenizer):
     import recipec
-    from recipec.tasks import builtin
-    from recipec.tasks import TaskInfo
+    from recipec.tasks import TaskInfo, builtin
     from recipec.train.loop import StageData, StageRunner
 
     text = "training: {epochs: 1, batch_size: 4, max_seq_length: 16}\nmodifiers:\n  - {type: gmp, init_sparsity: 0.95, final_sparsity: 0.95, start_step: 0, end_step: 0}\n"
