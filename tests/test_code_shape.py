@@ -32,13 +32,17 @@ def long_functions(root: Path = PACKAGE) -> list[str]:
             n = code_lines(node)
             doc = ast.get_docstring(node) or ""
             if n > MAX_LINES and "Long because" not in doc:
-                found.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name} ({n} lines)")
+                found.append(
+                    f"{path.relative_to(root.parent)}:{node.lineno} {node.name} ({n} lines)"
+                )
     return found
 
 
 def test_no_function_is_too_long():
     found = long_functions()
-    assert not found, "split these (or say 'Long because ...' in the docstring):\n" + "\n".join(found)
+    assert not found, "split these (or say 'Long because ...' in the docstring):\n" + "\n".join(
+        found
+    )
 
 
 def test_a_long_function_is_caught(tmp_path):
