@@ -10,7 +10,7 @@ from typing import Any
 from recipec.checkpoint import write_checkpoint
 from recipec.outputs import write_text_atomic
 from recipec.sparsity.masks import count_zeros, weight_sparsity
-from recipec.sparsity.selection import component_of
+from recipec.sparsity.selection import component_sparsity, dense_encoder_linears, grouped_names
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -155,11 +155,6 @@ def write_outputs(
     targets_sparsity, per_tensor = weight_sparsity(params, list(masks))
     zeros = {name: count_zeros(params[name]) for name in masks}
     all_params = sum(p.numel() for p in params.values())
-    by_component: dict[str, list[int]] = {}
-    for name, p in params.items():
-        entry = by_component.setdefault(component_of(name), [0, 0])
-        entry[0] += p.numel()
-        entry[1] += zeros.get(name, 0)
     records = _read_metrics(out / "metrics.jsonl")
     report = {
         "recipe": str(config.recipe_path),
@@ -175,7 +170,9 @@ def write_outputs(
             "targets": targets_sparsity,
             "model": sum(zeros.values()) / all_params if all_params else 0.0,
             "per_tensor": per_tensor,
-            "per_component": {c: (z / n if n else 0.0) for c, (n, z) in by_component.items()},
+            "per_component": component_sparsity(model, zeros),
+            # encoder linear layers left dense (an exclude named them, or nothing prunes)
+            "dense_encoder_linears": dense_encoder_linears(model, masks),
         },
         "stages": [
             {
@@ -235,6 +232,19 @@ def _sparse_line(sparse: dict[str, Any]) -> str:
     )
 
 
+def _dense_lines(dense: list[str] | None) -> list[str]:
+    if dense is None:  # an architecture whose encoder linear layers recipec cannot tell
+        return []
+    if not dense:
+        return ["Every encoder linear layer is pruned.", ""]
+    return [
+        f"Encoder linear layers left dense ({len(dense)}):",
+        "",
+        *(f"- `{line}`" for line in grouped_names(dense)),
+        "",
+    ]
+
+
 def _markdown(report: dict[str, Any]) -> str:
     primary = report["primary_metric"]
     lines = [
@@ -273,6 +283,7 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         f"Targeted tensors: {100 * s['targets']:.2f}% zeros; whole model: {100 * s['model']:.2f}%.",
         "",
+        *_dense_lines(s.get("dense_encoder_linears")),
         "| component | sparsity |",
         "|---|---|",
     ]

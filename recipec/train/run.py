@@ -361,9 +361,15 @@ class ApplyRun:
         self.task, self.model, self.tokenizer = task, model, tokenizer
 
     def plan_stages(self) -> None:
-        """Resolve every stage up front, so that schedule errors appear before any training."""
+        """Resolve every stage up front, so that schedule errors and targets that select nothing
+        or leave encoder linear layers silently dense appear before any training (the
+        teacher's included) and before the output folder is created."""
         from recipec.plan import PlanError, resolve_stage
+        from recipec.sparsity.selection import check_targets
 
+        error = check_targets(self.model, self.recipe).error()
+        if error is not None:
+            raise RunError(f"the recipe's targets do not fit this model:\n{error}")
         self.plans = []
         n = len(self.task.train)
         for stage in self.stages:

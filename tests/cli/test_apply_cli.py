@@ -166,10 +166,21 @@ def test_a_bad_input_leaves_no_output_folder_behind(recipe_file, tiny_model_dir,
 def test_a_run_that_failed_before_training_is_replaced_without_overwrite(
     recipe_file, tiny_model_dir, tmp_path
 ):
-    """A compile error comes after the folder is created; the fixed command reuses the folder."""
+    """A compile error (a teacher without a trained head) comes after the folder is created; the
+    fixed command reuses the folder. Targets that match nothing fail before it exists."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
     out = tmp_path / "run"
     base = ["--model", tiny_model_dir, "--max-train", 32, "--max-eval", 16, "--output", out]
     result = apply(recipe_file, *base, "--set", "targets=['nomatch']")
+    assert result.exit_code == 2 and "match no parameter" in result.output, result.output
+    assert not out.exists()
+    headless = tmp_path / "headless"
+    BertForSequenceClassification.from_pretrained(tiny_model_dir).bert.save_pretrained(headless)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(headless)
+    kd = tmp_path / "kd.yaml"
+    kd.write_text(recipe_file.read_text() + "  - {type: distill, hardness: 0.5}\n")
+    result = apply(kd, *base, "--teacher", headless)
     assert result.exit_code == 2 and (out / "run.json").is_file(), result.output
     result = CliRunner().invoke(main, ["apply", str(recipe_file), *map(str, base)])
     assert result.exit_code == 0, result.output
