@@ -214,6 +214,7 @@ def test_the_loop_removes_the_kernels_however_the_stage_ends(tiny_bert, embedded
 
     # a stage that raises inside a training step: the runner puts every layer back
     seen = []
+
     def boom(*args, **kwargs):
         seen.append(sum("forward" in m.__dict__ for m in tiny_bert.modules() if m is not tiny_bert))
         raise RuntimeError("boom")
