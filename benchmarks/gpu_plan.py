@@ -81,7 +81,7 @@ TINY = {
     "max_seq_length": 32,
     "num_grads": 4,
     "teacher_epochs": {"sst2": 1, "csqa": 1},
-    "limit_s": 900,
+    "limit_s": 600,
 }
 
 
@@ -98,8 +98,10 @@ class Settings:
     max_eval: int | None = None
     num_grads: int = NUM_GRADS
     teacher_epochs: dict = field(default_factory=lambda: dict(TEACHER_EPOCHS))
-    limit_s: float | None = None  # this command's seconds left (None: LIMIT_S)
+    limit_s: float | None = None  # the command's nominal limit, for the budget (None: LIMIT_S)
+    time_left_s: float | None = None  # seconds this process may take (None: limit_s)
     tiny: bool = False
+    threads: int | None = None  # torch threads of a job (the parent: cores / jobs)
     fraction: float | None = None  # every sparse run's fraction of its schedule (None: fitted)
 
     def budget(self, command: int) -> dict:
@@ -376,14 +378,13 @@ def stopped_record(job: Job, s: Settings, status: str) -> dict:
 
 def run_one(s: Settings, spec: Path) -> int:
     """A child process: one job, its record written beside its spec."""
+    import torch
+
     from recipec.train.loop import Interrupted
 
     job = Job(**json.loads(spec.read_text()))
     part = spec.with_suffix(".record.json")
-    if s.device == "cuda" or s.device.startswith("cuda:"):
-        import torch
-
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 6))
+    torch.set_num_threads(s.threads or torch.get_num_threads())  # the jobs share the cores
     workdir = s.outdir / "work" / job.task  # one per task: its dense.yaml is its own
     workdir.mkdir(parents=True, exist_ok=True)
     try:
@@ -410,8 +411,9 @@ def run_one(s: Settings, spec: Path) -> int:
     return 0
 
 
-def _child_argv(s: Settings, spec: Path) -> list[str]:
+def _child_argv(s: Settings, spec: Path, jobs: int) -> list[str]:
     argv = [sys.executable, str(Path(__file__).resolve()), str(s.outdir), "--run-job", str(spec)]
+    argv += ["--threads", str(max(1, (os.cpu_count() or 1) // jobs))]
     argv += ["--data-root", str(s.data_root), "--device", s.device, "--precision", s.precision]
     if s.fraction is not None:
         argv += ["--fraction", str(s.fraction)]
@@ -456,7 +458,9 @@ def run_jobs(s: Settings, jobs: list[Job], records: list[dict], results: Path, d
         log = open(logs / f"{job.key}.log", "a")
         print(f"[run] {job.task}/{job.name}: {job.note} (log logs/{job.key}.log)", flush=True)
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen(_child_argv(s, spec), stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            _child_argv(s, spec, len(jobs)), stdout=log, stderr=subprocess.STDOUT, env=env
+        )
         running.append(Running(job, proc, spec, log, time.monotonic()))
     while any(r.proc.poll() is None for r in running) and time.monotonic() < deadline:
         time.sleep(1)
@@ -594,7 +598,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     parser.add_argument("--model", default=None, help="recipec apply --model (default embedded)")
     parser.add_argument(
-        "--time-limit", type=float, default=None, help="seconds this command may take from now"
+        "--limit",
+        type=float,
+        default=None,
+        help=f"the command's time limit in s, which sizes command 2's runs (default {LIMIT_S})",
+    )
+    parser.add_argument(
+        "--time-left",
+        type=float,
+        default=None,
+        help="seconds this process may take from now (default --limit): its jobs are stopped "
+        "in time; the budget stays --limit's, so a rerun resumes the same runs",
     )
     parser.add_argument(
         "--num-grads", type=int, default=None, help=f"oBERT m (default {NUM_GRADS})"
@@ -608,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
         "that fits the command's time)",
     )
     parser.add_argument("--run-job", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--render", action="store_true", help="only rewrite the table")
     return parser
 
@@ -630,8 +645,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         s.num_grads = args.num_grads
     s.tiny = args.tiny
     s.fraction = args.fraction
-    if args.time_limit is not None:
-        s.limit_s = args.time_limit
+    if args.limit is not None:
+        s.limit_s = args.limit
+    s.time_left_s = args.time_left
+    s.threads = args.threads
     return s
 
 
@@ -657,7 +674,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(s: Settings, command: int, records: list[dict], results: Path) -> None:
     started = time.monotonic()
     limit = s.limit_s if s.limit_s is not None else LIMIT_S[command]
-    deadline = started + limit - GRACE_S - 5
+    left = s.time_left_s if s.time_left_s is not None else limit
+    deadline = started + left - GRACE_S - 5
     for task in TASKS:
         if not (s.data_root / accuracy.DATA[task]).is_dir():
             raise SystemExit(f"{s.data_root / accuracy.DATA[task]} is absent: pass --data-root")

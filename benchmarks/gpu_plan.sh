@@ -15,6 +15,8 @@
 #   --limit S        GPU_PLAN_LIMIT   this command's own time limit in s (default 240 / 480)
 #   --tiny           GPU_PLAN_TINY=1  the rehearsal budget (32 examples, batch 16, m=4, 1 epoch teachers)
 #   --fraction F     GPU_PLAN_FRACTION every sparse run at F of its own schedule (default: fitted)
+#   --stop-after S   GPU_PLAN_STOP_AFTER stop the jobs after S s (as a lost device would; the
+#                                     budget stays --limit's, so a rerun resumes the same runs)
 #   --no-tests       GPU_PLAN_TESTS=0 command 1 without the GPU tests
 # It resumes: finished runs are skipped, stopped ones continue from their checkpoints (OUTDIR
 # must be the same folder: keep it inside the repository, e.g. .gpu_runs/plan, which the device
@@ -65,6 +67,7 @@ LIMIT="${GPU_PLAN_LIMIT:-}"
 TINY="${GPU_PLAN_TINY:-0}"
 TESTS="${GPU_PLAN_TESTS:-1}"
 FRACTION="${GPU_PLAN_FRACTION:-}"
+STOP_AFTER="${GPU_PLAN_STOP_AFTER:-}"
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --data-root) DATA="$2"; shift 2 ;;
@@ -73,6 +76,7 @@ while [[ $# -gt 0 ]]; do
         --limit) LIMIT="$2"; shift 2 ;;
         --tiny) TINY=1; shift ;;
         --fraction) FRACTION="$2"; shift 2 ;;
+        --stop-after) STOP_AFTER="$2"; shift 2 ;;
         --no-tests) TESTS=0; shift ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
@@ -146,10 +150,13 @@ copy_out() {
 run_command() {
     local n="$1" limit left tests_pid=""
     limit="${LIMIT:-$([[ $n == 1 ]] && echo 240 || echo 480)}"
-    [[ "$TINY" == 1 && -z "$LIMIT" ]] && limit=900
+    [[ "$TINY" == 1 && -z "$LIMIT" ]] && limit=600
     local start=$SECONDS
     left=$(( limit - (SECONDS - T0) ))
-    local args=("$OUTDIR" --command "$n" --data-root "$DATA" --device "$DEVICE" --time-limit "$left")
+    local run_for=$left
+    [[ -n "$STOP_AFTER" && "$STOP_AFTER" -lt "$left" ]] && run_for=$STOP_AFTER
+    local args=("$OUTDIR" --command "$n" --data-root "$DATA" --device "$DEVICE" --limit "$limit"
+        --time-left "$run_for")
     [[ -n "$MODEL" ]] && args+=(--model "$MODEL")
     [[ "$TINY" == 1 ]] && args+=(--tiny)
     [[ -n "$FRACTION" ]] && args+=(--fraction "$FRACTION")
@@ -161,7 +168,9 @@ run_command() {
         tests_pid=$!
     fi
     echo "[command $n] $left s left of $limit"
-    timeout -k 10 $(( left - 5 )) "$PY" benchmarks/gpu_plan.py "${args[@]}"
+    # gpu_plan.py stops its jobs GRACE_S + 5 s before its limit and ends ~3 s before it; this
+    # is only a backstop (the device call's timeout_s leaves a minute beyond the limit)
+    timeout -k 10 $(( run_for + 10 )) "$PY" benchmarks/gpu_plan.py "${args[@]}"
     local rc=$?
     if [[ -n "$tests_pid" ]]; then
         wait "$tests_pid"

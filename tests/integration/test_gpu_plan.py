@@ -77,14 +77,18 @@ def test_the_device_plan_rehearses_on_cpu(shared_data_dir, tiny_encoder, tmp_pat
     assert complete(outdir) == {("sst2", "dense"), ("csqa", "dense")}, text
     assert "measured in command 1" in (outdir / "gpu_plan.md").read_text()
 
-    # The device may be lost, or the command stopped: a short limit stops the runs at the
-    # deadline (SIGINT: each checkpoints), and the results file keeps what they reached.
-    text = plan(outdir, 2, *common, "--limit", 75, env=env)
+    # The device may be lost, or the command stopped: the runs are stopped early (SIGINT: each
+    # checkpoints), and the results file keeps what they reached.
+    text = plan(outdir, 2, *common, "--stop-after", 100, env=env)
     assert "[deadline]" in text or complete(outdir) >= SPARSE, text
     assert {(r["task"], r["config"]) for r in records(outdir)} >= SPARSE  # a row for every run
 
-    text = plan(outdir, 2, *common, env=env)  # resumes what was stopped
+    stopped = {r["config"] + r["task"]: r for r in records(outdir) if r.get("status") != "complete"}
+    text = plan(outdir, 2, *common, env=env)  # resumes what was stopped: the same runs
     assert complete(outdir) >= SPARSE, text
+    for r in records(outdir):
+        if r["config"] + r["task"] in stopped:
+            assert r["fraction"] == stopped[r["config"] + r["task"]]["fraction"]
     by = {(r["task"], r["config"]): r for r in records(outdir)}
     for key in SPARSE:
         r = by[key]
