@@ -55,10 +55,23 @@ PLAN_VERSION = "gpu-plan-v1"
 LIMIT_S = {1: 240, 2: 480}  # each command's own time limit, machine set-up included
 OVERHEAD_S = {1: 60, 2: 120}  # set-up, imports, data, model load, final evaluation, margin
 GRACE_S = 30  # after the deadline's SIGINT: the step in flight, a checkpoint, the table
-TEACHER_EPOCHS = {"sst2": 2, "csqa": 5}
-ASSUMED_STEP_S = {"sst2": 0.015, "csqa": 0.030}  # dense step, batch 32, launch-bound H200
+TEACHER_EPOCHS = {"sst2": 1.5, "csqa": 4}  # SST-2: 3,158 steps; CSQA: 1,220
+ASSUMED_STEP_S = {"sst2": 0.025, "csqa": 0.040}  # dense step, batch 32, launch-bound H200
 KD_FACTOR = 1.35  # a distilling step adds the teacher's forward (no backward)
-CONTENTION = 1.75  # six runs sharing the GPU in command 2 against command 1's two (+ tests)
+CONTENTION = 2.5  # six runs sharing the GPU in command 2 against command 1's two (+ tests)
+# The probe: command 2's step measured in command 1, as many training processes on the device
+COMMAND2_SHAPES = ("sst2", "sst2", "sst2", "sst2", "csqa", "csqa")
+PROBE_S = 15.0  # timed seconds per probe process, after start-up and 5 warm-up steps
+PROBE_STARTUP_S = 60.0  # the most a probe may take to import, load and warm up
+PROBE_MARGIN = 1.15  # what the probe leaves out: evaluations, checkpoints, the Program
+# tests/integration/test_gpu.py, the measurements first (a timeout keeps what ran)
+GPU_TESTS = (
+    "test_bf16_over_fp32_step_time_is_measured",
+    "test_bf16_matches_fp32_on_cuda",
+    "test_fused_adamw_and_pinned_batches_on_cuda",
+    "test_apply_on_cuda_prunes_exactly_and_keeps_the_masks",
+    "test_cram_then_a_prune_only_stage_on_cuda",
+)
 GRAD_FACTOR = 0.8  # one oBERT gradient (batch 16, forward + backward + teacher) per KD step
 FISHER_S = 0.001  # one Woodbury update of MiniLM-L6's block Fisher inverse (~2.1 GB in/out)
 NUM_GRADS = 256  # oBERT's m (published 1024; 1024 would take 4x the gradient budget)
@@ -101,6 +114,7 @@ class Settings:
     limit_s: float | None = None  # the command's nominal limit, for the budget (None: LIMIT_S)
     time_left_s: float | None = None  # seconds this process may take (None: limit_s)
     tiny: bool = False
+    tests: bool = False  # command 1 on CUDA: the GPU tests after the probe
     threads: int | None = None  # torch threads of a job (the parent: cores / jobs)
     fraction: float | None = None  # every sparse run's fraction of its schedule (None: fitted)
 
@@ -235,14 +249,12 @@ def _resolving(recipe: str, task: str, fraction: float, s: Settings) -> float:
     return min(fraction, 1.0)
 
 
-def fit_fraction(recipe: str, task: str, dense_step_s: float, window_s: float, s: Settings):
+def fit_fraction(recipe: str, task: str, step_s: float, window_s: float, s: Settings):
     """The largest fraction (hundredths, at most 1) of the recipe's schedule whose estimated time
-    fits ``window_s`` (``s.fraction`` when set), raised until the schedule resolves. Returns
-    (fraction, estimate dict)."""
+    at ``step_s`` per (distilling, shared-device) step fits ``window_s`` (``s.fraction`` when
+    set), raised until the schedule resolves. Returns (fraction, estimate dict)."""
     full = resolve(recipe, scaled_sets(recipe, 1.0, s, task), s, task)
-    obert = [m for m in full.by_type("obert")]
-    prune_steps = sum(len(m.pruning_steps) for m in obert)
-    step_s = dense_step_s * KD_FACTOR * CONTENTION
+    prune_steps = sum(len(m.pruning_steps) for m in full.by_type("obert"))
     grad_s = step_s * GRAD_FACTOR + FISHER_S
     fixed = prune_steps * s.num_grads * grad_s
     raw = (window_s - fixed) / (full.total_steps * step_s)
@@ -284,6 +296,26 @@ def dense_step_seconds(records: list[dict], s: Settings) -> dict[str, tuple[floa
     return out
 
 
+def command2_step_seconds(records: list[dict], s: Settings) -> dict[str, tuple[float, str]]:
+    """Per task: seconds per distilling step of a command 2 run sharing the device with five
+    others: command 1's probe (x PROBE_MARGIN), else its teacher's step x KD_FACTOR x
+    CONTENTION, else the assumed step x the same factors."""
+    probe = find(records, "all", "probe", s.budget(1))
+    dense = dense_step_seconds(records, s)
+    out = {}
+    for task in TASKS:
+        if probe and task in probe["step_s"]:
+            how = f"probed in command 1 with {probe['processes']} processes, x{PROBE_MARGIN}"
+            out[task] = (probe["step_s"][task] * PROBE_MARGIN, how)
+        else:
+            value, how = dense[task]
+            out[task] = (
+                value * KD_FACTOR * CONTENTION,
+                f"dense step {how} x{KD_FACTOR} x{CONTENTION}",
+            )
+    return out
+
+
 def teacher_jobs(s: Settings) -> list[Job]:
     jobs = []
     for task in TASKS:
@@ -299,14 +331,14 @@ def teacher_jobs(s: Settings) -> list[Job]:
                 False,
                 "dense fine-tuned teacher",
                 epochs=epochs,
-                planned_steps=epochs * s.steps_per_epoch(task),
+                planned_steps=round(epochs * s.steps_per_epoch(task)),
             )
         )
     return jobs
 
 
 def sparse_jobs(s: Settings, records: list[dict], window_s: float) -> list[Job]:
-    steps = dense_step_seconds(records, s)
+    steps = command2_step_seconds(records, s)
     jobs = []
     for task, name, recipe, sparsity in SPARSE:
         fraction, estimate = fit_fraction(recipe, task, steps[task][0], window_s, s)
@@ -411,8 +443,11 @@ def run_one(s: Settings, spec: Path) -> int:
     return 0
 
 
-def _child_argv(s: Settings, spec: Path, jobs: int) -> list[str]:
-    argv = [sys.executable, str(Path(__file__).resolve()), str(s.outdir), "--run-job", str(spec)]
+def _child_argv(s: Settings, spec: Path, jobs: int, probe: str | None = None) -> list[str]:
+    """A child's command line: one job (``spec``), or a probe of ``probe``'s step (``spec``: its
+    output); ``jobs``: how many processes share the cores."""
+    argv = [sys.executable, str(Path(__file__).resolve()), str(s.outdir)]
+    argv += ["--probe", probe, str(spec)] if probe else ["--run-job", str(spec)]
     argv += ["--threads", str(max(1, (os.cpu_count() or 1) // jobs))]
     argv += ["--data-root", str(s.data_root), "--device", s.device, "--precision", s.precision]
     if s.fraction is not None:
@@ -431,22 +466,24 @@ class Running:
     started: float
 
 
-def _stop(running: list[Running]) -> None:
-    """SIGINT every job (recipec checkpoints after its current step), SIGKILL after GRACE_S."""
-    for r in running:
-        if r.proc.poll() is None:
-            r.proc.send_signal(signal.SIGINT)
+def _stop(running: list[Running], others: tuple[subprocess.Popen, ...] = ()) -> None:
+    """SIGINT every job still running (recipec checkpoints after its current step) and each of
+    ``others``, SIGKILL after GRACE_S."""
+    procs = [r.proc for r in running] + list(others)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
     end = time.monotonic() + GRACE_S
-    while time.monotonic() < end and any(r.proc.poll() is None for r in running):
+    while time.monotonic() < end and any(p.poll() is None for p in procs):
         time.sleep(0.5)
-    for r in running:
-        if r.proc.poll() is None:
-            r.proc.kill()
-            r.proc.wait()
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
-def run_jobs(s: Settings, jobs: list[Job], records: list[dict], results: Path, deadline: float):
-    """Every job at once (they share the GPU), each in its own process; stopped at the deadline."""
+def start_jobs(s: Settings, jobs: list[Job]) -> list[Running]:
+    """Every job at once (they share the GPU), each in its own process, logging to logs/."""
     parts, logs = s.outdir / "parts", s.outdir / "logs"
     parts.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
@@ -457,19 +494,57 @@ def run_jobs(s: Settings, jobs: list[Job], records: list[dict], results: Path, d
         spec.with_suffix(".record.json").unlink(missing_ok=True)
         log = open(logs / f"{job.key}.log", "a")
         print(f"[run] {job.task}/{job.name}: {job.note} (log logs/{job.key}.log)", flush=True)
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen(
-            _child_argv(s, spec, len(jobs)), stdout=log, stderr=subprocess.STDOUT, env=env
-        )
+        argv = _child_argv(s, spec, len(jobs))
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=_child_env())
         running.append(Running(job, proc, spec, log, time.monotonic()))
-    while any(r.proc.poll() is None for r in running) and time.monotonic() < deadline:
+    return running
+
+
+def _child_env() -> dict[str, str]:
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+
+
+def wait_jobs(
+    s: Settings,
+    running: list[Running],
+    records: list[dict],
+    results: Path,
+    deadline: float,
+    others: tuple[subprocess.Popen, ...] = (),
+) -> None:
+    """Until every job (and each of ``others``) ends, or the deadline: then SIGINT, SIGKILL after
+    GRACE_S; each job's record goes into ``results`` (complete, stopped or failed)."""
+    procs = [r.proc for r in running] + list(others)
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
         time.sleep(1)
     if any(r.proc.poll() is None for r in running):
         print(f"[deadline] stopping {sum(r.proc.poll() is None for r in running)} job(s)")
-        _stop(running)
+    _stop(running, others)
     for r in running:
         r.log.close()
         _collect(s, r, records, results)
+
+
+def run_jobs(s: Settings, jobs: list[Job], records: list[dict], results: Path, deadline: float):
+    """:func:`start_jobs`, then :func:`wait_jobs`."""
+    wait_jobs(s, start_jobs(s, jobs), records, results, deadline)
+
+
+def start_tests(s: Settings, deadline: float) -> subprocess.Popen | None:
+    """The GPU tests (bf16 vs fp32, exact zeros, the step-time ratio), beside the teachers."""
+    left = int(deadline - time.monotonic() - 5)
+    if left < 60:
+        print("[tests] skipped: too little time left")
+        return None
+    log = open(s.outdir / "logs" / "gpu_tests.log", "w")
+    env = dict(_child_env(), RECIPEC_GPU_TIMINGS=str(s.outdir / "gpu_timings.jsonl"))
+    argv = ["timeout", "-k", "5", str(left), sys.executable, "-m", "pytest"]
+    argv += [f"tests/integration/test_gpu.py::{name}" for name in GPU_TESTS]
+    argv += ["-m", "gpu", "-o", "addopts=", "-q", "-s"]
+    print(f"[tests] the GPU tests, at most {left} s (log logs/gpu_tests.log)", flush=True)
+    return subprocess.Popen(
+        argv + ["-p", "no:cacheprovider"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
+    )
 
 
 def _collect(s: Settings, r: Running, records: list[dict], results: Path) -> None:
@@ -505,12 +580,156 @@ def _collect(s: Settings, r: Running, records: list[dict], results: Path) -> Non
         )
 
 
+# -- the contention probe (command 1) -------------------------------------------------------
+
+
+def probe_step(s: Settings, task: str, seconds: float, out: Path) -> int:
+    """A child process: command 2's training step (distilling, 80% masks, the run's precision
+    and optimizer) on real batches of ``task``, timed for ``seconds`` after a warm-up, while the
+    other probes and command 1's teachers share the device; writes ``out``."""
+    import torch
+
+    from recipec.models import load_model_and_tokenizer
+    from recipec.modifiers.distill import distillation_loss
+    from recipec.tasks.data import make_dataloader
+    from recipec.tasks.load import load_task
+    from recipec.train.loop import make_optimizer, prefetched, resolve_precision, to_device
+
+    torch.set_num_threads(s.threads or torch.get_num_threads())
+    data = load_task(
+        None, [str(s.data_root / accuracy.DATA[task])], max_train=s.max_train or 2048, seed=0
+    )
+    model, tokenizer = load_model_and_tokenizer(s.model, data.info, device=s.device)
+    teacher, _ = load_model_and_tokenizer(s.model, data.info, device=s.device)
+    teacher.eval()
+    precision = resolve_precision(s.precision, s.device)
+    optimizer = make_optimizer(model, 1e-5, 0.0, s.device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    masked = [
+        (p, (torch.rand(p.shape, generator=g) < 0.8).to(p.device))
+        for n, p in model.named_parameters()
+        if ".encoder." in n and n.endswith(".weight") and p.dim() == 2
+    ]
+    cuda = torch.device(s.device).type == "cuda"
+
+    def batches():
+        for epoch in range(10**6):
+            yield from make_dataloader(
+                data.train,
+                tokenizer,
+                data.info,
+                batch_size=s.batch_size,
+                max_seq_length=s.max_seq_length,
+                shuffle=True,
+                epoch=epoch,
+                pin_memory=cuda,
+            )
+
+    def step(batch) -> None:
+        batch = to_device(batch, s.device)
+        with precision.forward():
+            outputs = model(**batch)
+            with torch.no_grad():
+                t_logits = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            loss = distillation_loss(outputs.loss, outputs.logits, t_logits, 1.0, KD_TEMPERATURE)
+        float(loss.detach())  # the driver reads every step's loss
+        loss.backward()
+        with torch.no_grad():
+            for p, keep in masked:
+                p.grad.masked_fill_(~keep, 0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, keep in masked:
+                p.masked_fill_(~keep, 0)
+
+    it = prefetched(batches()) if cuda else batches()
+    steps, started = 0, None
+    print(f"[probe] {task}: loaded, stepping", flush=True)
+    with precision.matmuls():
+        for i, batch in enumerate(it):
+            if i == 5:  # warm-up done
+                if cuda:
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+            step(batch)
+            if started is not None:
+                steps += 1
+                if time.perf_counter() - started >= seconds:
+                    break
+        if cuda:
+            torch.cuda.synchronize()
+    elapsed = time.perf_counter() - started
+    out.write_text(json.dumps({"task": task, "steps": steps, "seconds": elapsed}))
+    return 0
+
+
+def run_probe(s: Settings, records: list[dict], results: Path, teachers: list[str]) -> None:
+    """Command 2's contention, measured: step-timing processes beside the running ``teachers``
+    (their tasks), so that command 2's six training processes share the device; each task's
+    median seconds per step becomes the ``probe`` record."""
+    parts = s.outdir / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    seconds = PROBE_S if not s.tiny else 3.0
+    shapes = list(COMMAND2_SHAPES)
+    for task in teachers:  # a teacher stands for one of command 2's runs of its task
+        shapes.remove(task)
+    procs = []
+    for i, task in enumerate(shapes):
+        out = parts / f"probe_{i}.json"
+        out.unlink(missing_ok=True)
+        argv = _child_argv(s, out, len(shapes) + len(teachers), probe=task)
+        log = open(s.outdir / "logs" / f"probe_{i}.log", "w")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=_child_env())
+        procs.append((task, out, log, proc))
+    # (the CPU rehearsal starts six processes on a few shared cores: give it time)
+    end = time.monotonic() + seconds + (PROBE_STARTUP_S if not s.tiny else 300)
+    while time.monotonic() < end and any(p.poll() is None for *_, p in procs):
+        time.sleep(0.5)
+    per_task: dict[str, list[float]] = {}
+    for task, out, log, proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        if out.is_file():
+            got = json.loads(out.read_text())
+            if got["steps"]:
+                per_task.setdefault(task, []).append(got["seconds"] / got["steps"])
+    if not per_task:
+        print("[probe] no measurement (see logs/probe_*.log): command 2 will use the teachers'")
+        return
+    record = {
+        "task": "all",
+        "config": "probe",
+        "status": "complete",
+        "budget": s.budget(1),
+        "processes": len(shapes) + len(teachers),
+        "step_s": {t: sorted(v)[len(v) // 2] for t, v in per_task.items()},
+    }
+    records[:] = [
+        r for r in records if r.get("config") != "probe" or r.get("budget") != record["budget"]
+    ]
+    records.append(record)
+    results.write_text(json.dumps(records, indent=2))
+    print(
+        "[probe] "
+        + ", ".join(f"{t} {1e3 * v:.1f} ms/step" for t, v in record["step_s"].items())
+        + f" with {record['processes']} training processes on the device",
+        flush=True,
+    )
+
+
 # -- table ----------------------------------------------------------------------------------
 
 
 def table(records: list[dict], s: Settings, timings: list[dict]) -> str:
     """The markdown table of this plan's records (both commands)."""
-    ours = [r for r in records if r.get("budget") in (s.budget(1), s.budget(2))]
+    ours = [
+        r
+        for r in records
+        if r.get("budget") in (s.budget(1), s.budget(2)) and r.get("config") != "probe"
+    ]
     steps = dense_step_seconds(records, s)
     data = "all" if s.max_train is None else f"at most {s.max_train}"
     lines = [
@@ -521,8 +740,14 @@ def table(records: list[dict], s: Settings, timings: list[dict]) -> str:
         f"tokens; precision {s.precision}; oBERT m={s.num_grads}; KD T={KD_TEMPERATURE}, "
         f"init_sparsity {INIT_SPARSITY}; teachers: SST-2 {s.teacher_epochs['sst2']} epochs, "
         f"CommonsenseQA {s.teacher_epochs['csqa']} epochs.",
-        "Dense step time: "
+        "Dense step time (command 1's teachers): "
         + "; ".join(f"{t} {1e3 * v:.1f} ms ({how})" for t, (v, how) in steps.items())
+        + ".",
+        "Command 2's budget, per distilling step on the shared device: "
+        + "; ".join(
+            f"{t} {1e3 * v:.1f} ms ({how})"
+            for t, (v, how) in command2_step_seconds(records, s).items()
+        )
         + ".",
         "",
         "| task | config | schedule run | target | achieved (targets) | dev accuracy | kept vs "
@@ -623,6 +848,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--run-job", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--probe", nargs=2, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--tests",
+        action="store_true",
+        help="command 1 on CUDA: run the GPU tests (tests/integration/test_gpu.py) after the probe",
+    )
     parser.add_argument("--render", action="store_true", help="only rewrite the table")
     return parser
 
@@ -649,6 +880,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         s.limit_s = args.limit
     s.time_left_s = args.time_left
     s.threads = args.threads
+    s.tests = args.tests
     return s
 
 
@@ -657,6 +889,8 @@ def main(argv: list[str] | None = None) -> int:
     s = settings_from(args)
     if args.run_job is not None:
         return run_one(s, args.run_job)
+    if args.probe is not None:
+        return probe_step(s, args.probe[0], PROBE_S if not s.tiny else 3.0, Path(args.probe[1]))
     s.outdir.mkdir(parents=True, exist_ok=True)
     results = s.outdir / "gpu_plan.json"
     records = load_records(results)
@@ -698,9 +932,27 @@ def run_command(s: Settings, command: int, records: list[dict], results: Path) -
         f"{deadline - started:.0f} s",
         flush=True,
     )
-    if todo:
-        run_jobs(s, todo, records, results, deadline)
+    running = start_jobs(s, todo)
+    others = []
+    if command == 1:
+        probed = find(records, "all", "probe", s.budget(1)) is not None
+        if not probed and deadline - time.monotonic() > PROBE_S + PROBE_STARTUP_S + 10:
+            run_probe(s, records, results, [r.job.task for r in running])
+        if s.tests and torch_cuda(s.device):
+            others = [p for p in [start_tests(s, deadline)] if p is not None]
+    wait_jobs(s, running, records, results, deadline, tuple(others))
+    for proc in others:
+        print(f"[tests] exit {proc.returncode}: {_last_line(s.outdir / 'logs' / 'gpu_tests.log')}")
     print(f"command {command}: {time.monotonic() - started:.0f} s", flush=True)
+
+
+def torch_cuda(device: str) -> bool:
+    return device == "cuda" or device.startswith("cuda:")
+
+
+def _last_line(path: Path) -> str:
+    lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
+    return lines[-1] if lines else ""
 
 
 if __name__ == "__main__":

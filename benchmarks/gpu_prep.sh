@@ -5,7 +5,7 @@
 #
 #   benchmarks/gpu_prep.sh [DATA_ROOT]     # default ../shared/data (sst2/, csqa/)
 #
-# .gpu_data/ (ignored by git, ~52 MB):
+# .gpu_data/ (ignored by git through .git/info/exclude, ~55 MB):
 #   sst2/, csqa/   the task data, copied (it never enters the repository's history)
 #   minilm/        the embedded all-MiniLM-L6-v2: config and tokenizer files, its weights in
 #                  fp16 (model.fp16.safetensors, 45 MB; the fp32 file is 91 MB, over the carry
@@ -52,10 +52,13 @@ versions="$("$PY" -c 'import importlib.metadata as m; print(" ".join(f"{n}=={m.v
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$DEST/wheels" $versions
 
-# never committed: ignore it in every checkout of this repository
+# never committed, and never sent unless carried: .gpu_data/ and gpu_plan.sh's run folder
+# .gpu_runs/ are ignored in every checkout of this repository
 exclude="$(git -C "$ROOT" rev-parse --git-common-dir)/info/exclude"
 mkdir -p "$(dirname "$exclude")"
-grep -qx '/.gpu_data/' "$exclude" 2>/dev/null || echo '/.gpu_data/' >>"$exclude"
+for path in /.gpu_data/ /.gpu_runs/; do
+    grep -qx "$path" "$exclude" 2>/dev/null || echo "$path" >>"$exclude"
+done
 
 du -sh "$DEST" "$DEST"/*
 echo "carry: [\".gpu_data\"]  (the repository plus .gpu_data must stay under 64 MiB)"

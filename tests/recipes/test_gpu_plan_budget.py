@@ -68,17 +68,17 @@ def test_the_fitted_fractions_are_the_headers():
     jobs = gpu_plan.sparse_jobs(s, [], window)
     got = {(j.task, j.name): j.fraction for j in jobs}
     assert got == {
-        ("sst2", "gmp_80"): 0.48,
-        ("sst2", "gmp_90"): 0.4,
-        ("sst2", "obert_80"): 0.16,
-        ("sst2", "obert_90"): 0.13,
-        ("csqa", "obert_80"): 0.48,
-        ("csqa", "obert_90"): 0.39,
+        ("sst2", "gmp_80"): 0.2,
+        ("sst2", "gmp_90"): 0.16,
+        ("sst2", "obert_80"): 0.05,
+        ("sst2", "obert_90"): 0.04,
+        ("csqa", "obert_80"): 0.17,
+        ("csqa", "obert_90"): 0.13,
     }
     assert all(j.teacher is None for j in jobs)  # no command 1 yet
-    header = (ROOT / "benchmarks" / "gpu_plan.sh").read_text()
-    assert "GMP 80/90 0.48/0.40" in header and "oBERT 80/90 0.16/0.13" in header
-    assert "CSQA oBERT 80/90 0.48/0.39" in header
+    header = " ".join((ROOT / "benchmarks" / "gpu_plan.sh").read_text().replace("#", " ").split())
+    assert "GMP 80/90 0.20/0.16" in header and "oBERT 80/90 0.05/0.04" in header
+    assert "CSQA oBERT 80/90 0.17/0.13" in header
 
 
 def dense_record(task, seconds_per_step, s):
@@ -106,6 +106,28 @@ def test_command_1_s_measured_step_times_size_command_2():
     again = {j.key: j.fraction for j in gpu_plan.sparse_jobs(s, fast, window)}
     assert again == {k: j.fraction for k, j in a.items()}  # a rerun plans the same runs
     assert a["sst2_gmp_90"].folder == f"gmp_90-f{a['sst2_gmp_90'].fraction:.2f}"
+
+
+def test_command_1_s_probe_sizes_command_2_before_the_teachers_step():
+    s = settings()
+    window = gpu_plan.LIMIT_S[2] - gpu_plan.OVERHEAD_S[2]
+    teachers = [dense_record("sst2", 0.010, s), dense_record("csqa", 0.020, s)]
+    probe = {
+        "task": "all",
+        "config": "probe",
+        "status": "complete",
+        "budget": s.budget(1),
+        "processes": 6,
+        "step_s": {"sst2": 0.050, "csqa": 0.080},
+    }
+    steps = gpu_plan.command2_step_seconds(teachers + [probe], s)
+    assert steps["sst2"][0] == pytest.approx(0.050 * gpu_plan.PROBE_MARGIN)
+    assert "probed" in steps["csqa"][1]
+    without = gpu_plan.command2_step_seconds(teachers, s)
+    k = gpu_plan.KD_FACTOR * gpu_plan.CONTENTION
+    assert without["sst2"][0] == pytest.approx(0.010 * k)
+    probed = {j.key: j.fraction for j in gpu_plan.sparse_jobs(s, teachers + [probe], window)}
+    assert probed != {j.key: j.fraction for j in gpu_plan.sparse_jobs(s, teachers, window)}
 
 
 def test_the_tiny_rehearsal_budget_resolves():
@@ -145,3 +167,13 @@ def test_a_job_is_stopped_at_the_deadline_and_its_progress_kept(tmp_path, monkey
     )
     row = gpu_plan.table(records, s, [])
     assert "stopped at step 40/100" in row and "| 80.00 |" in row
+
+
+def test_command_1_runs_every_gpu_test():
+    import ast
+
+    tree = ast.parse((ROOT / "tests" / "integration" / "test_gpu.py").read_text())
+    names = {
+        n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")
+    }
+    assert set(gpu_plan.GPU_TESTS) == names
