@@ -4,7 +4,9 @@ sets the machine up and holds the assumptions); this is its driver, built on ``a
 (``run_config`` runs one configuration as `recipec apply`, resumable in its folder).
 
 Command 1: the dense teachers, in parallel: SST-2 on all 67,349 training examples
-  (``TEACHER_EPOCHS``) and CommonsenseQA on its 9,741.
+  (``TEACHER_EPOCHS``) and CommonsenseQA on its 9,741; beside them, a probe (four processes
+  timing command 2's distilling step for ``PROBE_S``: six training processes share the device,
+  as in command 2), then the GPU tests (``--tests``), whose step times it keeps.
 Command 2: six runs at once on the one GPU: the paper recipes ``downstream_gmp_80/90`` and
   ``obert_80/90`` on all of SST-2, and ``obert_80/90`` on CommonsenseQA, each distilling from
   command 1's teacher of its task at T = 5.5 (the recipes' default), init_sparsity 0.3 (the
@@ -15,8 +17,8 @@ per epoch at batch 32, so oBERT 90 alone is 63,150 steps) do not fit one command
 the largest fraction ``f`` of its own schedule that the command's time fits (every epoch count
 of the recipe times f, the pruning interval times f: the same number of pruning steps and the
 same shapes of sparsity and learning-rate schedules, f times fewer steps between them), from
-the step time measured by command 1 (its teachers' training seconds per step) times the
-factors below, or the assumed step times when command 1 left none. oBERT's gradient collection
+the step time measured by command 1's probe (x ``PROBE_MARGIN``), else its teachers' seconds
+per step times the factors below, else the assumed step times times them. oBERT's gradient collection
 (``NUM_GRADS`` per pruning step) is budgeted first. f is floored to a hundredth (then raised
 until the schedule resolves), so a rerun with the same command 1 records plans the same runs.
 
@@ -64,6 +66,8 @@ COMMAND2_SHAPES = ("sst2", "sst2", "sst2", "sst2", "csqa", "csqa")
 PROBE_S = 15.0  # timed seconds per probe process, after start-up and 5 warm-up steps
 PROBE_STARTUP_S = 60.0  # the most a probe may take to import, load and warm up
 PROBE_MARGIN = 1.15  # what the probe leaves out: evaluations, checkpoints, the Program
+TESTS_MIN_S = 100  # command 1 starts the GPU tests only with this much time left
+TEACHER_CATCHUP_S = 120  # command 2 first finishes a teacher that command 1 had to stop
 # tests/integration/test_gpu.py, the measurements first (a timeout keeps what ran)
 GPU_TESTS = (
     "test_bf16_over_fp32_step_time_is_measured",
@@ -533,7 +537,7 @@ def run_jobs(s: Settings, jobs: list[Job], records: list[dict], results: Path, d
 def start_tests(s: Settings, deadline: float) -> subprocess.Popen | None:
     """The GPU tests (bf16 vs fp32, exact zeros, the step-time ratio), beside the teachers."""
     left = int(deadline - time.monotonic() - 5)
-    if left < 60:
+    if left < TESTS_MIN_S:
         print("[tests] skipped: too little time left")
         return None
     log = open(s.outdir / "logs" / "gpu_tests.log", "w")
@@ -917,6 +921,7 @@ def run_command(s: Settings, command: int, records: list[dict], results: Path) -
         jobs = teacher_jobs(s)
     else:
         window = limit - (OVERHEAD_S[2] if not s.tiny else 0)
+        window -= finish_teachers(s, records, results, deadline)
         jobs = sparse_jobs(s, records, window)
         for job in [j for j in jobs if j.teacher is None]:
             print(f"[wait] {job.task}/{job.name}: no {job.task} teacher yet: run command 1 first")
@@ -938,12 +943,30 @@ def run_command(s: Settings, command: int, records: list[dict], results: Path) -
         probed = find(records, "all", "probe", s.budget(1)) is not None
         if not probed and deadline - time.monotonic() > PROBE_S + PROBE_STARTUP_S + 10:
             run_probe(s, records, results, [r.job.task for r in running])
-        if s.tests and torch_cuda(s.device):
+        if s.tests and torch_cuda(s.device):  # after the probe; the teachers come first
             others = [p for p in [start_tests(s, deadline)] if p is not None]
     wait_jobs(s, running, records, results, deadline, tuple(others))
     for proc in others:
         print(f"[tests] exit {proc.returncode}: {_last_line(s.outdir / 'logs' / 'gpu_tests.log')}")
     print(f"command {command}: {time.monotonic() - started:.0f} s", flush=True)
+
+
+def finish_teachers(s: Settings, records: list[dict], results: Path, deadline: float) -> float:
+    """Command 2 after a command 1 stopped before a teacher finished: that teacher resumes from
+    its checkpoint first, for at most TEACHER_CATCHUP_S; returns the seconds it took (command 2's
+    runs get that much less). A teacher command 1 never started is left to command 1."""
+    todo = [
+        j
+        for j in teacher_jobs(s)
+        if find(records, j.task, "dense", s.budget(1)) is None
+        and (s.outdir / "work" / j.task / j.folder / "run.json").is_file()
+    ]
+    if not todo:
+        return 0.0
+    started = time.monotonic()
+    print(f"[teacher] finishing {', '.join(j.task for j in todo)} first", flush=True)
+    wait_jobs(s, start_jobs(s, todo), records, results, min(deadline, started + TEACHER_CATCHUP_S))
+    return time.monotonic() - started
 
 
 def torch_cuda(device: str) -> bool:

@@ -47,7 +47,8 @@
 # - Command 1 (240 s): set-up ~15-30 s (pip install -e ., fp32 weights), the teachers 1.5
 #   epochs of SST-2 (3,158 steps) and 4 of CSQA (1,220 steps), ~60-80 ms per step while the
 #   probe and the GPU tests share the device, ~25-40 ms after; the GPU tests (~60-120 s) start
-#   after the probe.
+#   after the probe when 100 s are left. A teacher stopped at command 1's deadline resumes at
+#   the start of command 2 (at most 120 s, taken from command 2's runs).
 # - Command 2 (480 s): 360 s of training per run after set-up, loading and the final
 #   evaluation. With the assumed step times (no probe) each run gets this fraction of its own
 #   schedule: SST-2 GMP 80/90 0.20/0.16 (2 of 10/12 epochs), oBERT 80/90 0.05/0.04 (1.3/1.2 of

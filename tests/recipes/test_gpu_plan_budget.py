@@ -177,3 +177,24 @@ def test_command_1_runs_every_gpu_test():
         n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")
     }
     assert set(gpu_plan.GPU_TESTS) == names
+
+
+def test_command_2_first_finishes_a_teacher_command_1_had_to_stop(tmp_path, monkeypatch):
+    s = settings(tmp_path)
+    records = [dense_record("csqa", 0.02, s)]  # the SST-2 teacher was stopped
+    (tmp_path / "work" / "sst2" / "dense").mkdir(parents=True)
+    (tmp_path / "work" / "sst2" / "dense" / "run.json").write_text("{}")
+    started = []
+
+    def fake_wait(s_, running, records_, results, deadline, others=()):
+        assert deadline <= time.monotonic() + gpu_plan.TEACHER_CATCHUP_S
+        records_.append(dense_record("sst2", 0.01, s))
+
+    monkeypatch.setattr(gpu_plan, "start_jobs", lambda s_, jobs: started.extend(jobs) or [])
+    monkeypatch.setattr(gpu_plan, "wait_jobs", fake_wait)
+    spent = gpu_plan.finish_teachers(s, records, tmp_path / "r.json", time.monotonic() + 400)
+    assert [j.key for j in started] == ["sst2_dense"] and spent >= 0
+    assert gpu_plan.find(records, "sst2", "dense", s.budget(1)) is not None
+    started.clear()
+    assert gpu_plan.finish_teachers(s, records, tmp_path / "r.json", time.monotonic() + 400) == 0.0
+    assert not started
