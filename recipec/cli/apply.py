@@ -146,6 +146,15 @@ def _exit_130_on_ctrl_c(func):
 )
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 autocast of the training forward and loss plus TF32 matmuls on a CUDA "
+    "device with bf16, fp32 elsewhere (CPU). bf16: autocast on any device (slow on CPUs "
+    "without bf16 units). Weights, evaluation, oBERT gradients and CrAM's second pass stay fp32.",
+)
+@click.option(
     "--max-train", type=click.IntRange(min=1), default=None, help="Use at most N training examples."
 )
 @click.option(
@@ -184,6 +193,7 @@ def command(
     resume,
     overwrite,
     device,
+    precision,
     max_train,
     max_eval,
     checkpoint_every,
@@ -200,6 +210,7 @@ def command(
       recipec apply recipes/downstream_gmp_90.yaml --data ../shared/data/sst2 --set init_sparsity=0.3
       recipec apply quickstart --data train.tsv dev.tsv --metric f1
       recipec apply recipes/downstream_gmp_90.yaml --model roberta-large --task glue/sst2 --device cuda
+      recipec apply recipes/obert_90.yaml --device cuda --precision fp32   # no bf16 / TF32
       recipec apply recipes/quickstart.yaml --resume        # after Ctrl-C or a crash
       torchrun --nproc_per_node 4 --no-python recipec apply recipes/quickstart.yaml --device cuda
       recipec apply recipes/downstream_gmp_90.yaml --sparse-backprop   # CPU; needs sparseprop (see README)
@@ -238,6 +249,7 @@ def command(
         resume=resume,
         overwrite=overwrite,
         device=device,
+        precision=precision,
         max_train=max_train,
         max_eval=max_eval,
         checkpoint_every=checkpoint_every,

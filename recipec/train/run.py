@@ -57,6 +57,8 @@ class RunConfig:
     stop_after_step: int | None = None  # tests: end the (last) stage early
     # Minimum sparsity for SparseProp kernels once a stage's masks are fixed (None: dense kernels).
     sparse_backprop: float | None = None
+    # auto (bf16 autocast + TF32 on a CUDA device with bf16, else fp32), fp32 or bf16.
+    precision: str = "auto"
 
 
 def default_output(recipe_path: str) -> Path:
@@ -226,6 +228,7 @@ class ApplyRun:
         _quiet_libraries()
         try:
             with _file_errors(stopped=False):
+                self.resolve_precision()
                 self.prepare()
                 self.load_inputs()
                 self.plan_stages()
@@ -242,6 +245,16 @@ class ApplyRun:
                 self.lock.release()
 
     # -- phases -------------------------------------------------------------------------------
+
+    def resolve_precision(self) -> None:
+        """The run's precision (``--precision``), said in the log and in report.json."""
+        from recipec.train.loop import resolve_precision
+
+        try:
+            self.precision = resolve_precision(self.config.precision, self.config.device)
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
+        self.reporter.log(f"[precision] {self.precision.describe()}")
 
     def prepare(self) -> None:
         """Load the recipe; check the teacher folder and the output folder (nothing written)."""
@@ -637,6 +650,7 @@ class ApplyRun:
                 config=self.config,
                 resumes=self.resumes,
             )
+            report = _add_to_report(self.out, report, precision=self.precision.record())
         return dist_utils.broadcast_object(report, what="sharing the report")
 
     # -- one stage ----------------------------------------------------------------------------
@@ -650,7 +664,9 @@ class ApplyRun:
         from recipec.train.loop import StageRunner, make_optimizer
 
         config, reporter, training = self.config, self.reporter, plan.training
-        optimizer = make_optimizer(self.model, training.learning_rate, training.weight_decay)
+        optimizer = make_optimizer(
+            self.model, training.learning_rate, training.weight_decay, config.device
+        )
         distils = any(m.needs_teacher for m in stage.modifiers)
         try:
             program = compile_plan(
@@ -690,6 +706,7 @@ class ApplyRun:
             on_step=lambda s, rec: reporter.update(s, _step_info(rec)),
             stop_after_step=config.stop_after_step if index == len(self.stages) - 1 else None,
             eval_before=self._known_eval(plan),
+            precision=self.precision,
         )
         if checkpoint is not None:
             runner.on_resumed = self._resumed
@@ -814,6 +831,7 @@ class ApplyRun:
             config.data,
             plan.training.model_dump(mode="json"),
             total,
+            *(["bf16"] if self.precision.autocast else []),  # fp32 keys as before
         )
 
     def _train_teacher(self, plan: Any, total: int, teacher, tokenizer, ckdir: Path) -> Any:
@@ -836,7 +854,9 @@ class ApplyRun:
             targets=plan.targets,
             exclude=plan.exclude,
         )
-        optimizer = make_optimizer(teacher, training.learning_rate, training.weight_decay)
+        optimizer = make_optimizer(
+            teacher, training.learning_rate, training.weight_decay, self.config.device
+        )
         program = compile_plan(tplan, self.recipe, teacher, optimizer, own_lr=True)
         folder = dist_utils.broadcast_object(
             latest_checkpoint(ckdir) if dist_utils.is_main() else None,
@@ -851,11 +871,21 @@ class ApplyRun:
             checkpoint_every=_default_ckpt_every(tplan),
             on_step=lambda s, rec: self.reporter.update(s, _step_info(rec)),
             log_sparsity=False,
+            precision=self.precision,
         )
         try:
             return runner.run(checkpoint)
         finally:
             self.reporter.stop()
+
+
+def _add_to_report(out: Path, report: dict[str, Any], **entries: Any) -> dict[str, Any]:
+    """``entries`` added to the report and to ``report.json`` (rewritten atomically)."""
+    from recipec.train.resume import write_text_atomic
+
+    report = {**report, **entries}
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
+    return report
 
 
 def _seed_run(seed: int) -> None:
