@@ -46,7 +46,9 @@ class QuantizeModifier(Modifier):
         if not self.started and step >= window.start:
             self.quant.enable()
             self.started = True
-            self.ctx.log(f"{self.name}: step {step}: int8 fake-quant on {len(self.quant.layers)} linears")
+            self.ctx.log(
+                f"{self.name}: step {step}: int8 fake-quant on {len(self.quant.layers)} linears"
+            )
         if self.started and not self.calibrated:
             self.calibrate()
             self.calibrated = True

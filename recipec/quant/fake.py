@@ -104,7 +104,9 @@ class QuantLinear:
             return self._export_forward(x)
         if self.observing and x.numel():
             self.observe(x)
-        return F.linear(fake_quant_act(x, self.scale), fake_quant_weight(module.weight), module.bias)
+        return F.linear(
+            fake_quant_act(x, self.scale), fake_quant_weight(module.weight), module.bias
+        )
 
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same function through torch's fake-quant ops, which the TorchScript exporter

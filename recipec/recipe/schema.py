@@ -492,7 +492,9 @@ class QuantizeSpec(ModifierSpec, _Window, _Targets):
         return self
 
     def describe(self) -> str:
-        calib = f"; calibration {self.calibration_batches} batches" if self.calibration_batches else ""
+        calib = (
+            f"; calibration {self.calibration_batches} batches" if self.calibration_batches else ""
+        )
         return (
             "int8: weights per output channel (symmetric), inputs per tensor; fake-quant from "
             f"the window's start to the end of the run, observers frozen at the window's end{calib}"
