@@ -543,7 +543,7 @@ def _export_int8(ckpt: SparseCheckpoint, quant, names, onnx_path: Path, opset: i
         if name in int8:
             entry.update(
                 onnx_initializer=int8[name]["int8_initializer"],
-                transposed=False,
+                transposed=int8[name]["transposed"],
                 onnx_zeros=int8[name]["int8_zeros"],
                 rounded_to_zero=int8[name].get("rounded_to_zero", 0),
             )
@@ -665,8 +665,9 @@ def is_deployment_folder(folder: str | Path) -> bool:
     return (folder / ONNX_FILE).is_file() and (folder / SPARSITY_FILE).is_file()
 
 
-def verify_deployment(folder: str | Path, atol: float = DEFAULT_ATOL) -> dict:
-    """Re-run both checks on a deployment folder (needs its torch weights and masks)."""
+def verify_deployment(folder: str | Path, atol: float | None = None) -> dict:
+    """Re-run both checks on a deployment folder (needs its torch weights and masks; an INT8
+    folder's zeros are checked in its int8 weights, its parity against the fake-quant model)."""
 
     folder = Path(folder)
     info = read_sparsity(folder)
@@ -678,10 +679,28 @@ def verify_deployment(folder: str | Path, atol: float = DEFAULT_ATOL) -> dict:
         raise ExportError(str(exc)) from exc
     masks = load_masks(folder / MASKS_FILE, model)
     params = dict(model.named_parameters())
-    tensors = verify_zeros(
-        load_onnx(folder / ONNX_FILE), {n: params[n].detach() for n in masks}, masks
-    )
+    graph = load_onnx(folder / ONNX_FILE)
+    quant = _load_quant(SparseCheckpoint(model, folder, info["task"], masks, MASKS_FILE))
+    if quant is None:
+        tensors = verify_zeros(graph, {n: params[n].detach() for n in masks}, masks)
+    else:
+        tensors = _verify_int8_folder(graph, info, masks)
     tokenizer = load_tokenizer(folder)
     samples = parity_samples(model, info["task"], info["inputs"], tokenizer)
+    atol = atol if atol is not None else (DEFAULT_ATOL if quant is None else INT8_ATOL)
     diff = verify_parity(folder / ONNX_FILE, model, samples, atol)
     return {"tensors": tensors, "ort_vs_torch_max_abs_diff": diff}
+
+
+def _verify_int8_folder(graph, info: dict, masks: dict) -> dict:
+    from recipec.export.quantized import verify_int8_zeros
+
+    mapping = {
+        name: (t["onnx_initializer"], bool(t.get("transposed")))
+        for name, t in info["tensors"].items()
+        if "onnx_initializer" in t
+    }
+    try:
+        return verify_int8_zeros(graph, mapping, masks)
+    except (ValueError, KeyError) as exc:
+        raise VerificationError(str(exc)) from None

@@ -40,47 +40,65 @@ def _param_of(init_name: str, names: list[str]) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def int8_weights(onnx_model, quant: FakeQuant) -> dict[str, str]:
+def int8_weights(onnx_model, quant: FakeQuant) -> dict[str, tuple[str, bool]]:
     """Replace each quantized weight's ``QuantizeLinear`` by an int8 initializer (in place);
-    return ``{weight parameter name: int8 initializer name}``."""
-    from onnx import numpy_helper
+    return ``{weight parameter name: (int8 initializer name, transposed)}``.
 
+    A ``DequantizeLinear -> Transpose -> MatMul`` chain (how ``F.linear`` traces) becomes
+    ``DequantizeLinear(axis=1) -> MatMul`` on the transposed int8 weight ``[in, out]``, the
+    pattern onnxruntime's QDQ fusion runs as an integer matmul."""
     graph = onnx_model.graph
     names = list(quant.layers)
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    mapping: dict[str, str] = {}
-    dropped = []
+    mapping: dict[str, tuple[str, bool]] = {}
     for node in list(graph.node):
         if node.op_type != "QuantizeLinear" or node.input[0] not in _initializer_index(graph):
             continue
         param = _param_of(node.input[0], names)
         if param is None or param in mapping:
             continue
-        q, scale = quantize_weight(quant.layers[param].module.weight)
-        safe = np.where(scale.numpy() > 0, scale.numpy(), np.float32(1.0)).astype(np.float32)
-        base = f"{param}.int8"
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(q.numpy(), base),
-                numpy_helper.from_array(safe, f"{base}.scale"),
-                numpy_helper.from_array(np.zeros(len(safe), np.int8), f"{base}.zero_point"),
-            ]
-        )
-        for dq in consumers.get(node.output[0], []):
-            if dq.op_type != "DequantizeLinear":
-                raise Int8ExportError(f"{param}: its QuantizeLinear feeds a {dq.op_type}")
-            dq.input[:] = [base, f"{base}.scale", f"{base}.zero_point"]
-        graph.node.remove(node)
-        dropped.append(node.input[0])
-        mapping[param] = base
+        mapping[param] = _replace_weight(graph, node, param, quant)
     missing = sorted(set(names) - set(mapping))
     if missing:
         raise Int8ExportError(f"no QuantizeLinear of the weight found for {missing[:3]}")
     remove_dead(graph)
     return mapping
+
+
+def _consumers(graph, name: str) -> list:
+    return [n for n in graph.node if name in n.input]
+
+
+def _replace_weight(graph, node, param: str, quant: FakeQuant) -> tuple[str, bool]:
+    from onnx import helper, numpy_helper
+
+    (dq,) = _consumers(graph, node.output[0]) or [None]
+    if dq is None or dq.op_type != "DequantizeLinear":
+        raise Int8ExportError(f"{param}: its QuantizeLinear does not feed one DequantizeLinear")
+    q, scale = quantize_weight(quant.layers[param].module.weight)
+    q = q.numpy()
+    safe = np.where(scale.numpy() > 0, scale.numpy(), np.float32(1.0)).astype(np.float32)
+    after = _consumers(graph, dq.output[0])
+    transpose = (
+        len(after) == 1
+        and after[0].op_type == "Transpose"
+        and [list(a.ints) for a in after[0].attribute if a.name == "perm"] in ([[1, 0]], [])
+    )
+    base = f"{param}.int8"
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.ascontiguousarray(q.T) if transpose else q, base),
+            numpy_helper.from_array(safe, f"{base}.scale"),
+            numpy_helper.from_array(np.zeros(len(safe), np.int8), f"{base}.zero_point"),
+        ]
+    )
+    dq.input[:] = [base, f"{base}.scale", f"{base}.zero_point"]
+    if transpose:
+        del dq.attribute[:]
+        dq.attribute.append(helper.make_attribute("axis", 1))
+        for later in _consumers(graph, after[0].output[0]):
+            later.input[:] = [dq.output[0] if i == after[0].output[0] else i for i in later.input]
+    graph.node.remove(node)
+    return base, transpose
 
 
 def remove_dead(graph) -> None:
@@ -98,7 +116,9 @@ def remove_dead(graph) -> None:
         graph.initializer.remove(init)
 
 
-def verify_int8_zeros(onnx_model, mapping: dict[str, str], masks: dict) -> dict[str, dict]:
+def verify_int8_zeros(
+    onnx_model, mapping: dict[str, tuple[str, bool]], masks: dict
+) -> dict[str, dict]:
     """Every pruned weight is 0 in its int8 initializer; per-tensor counts (``int8_zeros``,
     ``rounded_to_zero``: kept weights below half a quantization step). Returns
     ``{param: entry}``; raises ValueError naming each tensor with a nonzero pruned weight."""
@@ -106,13 +126,18 @@ def verify_int8_zeros(onnx_model, mapping: dict[str, str], masks: dict) -> dict[
 
     arrays = {i.name: i for i in onnx_model.graph.initializer}
     table, errors = {}, []
-    for name, init_name in mapping.items():
+    for name, (init_name, transposed) in mapping.items():
         values = numpy_helper.to_array(arrays[init_name])
+        values = values.T if transposed else values
         if values.dtype != np.int8:
             errors.append(f"{name}: initializer {init_name!r} is {values.dtype}, not int8")
             continue
         zero = values == 0
-        entry = {"int8_initializer": init_name, "int8_zeros": int(zero.sum())}
+        entry = {
+            "int8_initializer": init_name,
+            "transposed": transposed,
+            "int8_zeros": int(zero.sum()),
+        }
         if name in masks:
             keep = masks[name].cpu().numpy()
             bad = int((~keep & ~zero).sum())

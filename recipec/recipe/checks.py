@@ -320,12 +320,25 @@ def stage_quantize_problems(
     return problems
 
 
-def later_pruning_problems(recipe: Recipe) -> list[tuple[int, int, str]]:
-    """``(stage index, modifier index, message)`` for a pruner in a stage after one that
-    quantizes: the int8 weights would no longer hold the final masks' zeros pattern."""
-    problems: list[tuple[int, int, str]] = []
+def later_pruning_problems(recipe: Recipe) -> list[tuple[int, int | None, str]]:
+    """``(stage index, modifier index or None, message)`` for the stages after one that
+    quantizes: a pruner there would change the masks under the int8 weights, and a stage
+    without its own quantize modifier would train on with fake-quant state that a resumed run
+    cannot restore (each stage's checkpoint holds its own modifiers' state)."""
+    problems: list[tuple[int, int | None, str]] = []
     quantized_in: str | None = None
     for stage_index, stage in enumerate(recipe.resolved_stages()):
+        quantizes = any(spec.quantizes for spec in stage.modifiers)
+        if quantized_in is not None and not quantizes:
+            problems.append(
+                (
+                    stage_index,
+                    None,
+                    f"follows stage {quantized_in!r}, which quantizes: give this stage its own "
+                    "quantize modifier (fake-quant carries on through the rest of the run) or "
+                    "make the quantizing stage the last one",
+                )
+            )
         for index, spec in enumerate(stage.modifiers):
             if quantized_in is not None and spec.schedules_sparsity:
                 problems.append(
@@ -336,6 +349,6 @@ def later_pruning_problems(recipe: Recipe) -> list[tuple[int, int, str]]:
                         "first, then quantize in this stage or a later one",
                     )
                 )
-        if any(spec.quantizes for spec in stage.modifiers):
+        if quantizes:
             quantized_in = stage.name
     return problems

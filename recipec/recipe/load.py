@@ -558,10 +558,15 @@ def _check_quantize(recipe: Recipe, positions: _Positions) -> list[Problem]:
             stage.modifiers, recipe.stage_training(stage), None
         )
     ]
-    return problems + [
-        _at_modifier(recipe, positions, stage_index, index, "type", message=message)
-        for stage_index, index, message in later_pruning_problems(recipe)
-    ]
+    for stage_index, index, message in later_pruning_problems(recipe):
+        if index is None:
+            path = ("stages", stage_index, "name")
+            problems.append(Problem(positions.at(path), format_path(path), message))
+        else:
+            problems.append(
+                _at_modifier(recipe, positions, stage_index, index, "type", message=message)
+            )
+    return problems
 
 
 def load_recipe_text(text: str, source: str = "<recipe>", overrides: Iterable[str] = ()) -> Recipe:

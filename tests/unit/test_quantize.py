@@ -255,6 +255,7 @@ def test_pruning_after_a_quantize_stage_is_an_error():
         "      - {type: gmp, final_sparsity: 0.5}\n"
     )
     assert "r.yaml:7" in message and "prunes after quantization started" in message
+    assert "r.yaml:5" in message and "give this stage its own quantize modifier" in message
 
 
 def test_ptq_needs_calibration_batches_and_freeze_inside_the_window():
