@@ -288,3 +288,14 @@ def test_quantize_after_pruning_ends_loads_and_plans():
         if m["type"] == "quantize"
     ]
     assert (entry["start_step"], entry["end_step"], entry["freeze_observers_at_step"]) == (6, 10, 8)
+
+
+def test_a_target_that_is_not_a_linear_weight_is_a_compile_error(tiny_bert):
+    from recipec.modifiers.base import CompileError
+
+    recipe = load_recipe_text(
+        "training: {steps: 4}\nmodifiers:\n  - {type: quantize, targets: ['word_embeddings']}\n"
+    )
+    with pytest.raises(CompileError, match="not the weight of an nn.Linear"):
+        compile(recipe, tiny_bert, None, 4)
+    assert quant_of(tiny_bert) is None
