@@ -98,3 +98,35 @@ def test_plan_shows_the_quantization_window(tmp_path):
     stage = json.loads(result.output)["stages"][1]
     (mod,) = [m for m in stage["modifiers"] if m["type"] == "quantize"]
     assert (mod["start_step"], mod["end_step"], mod["freeze_observers_at_step"]) == (0, 10, 5)
+
+
+QAT_ONE_STAGE = """\
+training: {steps: 8, batch_size: 8, learning_rate: 1.0e-3, max_seq_length: 16, seed: 1}
+modifiers:
+  - {type: gmp, init_sparsity: 0.3, final_sparsity: 0.6, start_step: 0, end_step: 2, update_every_steps: 2}
+  - {type: quantize, start_step: 3, freeze_observers_at_step: 7, calibration_batches: 1}
+"""
+
+
+def test_resume_inside_qat_restores_the_observers_exactly(tiny_model_dir, tmp_path):
+    """Checkpoints at steps 6 and 8 (observers still observing at 6, frozen at 7): resuming
+    from step 6 ends with the same weights and the same input ranges as the run that did not
+    stop."""
+    import shutil
+
+    from run_helpers import NEWEST, checkpoint_dir, copy_run, same_weights
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(QAT_ONE_STAGE)
+    run = tmp_path / "run"
+    assert_clean(apply(recipe, tiny_model_dir, run, quiet=True), 0)
+    again = copy_run(run, tmp_path / "again")
+    shutil.rmtree(checkpoint_dir(again) / NEWEST)
+    (again / "model" / "quantization.json").unlink()
+    result = apply(recipe, tiny_model_dir, again, "--resume")
+    assert_clean(result, 0)
+    assert "continuing from" in result.output and "input ranges frozen" in result.output
+    assert "calibrated" not in result.output  # done before step 6, restored with the state
+    assert same_weights(run, again)
+    first = json.loads((run / "model" / "quantization.json").read_text())
+    assert json.loads((again / "model" / "quantization.json").read_text()) == first
