@@ -56,8 +56,26 @@ class QuantizeModifier(Modifier):
             self.freeze(step)
 
     def freeze(self, step: int) -> None:
+        """Fix the input ranges: under torchrun first merged over the ranks (each observed its
+        own batches), so every rank computes with the same scales from here on."""
+        self.sync_ranges()
         self.quant.freeze()
         self.ctx.log(f"{self.name}: step {step}: input ranges frozen")
+
+    def sync_ranges(self) -> None:
+        """Every rank's observed ranges, merged (min of lo, max of hi, sum of seen)."""
+        from recipec import distributed as dist_utils
+
+        if not dist_utils.is_distributed():
+            return
+        mine = {n: (q.lo, q.hi, q.seen) for n, q in self.quant.layers.items()}
+        gathered = dist_utils.all_gather_object(mine, what="merging the quantize input ranges")
+        for name, layer in self.quant.layers.items():
+            seen = [r[name] for r in gathered if r[name][2] > 0]
+            if seen:
+                layer.lo = min(lo for lo, _, _ in seen)
+                layer.hi = max(hi for _, hi, _ in seen)
+                layer.seen = sum(n for _, _, n in seen)
 
     @torch.no_grad()
     def calibrate(self) -> None:
@@ -71,6 +89,8 @@ class QuantizeModifier(Modifier):
         seen = 0
         try:
             for batch in self.ctx.grad_batches(self.ctx.plan.training.batch_size):
+                if getattr(batch, "weight", 1.0) == 0:  # a rank's placeholder (no examples)
+                    continue
                 model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS})
                 seen += 1
                 if seen >= count:

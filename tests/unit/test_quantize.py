@@ -299,3 +299,28 @@ def test_a_target_that_is_not_a_linear_weight_is_a_compile_error(tiny_bert):
     with pytest.raises(CompileError, match="not the weight of an nn.Linear"):
         compile(recipe, tiny_bert, None, 4)
     assert quant_of(tiny_bert) is None
+
+
+def test_freezing_merges_the_ranks_ranges(tiny_bert, monkeypatch):
+    """Under torchrun each rank observed its own batches: the freeze takes the widest range
+    over the ranks (a rank that saw nothing does not count), identical on every rank."""
+    from recipec import distributed as dist_utils
+
+    recipe = load_recipe_text(QAT)
+    program, _ = _stage(recipe, tiny_bert.eval(), "qat")
+    program.step_start(2)  # enable + calibrate (this rank: 2 batches)
+    (mod,) = [m for m in program.modifiers if m.spec.type == "quantize"]
+    layers = quant_of(tiny_bert).layers
+    mine = {n: (q.lo, q.hi, q.seen) for n, q in layers.items()}
+    name = next(iter(layers))
+    other = dict(mine, **{name: (mine[name][0] - 5.0, mine[name][1] + 1.0, 3)})
+    empty = {n: (0.0, 0.0, 0) for n in layers}
+    monkeypatch.setattr(dist_utils, "is_distributed", lambda: True)
+    monkeypatch.setattr(dist_utils, "all_gather_object", lambda obj, what="": [obj, other, empty])
+    mod.freeze(5)
+    layer = layers[name]
+    assert (layer.lo, layer.hi, layer.seen) == (mine[name][0] - 5.0, mine[name][1] + 1.0, 5)
+    second = list(layers)[1]
+    assert (layers[second].lo, layers[second].hi) == mine[second][:2]
+    assert layers[second].seen == 2 * mine[second][2]
+    assert quant_of(tiny_bert).frozen
