@@ -26,6 +26,7 @@ def test_recipes_are_found():
         "obert_block4_90_qat.yaml",
         "downstream_gmp_90_qat.yaml",
         "ptq.yaml",
+        "qat.yaml",
     } <= names
 
 
@@ -104,8 +105,9 @@ def test_apply_runs_every_bundled_recipe(path, tiny_model_dir, tmp_path, monkeyp
         if m.type in ("gmp", "obert")
     ]
     quantizes = any(m.type == "quantize" for s in recipe.resolved_stages() for m in s.modifiers)
-    if path.stem == "ptq":  # PTQ of the (dense) tiny model: its zeros kept, none added
-        assert report["sparsity"]["targets"] == 0.0 and report["stages"][0]["prune_only"]
+    if path.stem in ("ptq", "qat"):  # INT8 of the (dense) tiny model: its zeros kept, none added
+        assert report["sparsity"]["targets"] == 0.0
+        assert report["stages"][0].get("prune_only", False) == (path.stem == "ptq")
     else:
         assert pruners, "every bundled recipe but ptq prunes"
         assert report["sparsity"]["targets"] == pytest.approx(pruners[-1].final_sparsity, abs=2e-3)
