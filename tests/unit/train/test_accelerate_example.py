@@ -21,7 +21,7 @@ pytest.importorskip("accelerate", reason="the example needs accelerate (a recipe
 
 import recipec  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = ROOT / "examples" / "accelerate_loop.py"
 
 
