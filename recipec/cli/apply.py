@@ -226,11 +226,7 @@ def command(
         fail("--resume continues the run in --output and --overwrite replaces it: pass one of them")
     load_or_exit(recipe, overrides)  # every recipe problem at once, before anything heavy
     min_sparsity = _sparse_backprop_min(sparse_backprop, sparse_backprop_min, device)
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            fail("--device cuda but no CUDA device is available")
+    _check_device(device)
 
     from recipec.distributed import DistributedError, is_main
     from recipec.modifiers.base import CompileError
@@ -293,6 +289,15 @@ def _task_options(metric: str | None, task_kind: str | None, label_list: str | N
     (checked by the task loader)."""
     labels = None if label_list is None else tuple(v.strip() for v in label_list.split(","))
     return {"metric": metric, "task_kind": task_kind, "labels": labels}
+
+
+def _check_device(device: str) -> None:
+    """Fails early when ``--device cuda`` has no CUDA device to run on."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            fail("--device cuda but no CUDA device is available")
 
 
 def _sparse_backprop_min(flag: bool, least: float | None, device: str) -> float | None:

@@ -289,9 +289,19 @@ def test_never_trained_reads_the_metrics_records(tmp_path, lines, fresh):
 
 
 def test_a_failed_start_with_the_users_files_is_not_reused(recipe_file, tiny_model_dir, tmp_path):
+    """A run that stopped before training (a headless teacher: refused after the folder
+    exists) is reused only while it holds nothing but recipec's files."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
     out = tmp_path / "run"
     base = ["--model", tiny_model_dir, "--max-train", 32, "--max-eval", 16, "--output", out]
-    assert apply(recipe_file, *base, "--set", "targets=['nomatch']").exit_code == 2
+    headless = tmp_path / "headless"
+    BertForSequenceClassification.from_pretrained(tiny_model_dir).bert.save_pretrained(headless)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(headless)
+    kd = tmp_path / "kd.yaml"
+    kd.write_text(recipe_file.read_text() + "  - {type: distill, hardness: 0.5}\n")
+    assert apply(kd, *base, "--teacher", headless).exit_code == 2
+    assert (out / "run.json").is_file()
     (out / "notes.txt").write_text("mine")
     result = apply(recipe_file, *base)
     assert result.exit_code == 2 and "exists and is not empty" in result.output

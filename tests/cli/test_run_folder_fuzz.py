@@ -211,7 +211,7 @@ NOT_RECIPECS = {  # what --overwrite must refuse after the case
     "run-json-is-a-folder",
 }
 # Slower cases (a resume that trains) whose damage the fast unit tests of
-# tests/unit/test_resume_state.py also cover; the default suite runs one of each kind.
+# tests/unit/train/test_resume_state.py also cover; the default suite runs one of each kind.
 SLOW = {
     "garbled-state-header",
     "truncated-state-tensors",

@@ -1,6 +1,6 @@
 """docs/frameworks.md: every Python example runs (after the shared setup block), the excerpt of
 examples/accelerate_loop.py is verbatim, and the README links the page. (Its shell commands are
-run by tests/unit/test_accelerate_example.py.)"""
+run by tests/unit/train/test_accelerate_example.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DOC = ROOT / "docs" / "frameworks.md"
 EXCERPT = re.compile(r"\A# from (\S+)\n")
 

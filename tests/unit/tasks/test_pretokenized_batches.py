@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from recipec.tasks import Example, TaskInfo
 from recipec.tasks import builtin as builtin_task
 from recipec.tasks.data import Collator, make_dataloader
-from recipec.tasks import Example, TaskInfo
 
 CLS = TaskInfo("t", "classification", 2)
 MC = TaskInfo("mc", "multiple_choice", 3, num_choices=3)

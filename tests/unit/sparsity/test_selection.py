@@ -35,7 +35,7 @@ from recipec.sparsity.selection import (
     select_parameters,
 )
 
-RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").rglob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[3] / "recipes").rglob("*.yaml"))
 
 # The default targets before `targets: encoder` (BERT/RoBERTa/MiniLM and DistilBERT names):
 # bundled recipes must select on BERT-family models exactly what these did.

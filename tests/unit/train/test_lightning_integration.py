@@ -417,7 +417,7 @@ def test_step_count_mismatch_warns(tmp_path):
 def test_the_lightning_example_under_ddp_with_two_cpu_processes(tmp_path):
     """docs/frameworks.md's command: examples/lightning_loop.py with --devices 2 (Lightning
     starts the second process; DDP over gloo)."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     doc = (root / "docs" / "frameworks.md").read_text(encoding="utf-8")
     (line,) = [c for c in re.findall(r"^python examples/lightning_loop\.py .*$", doc, re.M)]
     args = shlex.split(line)

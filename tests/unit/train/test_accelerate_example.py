@@ -21,7 +21,7 @@ pytest.importorskip("accelerate", reason="the example needs accelerate (a recipe
 
 import recipec  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = ROOT / "examples" / "accelerate_loop.py"
 
 
@@ -93,7 +93,7 @@ def _documented(first: str, output: Path) -> list[str]:
 
 def test_the_accelerate_example_equals_the_plain_loop(tmp_path):
     output = tmp_path / "run"
-    command = _documented("python", output)
+    command = _documented("python examples/accelerate_loop.py", output)
     assert command[1:3] == ["examples/accelerate_loop.py", "--output"]
     result = _run([sys.executable, *command[1:]], output)
     assert result["processes"] == 1 and result["steps"] == 24  # 12 batches / 2 per step x 4
