@@ -62,6 +62,8 @@ class Program:
         self.plan = plan
         self.ctx = ctx
         self.modifiers = list(modifiers)
+        # quantizers after the pruners at a step: they calibrate on the step's final masks
+        self._start_order = sorted(self.modifiers, key=lambda m: bool(m.spec.quantizes))
         self.sets_lr = sets_lr and ctx.optimizer is not None
         self.step = 0
         self.finalized = False
@@ -88,7 +90,7 @@ class Program:
             set_lr(self.ctx.optimizer, self.plan.lr_at(step))
         if self.kernels is not None:
             self.kernels.before_step(step)  # pruners (and oBERT's gradients) see dense layers
-        for mod in self.modifiers:
+        for mod in self._start_order:
             mod.on_step_start(step)
         if self.kernels is not None:
             self.kernels.after_step(step)
@@ -198,11 +200,12 @@ class _SparseKernels:
         plan = program.plan
         if min_sparsity is None or plan.total_steps == 0:
             return None
-        if plan.with_trait("second_pass"):
-            names = ", ".join(sorted({m.type for m in plan.with_trait("second_pass")}))
+        if plan.with_trait("second_pass") or plan.with_trait("quantizes"):
+            mods = plan.with_trait("second_pass") + plan.with_trait("quantizes")
+            names = ", ".join(sorted({m.type for m in mods}))
             program.ctx.log(
-                f"stage {plan.name!r}: sparse backprop off: a {names} modifier perturbs the "
-                "dense weights"
+                f"stage {plan.name!r}: sparse backprop off: a {names} modifier changes what "
+                "the dense weights compute"
             )
             return None
         from recipec.kernels.sparse_backprop import SparseBackprop

@@ -151,6 +151,7 @@ def write_outputs(
     program = outcomes[-1].program if outcomes else None
     masks = program.masks.masks if program is not None else {}
     folder = write_checkpoint(model, out / "model", masks, tokenizer, recipe_text)
+    quantized = _write_quant(folder, model)
     params = dict(model.named_parameters())
     targets_sparsity, per_tensor = weight_sparsity(params, list(masks))
     zeros = {name: count_zeros(params[name]) for name in masks}
@@ -201,10 +202,31 @@ def write_outputs(
     }
     if resumes:
         report["resumes"] = resumes
+    if quantized is not None:
+        report["quantization"] = quantized
     report["plots"] = _plots(out, records, per_tensor, info.primary_metric)
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     write_text_atomic(out / "report.md", _markdown(report))
     return report
+
+
+def _write_quant(folder: Path, model) -> dict[str, Any] | None:
+    """``quantization.json`` beside the weights of a model a stage quantized (its report
+    entry), else None."""
+    from recipec.quant.fake import quant_of
+    from recipec.quant.files import QUANT_FILE, quant_record
+
+    quant = quant_of(model)
+    if quant is None:
+        return None
+    record = quant_record(quant)
+    write_text_atomic(folder / QUANT_FILE, json.dumps(record, indent=2))
+    return {
+        "file": QUANT_FILE,
+        "weights": record["weights"],
+        "activations": record["activations"],
+        "layers": len(record["layers"]),
+    }
 
 
 def _wall_time(report: dict[str, Any]) -> str:
