@@ -99,7 +99,7 @@ training:
 modifiers: []
 """
 
-MODELS = ("dense", "unstructured", "block4")
+MODELS = ("block4", "unstructured", "dense")
 MAX_TRAIN = 4000
 
 

@@ -33,11 +33,12 @@ SPARSITY_BUCKET = 0.05
 BLOCK4_MIN_FILL = 0.5
 MIN_BUCKET = 8
 
-Timer = Callable[[Callable[[], object]], float]
-"""Runs a function once and returns the seconds it took (injectable for tests)."""
+Timer = Callable[[str, Callable[[], object]], float]
+"""``timer(candidate, fn)``: runs ``fn`` (one call of the candidate form: "dense",
+"unstructured" or "block4") once and returns its seconds. Injectable (tests mock it)."""
 
 
-def _seconds(fn: Callable[[], object]) -> float:
+def _seconds(candidate: str, fn: Callable[[], object]) -> float:
     """Wall time; on one thread the thread's CPU time (a busy machine then adds nothing)."""
     clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     start = clock()
@@ -150,7 +151,8 @@ class Planner:
     """Measures dense vs the packed forms once per key and remembers the fastest.
 
     Args:
-        timer: runs a function once and returns its seconds (default: wall clock).
+        timer: ``timer(candidate, fn)`` runs ``fn`` once and returns its seconds (default:
+            the wall clock, or the thread's CPU time when torch runs one thread).
         rounds: interleaved timed rounds per candidate (best of them is kept).
         min_speedup: a sparse form must beat dense by this factor.
     """
@@ -175,7 +177,7 @@ class Planner:
         best = dict.fromkeys(names, float("inf"))
         for _ in range(self.rounds):
             for name in names:  # interleaved, so a drifting machine hits every form alike
-                best[name] = min(best[name], self.timer(lambda n=name: layer.run(x, n)))
+                best[name] = min(best[name], self.timer(name, lambda n=name: layer.run(x, n)))
         self.measurements += 1
         return best
 

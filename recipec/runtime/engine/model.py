@@ -131,15 +131,20 @@ class Engine:
     # -- running ------------------------------------------------------------------------
 
     def to_tensors(self, inputs: dict) -> dict[str, torch.Tensor]:
-        """The model's inputs as int64 tensors (numpy arrays or tensors in)."""
+        """The model's inputs as int64 tensors (numpy arrays or tensors in); a missing
+        ``attention_mask`` is all ones, a missing ``token_type_ids`` all zeros."""
+        if "input_ids" not in inputs:
+            raise EngineError("missing model input 'input_ids'")
+        ids = torch.as_tensor(np.asarray(inputs["input_ids"]), dtype=torch.int64)
+        defaults = {"attention_mask": torch.ones_like, "token_type_ids": torch.zeros_like}
         out = {}
         for name in self.input_names:
-            if name not in inputs:
-                if name == "token_type_ids" and "input_ids" in inputs:
-                    out[name] = torch.zeros_like(torch.as_tensor(inputs["input_ids"]))
-                    continue
+            if name in inputs:
+                out[name] = torch.as_tensor(np.asarray(inputs[name]), dtype=torch.int64)
+            elif name in defaults:  # no padding / one segment
+                out[name] = defaults[name](ids)
+            else:
                 raise EngineError(f"missing model input {name!r}")
-            out[name] = torch.as_tensor(np.asarray(inputs[name]), dtype=torch.int64)
         return out
 
     @torch.inference_mode()
@@ -185,7 +190,10 @@ class Engine:
             for d in picks:
                 label = d.choice if d.choice == "dense" else f"{d.choice} {self.dtype}"
                 counts[label] = counts.get(label, 0) + 1
-        body = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no pruned layers"
+        body = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+        if not body:
+            n = len(self.layers)
+            body = f"{n} pruned layers, decided on first call" if n else "no layers on kernels"
         return f"{body} ({self.backend})"
 
     def predict(self, items: Iterable, **kwargs) -> list[dict]:
