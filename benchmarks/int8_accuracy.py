@@ -15,6 +15,8 @@ model trains 4 epochs. About 10 minutes per model on 2 quiet cores.
 
     python benchmarks/int8_accuracy.py                  # train what is missing, then evaluate
     python benchmarks/int8_accuracy.py --train-only
+    python benchmarks/int8_accuracy.py --models unstructured --max-train 64 --max-dev 64 \\
+        --workdir /tmp/int8-smoke --out /tmp/int8-smoke     # smoke test (~2 min)
 
 Writes ``benchmarks/results/int8_accuracy.{json,md}``.
 """
@@ -116,7 +118,7 @@ def recipec(*args: str) -> None:
     subprocess.run(cmd, check=True, env=env)
 
 
-def build(name: str, workdir: Path) -> Path:
+def build(name: str, workdir: Path, max_train: int = MAX_TRAIN) -> Path:
     """The exported deployment folder of model ``name``: trained and exported when missing."""
     run_dir = workdir / name
     folder = run_dir / "onnx"
@@ -129,7 +131,7 @@ def build(name: str, workdir: Path) -> Path:
         text = DENSE_RECIPE if name == "dense" else RECIPE.format(structure=name)
         recipe.write_text(text)
         recipec(
-            "apply", str(recipe), "--data", str(DATA), "--max-train", str(MAX_TRAIN),
+            "apply", str(recipe), "--data", str(DATA), "--max-train", str(max_train),
             "--output", str(run_dir), "--overwrite", "--quiet",
         )  # fmt: skip
     recipec("export", str(run_dir), "--onnx", "--overwrite")
@@ -143,17 +145,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--train-only", action="store_true")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--models", default=",".join(MODELS), help="comma list of " + ", ".join(MODELS))
+    p.add_argument(
+        "--max-train", type=int, default=MAX_TRAIN, help="training examples (smoke: e.g. 64)"
+    )
+    p.add_argument("--max-dev", type=int, default=None, help="first N dev sentences (smoke)")
     args = p.parse_args(argv)
-    folders = {name: build(name, args.workdir) for name in MODELS}
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not names or any(m not in MODELS for m in names):
+        raise SystemExit(f"--models: choose from {', '.join(MODELS)}")
+    folders = {name: build(name, args.workdir, args.max_train) for name in names}
     if args.train_only:
         return 0
     from int8_eval import evaluate_all  # noqa: PLC0415 - the heavy part, after training
 
     started = time.time()
-    report = evaluate_all(folders, DATA / "dev.tsv", args.threads, log)
+    report = evaluate_all(folders, DATA / "dev.tsv", args.threads, log, args.max_dev)
     report.update(
         command="python benchmarks/int8_accuracy.py " + " ".join(argv or sys.argv[1:]),
-        budget={"max_train": MAX_TRAIN, "recipe": RECIPE.format(structure="STRUCTURE")},
+        budget={"max_train": args.max_train, "recipe": RECIPE.format(structure="STRUCTURE")},
         environment={"cpu": cpu_name(), "load_avg": loadavg()},
         wall_s=time.time() - started,
     )
