@@ -198,10 +198,27 @@ def load_runtimes(name, folders, runtimes, threads, workdir, worker) -> Loaded:
             loaded.torch_models[s] = (model, load_masks(folder / MASKS_FILE, model))
         for runtime, dtype in ENGINES.items():
             if runtime in runtimes and s > 0:
-                loaded.engines[(runtime, s)] = load_engine(
-                    folder, dtype, threads=threads, verify=False, tokenizer=False
-                )
+                loaded.engines[(runtime, s)] = _engine(folder, dtype)
     return loaded
+
+
+_ENGINES: dict[tuple[Path, str], object] = {}
+
+
+def _engine(folder: Path, dtype: str):
+    """The folder's engine, loaded once per run; its kernel choices are measured afresh (the
+    fastest form can change with the thread count)."""
+    from recipec.runtime.engine import Planner
+
+    engine = _ENGINES.get((folder, dtype))
+    if engine is None:
+        engine = _ENGINES[(folder, dtype)] = load_engine(
+            folder, dtype, verify=False, tokenizer=False
+        )
+    engine.planner = Planner()
+    for layer in engine.layers.values():
+        layer.planner, layer.choices = engine.planner, {}
+    return engine
 
 
 def _checked(target: Target, ref, problems: list[str], tol=FP32_TOL) -> Target | None:
