@@ -221,6 +221,25 @@ def _engine(folder: Path, dtype: str):
     return engine
 
 
+def _engine_layers(engine, tokens: int) -> dict:
+    """The engine's choice per layer kind at ``tokens``: each candidate's best time (ms) from
+    the measurement at load, against the layer's FLOP limit (1 / density of its weights)."""
+    from recipec.runtime.engine import token_bucket
+
+    kinds = {}
+    for layer in engine.layers.values():
+        d = layer.choices.get(token_bucket(tokens))
+        key = f"{layer.out_features}x{layer.in_features} s{layer.sparsity:.2f} {layer.pattern}"
+        if d is not None and key not in kinds:
+            kinds[key] = {
+                "choice": d.choice,
+                "times_ms": {k: round(v * 1e3, 3) for k, v in d.times.items()},
+                "speedup": round(d.speedup, 3),
+                "flop_limit": round(1 / max(1e-9, 1 - layer.sparsity), 2),
+            }
+    return {"summary": engine.summary(tokens), "kinds": kinds}
+
+
 def _checked(target: Target, ref, problems: list[str], tol=FP32_TOL) -> Target | None:
     """The target when its logits match onnxruntime FP32's (its diff recorded), else None."""
     try:
@@ -261,7 +280,9 @@ def _targets_at(loaded: Loaded, s: int, batch: int, seq: int, inputs, problems, 
         engine = loaded.engines.get((runtime, s))
         if engine is not None:
             engine.prepare(batch, seq)
-            layers[f"{label}-{runtime}-b{batch}-t{loaded.threads}"] = engine.summary(batch * seq)
+            layers[f"{label}-{runtime}-b{batch}-t{loaded.threads}"] = _engine_layers(
+                engine, batch * seq
+            )
             runner = EngineRunner(engine, inputs, runtime)
             candidates.append(Target(label, runtime, f"{s}", batch, seq, runner))
     if s in loaded.torch_models:
