@@ -16,7 +16,7 @@ model trains 4 epochs. About 10 minutes per model on 2 quiet cores.
     python benchmarks/int8_accuracy.py                  # train what is missing, then evaluate
     python benchmarks/int8_accuracy.py --train-only
     python benchmarks/int8_accuracy.py --models unstructured --max-train 64 --max-dev 64 \\
-        --workdir /tmp/int8-smoke --out /tmp/int8-smoke     # smoke test (~2 min)
+        --workdir /tmp/int8-smoke --out /tmp/int8-smoke     # smoke test (a few minutes)
 
 Writes ``benchmarks/results/int8_accuracy.{json,md}``.
 """
@@ -118,7 +118,9 @@ def recipec(*args: str) -> None:
     subprocess.run(cmd, check=True, env=env)
 
 
-def build(name: str, workdir: Path, max_train: int = MAX_TRAIN) -> Path:
+def build(
+    name: str, workdir: Path, max_train: int = MAX_TRAIN, max_eval: int | None = None
+) -> Path:
     """The exported deployment folder of model ``name``: trained and exported when missing."""
     run_dir = workdir / name
     folder = run_dir / "onnx"
@@ -133,6 +135,7 @@ def build(name: str, workdir: Path, max_train: int = MAX_TRAIN) -> Path:
         recipec(
             "apply", str(recipe), "--data", str(DATA), "--max-train", str(max_train),
             "--output", str(run_dir), "--overwrite", "--quiet",
+            *(["--max-eval", str(max_eval)] if max_eval else []),
         )  # fmt: skip
     recipec("export", str(run_dir), "--onnx", "--overwrite")
     return folder
@@ -149,12 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--max-train", type=int, default=MAX_TRAIN, help="training examples (smoke: e.g. 64)"
     )
-    p.add_argument("--max-dev", type=int, default=None, help="first N dev sentences (smoke)")
+    p.add_argument(
+        "--max-dev",
+        type=int,
+        default=None,
+        help="first N dev sentences, also for the evaluations during training (smoke)",
+    )
     args = p.parse_args(argv)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     if not names or any(m not in MODELS for m in names):
         raise SystemExit(f"--models: choose from {', '.join(MODELS)}")
-    folders = {name: build(name, args.workdir, args.max_train) for name in names}
+    folders = {name: build(name, args.workdir, args.max_train, args.max_dev) for name in names}
     if args.train_only:
         return 0
     from int8_eval import evaluate_all  # noqa: PLC0415 - the heavy part, after training
