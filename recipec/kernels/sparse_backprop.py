@@ -13,7 +13,7 @@ sparsity reaches ``min_sparsity`` for :class:`MaskedSparseLinear`, which compute
 with the ``sparseprop`` package's kernels (Nikdan et al., ICML 2023). The parameter stays the
 model's dense ``weight`` tensor: the optimizer, its state, checkpoints, distillation and
 the exported model see nothing different, and the results equal the dense path's up to float
-rounding (tests/unit/test_sparse_backprop.py). Only the module instance's ``forward``
+rounding (tests/unit/kernels/test_sparse_backprop.py). Only the module instance's ``forward``
 attribute is replaced, so ``state_dict`` keys do not change; :meth:`SparseBackprop.remove`
 restores it. The training loop removes the kernels before every step that may change masks
 (so pruners, and oBERT's gradient collection, see the dense layers), rebuilds them after it,
