@@ -205,14 +205,23 @@ class _SparseKernels:
                 "dense weights"
             )
             return None
-        from recipec.kernels.sparse_backprop import SparseBackprop
+        from recipec.kernels.sparse_backprop import SparseBackprop, slow_reason
 
         steps: set[int] = set()
         for mod in plan.with_trait("sets_masks"):
             steps.update(mod.pruning_steps)
             if not mod.pruning_steps:  # constant: fixes the masks at its window's start
                 steps.add(mod.window.start)
-        return cls(program, SparseBackprop(program.ctx.model, min_sparsity), frozenset(steps))
+        kernels = SparseBackprop(program.ctx.model, min_sparsity)  # builds them if need be
+        slow = slow_reason()
+        if slow is not None:  # the pure-torch fallback: same results, no faster
+            if program.ctx.progress is not None:
+                program.ctx.log(f"stage {plan.name!r}: {slow}")
+            else:
+                import warnings
+
+                warnings.warn(slow, RuntimeWarning, stacklevel=2)
+        return cls(program, kernels, frozenset(steps))
 
     def before_step(self, step: int) -> None:
         if step in self.change_steps:

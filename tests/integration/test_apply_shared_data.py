@@ -63,10 +63,6 @@ def test_sparse_backprop_on_the_embedded_model_matches_dense_kernels(
     import torch
     from safetensors.torch import load_file
 
-    from recipec.kernels import sparse_backprop as sbp
-
-    if sbp.backend() is None:
-        pytest.skip(f"the optional sparseprop package is not installed ({sbp.INSTALL_HINT})")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(SPARSE_RECIPE)
     runs = {}

@@ -1,6 +1,7 @@
-"""Sparse backprop (SparseProp kernels once masks are fixed): the autograd function against
+"""Sparse backprop (recipec's kernels once masks are fixed): the autograd function against
 F.linear, the layer swap, when a stage turns it on, and `recipec apply --sparse-backprop`
-against the same run on dense kernels."""
+against the same run on dense kernels. Nothing here needs an optional package: where the
+kernels cannot be built, the same tests run the pure-torch fallback."""
 
 from __future__ import annotations
 
@@ -16,11 +17,6 @@ from torch import nn
 from recipec.cli import main
 from recipec.kernels import sparse_backprop as sbp
 from recipec.recipe.load import load_recipe_text
-
-needs_sparseprop = pytest.mark.skipif(
-    sbp.backend() is None,
-    reason=f"the optional sparseprop package is not installed ({sbp.INSTALL_HINT})",
-)
 
 
 def _mask(shape, keep: float, seed: int = 0) -> torch.Tensor:
@@ -41,7 +37,6 @@ def test_layout_is_the_csr_pattern_of_the_mask():
     assert layout.indices.tolist() == reference.col_indices().tolist()
 
 
-@needs_sparseprop
 @pytest.mark.parametrize(
     "x_shape", [(4, 8, 32), (5, 7, 32), (3, 32)]
 )  # tokens a multiple of 16 or not
@@ -72,7 +67,6 @@ def test_function_matches_f_linear_on_the_masked_weight(x_shape, bias):
         torch.testing.assert_close(gb[0], gb_ref[0], rtol=1e-5, atol=1e-5)
 
 
-@needs_sparseprop
 def test_function_ignores_weights_off_the_mask():
     """The kernel reads only the mask's positions: what sits elsewhere has no effect."""
     mask = _mask((16, 16), keep=0.2, seed=1)
@@ -94,7 +88,6 @@ class _Two(nn.Module):
         return self.c(self.b(self.a(x)))
 
 
-@needs_sparseprop
 def test_refresh_swaps_exactly_the_linear_layers_at_the_threshold_and_remove_restores_them():
     torch.manual_seed(0)
     model = _Two()
@@ -133,7 +126,6 @@ def test_refresh_swaps_exactly_the_linear_layers_at_the_threshold_and_remove_res
     assert all("forward" not in m.__dict__ for m in (model.a, model.b, model.c))
 
 
-@needs_sparseprop
 def test_double_backward_is_refused():
     mask = _mask((16, 16), keep=0.1)
     weight = (torch.randn(16, 16) * mask).requires_grad_()
@@ -144,7 +136,6 @@ def test_double_backward_is_refused():
         gx.sum().backward()
 
 
-@needs_sparseprop
 def test_a_layer_with_someone_elses_forward_is_left_alone():
     model = _Two()
     foreign = model.b.forward
@@ -158,7 +149,6 @@ def test_a_layer_with_someone_elses_forward_is_left_alone():
     assert model.b.__dict__["forward"] is foreign and "forward" not in model.c.__dict__
 
 
-@needs_sparseprop
 def test_a_deepcopy_of_a_patched_model_computes_with_its_own_weights():
     import copy
 
@@ -192,7 +182,6 @@ def test_the_report_line_says_when_a_stage_was_resumed():
     assert "resumed" not in _sparse_line({"min_sparsity": 0.9, "from_step": 7, "layers": 12})
 
 
-@needs_sparseprop
 def test_the_loop_removes_the_kernels_however_the_stage_ends(tiny_bert, embedded_tokenizer):
     import recipec
     from recipec.tasks import TaskInfo, builtin
@@ -237,7 +226,6 @@ def test_the_loop_removes_the_kernels_however_the_stage_ends(tiny_bert, embedded
     assert prune_only.kernels is None  # no training step to speed up, and no report line
 
 
-@needs_sparseprop
 def test_a_model_off_the_cpu_is_refused():
     with pytest.raises(sbp.SparseBackpropError, match="on the CPU in a single process"):
         sbp.SparseBackprop(nn.Sequential(nn.Linear(4, 4, device="meta")))
@@ -262,7 +250,6 @@ def test_a_model_off_the_cpu_is_refused():
         ("[{type: cram, sparsities: [0.5, 0.7]}]", None),
     ],
 )
-@needs_sparseprop
 def test_mask_change_steps(modifiers, expected, tiny_bert):
     import recipec
 
@@ -274,6 +261,8 @@ def test_mask_change_steps(modifiers, expected, tiny_bert):
     else:
         assert program.kernels.change_steps == frozenset(expected)
 
+
+EPS32 = torch.finfo(torch.float32).eps  # one float32 step at 1.0
 
 RECIPE = """\
 training: {epochs: 3, batch_size: 16, learning_rate: 1e-3, max_seq_length: 32, seed: 1, eval_every_epochs: 1}
@@ -302,7 +291,6 @@ def _apply(recipe, model, out, *extra):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-@needs_sparseprop
 @pytest.mark.parametrize(
     "text, from_step", [(RECIPE, 10), (EARLY, 0)], ids=["dense_until_step_10", "sparse_from_step_0"]
 )
@@ -340,8 +328,10 @@ def test_apply_with_sparse_backprop_matches_the_dense_kernels(
     a = load_file(str(tmp_path / "dense" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "sparse" / "model" / "model.safetensors"))
     assert a.keys() == b.keys()
-    worst = max(float((b[name] - a[name]).abs().max()) for name in a)
-    assert worst < 1e-7, worst  # float rounding only (a bias off by 0.1% moves them by 2e-7)
+    # Float rounding only (a bias off by 0.1% moves them by 2e-7): 1e-7, plus one float32 step
+    # relative to the value (a LayerNorm weight near 1.0 cannot move by less than 1.2e-7).
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=EPS32, atol=1e-7, msg=name)
     masks_a = load_file(str(tmp_path / "dense" / "model" / "masks.safetensors"))
     masks_b = load_file(str(tmp_path / "sparse" / "model" / "masks.safetensors"))
     assert masks_a.keys() == masks_b.keys() and len(masks_a) == 12
@@ -362,7 +352,6 @@ def test_apply_with_sparse_backprop_matches_the_dense_kernels(
     assert [r["eval_accuracy"] for r in evals[0]] == [r["eval_accuracy"] for r in evals[1]]
 
 
-@needs_sparseprop
 def test_a_threshold_above_every_layer_keeps_dense_kernels_and_says_so(tiny_model_dir, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE)
@@ -380,7 +369,6 @@ def test_a_threshold_above_every_layer_keeps_dense_kernels_and_says_so(tiny_mode
     )
 
 
-@needs_sparseprop
 def test_pruning_steps_and_obert_gradients_see_the_dense_layers(
     tiny_model_dir, tmp_path, monkeypatch
 ):
@@ -428,20 +416,91 @@ def test_bad_sparse_backprop_options(tiny_model_dir, tmp_path, extra, message):
     assert not (tmp_path / "run").exists()
 
 
-def test_sparse_backprop_without_the_package_names_the_install(
+def _no_compiled_kernels(monkeypatch):
+    """This process as on a machine where recipec's kernels could not be built."""
+    from recipec.kernels import native
+
+    monkeypatch.setattr(native, "backend", lambda: "torch-fallback")
+    monkeypatch.setattr(
+        native, "unavailable_reason", lambda: "no C++ compiler found (install g++ or set CXX)"
+    )
+
+
+def test_without_compiled_kernels_it_runs_the_fallback_and_says_it_is_not_faster(
     tiny_model_dir, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(sbp, "backend", lambda: None)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(RECIPE)
-    result = _apply(recipe, tiny_model_dir, tmp_path / "run", "--sparse-backprop")
+    recipe.write_text(EARLY)
+    dense = _apply(recipe, tiny_model_dir, tmp_path / "dense")
+    assert dense.exit_code == 0, dense.output
+    _no_compiled_kernels(monkeypatch)
+    assert sbp.backend() == "torch-fallback"
+    args = ["apply", recipe, "--model", tiny_model_dir, "--max-train", 160, "--max-eval", 48]
+    args += ["--output", tmp_path / "sparse", "--sparse-backprop"]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    printed = " ".join(result.output.split())  # the console wraps long lines
+    assert printed.count("will not be faster") == 1, result.output
     assert (
-        result.exit_code == 2 and "pip install --no-build-isolation sparseprop" in result.output
+        "stage 'main': sparse backprop will not be faster here: no C++ compiler found (install "
+        "g++ or set CXX); the pruned layers run the pure-torch fallback (same results, dense "
+        "speed)" in printed
     ), result.output
-    assert not (tmp_path / "run").exists()
+    assert "12 of 12 pruned tensors on the pure-torch fallback (not faster)" in printed
+    report = json.loads((tmp_path / "sparse" / "report.json").read_text())
+    assert report["stages"][0]["sparse_backprop"] == {
+        "min_sparsity": 0.9,
+        "from_step": 0,
+        "layers": 12,
+    }
+    a = load_file(str(tmp_path / "dense" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "sparse" / "model" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=EPS32, atol=1e-7, msg=name)
 
 
-@needs_sparseprop
+def test_a_program_without_a_progress_callback_warns_once_per_stage(tiny_bert, monkeypatch):
+    import recipec
+
+    _no_compiled_kernels(monkeypatch)
+    text = "training: {steps: 10}\nmodifiers:\n  - {type: constant}\n"
+    optimizer = torch.optim.AdamW(tiny_bert.parameters())
+    with pytest.warns(RuntimeWarning, match="will not be faster here: no C"):
+        program = recipec.compile(
+            load_recipe_text(text), tiny_bert, optimizer, 10, sparse_backprop=0.5
+        )
+    assert program.kernels.kernels.backend == "torch-fallback"
+
+
+def test_apply_builds_the_kernels_in_the_background_unless_sparse_backprop_needs_them_now(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    calls = []
+    monkeypatch.setattr(sbp, "start_build", lambda: calls.append("background"))
+    monkeypatch.setattr(sbp, "backend", lambda: calls.append("now") or "avx2")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.replace("epochs: 3", "epochs: 1"))
+    assert _apply(recipe, tiny_model_dir, tmp_path / "a").exit_code == 0
+    assert calls == ["background"]
+    calls.clear()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a launcher's worker: no build, and no sparse backprop
+    assert _apply(recipe, tiny_model_dir, tmp_path / "b", "--sparse-backprop").exit_code == 2
+    assert calls == []
+
+
+def test_start_build_builds_in_a_thread_and_not_when_the_fallback_is_forced(monkeypatch):
+    from recipec.kernels import native
+
+    seen = []
+    monkeypatch.setattr(native, "backend", lambda: seen.append(1) or "avx2")
+    monkeypatch.delenv("RECIPEC_KERNELS", raising=False)
+    thread = sbp.start_build()
+    thread.join()
+    assert seen == [1] and not thread.daemon
+    monkeypatch.setenv("RECIPEC_KERNELS", "torch")
+    assert sbp.start_build() is None and seen == [1]
+
+
 def test_the_benchmark_runs_end_to_end_on_a_tiny_model(load_benchmark, tmp_path):
     bench = load_benchmark("sparse_backprop")
     code = bench.main(
@@ -479,7 +538,6 @@ def test_the_benchmark_runs_end_to_end_on_a_tiny_model(load_benchmark, tmp_path)
     )
 
 
-@needs_sparseprop
 def test_recipec_trainer_with_sparse_backprop_matches_the_dense_kernels(tmp_path):
     pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
     import copy
