@@ -5,6 +5,7 @@ kernels cannot be built, the same tests run the pure-torch fallback."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -74,6 +75,105 @@ def test_function_ignores_weights_off_the_mask():
     x = torch.randn(8, 16)
     y = sbp.MaskedSparseLinear.apply(x, weight, None, sbp.Layout.from_mask(mask))
     torch.testing.assert_close(y, F.linear(x, weight * mask), rtol=1e-5, atol=1e-5)
+
+
+# Hand-made masks: odd shapes, empty rows and columns, a full row, nothing kept at all.
+HAND_MASKS = {
+    "3x4 empty row and column": [[1, 0, 0, 1], [0, 0, 0, 0], [0, 1, 0, 1]],
+    "1x1": [[1]],
+    "5x7 full row, empty column": [
+        [1, 0, 1, 0, 0, 0, 1],
+        [1, 1, 1, 1, 1, 0, 1],
+        [0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0, 0],
+        [0, 1, 0, 0, 1, 0, 1],
+    ],
+    "4x3 nothing kept": [[0, 0, 0]] * 4,
+}
+
+
+def _hand_masks():
+    masks = {name: torch.tensor(rows, dtype=torch.bool) for name, rows in HAND_MASKS.items()}
+    wide = _mask((17, 33), keep=0.12, seed=4)  # wider than a vector, rows of odd lengths
+    wide[[0, 9, 16]] = False  # empty rows, first and last among them
+    wide[5] = True
+    masks["17x33 ~12% kept, empty rows"] = wide
+    return masks
+
+
+def _brute_force(x, weight, bias, mask, grad_out):
+    """y, dL/dx, dL/dW, dL/db of ``x @ (W * mask)^T + b`` by loops over the kept weights
+    (float64; integer-valued inputs make every sum exact in float32 too)."""
+    x, weight, grad_out = x.double(), weight.double(), grad_out.double()
+    tokens, (rows, cols) = x.shape[0], mask.shape
+    y = bias.double().repeat(tokens, 1)
+    gx = torch.zeros(tokens, cols, dtype=torch.float64)
+    gw = torch.zeros(rows, cols, dtype=torch.float64)
+    for o, i in mask.nonzero().tolist():
+        y[:, o] += x[:, i] * weight[o, i]
+        gx[:, i] += grad_out[:, o] * weight[o, i]
+        gw[o, i] = (grad_out[:, o] * x[:, i]).sum()
+    return y, gx, gw, grad_out.sum(dim=0)
+
+
+@pytest.mark.parametrize("path", ["avx2", "portable-c", "torch-fallback"])
+@pytest.mark.parametrize("name", list(_hand_masks()))
+@pytest.mark.parametrize("tokens", [1, 3, 19])
+def test_gradients_equal_a_brute_force_reference_exactly(path, name, tokens, monkeypatch):
+    from recipec.kernels import native
+
+    if path not in native.available_backends():
+        pytest.skip(f"recipec's kernels have no {path!r} path here: {native.unavailable_reason()}")
+    monkeypatch.setattr(sbp, "backend", lambda: path)
+    mask = _hand_masks()[name]
+    rows, cols = mask.shape
+    gen = torch.Generator().manual_seed(tokens)
+    ints = lambda *shape: torch.randint(-4, 5, shape, generator=gen).float()  # noqa: E731
+    weight = ints(rows, cols).requires_grad_()  # nonzero off the mask too: must be ignored
+    bias = ints(rows).requires_grad_()
+    x = ints(2, tokens, cols).requires_grad_()  # leading dims, as a batch of sequences
+    grad_out = ints(2, tokens, rows)
+
+    y = sbp.MaskedSparseLinear.apply(x, weight, bias, sbp.Layout.from_mask(mask))
+    gx, gw, gb = torch.autograd.grad(y, [x, weight, bias], grad_out)
+
+    ref = _brute_force(x.detach().reshape(-1, cols), weight.detach(), bias.detach(), mask,
+                       grad_out.reshape(-1, rows))  # fmt: skip
+    assert torch.equal(y.detach().reshape(-1, rows).double(), ref[0])
+    assert torch.equal(gx.reshape(-1, cols).double(), ref[1])
+    assert torch.equal(gw.double(), ref[2]) and bool((gw[~mask] == 0).all())
+    assert torch.equal(gb.double(), ref[3])
+    with torch.no_grad():  # evaluation: the same values, no graph kept
+        y_eval = sbp.MaskedSparseLinear.apply(x, weight, bias, sbp.Layout.from_mask(mask), False)
+    assert not y_eval.requires_grad and torch.equal(y_eval, y.detach())
+
+
+def test_a_patched_layer_trains_like_the_masked_dense_layer():
+    """Through the layer swap: the same loss and gradients as the dense layer whose weight is
+    masked, with integer values (exact)."""
+    mask = _hand_masks()["17x33 ~12% kept, empty rows"]
+    gen = torch.Generator().manual_seed(0)
+    dense = nn.Linear(33, 17)
+    with torch.no_grad():
+        dense.weight.copy_(torch.randint(-3, 4, (17, 33), generator=gen) * mask)
+        dense.bias.copy_(torch.randint(-3, 4, (17,), generator=gen))
+    sparse = nn.Sequential(copy.deepcopy(dense))
+    kernels = sbp.SparseBackprop(sparse, min_sparsity=0.5)
+    assert kernels.refresh({"0.weight": mask}, version=1) and list(kernels.layers) == ["0.weight"]
+    x = torch.randint(-3, 4, (5, 33), generator=gen).float()
+    for model in (dense, sparse):
+        model(x).pow(2).sum().backward()
+    assert torch.equal(sparse[0].weight.grad, dense.weight.grad * mask)
+    assert torch.equal(sparse[0].bias.grad, dense.bias.grad)
+
+
+def test_a_second_backward_through_a_freed_layer_says_so():
+    mask = _mask((8, 8), keep=0.3)
+    x = torch.randn(3, 8, requires_grad=True)
+    y = sbp.MaskedSparseLinear.apply(x, torch.randn(8, 8), None, sbp.Layout.from_mask(mask))
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second time"):
+        y.sum().backward()
 
 
 class _Two(nn.Module):
@@ -150,8 +250,6 @@ def test_a_layer_with_someone_elses_forward_is_left_alone():
 
 
 def test_a_deepcopy_of_a_patched_model_computes_with_its_own_weights():
-    import copy
-
     model = _Two()
     masks = {"c.weight": _mask((16, 16), keep=0.05)}
     with torch.no_grad():
@@ -540,8 +638,6 @@ def test_the_benchmark_runs_end_to_end_on_a_tiny_model(load_benchmark, tmp_path)
 
 def test_recipec_trainer_with_sparse_backprop_matches_the_dense_kernels(tmp_path):
     pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
-    import copy
-
     import yaml
     from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
