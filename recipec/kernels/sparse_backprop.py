@@ -82,10 +82,10 @@ def start_build() -> threading.Thread | None:
     they are, and under ``RECIPEC_KERNELS=torch``), so that ``recipec apply`` leaves them built
     for ``--sparse-backprop`` and the kernel benchmarks while it trains. The thread is not a
     daemon: a process that ends first waits for the build rather than leave it half done.
-    Where nothing can be built, ``native`` says why in one line."""
+    Where nothing can be built, ``native.prebuild`` says why in one line, on the first run."""
     if os.environ.get("RECIPEC_KERNELS", "").strip().lower() in ("torch", "torch-fallback"):
         return None
-    thread = threading.Thread(target=native.backend, name="recipec-kernels-build")
+    thread = threading.Thread(target=native.prebuild, name="recipec-kernels-build")
     thread.start()
     return thread
 

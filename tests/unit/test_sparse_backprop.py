@@ -590,7 +590,7 @@ def test_start_build_builds_in_a_thread_and_not_when_the_fallback_is_forced(monk
     from recipec.kernels import native
 
     seen = []
-    monkeypatch.setattr(native, "backend", lambda: seen.append(1) or "avx2")
+    monkeypatch.setattr(native, "prebuild", lambda: seen.append(1))
     monkeypatch.delenv("RECIPEC_KERNELS", raising=False)
     thread = sbp.start_build()
     thread.join()
