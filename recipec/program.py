@@ -247,10 +247,15 @@ class _SparseKernels:
         self.kernels.remove()
 
     def record(self) -> dict[str, Any]:
-        """``min_sparsity``, ``from_step``, ``layers`` (and ``resumed``)."""
+        """``min_sparsity``, ``from_step``, ``layers`` (and ``resumed``, and ``fallback`` when
+        the layers ran the pure-torch fallback, recipec's kernels being unavailable)."""
         record = {
             "min_sparsity": self.kernels.min_sparsity,
             "from_step": self.from_step,
             "layers": self.layers,
         }
+        from recipec.kernels.sparse_backprop import FAST_BACKEND
+
+        if self.kernels.backend != FAST_BACKEND:
+            record["fallback"] = True
         return dict(record, resumed=True) if self.resumed else record
