@@ -414,7 +414,8 @@ def test_apply_with_sparse_backprop_matches_the_dense_kernels(
         return original(ctx, *args)
 
     monkeypatch.setattr(sbp.MaskedSparseLinear, "forward", staticmethod(counted))
-    sparse = _apply(recipe, tiny_model_dir, tmp_path / "sparse", "--sparse-backprop")
+    least = ("--sparse-backprop-min", 0.9)  # the layers pass it at step 10 (RECIPE)
+    sparse = _apply(recipe, tiny_model_dir, tmp_path / "sparse", "--sparse-backprop", *least)
     assert sparse.exit_code == 0, sparse.output
 
     report = json.loads((tmp_path / "sparse" / "report.json").read_text())
@@ -491,7 +492,7 @@ def test_pruning_steps_and_obert_gradients_see_the_dense_layers(
     assert [step for step, _ in seen] == [0, 5, 10]
     assert all(patched == [] for _, patched in seen), seen
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["stages"][0]["sparse_backprop"] == _record(0.9, 0, 12)
+    assert report["stages"][0]["sparse_backprop"] == _record(sbp.DEFAULT_MIN_SPARSITY, 0, 12)
 
 
 @pytest.mark.parametrize(
@@ -542,7 +543,7 @@ def test_without_compiled_kernels_it_runs_the_fallback_and_says_it_is_not_faster
     assert "12 of 12 pruned tensors on the pure-torch fallback (not faster)" in printed
     report = json.loads((tmp_path / "sparse" / "report.json").read_text())
     assert report["stages"][0]["sparse_backprop"] == {
-        "min_sparsity": 0.9,
+        "min_sparsity": sbp.DEFAULT_MIN_SPARSITY,
         "from_step": 0,
         "layers": 12,
         "fallback": True,
