@@ -208,14 +208,23 @@ class _SparseKernels:
                 "the dense weights compute"
             )
             return None
-        from recipec.kernels.sparse_backprop import SparseBackprop
+        from recipec.kernels.sparse_backprop import SparseBackprop, slow_reason
 
         steps: set[int] = set()
         for mod in plan.with_trait("sets_masks"):
             steps.update(mod.pruning_steps)
             if not mod.pruning_steps:  # constant: fixes the masks at its window's start
                 steps.add(mod.window.start)
-        return cls(program, SparseBackprop(program.ctx.model, min_sparsity), frozenset(steps))
+        kernels = SparseBackprop(program.ctx.model, min_sparsity)  # builds them if need be
+        slow = slow_reason()
+        if slow is not None:  # the pure-torch fallback: same results, no faster
+            if program.ctx.progress is not None:
+                program.ctx.log(f"stage {plan.name!r}: {slow}")
+            else:
+                import warnings
+
+                warnings.warn(slow, RuntimeWarning, stacklevel=2)
+        return cls(program, kernels, frozenset(steps))
 
     def before_step(self, step: int) -> None:
         if step in self.change_steps:
@@ -241,10 +250,15 @@ class _SparseKernels:
         self.kernels.remove()
 
     def record(self) -> dict[str, Any]:
-        """``min_sparsity``, ``from_step``, ``layers`` (and ``resumed``)."""
+        """``min_sparsity``, ``from_step``, ``layers`` (and ``resumed``, and ``fallback`` when
+        the layers ran the pure-torch fallback, recipec's kernels being unavailable)."""
         record = {
             "min_sparsity": self.kernels.min_sparsity,
             "from_step": self.from_step,
             "layers": self.layers,
         }
+        from recipec.kernels.sparse_backprop import FAST_BACKEND
+
+        if self.kernels.backend != FAST_BACKEND:
+            record["fallback"] = True
         return dict(record, resumed=True) if self.resumed else record

@@ -245,12 +245,17 @@ def _sparse_line(sparse: dict[str, Any]) -> str:
     least = f">= {100 * sparse['min_sparsity']:.0f}% zeros"
     if sparse.get("from_step") is None:
         return f"Sparse backprop: no pruned linear layer reached {least}; dense kernels throughout."
+    where = (
+        "the pure-torch fallback (recipec's sparse kernels could not run here; not faster)"
+        if sparse.get("fallback")
+        else "recipec's sparse kernels"
+    )
     since = f"step {sparse['from_step']}" + (
         " (of the last session: the stage was resumed)" if sparse.get("resumed") else ""
     )
     return (
         f"Sparse backprop: from {since}, pruned linear layers with {least} ran forward and "
-        f"backward on SparseProp kernels between mask changes ({sparse['layers']} at the end of the stage)."
+        f"backward on {where} between mask changes ({sparse['layers']} at the end of the stage)."
     )
 
 
