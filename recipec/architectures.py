@@ -598,6 +598,22 @@ def _check_shapes(
         raise ArchitectureError(f"{block.name}: shapes disagree with roles: {'; '.join(problems)}")
 
 
+STRUCTURE_KEY = "recipec_structure"
+"""The config key under which recipec records a shrunk model's per-layer heads and FFN widths
+(see :mod:`recipec.sparsity.shrink`)."""
+
+
+def layer_heads(config, layer: int) -> int | None:
+    """Attention heads of encoder block ``layer`` (storage index): the config's head count, or
+    the count recorded for that layer when recipec removed heads from it."""
+    record = getattr(config, STRUCTURE_KEY, None)
+    if isinstance(record, dict):
+        entry = (record.get("layers") or {}).get(str(layer)) or {}
+        if "heads" in entry:
+            return len(entry["heads"])
+    return getattr(config, "num_attention_heads", None)
+
+
 def encoder_linears(model: nn.Module, *, use_table: bool = True) -> list[LinearInfo]:
     """Every ``nn.Linear`` of the encoder blocks, each weight once, with its role.
 
@@ -614,12 +630,12 @@ def encoder_linears(model: nn.Module, *, use_table: bool = True) -> list[LinearI
     """
     config = _config(model)
     family = FAMILIES.get(getattr(config, "model_type", None)) if use_table else None
-    heads = getattr(config, "num_attention_heads", None)
     hidden = getattr(config, "hidden_size", None)
     names = {id(p): n for n, p in model.named_parameters()}
     result: list[LinearInfo] = []
     seen: set[int] = set()
     for block in encoder_blocks(model):
+        heads = layer_heads(config, block.layer)
         linears = _linears(block.module)
         rel_names = [n for n, _ in linears]
         if family is not None:
