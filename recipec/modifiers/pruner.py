@@ -13,6 +13,7 @@ from recipec.modifiers.base import CompileContext, CompileError, Modifier
 from recipec.plan import ResolvedModifier
 from recipec.sparsity.masks import count_pruned
 from recipec.sparsity.selection import SelectionError, require_parameters
+from recipec.sparsity.structured import removed_weights
 
 
 def target_parameters(resolved: ResolvedModifier, ctx: CompileContext) -> dict[str, nn.Parameter]:
@@ -42,8 +43,12 @@ class ScheduledPruner(Modifier):
 
     def __init__(self, resolved: ResolvedModifier, ctx: CompileContext):
         super().__init__(resolved, ctx)
-        self.targets = target_parameters(resolved, ctx)
+        self.targets = self.find_targets()
         self.history: list[dict[str, Any]] = []
+
+    def find_targets(self) -> dict[str, nn.Parameter]:
+        """The tensors this pruner masks (its targets / exclude, else the recipe's)."""
+        return target_parameters(self.resolved, self.ctx)
 
     def on_step_start(self, step: int) -> None:
         sparsity = self.resolved.target_sparsity(step)
@@ -75,10 +80,35 @@ class ScheduledPruner(Modifier):
             if name in self.ctx.masks.masks
         }
 
+    def removed_by_structure(self) -> dict[str, torch.Tensor]:
+        """Targets holding weights of removed heads / FFN neurons: True at those weights."""
+        if not self.ctx.masks.masks:
+            return {}
+        return removed_weights(self.ctx.model, self.ctx.masks.masks, self.targets)
+
+    def of_original(
+        self, sparsity: float, removed: dict[str, torch.Tensor], names: list[str] | None = None
+    ) -> float:
+        """The fraction of the original weights (of ``names``, default all targets) to prune so
+        that ``sparsity`` of the weights left by structured pruning are pruned:
+        ``(R + s (T - R)) / T`` with ``T`` weights of which ``R`` are in removed groups.
+
+        Sparsity counting in a recipe that mixes structured and unstructured pruning: a
+        ``gmp``/``obert`` ``final_sparsity`` is a fraction of the weights still in the model
+        (the shrunk model's weights); removed heads and neurons are not counted. Without
+        structured pruning the two counts are the same."""
+        names = list(self.targets) if names is None else names
+        total = sum(self.targets[n].numel() for n in names)
+        gone = sum(int(removed[n].sum()) for n in names if n in removed)
+        return (gone + sparsity * (total - gone)) / total if total else sparsity
+
     def achieved_sparsity(self) -> float:
+        """Pruned fraction of the target weights left by structured pruning (all of them
+        without structured pruning)."""
         masks = [self.ctx.masks.masks[n] for n in self.targets if n in self.ctx.masks.masks]
-        total = sum(p.numel() for p in self.targets.values())
-        pruned = sum(count_pruned(m) for m in masks)
+        gone = sum(int(r.sum()) for r in self.removed_by_structure().values())
+        total = sum(p.numel() for p in self.targets.values()) - gone
+        pruned = sum(count_pruned(m) for m in masks) - gone
         return pruned / total if total else 0.0
 
     def state_dict(self) -> dict[str, Any]:

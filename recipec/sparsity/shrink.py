@@ -64,7 +64,6 @@ __all__ = [
     "read_record",
     "shrink_",
     "slice_tensors",
-    "spread_layers",
 ]
 
 FORMAT = 1
@@ -330,17 +329,6 @@ def _apply_record(model: nn.Module, record: Mapping) -> IndexMap:
 
 
 # --------------------------------------------------------------------------- layers
-
-
-def spread_layers(total: int, keep: int) -> list[int]:
-    """``keep`` of ``total`` layers: the first and the last, the rest evenly between
-    (``floor(i (total - 1) / (keep - 1))``). 12 -> 6 gives 0, 2, 4, 6, 8, 11 (oBERT's 6-layer
-    BERT); 6 -> 3 gives 0, 2, 5."""
-    if not 1 <= keep <= total:
-        raise StructureError(f"cannot keep {keep} of {total} layers")
-    if keep == 1:
-        return [0]
-    return [(i * (total - 1)) // (keep - 1) for i in range(keep)]
 
 
 def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,6 +58,7 @@ __all__ = [
     "magnitude_group_scores",
     "model_facts",
     "removable_groups",
+    "removed_weights",
     "select_groups",
 ]
 
@@ -260,20 +262,25 @@ def _block_name(infos: list[LinearInfo]) -> str:
     return ".".join(common)
 
 
-def model_facts(model: nn.Module) -> dict[str, list[int]]:
-    """Pure-data facts for recipe checks: heads and FFN width per encoder layer (storage order),
-    and the number of executed layers (``layers``: one entry per block, its uses)."""
-    facts: dict[str, list[int]] = {"heads": [], "neurons": [], "layers": [], "uses": []}
+def model_facts(model: nn.Module) -> dict[str, Any]:
+    """Pure-data facts for the recipe's model checks (``recipec.recipe.checks.model_problems``):
+    ``layers`` (storage indices of the encoder blocks), ``heads`` and ``neurons`` (groups per
+    block, in that order; empty when the model's groups cannot be found) and ``executed``
+    (encoder layers run per forward: ALBERT runs its shared blocks several times)."""
+    by_layer: dict[int, int] = {}
+    for info in encoder_linears(model):
+        by_layer[info.layer] = info.uses
+    facts: dict[str, Any] = {"layers": sorted(by_layer)}
     for kind in KINDS:
         try:
             facts[kind] = [s.count for s in group_sets(model, kind)]
         except StructureError:
             facts[kind] = []
-    by_layer: dict[int, int] = {}
-    for info in encoder_linears(model):
-        by_layer[info.layer] = info.uses
-    facts["layers"] = sorted(by_layer)
-    facts["uses"] = [by_layer[layer] for layer in sorted(by_layer)]
+    config = getattr(model, "config", None)
+    executed = sum(by_layer.values())
+    if family_of(model) == "albert":
+        executed = int(getattr(config, "num_hidden_layers", executed))
+    facts["executed"] = executed
     return facts
 
 
@@ -329,6 +336,33 @@ def removable_groups(gs: GroupSet, masks: Mapping[str, torch.Tensor]) -> torch.T
     if not out or out[0].param not in masks:
         return torch.zeros(gs.count, dtype=torch.bool)
     return _slice_all_false(masks[out[0].param], out[0])
+
+
+def removed_weights(
+    model: nn.Module, masks: Mapping[str, torch.Tensor], names: Iterable[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Where the removed heads and neurons are: per tensor (of ``names``, default all) that has
+    any, a bool tensor True at every element of a removed group (all its masked elements
+    False). These weights are gone from the shrunk model; unstructured pruners count their
+    sparsity on the other weights (see ``recipec.modifiers.pruner``)."""
+    wanted = None if names is None else set(names)
+    out: dict[str, torch.Tensor] = {}
+    for kind in KINDS:
+        try:
+            sets = group_sets(model, kind)
+        except StructureError:
+            continue
+        for gs in sets:
+            removed = ~kept_groups(gs, masks)
+            if not removed.any():
+                continue
+            for s in gs.targets():
+                if wanted is not None and s.param not in wanted:
+                    continue
+                mask = masks[s.param]
+                where = out.setdefault(s.param, torch.zeros_like(mask, dtype=torch.bool))
+                where.index_fill_(s.axis, s.index[removed].reshape(-1).to(mask.device), True)
+    return out
 
 
 # --------------------------------------------------------------------------- selection

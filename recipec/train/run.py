@@ -301,6 +301,9 @@ class ApplyRun:
         except ModelLoadError as exc:
             raise RunError(str(exc)) from None
         self.task, self.model, self.tokenizer = task, model, tokenizer
+        from recipec.compiler import check_model
+
+        check_model(self.recipe_path, config.overrides, self.recipe, model)
 
     def plan_stages(self) -> None:
         """Resolve every stage up front, so that schedule errors appear before any training."""
@@ -394,8 +397,10 @@ class ApplyRun:
                 continue
             checkpoint = None
             if resume_folder is not None and i == resume_stage:
+                from recipec.compiler import prepare_stages
                 from recipec.train import resume
 
+                prepare_stages(self.plans[: i + 1], self.model)  # e.g. layers dropped earlier
                 checkpoint = resume.load_checkpoint(resume_folder, self.model)
                 carried = None  # the Program state holds the masks
             outcome = self._run_stage(i, stage, plan, teacher, carried, checkpoint)
