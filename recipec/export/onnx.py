@@ -72,6 +72,7 @@ class ExportResult:
     ort_max_abs_diff: float
     masks_source: str
     squashed: dict[str, int] = field(default_factory=dict)
+    structure: dict | None = None  # heads / neurons removed (recipec.export.shrink)
 
 
 # --------------------------------------------------------------------------------------
@@ -426,11 +427,15 @@ def export(
     overwrite: bool = False,
     torch_weights: bool = True,
     log=None,
+    shrink: bool = True,
 ) -> ExportResult:
     """Export a run directory or model folder to a verified deployment folder.
 
     The folder is built in a temporary sibling directory and moved into place only after
     both checks pass, so a failed export never leaves a half-written or unverified folder.
+    With ``shrink`` (default), heads and FFN neurons the masks remove entirely are taken out of
+    the weights and the graph first, verified against the masked model
+    (:mod:`recipec.export.shrink`).
     """
     import onnx
 
@@ -458,6 +463,12 @@ def export(
         log(f"squashed {total} nonzero weight(s) under the masks into exact zeros")
     tokenizer = load_tokenizer(ckpt.model_dir)
     names = input_names_for(ckpt.model, tokenizer)
+    structure = None
+    if shrink:
+        from recipec.export.shrink import shrink_checkpoint
+
+        samples = parity_samples(ckpt.model, ckpt.task, names, tokenizer)
+        ckpt, structure = shrink_checkpoint(ckpt, samples, torch_logits, log)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         onnx_path = tmp / ONNX_FILE
@@ -469,6 +480,8 @@ def export(
         diff = verify_parity(onnx_path, ckpt.model, samples, atol)
         log(f"onnxruntime vs PyTorch: max |diff| {diff:.2e} (<= {atol:g})")
         info = _sparsity_info(ckpt, opset, names, tensors, diff, atol, samples, torch_weights)
+        if structure is not None:
+            info["structure"] = structure
         _write_folder(tmp, ckpt, tokenizer, info, torch_weights)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
@@ -486,6 +499,7 @@ def export(
         ort_max_abs_diff=diff,
         masks_source=ckpt.masks_source,
         squashed=ckpt.squashed,
+        structure=structure,
     )
 
 
