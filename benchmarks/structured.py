@@ -237,12 +237,29 @@ def train(args, results: dict, path: Path, names: list[str]) -> None:
 # --------------------------------------------------------------------------- one-shot
 
 
-def oneshot(args, results: dict, path: Path) -> None:
-    """Saliency x scope, one-shot from the dense model, for heads (1/3) and neurons (50%)."""
+def _grad_fn(model, targets: dict, loader):
+    """Gradients of ``targets`` on the next batch of ``loader`` (cycling)."""
+    batches = iter(loader)
+
+    def grad():
+        nonlocal batches
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        return {n: p.grad.detach().clone() for n, p in targets.items()}
+
+    return grad
+
+
+def _oneshot_one(args, dense_dir, kind, sparsity, saliency, scope, task, tokenizer, cache):
+    """Remove ``sparsity`` of the ``kind`` groups of the dense model in one shot; its accuracy."""
     import torch
 
     from recipec.checkpoint import load_checkpoint
-    from recipec.models import load_tokenizer
     from recipec.sparsity.masks import apply_masks_
     from recipec.sparsity.structured import (
         fisher_group_scores,
@@ -251,8 +268,48 @@ def oneshot(args, results: dict, path: Path) -> None:
         magnitude_group_scores,
         select_groups,
     )
-    from recipec.tasks import load_task
     from recipec.tasks.data import make_dataloader
+
+    model = load_checkpoint(dense_dir).model
+    params = dict(model.named_parameters())
+    sets = group_sets(model, kind)
+    targets = {s.param: params[s.param] for gs in sets for s in gs.targets()}
+    started = time.perf_counter()
+    if saliency == "magnitude":
+        scores = magnitude_group_scores(sets, targets)
+    elif kind in cache:
+        scores = cache[kind]
+    else:
+        loader = make_dataloader(
+            task.train,
+            tokenizer,
+            task.info,
+            batch_size=16,
+            max_seq_length=args.max_seq_length,
+            shuffle=True,
+            seed=1,
+        )
+        scores = cache[kind] = fisher_group_scores(
+            sets,
+            targets,
+            _grad_fn(model, targets, loader),
+            num_grads=args.num_grads,
+            block_size=50,
+            damp=1e-7,
+            max_memory_gb=2.0,
+            progress=print,
+        )
+    keep = select_groups(scores, sparsity, scope)
+    with torch.no_grad():
+        apply_masks_(params, group_masks(sets, keep, targets))
+    return model, time.perf_counter() - started
+
+
+def oneshot(args, results: dict, path: Path) -> None:
+    """Saliency x scope, one-shot from the dense model, for heads (1/3) and neurons (50%)."""
+    from recipec.checkpoint import load_checkpoint
+    from recipec.models import load_tokenizer
+    from recipec.tasks import load_task
     from recipec.train.loop import evaluate
 
     dense_dir = results["train"]["dense"]["model_dir"]
@@ -273,84 +330,32 @@ def oneshot(args, results: dict, path: Path) -> None:
 
     done = {(r["kind"], r["saliency"], r["scope"]) for r in results["oneshot"]}
     if ("none", "-", "-") not in done:
-        base = load_checkpoint(dense_dir).model
+        acc = accuracy(load_checkpoint(dense_dir).model)
         results["oneshot"].append(
-            {
-                "kind": "none",
-                "saliency": "-",
-                "scope": "-",
-                "sparsity": 0.0,
-                "accuracy": accuracy(base),
-            }
+            {"kind": "none", "saliency": "-", "scope": "-", "sparsity": 0.0, "accuracy": acc}
         )
         save(path, results)
+    cache: dict = {}
     for kind, sparsity in (("heads", 1 / 3), ("neurons", 0.5)):
-        fisher_scores = None
         for saliency in ("magnitude", "fisher"):
             for scope in ("per_layer", "global"):
                 if (kind, saliency, scope) in done:
                     continue
-                model = load_checkpoint(dense_dir).model
-                params = dict(model.named_parameters())
-                sets = group_sets(model, kind)
-                targets = {s.param: params[s.param] for gs in sets for s in gs.targets()}
-                started = time.perf_counter()
-                if saliency == "magnitude":
-                    scores = magnitude_group_scores(sets, targets)
-                else:
-                    if fisher_scores is None:
-                        loader = make_dataloader(
-                            task.train,
-                            tokenizer,
-                            task.info,
-                            batch_size=16,
-                            max_seq_length=args.max_seq_length,
-                            shuffle=True,
-                            seed=1,
-                        )
-                        batches = iter(loader)
-
-                        def grad():
-                            nonlocal batches
-                            try:
-                                batch = next(batches)
-                            except StopIteration:
-                                batches = iter(loader)
-                                batch = next(batches)
-                            model.zero_grad(set_to_none=True)
-                            model(**batch).loss.backward()
-                            return {n: p.grad.detach().clone() for n, p in targets.items()}
-
-                        fisher_scores = fisher_group_scores(
-                            sets,
-                            targets,
-                            grad,
-                            num_grads=args.num_grads,
-                            block_size=50,
-                            damp=1e-7,
-                            max_memory_gb=2.0,
-                            progress=print,
-                        )
-                    scores = fisher_scores
-                keep = select_groups(scores, sparsity, scope)
-                with torch.no_grad():
-                    apply_masks_(params, group_masks(sets, keep, targets))
-                results["oneshot"].append(
-                    {
-                        "kind": kind,
-                        "saliency": saliency,
-                        "scope": scope,
-                        "sparsity": sparsity,
-                        "accuracy": accuracy(model),
-                        "seconds": time.perf_counter() - started,
-                        "num_grads": args.num_grads if saliency == "fisher" else None,
-                    }
+                model, seconds = _oneshot_one(
+                    args, dense_dir, kind, sparsity, saliency, scope, task, tokenizer, cache
                 )
+                record = {
+                    "kind": kind,
+                    "saliency": saliency,
+                    "scope": scope,
+                    "sparsity": sparsity,
+                    "accuracy": accuracy(model),
+                    "seconds": seconds,
+                    "num_grads": args.num_grads if saliency == "fisher" else None,
+                }
+                results["oneshot"].append(record)
                 save(path, results)
-                print(
-                    f"[done] oneshot {kind} {saliency} {scope}: {100 * results['oneshot'][-1]['accuracy']:.2f}",
-                    flush=True,
-                )
+                print(f"[done] oneshot {kind} {saliency} {scope}: {100 * record['accuracy']:.2f}")
 
 
 # --------------------------------------------------------------------------- export, latency
