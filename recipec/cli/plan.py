@@ -134,7 +134,7 @@ def _model_section(recipe, plans, model_name: str, seq_len: int, as_json: bool) 
     for plan in plans:
         pruners = plan.with_trait("prunes")
         matched: dict[str, tuple] = {}
-        for mod in pruners or [None]:
+        for mod in [m for m in pruners if not m.spec.structured] or [None]:
             targets = (mod.spec.targets if mod and mod.spec.targets else None) or recipe.targets
             exclude = (
                 mod.spec.exclude if mod and mod.spec.exclude is not None else None
@@ -157,7 +157,7 @@ def _model_section(recipe, plans, model_name: str, seq_len: int, as_json: bool) 
                 for c in table
             ],
         }
-        obert = plan.with_trait("needs_grad_batches")
+        obert = [m for m in plan.with_trait("needs_grad_batches") if not m.spec.structured]
         if obert:
             from recipec.sparsity.obs import estimate_fisher_bytes
 
@@ -183,7 +183,27 @@ def _model_section(recipe, plans, model_name: str, seq_len: int, as_json: bool) 
                 click.echo(
                     f"  oBERT inverse Fisher estimate: {entry['fisher_bytes'] / 2**30:.2f} GiB (fp32)"
                 )
+    from recipec.cli._structure import structure_section
+
+    structure = structure_section(plans, model, model_name, seq_len, as_json)
+    if structure is not None:
+        out["structure"] = structure
     return out
+
+
+def _check_against_model(recipe: str, overrides, loaded, model_name: str) -> None:
+    """Structured modifiers against the model (file:line errors, exit 2), e.g. every head of a
+    layer removed."""
+    if not any(m.structured for s in loaded.resolved_stages() for m in s.modifiers):
+        return
+    from recipec.models import meta_model
+    from recipec.sparsity.structured import model_facts
+
+    try:
+        facts = model_facts(meta_model(None if model_name in ("", "embedded") else model_name))
+    except Exception:  # reported by the model section
+        return
+    load_or_exit(recipe, overrides, model=facts)
 
 
 @click.command("plan")
@@ -235,6 +255,8 @@ def command(
     from recipec.plan import PlanError, plan_to_dict, resolve
 
     loaded = load_or_exit(recipe, overrides)
+    if model is not None:
+        _check_against_model(recipe, overrides, loaded, model)
     if plot:
         check_image_path(plot, "--plot")
     if steps_per_epoch is None:
