@@ -68,7 +68,12 @@ def _model(family: str, layers: int | None = None, **overrides) -> torch.nn.Modu
             config = tf.ModernBertConfig(**{**config.to_dict(), "layer_types": None})
     for key, value in overrides.items():
         setattr(config, key, value)
-    return tf.AutoModelForSequenceClassification.from_config(config).eval()
+    model = tf.AutoModelForSequenceClassification.from_config(config).eval()
+    with torch.no_grad():  # biases start at zero: random ones show a wrongly sliced bias
+        for name, p in model.named_parameters():
+            if "bias" in name.rpartition(".")[2]:  # DeBERTa: q_bias, v_bias too
+                p.normal_(0.0, 0.3)
+    return model
 
 
 def _logits(model) -> torch.Tensor:
