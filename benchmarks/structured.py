@@ -162,6 +162,21 @@ def load(path: Path) -> dict:
     return {"train": {}, "oneshot": [], "export": {}, "latency": []}
 
 
+def _same_budget(results: dict, budget: dict, path: Path) -> bool:
+    """One budget for every row: results of another budget are never mixed in (records of
+    earlier phases are reused only when they were made with this one)."""
+    before = results.setdefault("budget", budget)
+    if before == budget:
+        return True
+    changed = {k: (before.get(k), v) for k, v in budget.items() if before.get(k) != v}
+    print(
+        f"error: {path} holds results of another budget ({changed}: was, now); pass "
+        "--results and --workdir for a new one, or the same budget to continue",
+        file=sys.stderr,
+    )
+    return False
+
+
 def save(path: Path, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -172,6 +187,7 @@ def save(path: Path, results: dict) -> None:
 def budget_of(args) -> dict:
     return {
         "max_train": args.max_train,
+        "max_eval": args.max_eval,
         "max_seq_length": args.max_seq_length,
         "epochs": 4,
         "batch_size": 32,
@@ -212,6 +228,7 @@ def train(args, results: dict, path: Path, names: list[str]) -> None:
                 output=out,
                 resume=(out / "run.json").is_file(),
                 max_train=args.max_train,
+                max_eval=args.max_eval,
                 teacher_cache=workdir / "teachers",
             ),
             Reporter(quiet=args.quiet),
@@ -313,7 +330,13 @@ def oneshot(args, results: dict, path: Path) -> None:
     from recipec.train.loop import evaluate
 
     dense_dir = results["train"]["dense"]["model_dir"]
-    task = load_task(None, [str(Path(args.data_root) / "sst2")], max_train=args.max_train, seed=42)
+    task = load_task(
+        None,
+        [str(Path(args.data_root) / "sst2")],
+        max_train=args.max_train,
+        max_eval=args.max_eval,
+        seed=42,
+    )
     tokenizer = load_tokenizer(dense_dir)
 
     def accuracy(model) -> float:
@@ -442,7 +465,8 @@ def render(results: dict, out_md: Path) -> str:
             f"Budget (every row): SST-2, first {budget.get('max_train')} training examples, "
             f"sequences of at most {budget.get('max_seq_length')} tokens, 4 epochs, batch 32, "
             f"KD from the dense model (T 5.5); structured saliency: {budget.get('saliency')}, "
-            "per layer. Dev accuracy on all 872 examples. Latency: onnxruntime "
+            f"per layer. Dev accuracy on {budget.get('max_eval') or 'all 872'} examples. "
+            "Latency: onnxruntime "
             "(ORT_ENABLE_ALL), random tokens, seq 128, median of interleaved calls.",
             "",
             "| config | what is removed | dev acc. | vs dense | params | unstructured zeros "
@@ -501,6 +525,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--max-train", type=int, default=4000)
     parser.add_argument("--max-seq-length", type=int, default=64)
+    parser.add_argument(
+        "--max-eval", type=int, default=None, help="dev examples (default: all 872; smoke runs)"
+    )
     parser.add_argument("--saliency", choices=("magnitude", "fisher"), default="magnitude")
     parser.add_argument("--num-grads", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -525,6 +552,8 @@ def main(argv=None) -> int:
         names.insert(0, "dense")
     path = Path(args.results)
     results = load(path)
+    if not _same_budget(results, budget_of(args), path):
+        return 2
     if "train" in phases:
         train(args, results, path, names)
     if "oneshot" in phases:
