@@ -92,6 +92,8 @@ def compile_plan(
     e.g. the dense teacher of ``teacher: auto``.
     """
     masks = prepare_model(plan, model, masks)
+    if optimizer is not None and plan.with_trait("changes_architecture"):
+        _forget_removed(optimizer, model)
     mask_state = MaskState(dict(model.named_parameters()))
     if masks:
         mask_state.set(masks, optimizer)
@@ -130,6 +132,17 @@ def prepare_model(
             masks = {renamed.get(n, n): m for n, m in masks.items()}
             masks = {n: m for n, m in masks.items() if n in names}
     return masks
+
+
+def _forget_removed(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Take the parameters of removed layers out of ``optimizer`` (built before the layers were
+    dropped): they would never get a gradient, and a resumed run, which drops the layers first,
+    must see the same parameter groups."""
+    live = {id(p) for p in model.parameters()}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) in live]
+    for p in [p for p in optimizer.state if id(p) not in live]:
+        del optimizer.state[p]
 
 
 def prepare_stages(plans: Sequence[StagePlan], model: nn.Module) -> None:

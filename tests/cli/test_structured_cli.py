@@ -121,6 +121,28 @@ def test_heads_neurons_then_unstructured_in_one_recipe():
     assert gmp.achieved_sparsity() == pytest.approx(0.8, abs=1e-3)
 
 
+def test_layers_dropped_at_compile_leave_the_optimizer_with_the_model_parameters():
+    model = _tiny(layers=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # built before the drop
+    before = {id(p) for p in model.bert.encoder.layer[2].parameters()}
+    recipe = load_recipe_text(RECIPE)
+    program = recipec.compile(recipe, model, opt, steps_per_epoch=8)
+    assert model.config.num_hidden_layers == 3 and len(model.bert.encoder.layer) == 3
+    in_opt = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(in_opt) == sorted(id(p) for p in model.parameters())
+    assert not before & set(in_opt)
+    recipec.compile(recipe, model, opt, steps_per_epoch=8)  # again: nothing more goes
+    assert len(model.bert.encoder.layer) == 3
+    assert len([p for g in opt.param_groups for p in g["params"]]) == len(in_opt)
+    program.step_start(0)
+    out = model(input_ids=torch.randint(3, 99, (2, 7)), labels=torch.tensor([0, 1]))
+    program.loss(out.loss, batch={}, outputs=out).backward()
+    program.before_optimizer_step(0)
+    opt.step()
+    program.after_optimizer_step(0)
+    assert len(opt.state) == len(in_opt)
+
+
 def test_blocks_next_to_heads_are_refused_with_file_line(tmp_path):
     path = tmp_path / "mix.yaml"
     path.write_text(
