@@ -287,3 +287,16 @@ def test_resume_of_a_run_with_dropped_layers_is_bit_identical(tmp_path, recipe, 
     assert config["num_hidden_layers"] == 3
     assert config["recipec_structure"]["source_layers"] == [0, 1, 3]
     assert json.loads((out / "report.json").read_text())["resumed"]
+
+
+def test_a_dense_run_exports_as_the_baseline(tmp_path):
+    """A dense `recipec apply` run writes an empty masks file: export takes the nonzero pattern
+    (nothing pruned) instead of refusing (the dense row of benchmarks/structured.py)."""
+    from recipec.checkpoint import MASKS_FILE, write_checkpoint
+
+    folder = write_checkpoint(_tiny(layers=1), tmp_path / "dense", {}, None, "name: t\n")
+    assert load_file(str(folder / MASKS_FILE)) == {}
+    result = _cli("export", folder, "--onnx", "-o", tmp_path / "onnx")
+    assert result.exit_code == 0, result.output
+    assert "verified: zeros of 6 tensors (0 pruned) match the masks" in result.output
+    assert "shrunk" not in result.output
