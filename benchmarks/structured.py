@@ -198,6 +198,16 @@ def budget_of(args) -> dict:
 # --------------------------------------------------------------------------- train
 
 
+def run_sets(cfg: dict, max_seq_length: int) -> list[str]:
+    """The ``--set`` overrides of a configuration's run: its own, the budget's sequence length,
+    and the final evaluation only (the table's number; no evaluation after each epoch)."""
+    return [
+        *cfg.get("sets", []),
+        f"training.max_seq_length={max_seq_length}",
+        "training.eval_every_epochs=4",
+    ]
+
+
 def train(args, results: dict, path: Path, names: list[str]) -> None:
     from recipec.train.run import Reporter, RunConfig, run
 
@@ -214,7 +224,7 @@ def train(args, results: dict, path: Path, names: list[str]) -> None:
         else:
             recipe = str(workdir / f"{name}.yaml")
             Path(recipe).write_text(cfg["text"])
-        sets = list(cfg.get("sets", [])) + [f"training.max_seq_length={args.max_seq_length}"]
+        sets = run_sets(cfg, args.max_seq_length)
         out = workdir / name
         teacher = None if name == "dense" else results["train"]["dense"]["model_dir"]
         print(f"[run] train {name}: {cfg['note']}", flush=True)

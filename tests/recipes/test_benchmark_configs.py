@@ -144,8 +144,7 @@ def test_records_written_before_the_sequence_length_joined_the_budget_keep_match
     assert record["budget"] == {**old["budget"], "max_seq_length": 64}
 
 
-def _structured_recipe(cfg: dict, tmp_path: Path):
-    sets = cfg.get("sets", [])
+def _structured_recipe(cfg: dict, tmp_path: Path, sets: list[str]):
     if "bundled" in cfg:
         return load_recipe(ROOT / "recipes" / cfg["bundled"], sets)
     path = tmp_path / "r.yaml"
@@ -162,10 +161,11 @@ def test_structured_benchmark_rows_share_one_budget(saliency, tmp_path, load_ben
     assert set(bench.DEFAULT_CONFIGS) <= set(configs)
     removes = {}
     for name, cfg in configs.items():
-        recipe = _structured_recipe(cfg, tmp_path)
+        recipe = _structured_recipe(cfg, tmp_path, bench.run_sets(cfg, 64))
         (stage,) = recipe.resolved_stages()
         plan = resolve_stage(recipe, stage, SPE)
         assert plan.total_steps == 4 * SPE, name
+        assert (plan.training.max_seq_length, plan.eval_every) == (64, 4 * SPE), name
         assert (plan.training.batch_size, plan.training.learning_rate) == (32, 5e-5), name
         kd = [m.spec for m in plan.by_type("distill")]
         assert [(d.temperature, d.hardness) for d in kd] == (
