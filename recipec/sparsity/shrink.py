@@ -213,6 +213,9 @@ def shrink_(model: nn.Module, keep: Mapping[str, torch.Tensor], *, record: bool 
     sets = {gs.key: gs for kind in KINDS for gs in _sets_or_empty(model, kind)}
     params = dict(model.named_parameters())
     index_map: IndexMap = {}
+    # The record of the original sizes is read before any module shrinks (group_sets of a half
+    # shrunk attention fails or counts the new FFN width).
+    rec = _fresh_record(model) if record else None
     for (module, param, axis), removed in _removed_positions(sets, keep).items():
         kept = _kept_indices(params[param].shape[axis], removed)
         if isinstance(model.get_submodule(module), nn.Linear) and param.endswith(".weight"):
@@ -223,7 +226,6 @@ def shrink_(model: nn.Module, keep: Mapping[str, torch.Tensor], *, record: bool 
         else:
             _replace_vector(model, param, kept)
             index_map[param] = (0, kept)
-    rec = _fresh_record(model) if record else None
     for key, kept in keep.items():
         gs = sets[key]
         kept = kept.to(torch.bool).cpu()

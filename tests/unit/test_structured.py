@@ -447,3 +447,20 @@ def test_a_record_applied_to_a_stock_model_gives_the_shrunk_shapes():
     }
     att = stock.mpnet.encoder.layer[0].attention.attn
     assert att.recipec_kept_heads.tolist() == read_record(model)["layers"]["0"]["heads"]
+
+
+def test_the_record_keeps_the_original_sizes_when_removed_heads_break_the_head_width():
+    """6 heads of width 8: without one head the attention is 40 wide, not a multiple of 6."""
+    model = _model("bert", hidden_size=48, num_attention_heads=6, intermediate_size=96)
+    keep = {
+        "heads:0": torch.tensor([True, True, False, True, True, True]),
+        "neurons:1": torch.arange(96) % 3 != 0,
+    }
+    _masked(model, keep)
+    want = _logits(model)
+    shrink_(model, keep)
+    assert _rel(_logits(model), want) < 1e-5
+    record = read_record(model)
+    assert (record["num_attention_heads"], record["intermediate_size"]) == (6, 96)
+    assert record["layers"]["0"] == {"heads": [0, 1, 3, 4, 5]}
+    assert record["layers"]["1"] == {"intermediate_size": 64}
