@@ -598,6 +598,22 @@ def _check_shapes(
         raise ArchitectureError(f"{block.name}: shapes disagree with roles: {'; '.join(problems)}")
 
 
+STRUCTURE_KEY = "recipec_structure"
+"""The config key under which recipec records a shrunk model's per-layer heads and FFN widths
+(see :mod:`recipec.sparsity.shrink`)."""
+
+
+def layer_heads(config, layer: int) -> int | None:
+    """Attention heads of encoder block ``layer`` (storage index): the config's head count, or
+    the count recorded for that layer when recipec removed heads from it."""
+    record = getattr(config, STRUCTURE_KEY, None)
+    if isinstance(record, dict):
+        entry = (record.get("layers") or {}).get(str(layer)) or {}
+        if "heads" in entry:
+            return len(entry["heads"])
+    return getattr(config, "num_attention_heads", None)
+
+
 def encoder_linears(model: nn.Module, *, use_table: bool = True) -> list[LinearInfo]:
     """Every ``nn.Linear`` of the encoder blocks, each weight once, with its role.
 
@@ -614,12 +630,12 @@ def encoder_linears(model: nn.Module, *, use_table: bool = True) -> list[LinearI
     """
     config = _config(model)
     family = FAMILIES.get(getattr(config, "model_type", None)) if use_table else None
-    heads = getattr(config, "num_attention_heads", None)
     hidden = getattr(config, "hidden_size", None)
     names = {id(p): n for n, p in model.named_parameters()}
     result: list[LinearInfo] = []
     seen: set[int] = set()
     for block in encoder_blocks(model):
+        heads = layer_heads(config, block.layer)
         linears = _linears(block.module)
         rel_names = [n for n, _ in linears]
         if family is not None:
@@ -794,3 +810,32 @@ def component_costs(model: nn.Module, seq_len: int) -> dict[str, ComponentCost]:
             per_use += family.score_flops(config, seq_len, width, hidden or width)
         flops["attention.scores"] += per_use * layer_infos[0].uses
     return {c: ComponentCost(c, params[c], flops[c]) for c in COMPONENTS}
+
+
+def layer_flops(model: nn.Module, seq_len: int) -> dict[int, float]:
+    """Matrix-product FLOPs per sequence of each encoder block (storage index), counted as
+    :func:`component_costs` counts them: its linears (``attn_score`` ones through the family's
+    ``score_flops``) and its attention scores, once per use (ALBERT's shared layers: every use).
+    Shrunk blocks (fewer heads, a narrower FFN) count their actual shapes."""
+    config = _config(model)
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    hidden = getattr(config, "hidden_size", None)
+    out: dict[int, float] = {}
+    width: dict[int, int] = {}
+    uses: dict[int, int] = {}
+    for info in encoder_linears(model):
+        uses[info.layer] = info.uses
+        if info.role == "q":
+            width[info.layer] = info.out_features
+        elif info.role == "qkv":
+            width[info.layer] = info.out_features // 3
+        if info.role == "attn_score":
+            continue
+        flops = 2.0 * seq_len * info.in_features * info.out_features * info.uses
+        out[info.layer] = out.get(info.layer, 0.0) + flops
+    for layer, w in width.items():
+        per_use = 4.0 * seq_len * seq_len * w
+        if family is not None and family.score_flops is not None:
+            per_use += family.score_flops(config, seq_len, w, hidden or w)
+        out[layer] = out.get(layer, 0.0) + per_use * uses[layer]
+    return out

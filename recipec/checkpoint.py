@@ -197,10 +197,10 @@ def load_checkpoint(path: str | Path, task: str = "auto") -> SparseCheckpoint:
     model_dir, run_dir = resolve_model_dir(path)
     task = detect_task(read_config(model_dir), task)
     model = load_model(model_dir, task)
+    masks, source = {}, MASKS_FILE
     if (model_dir / MASKS_FILE).is_file():
         masks = load_masks(model_dir / MASKS_FILE, model)
-        source = MASKS_FILE
-    else:
+    if not masks:  # no masks file, or an empty one (a dense run of recipec apply)
         masks = infer_masks(model)
         source = "inferred (nonzero pattern of encoder linear weights)"
     if not masks:

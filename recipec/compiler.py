@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -91,6 +91,9 @@ def compile_plan(
     A plan without modifiers gives a Program that only schedules the LR: plain fine-tuning,
     e.g. the dense teacher of ``teacher: auto``.
     """
+    masks = prepare_model(plan, model, masks)
+    if optimizer is not None and plan.with_trait("changes_architecture"):
+        _forget_removed(optimizer, model)
     mask_state = MaskState(dict(model.named_parameters()))
     if masks:
         mask_state.set(masks, optimizer)
@@ -116,6 +119,56 @@ def compile_plan(
     return program
 
 
+def prepare_model(
+    plan: StagePlan, model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor] | None:
+    """Apply the stage's architecture changes (``changes_architecture`` modifiers: ``layers``
+    drops encoder layers) before any mask exists; returns ``masks`` renamed to match (masks of
+    removed tensors dropped). Idempotent: a stage compiled again changes nothing more."""
+    for mod in plan.with_trait("changes_architecture"):
+        renamed = registry.BUILDERS[mod.type].prepare(mod.spec, model)
+        if masks:
+            names = dict(model.named_parameters())
+            masks = {renamed.get(n, n): m for n, m in masks.items()}
+            masks = {n: m for n, m in masks.items() if n in names}
+    return masks
+
+
+def _forget_removed(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Take the parameters of removed layers out of ``optimizer`` (built before the layers were
+    dropped): they would never get a gradient, and a resumed run, which drops the layers first,
+    must see the same parameter groups."""
+    live = {id(p) for p in model.parameters()}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) in live]
+    for p in [p for p in optimizer.state if id(p) not in live]:
+        del optimizer.state[p]
+
+
+def prepare_stages(plans: Sequence[StagePlan], model: nn.Module) -> None:
+    """The architecture changes of ``plans`` in order (a run resumed in a stage rebuilds its
+    model this way, from the stages up to that one, before loading the checkpoint's weights)."""
+    for plan in plans:
+        prepare_model(plan, model)
+
+
+def check_model(
+    recipe_path: Any, overrides: Sequence[str], recipe: Recipe, model: nn.Module
+) -> None:
+    """Check the recipe's structured modifiers against ``model`` with file:line locations (a
+    recipe that would remove every head of a layer fails here, before anything trains).
+
+    Raises:
+        recipec.recipe.errors.RecipeError: The problems, located in the recipe file.
+    """
+    if not any(m.structured for s in recipe.resolved_stages() for m in s.modifiers):
+        return
+    from recipec.recipe.load import load_recipe
+    from recipec.sparsity.structured import model_facts
+
+    load_recipe(recipe_path, overrides, model=model_facts(model))
+
+
 def _choose_stage(recipe: Recipe, stage: str | int | None) -> StageSpec:
     stages = recipe.resolved_stages()
     if stage is None:
@@ -136,7 +189,12 @@ def _check_tensor_overlaps(ctx: CompileContext) -> None:
     """Two pruning modifiers on the same tensors in overlapping windows: a compile error."""
     owned: list[tuple[Any, set[str]]] = []
     for mod in ctx.plan.with_trait("prunes"):
-        names = set(target_parameters(mod, ctx)) if mod.spec.sets_masks else set()
+        # Structured pruners own groups, not tensor selections: they may share tensors with an
+        # unstructured pruner (heads/neurons first, then the rest, in one recipe).
+        structured = mod.spec.structured is not None
+        names = (
+            set(target_parameters(mod, ctx)) if mod.spec.sets_masks and not structured else set()
+        )
         for other, other_names in owned:
             both = names & other_names
             if (

@@ -41,6 +41,7 @@ __all__ = [
     "head_for",
     "head_of_model",
     "hub_offline",
+    "is_shrunk",
     "load_config",
     "load_model",
     "load_model_and_tokenizer",
@@ -390,6 +391,8 @@ def load_model(
     name, is_local, local_only = _source(name_or_path)
     config = load_config(name_or_path, quiet=quiet, **_task_config(task))
     chosen = head_for(config, task=task, head=head)
+    if is_shrunk(config):
+        return _load_shrunk(name, is_local, config, chosen, dtype, quiet)
     kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
     with _quiet_transformers(quiet):
         try:
@@ -477,6 +480,69 @@ def _is_head(key: str) -> bool:
 def _layer_index(key: str) -> int | None:
     match = _LAYER_KEY.search(key)
     return int(match.group(1)) if match else None
+
+
+def is_shrunk(config: Any) -> bool:
+    """Whether a config describes a model recipec shrank (heads or FFN neurons removed): such a
+    folder loads only through :func:`load_model` (see :mod:`recipec.sparsity.shrink`)."""
+    from recipec.architectures import STRUCTURE_KEY
+
+    record = getattr(config, STRUCTURE_KEY, None)
+    layers = record.get("layers") if isinstance(record, dict) else None
+    return bool(layers) and any(("heads" in e or "intermediate_size" in e) for e in layers.values())
+
+
+def _weight_files(folder: Path) -> dict[str, Any]:
+    """The state dict of a ``save_pretrained`` folder (safetensors, sharded or not, or .bin)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    if (folder / "model.safetensors").is_file():
+        return load_file(str(folder / "model.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        state: dict[str, Any] = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            state.update(load_file(str(folder / shard)))
+        return state
+    if (folder / "pytorch_model.bin").is_file():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
+
+
+def _load_shrunk(
+    name: str, is_local: bool, config: Any, head: str, dtype: Any, quiet: bool
+) -> LoadedModel:
+    """A shrunk folder: the stock model built from the config, given the recorded per-layer
+    shapes, then the weights loaded by name with every shape checked. Only a missing task head
+    (a base model loaded with a new head) may be absent; anything unexpected is an error."""
+    from recipec.sparsity.shrink import apply_record_
+
+    if not is_local:
+        raise ModelLoadError(
+            f"{name}: a model shrunk by recipec loads from a local folder only; download it first"
+        )
+    with _quiet_transformers(quiet):
+        try:
+            model = _auto_class(head).from_config(config)
+            apply_record_(model)
+            state = _weight_files(Path(name))
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except Exception as e:  # shapes that disagree with the record, unreadable files
+            raise _load_error(name, True, "shrunk model", e) from e
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied]
+    bad = [k for k in missing if not k.startswith(_HEAD_PREFIXES)]
+    if unexpected or bad:
+        raise ModelLoadError(
+            f"{name}: the shrunk weights do not fit the recorded structure (missing "
+            f"{bad[:3]}, unexpected {list(unexpected)[:3]})"
+        )
+    if dtype is not None:
+        model = model.to(dtype)
+    return LoadedModel(model.eval(), head, name, sorted(missing))
 
 
 def has_tokenizer(folder: Path) -> bool:

@@ -52,13 +52,14 @@ def quiet_hf() -> None:
         pass
 
 
-def load_or_exit(path: str, overrides: tuple[str, ...]) -> Any:
-    """Load a recipe (a path, or a bundled recipe's name) or print every problem and exit 2."""
+def load_or_exit(path: str, overrides: tuple[str, ...], model: Any = None) -> Any:
+    """Load a recipe (a path, or a bundled recipe's name) or print every problem and exit 2
+    (``model``: facts to check structured modifiers against, see ``load_recipe_text``)."""
     from recipec.recipe.errors import RecipeError
     from recipec.recipe.load import load_recipe, resolve_recipe_path
 
     try:
-        return load_recipe(resolve_recipe_path(path), overrides)
+        return load_recipe(resolve_recipe_path(path), overrides, model=model)
     except RecipeError as exc:
         n = len(exc.problems)
         lines = [str(p) for p in exc.problems]

@@ -48,6 +48,12 @@ from recipec.models import HEADS
     is_flag=True,
     help="Leave model.safetensors/masks.safetensors out (no torch-csr, no re-verification).",
 )
+@click.option(
+    "--no-shrink",
+    is_flag=True,
+    help="Keep removed heads and FFN neurons as zeros (full-size tensors) instead of taking "
+    "them out of the model.",
+)
 def command(
     path: Path,
     to_onnx: bool,
@@ -57,6 +63,7 @@ def command(
     atol: float | None,
     overwrite: bool,
     no_torch_weights: bool,
+    no_shrink: bool,
 ) -> None:
     """Export RUN_DIR_OR_CHECKPOINT to ONNX with masks squashed into exact zeros.
 
@@ -88,6 +95,7 @@ def command(
             overwrite=overwrite,
             torch_weights=not no_torch_weights,
             log=to_stderr("  "),
+            shrink=not no_shrink,
         )
     except (CheckpointError, ExportError) as exc:
         fail(str(exc).splitlines()[0])
@@ -95,6 +103,13 @@ def command(
         fail(f"verification failed, nothing written: {exc}", code=1)
     pruned = sum(1 for t in result.tensors.values() if t["zeros"])
     click.echo(f"exported {result.onnx_path} ({result.task})")
+    if result.structure:
+        s = result.structure
+        click.echo(
+            f"  shrunk: {s['removed_heads']} heads and {s['removed_neurons']} FFN neurons "
+            f"removed, {s['params_before']:,} -> {s['params_after']:,} parameters "
+            f"(masked vs shrunk max |diff| {s['masked_vs_shrunk_max_abs_diff']:.1e})"
+        )
     click.echo(
         f"  verified: zeros of {len(result.tensors)} tensors ({pruned} pruned) match the masks; "
         f"onnxruntime vs PyTorch max |diff| {result.ort_max_abs_diff:.1e}"

@@ -137,7 +137,7 @@ def _model_section(
             "matched": [{"name": n, "shape": list(s)} for n, s in matched.items()],
             "components": [dict(zip(columns, c.row(total_params, total_flops))) for c in table],
         }
-        obert = plan.with_trait("needs_grad_batches")
+        obert = [m for m in plan.with_trait("needs_grad_batches") if not m.spec.structured]
         if obert:
             from recipec.sparsity.obs import estimate_fisher_bytes
 
@@ -153,6 +153,11 @@ def _model_section(
         click.echo(f"\nencoder linear layers left dense by exclude ({len(check.excluded)}):")
         for line in _grouped_tensors({n: tuple(params[n].shape) for n in check.excluded}):
             click.echo(f"    {line}")
+    from recipec.cli._structure import structure_section
+
+    structure = structure_section(plans, model, model_name, seq_len, as_json)
+    if structure is not None:
+        out["structure"] = structure
     return out, check.error()
 
 
@@ -174,6 +179,21 @@ def _print_stage_costs(model_name, family, seq_len, stage, entry, table, matched
         click.echo(
             f"  oBERT inverse Fisher estimate: {entry['fisher_bytes'] / 2**30:.2f} GiB (fp32)"
         )
+
+
+def _check_against_model(recipe: str, overrides, loaded, model_name: str) -> None:
+    """Structured modifiers against the model (file:line errors, exit 2), e.g. every head of a
+    layer removed."""
+    if not any(m.structured for s in loaded.resolved_stages() for m in s.modifiers):
+        return
+    from recipec.models import meta_model
+    from recipec.sparsity.structured import model_facts
+
+    try:
+        facts = model_facts(meta_model(None if model_name in ("", "embedded") else model_name))
+    except Exception:  # reported by the model section
+        return
+    load_or_exit(recipe, overrides, model=facts)
 
 
 @click.command("plan")
@@ -225,6 +245,8 @@ def command(
     from recipec.plan import PlanError, plan_to_dict, resolve
 
     loaded = load_or_exit(recipe, overrides)
+    if model is not None:
+        _check_against_model(recipe, overrides, loaded, model)
     if plot:
         check_image_path(plot, "--plot")
     if steps_per_epoch is None:

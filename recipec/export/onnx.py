@@ -74,6 +74,7 @@ class ExportResult:
     masks_source: str
     squashed: dict[str, int] = field(default_factory=dict)
     int8_layers: int = 0  # quantized linears (0: an FP32 export)
+    structure: dict | None = None  # heads / neurons removed (recipec.export.shrink)
 
 
 # --------------------------------------------------------------------------------------
@@ -428,6 +429,7 @@ def export(
     overwrite: bool = False,
     torch_weights: bool = True,
     log=None,
+    shrink: bool = True,
 ) -> ExportResult:
     """Export a run directory or model folder to a verified deployment folder.
 
@@ -436,6 +438,9 @@ def export(
     A checkpoint with ``quantization.json`` exports as INT8 QDQ (:mod:`recipec.export.quantized`):
     the zeros are checked in the int8 weights, the parity against the fake-quant model
     (``atol`` None: 1e-4 for FP32, ``INT8_ATOL`` for INT8).
+    With ``shrink`` (default; FP32 exports only, an INT8 one keeps its shapes), heads and FFN
+    neurons the masks remove entirely are taken out of the weights and the graph first,
+    verified against the masked model (:mod:`recipec.export.shrink`).
     """
     import onnx
 
@@ -443,21 +448,7 @@ def export(
     if not 7 <= opset <= 20:
         raise ExportError(f"opset {opset} is not supported (use 14-20; 17 is the default)")
     ckpt = load_checkpoint(path, task)
-    out = Path(output_dir) if output_dir is not None else default_output_dir(ckpt)
-    if out.resolve() == ckpt.model_dir.resolve():
-        raise ExportError(f"{out}: the output folder cannot be the checkpoint folder")
-    try:
-        check_output(
-            out,
-            overwrite=overwrite,
-            marker=SPARSITY_FILE,
-            written_by="a recipec export",
-            busy="pass --overwrite to replace it",
-            inputs=[("the checkpoint", ckpt.model_dir), ("the source", path)],
-        )
-    except ReplaceError as exc:
-        raise ExportError(str(exc)) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(ckpt, path, output_dir, overwrite)
     if ckpt.squashed:
         total = sum(ckpt.squashed.values())
         log(f"squashed {total} nonzero weight(s) under the masks into exact zeros")
@@ -466,6 +457,12 @@ def export(
     quant = _load_quant(ckpt)
     if atol is None:
         atol = DEFAULT_ATOL if quant is None else INT8_ATOL
+    structure = None
+    if shrink and quant is None:
+        from recipec.export.shrink import shrink_checkpoint
+
+        samples = parity_samples(ckpt.model, ckpt.task, names, tokenizer)
+        ckpt, structure = shrink_checkpoint(ckpt, samples, torch_logits, log)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         onnx_path = tmp / ONNX_FILE
@@ -483,6 +480,8 @@ def export(
         info = _sparsity_info(ckpt, opset, names, tensors, diff, atol, samples, torch_weights)
         if quant is not None:
             info = _with_quant(info, tmp, quant)
+        if structure is not None:
+            info["structure"] = structure
         _write_folder(tmp, ckpt, tokenizer, info, torch_weights)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
@@ -501,7 +500,31 @@ def export(
         masks_source=ckpt.masks_source,
         squashed=ckpt.squashed,
         int8_layers=len(quant.layers) if quant is not None else 0,
+        structure=structure,
     )
+
+
+def _output_folder(
+    ckpt: SparseCheckpoint, path: str | Path, output_dir: str | Path | None, overwrite: bool
+) -> Path:
+    """The deployment folder to write (default beside the checkpoint), checked: never the
+    checkpoint's own folder, replaced only by the overwrite rule; its parent created."""
+    out = Path(output_dir) if output_dir is not None else default_output_dir(ckpt)
+    if out.resolve() == ckpt.model_dir.resolve():
+        raise ExportError(f"{out}: the output folder cannot be the checkpoint folder")
+    try:
+        check_output(
+            out,
+            overwrite=overwrite,
+            marker=SPARSITY_FILE,
+            written_by="a recipec export",
+            busy="pass --overwrite to replace it",
+            inputs=[("the checkpoint", ckpt.model_dir), ("the source", path)],
+        )
+    except ReplaceError as exc:
+        raise ExportError(str(exc)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _load_quant(ckpt: SparseCheckpoint):

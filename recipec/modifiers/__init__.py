@@ -14,7 +14,10 @@ from recipec.modifiers.constant import ConstantModifier
 from recipec.modifiers.cram import CrAMModifier
 from recipec.modifiers.distill import DistillModifier
 from recipec.modifiers.gmp import GMPModifier
+from recipec.modifiers.heads import HeadsModifier
+from recipec.modifiers.layers import LayersModifier
 from recipec.modifiers.lr import LRModifier
+from recipec.modifiers.neurons import NeuronsModifier
 from recipec.modifiers.obert import OBertModifier
 from recipec.modifiers.quantize import QuantizeModifier
 from recipec.plan import ResolvedModifier
@@ -28,6 +31,9 @@ BUILDERS: dict[str, Builder] = {
     "lr": LRModifier,
     "distill": DistillModifier,
     "cram": CrAMModifier,
+    "heads": HeadsModifier,
+    "neurons": NeuronsModifier,
+    "layers": LayersModifier,
     "quantize": QuantizeModifier,
 }
 

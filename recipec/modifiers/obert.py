@@ -10,6 +10,44 @@ from recipec.modifiers.pruner import ScheduledPruner
 from recipec.plan import ResolvedModifier
 
 
+def gradient_fn(ctx: CompileContext, targets: dict[str, torch.Tensor], batch_size: int):
+    """``grad()`` -> the gradients of ``targets`` on the next mini-batch of ``batch_size`` from
+    ``ctx.grad_batches`` (cycling), with the stage's loss transform (distillation included),
+    all-reduced across ranks in distributed runs (see :class:`OBertModifier`)."""
+    model = ctx.model
+    names = list(targets)
+    loss_fn = ctx.loss_fn
+    batches = ctx.grad_batches(batch_size)
+    distributed = dist_utils.is_distributed()
+
+    def grad() -> dict[str, torch.Tensor]:
+        nonlocal batches
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = ctx.grad_batches(batch_size)
+            batch = next(batches)
+        weight = getattr(batch, "weight", None)
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            outputs = model(**batch)
+            loss = outputs.loss
+            if loss_fn is not None:
+                loss = loss_fn(loss, batch=batch, outputs=outputs)
+            if distributed and weight is not None:
+                loss = loss * weight  # this rank's share of the global mini-batch mean
+            loss.backward()
+        out = {n: targets[n].grad.detach().float().clone() for n in names}
+        model.zero_grad(set_to_none=True)
+        if distributed:
+            out = dist_utils.all_reduce_dict(
+                out, mean=weight is None, what="oBERT gradient all-reduce"
+            )
+        return out
+
+    return grad
+
+
 class OBertModifier(ScheduledPruner):
     """oBERT: masks and weight updates from the block-diagonal inverse empirical Fisher.
 
@@ -46,39 +84,7 @@ class OBertModifier(ScheduledPruner):
             )
 
     def _grad_fn(self):
-        spec = self.spec
-        model = self.ctx.model
-        names = list(self.targets)
-        loss_fn = self.ctx.loss_fn
-        batches = self.ctx.grad_batches(spec.grad_batch_size)
-        distributed = dist_utils.is_distributed()
-
-        def grad() -> dict[str, torch.Tensor]:
-            nonlocal batches
-            try:
-                batch = next(batches)
-            except StopIteration:
-                batches = self.ctx.grad_batches(spec.grad_batch_size)
-                batch = next(batches)
-            weight = getattr(batch, "weight", None)
-            model.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                outputs = model(**batch)
-                loss = outputs.loss
-                if loss_fn is not None:
-                    loss = loss_fn(loss, batch=batch, outputs=outputs)
-                if distributed and weight is not None:
-                    loss = loss * weight  # this rank's share of the global mini-batch mean
-                loss.backward()
-            out = {n: self.targets[n].grad.detach().float().clone() for n in names}
-            model.zero_grad(set_to_none=True)
-            if distributed:
-                out = dist_utils.all_reduce_dict(
-                    out, mean=weight is None, what="oBERT gradient all-reduce"
-                )
-            return out
-
-        return grad
+        return gradient_fn(self.ctx, self.targets, self.spec.grad_batch_size)
 
     def compute(self, step: int, sparsity: float) -> dict[str, torch.Tensor]:
         from recipec.sparsity.obs import obert_prune_step
@@ -88,6 +94,10 @@ class OBertModifier(ScheduledPruner):
         was_training = model.training
         model.eval()
         previous = self.achieved_sparsity()
+        removed = self.removed_by_structure()  # sparsity counts the weights left (see pruner)
+        if removed:
+            sparsity = self.of_original(sparsity, removed)
+            previous = self.of_original(previous, removed)
         masks = self.previous_masks() or None
         try:
             for r in range(1, spec.recomputations + 1):

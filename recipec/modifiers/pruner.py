@@ -13,6 +13,16 @@ from recipec.modifiers.base import CompileContext, CompileError, Modifier
 from recipec.plan import ResolvedModifier
 from recipec.sparsity.masks import count_pruned
 from recipec.sparsity.selection import SelectionError, layer_rows, require_parameters
+from recipec.sparsity.structured import removed_weights
+
+
+def _removes_groups(recipe: Any) -> bool:
+    """Whether a recipe has a modifier that removes heads or FFN neurons."""
+    return any(
+        getattr(m, "structured", None) in ("heads", "neurons")
+        for stage in recipe.resolved_stages()
+        for m in stage.modifiers
+    )
 
 
 def target_parameters(resolved: ResolvedModifier, ctx: CompileContext) -> dict[str, nn.Parameter]:
@@ -37,10 +47,14 @@ class ScheduledPruner(Modifier):
 
     def __init__(self, resolved: ResolvedModifier, ctx: CompileContext):
         super().__init__(resolved, ctx)
-        self.targets = target_parameters(resolved, ctx)
+        self.targets = self.find_targets()
         # scope per_layer: the Q, K and V of a fused tensor rank as the three layers they are
         self.layer_rows = layer_rows(ctx.model, self.targets)
         self.history: list[dict[str, Any]] = []
+
+    def find_targets(self) -> dict[str, nn.Parameter]:
+        """The tensors this pruner masks (its targets / exclude, else the recipe's)."""
+        return target_parameters(self.resolved, self.ctx)
 
     def on_step_start(self, step: int) -> None:
         sparsity = self.resolved.target_sparsity(step)
@@ -72,10 +86,37 @@ class ScheduledPruner(Modifier):
             if name in self.ctx.masks.masks
         }
 
+    def removed_by_structure(self) -> dict[str, torch.Tensor]:
+        """Targets holding weights of removed heads / FFN neurons: True at those weights. Only
+        in a recipe with ``heads`` / ``neurons`` modifiers: elsewhere a group that unstructured
+        pruning happened to empty still counts as pruned weights (the recipe's sparsity)."""
+        if not self.ctx.masks.masks or not _removes_groups(self.ctx.recipe):
+            return {}
+        return removed_weights(self.ctx.model, self.ctx.masks.masks, self.targets)
+
+    def of_original(
+        self, sparsity: float, removed: dict[str, torch.Tensor], names: list[str] | None = None
+    ) -> float:
+        """The fraction of the original weights (of ``names``, default all targets) to prune so
+        that ``sparsity`` of the weights left by structured pruning are pruned:
+        ``(R + s (T - R)) / T`` with ``T`` weights of which ``R`` are in removed groups.
+
+        Sparsity counting in a recipe that mixes structured and unstructured pruning: a
+        ``gmp``/``obert`` ``final_sparsity`` is a fraction of the weights still in the model
+        (the shrunk model's weights); removed heads and neurons are not counted. Without
+        structured pruning the two counts are the same."""
+        names = list(self.targets) if names is None else names
+        total = sum(self.targets[n].numel() for n in names)
+        gone = sum(int(removed[n].sum()) for n in names if n in removed)
+        return (gone + sparsity * (total - gone)) / total if total else sparsity
+
     def achieved_sparsity(self) -> float:
+        """Pruned fraction of the target weights left by structured pruning (all of them
+        without structured pruning)."""
         masks = [self.ctx.masks.masks[n] for n in self.targets if n in self.ctx.masks.masks]
-        total = sum(p.numel() for p in self.targets.values())
-        pruned = sum(count_pruned(m) for m in masks)
+        gone = sum(int(r.sum()) for r in self.removed_by_structure().values())
+        total = sum(p.numel() for p in self.targets.values()) - gone
+        pruned = sum(count_pruned(m) for m in masks) - gone
         return pruned / total if total else 0.0
 
     def state_dict(self) -> dict[str, Any]:

@@ -6,7 +6,7 @@ once ``steps_per_epoch`` is known. No torch import here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from recipec.recipe.schema import Recipe
@@ -351,4 +351,154 @@ def later_pruning_problems(recipe: Recipe) -> list[tuple[int, int | None, str]]:
                 )
         if quantizes:
             quantized_in = stage.name
+    return problems
+
+
+def group_count_problem(spec: Any, counts: Mapping[int, int]) -> str | None:
+    """What is wrong with a ``heads`` / ``neurons`` modifier's ``final_sparsity`` for a model
+    whose chosen layers have ``counts`` groups (layer -> heads or FFN width), or None.
+
+    Per layer, a layer of ``n`` groups loses ``round(final_sparsity * n)``; globally, the
+    ``round(final_sparsity * total)`` removed groups must leave ``min_per_layer`` in every
+    layer. A recipe that would remove every head of a layer is an error here, not at run time.
+    """
+    noun = "heads" if spec.structured == "heads" else "FFN neurons"
+    final, keep = spec.final_sparsity, spec.min_per_layer
+    if spec.scope == "per_layer":
+        for layer, n in counts.items():
+            removed = int(round(final * n))
+            if n - removed >= keep:
+                continue
+            what = (
+                f"would remove every one of the {n} {noun} of layer {layer}"
+                if removed == n
+                else f"removes {removed} of the {n} {noun} of layer {layer}, leaving fewer "
+                f"than min_per_layer ({keep})"
+            )
+            return f"{what}; use at most {(n - keep + 0.49) / n:.4f} (each layer keeps {keep})"
+        return None
+    total = sum(counts.values())
+    removed = int(round(final * total))
+    if total - removed >= keep * len(counts):
+        return None
+    return (
+        f"removes {removed} of the {total} {noun} of {len(counts)} layers: not every layer can "
+        f"keep min_per_layer ({keep}) {noun}, so some layer would lose every one"
+    )
+
+
+def _layer_keep(spec: Any, source: list[int], executed: int) -> tuple[list[int] | None, str | None]:
+    """The source layers a ``layers`` modifier keeps, or the problem with its ``keep``."""
+    if isinstance(spec.keep, list):
+        missing = [k for k in spec.keep if k not in source]
+        if missing:
+            return None, f"layers {missing} are not in the model (it has layers {source})"
+        return sorted(spec.keep), None
+    if spec.keep > executed:
+        return None, f"keeps {spec.keep} layers but the model has {executed}"
+    if spec.select == "bottom":
+        positions = list(range(spec.keep))
+    elif spec.select == "top":
+        positions = list(range(executed - spec.keep, executed))
+    elif spec.keep == 1:
+        positions = [0]
+    else:
+        positions = [(i * (executed - 1)) // (spec.keep - 1) for i in range(spec.keep)]
+    return [source[p] for p in positions], None
+
+
+def layer_selection(spec: Any, source: Sequence[int], executed: int) -> list[int]:
+    """The layers (numbered as in the loaded model) a ``layers`` modifier keeps, for a model
+    that still has the layers ``source`` (``executed`` of them per forward).
+
+    Raises:
+        ValueError: A layer not in the model, or more layers than it has.
+    """
+    kept, problem = _layer_keep(spec, list(source), executed)
+    if problem:
+        raise ValueError(problem)
+    return kept
+
+
+def model_problems(recipe: Recipe, facts: Mapping[str, Any]) -> list[tuple[int, int, str, str]]:
+    """``(stage index, modifier index, field, message)`` for structured modifiers that do not fit
+    a model described by ``facts`` (pure data, see ``recipec.sparsity.structured.model_facts``:
+    ``heads`` and ``neurons`` per storage layer, ``layers`` (storage indices), ``executed``
+    layers per forward). Layer drops of earlier modifiers and stages are followed, so a later
+    ``layers:`` selection is numbered as in the smaller model."""
+    layers = list(facts.get("layers") or [])
+    counts = {kind: dict(zip(layers, facts.get(kind) or [])) for kind in ("heads", "neurons")}
+    source = list(range(int(facts.get("executed") or len(layers))))
+    problems: list[tuple[int, int, str, str]] = []
+    for stage_index, stage in enumerate(recipe.resolved_stages()):
+        for index, spec in enumerate(stage.modifiers):
+            kind = getattr(spec, "structured", None)
+            if kind == "layers":
+                kept, problem = _layer_keep(spec, source, len(source))
+                if problem:
+                    problems.append((stage_index, index, "keep", problem))
+                    continue
+                if len(layers) == len(source):  # one block per executed layer (not ALBERT)
+                    positions = [source.index(k) for k in kept]
+                    for kind_counts in counts.values():
+                        old = [kind_counts.get(layers[p]) for p in positions]
+                        kind_counts.clear()
+                        kind_counts.update({i: c for i, c in enumerate(old) if c is not None})
+                    layers = list(range(len(kept)))
+                source = kept
+            elif kind in ("heads", "neurons") and counts[kind]:
+                chosen = spec.layers if spec.layers is not None else sorted(counts[kind])
+                missing = [layer for layer in chosen if layer not in counts[kind]]
+                if missing:
+                    problems.append(
+                        (
+                            stage_index,
+                            index,
+                            "layers",
+                            f"layers {missing} are not encoder layers "
+                            f"of the model (it has {sorted(counts[kind])})",
+                        )
+                    )
+                    continue
+                problem = group_count_problem(spec, {c: counts[kind][c] for c in chosen})
+                if problem:
+                    problems.append((stage_index, index, "final_sparsity", problem))
+    return problems
+
+
+def mix_problems(recipe: Recipe) -> list[tuple[int, int, str]]:
+    """``(stage index, modifier index, message)`` for blockK / N:M pruners in a recipe that also
+    removes heads or FFN neurons: removing a head or neuron takes columns out of the attention
+    and FFN output projections, which shifts every later block (or N:M group) of those rows off
+    its alignment in the shrunk model. Unstructured pruning mixes freely."""
+    if not any(
+        getattr(m, "structured", None) in ("heads", "neurons")
+        for stage in recipe.resolved_stages()
+        for m in stage.modifiers
+    ):
+        return []
+    problems = []
+    for stage_index, stage in enumerate(recipe.resolved_stages()):
+        for index, spec in enumerate(stage.modifiers):
+            structure = getattr(spec, "structure", "unstructured")
+            if spec.structured is None and spec.sets_masks and structure != "unstructured":
+                problems.append(
+                    (
+                        stage_index,
+                        index,
+                        f"structure {structure} cannot be combined with heads/neurons pruning "
+                        "in one recipe (removed columns shift the blocks of the shrunk "
+                        "output projections); use structure: unstructured",
+                    )
+                )
+            elif spec.needs_grad_batches and spec.structured is None and spec.scope == "per_layer":
+                problems.append(
+                    (
+                        stage_index,
+                        index,
+                        "obert with scope: per_layer cannot count its sparsity on the weights "
+                        "left by heads/neurons pruning (one Fisher pass prunes every tensor to "
+                        "one sparsity); use scope: global",
+                    )
+                )
     return problems

@@ -538,6 +538,15 @@ def _check_shadowed_sets(
     return problems
 
 
+def _check_mixes(recipe: Recipe, positions: _Positions) -> list[Problem]:
+    from recipec.recipe.checks import mix_problems
+
+    return [
+        _at_modifier(recipe, positions, stage_index, index, "structure", message=message)
+        for stage_index, index, message in mix_problems(recipe)
+    ]
+
+
 def _check_lower_targets(recipe: Recipe, positions: _Positions) -> list[Problem]:
     from recipec.recipe.checks import lower_target_problems
 
@@ -569,8 +578,25 @@ def _check_quantize(recipe: Recipe, positions: _Positions) -> list[Problem]:
     return problems
 
 
-def load_recipe_text(text: str, source: str = "<recipe>", overrides: Iterable[str] = ()) -> Recipe:
-    """Validate recipe text; raises :class:`RecipeError` listing every problem."""
+def _check_model(recipe: Recipe, positions: _Positions, facts: Any) -> list[Problem]:
+    """Structured modifiers against the model they will run on (heads and FFN widths per
+    layer, layer count), e.g. a recipe that would remove every head of a layer."""
+    from recipec.recipe.checks import model_problems
+
+    return [
+        _at_modifier(recipe, positions, stage_index, index, name, message=message)
+        for stage_index, index, name, message in model_problems(recipe, facts)
+    ]
+
+
+def load_recipe_text(
+    text: str, source: str = "<recipe>", overrides: Iterable[str] = (), *, model: Any = None
+) -> Recipe:
+    """Validate recipe text; raises :class:`RecipeError` listing every problem.
+
+    ``model``: facts about the model the recipe will run on (pure data, as
+    ``recipec.sparsity.structured.model_facts`` gives them), to check structured modifiers
+    against it with file:line locations."""
     overrides = list(overrides)  # read twice (applied, then checked for shadowing)
     data, positions, problems = _parse_yaml(text, source)
     if data is None:
@@ -617,14 +643,18 @@ def load_recipe_text(text: str, source: str = "<recipe>", overrides: Iterable[st
     problems += _check_windows(recipe, positions)
     problems += _check_lower_targets(recipe, positions)
     problems += _check_quantize(recipe, positions)
+    problems += _check_mixes(recipe, positions)
     problems += _check_shadowed_sets(recipe, overrides, positions)
+    if model is not None:
+        problems += _check_model(recipe, positions, model)
     if problems:
         raise RecipeError(problems)
     return recipe
 
 
-def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
-    """Load and validate a recipe file (YAML), applying ``--set`` style overrides."""
+def load_recipe(path: str | Path, overrides: Iterable[str] = (), *, model: Any = None) -> Recipe:
+    """Load and validate a recipe file (YAML), applying ``--set`` style overrides (``model``:
+    see :func:`load_recipe_text`)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -644,7 +674,7 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
         raise RecipeError(
             [Problem(Location(str(path)), "", f"cannot read: {exc.strerror}")]
         ) from None
-    return load_recipe_text(text, str(path), overrides)
+    return load_recipe_text(text, str(path), overrides, model=model)
 
 
 def find_bundled(name: str) -> Path | None:

@@ -99,6 +99,12 @@ class ModifierSpec(Spec):
     #: Fake-quantizes its targets (int8 QAT/PTQ): must start after the last pruning step,
     #: runs after the pruners at a step, and sparse kernels stay off in its stage.
     quantizes: ClassVar[bool] = False
+    #: Removes whole structures ("heads", "neurons", "layers") that export takes out of the
+    #: model; not a tensor selection (no targets), so tensor overlaps with pruners are allowed.
+    structured: ClassVar[str | None] = None
+    #: Changes the model's architecture when its stage is compiled, before any mask exists
+    #: (``layers`` drops encoder layers).
+    changes_architecture: ClassVar[bool] = False
 
     def describe(self) -> str:
         """One line of this modifier's settings for ``recipec plan`` (pruning schedules are
@@ -508,8 +514,168 @@ class QuantizeSpec(ModifierSpec, _Window, _Targets):
         }
 
 
+class _GroupPruning(ModifierSpec, _Window):
+    """Structured pruning of whole groups (attention heads or FFN neurons) on the GMP schedule.
+
+    ``init_sparsity`` / ``final_sparsity`` are fractions of the groups (heads, or neurons) of
+    the chosen ``layers``, removed in whole groups; a removed group stays removed."""
+
+    prunes: ClassVar[bool] = True
+    sets_masks: ClassVar[bool] = True
+    schedules_sparsity: ClassVar[bool] = True
+
+    init_sparsity: Fraction = Field(
+        0.0, description="Fraction of groups removed at the first step."
+    )
+    final_sparsity: Fraction = Field(
+        ..., description="Fraction of groups removed at the last step."
+    )
+    update_every_steps: PositiveInt | None = None
+    update_every_epochs: PositiveEpoch | None = None
+    schedule: Literal["cubic", "linear"] = "cubic"
+    scope: Literal["global", "per_layer"] = Field(
+        "per_layer",
+        description="per_layer: every layer loses the same fraction; global: all layers ranked "
+        "together (each keeps at least min_per_layer).",
+    )
+    saliency: Literal["magnitude", "fisher"] = Field(
+        "magnitude",
+        description="magnitude: L2 norm of the group's weights; fisher: oBERT's group saliency "
+        "1/2 w_Q^T ([F^-1]_QQ)^-1 w_Q with the block-diagonal inverse empirical Fisher.",
+    )
+    layers: list[NonNegInt] | None = Field(
+        None, min_length=1, max_length=4096, description="Encoder layers to prune (default all)."
+    )
+    min_per_layer: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        1, description="Groups every layer keeps at least (a layer never loses every head)."
+    )
+    num_grads: Annotated[int, Field(gt=0, le=100_000)] = 64
+    fisher_block_size: Annotated[int, Field(gt=0, le=100_000)] = 50
+    damp: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-7
+    grad_batch_size: Annotated[int, Field(gt=0, le=4096)] = 16
+    max_memory_gb: Annotated[float, Field(gt=0.0, le=4096)] | None = None
+
+    @model_validator(mode="after")
+    def _groups(self) -> _GroupPruning:
+        _one_of(self, "update_every_steps", "update_every_epochs", required=False)
+        if self.init_sparsity > self.final_sparsity:
+            raise ValueError(
+                f"init_sparsity ({self.init_sparsity}) must not exceed final_sparsity "
+                f"({self.final_sparsity})"
+            )
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ValueError("layers must not repeat")
+        return self
+
+    @property
+    def structure(self) -> str:
+        """The group kind (what ``recipec plan`` prints where a pruner's structure goes)."""
+        return str(self.structured)
+
+    @property
+    def is_nm(self) -> bool:
+        return False
+
+    @property
+    def group_size(self) -> int:
+        return 1
+
+    @property
+    def fisher(self) -> str:
+        return "block"
+
+    @property
+    def needs_grad_batches(self) -> bool:  # type: ignore[override]
+        """Only the Fisher saliency collects gradients."""
+        return self.saliency == "fisher"
+
+    def describe(self) -> str:
+        return f"{self.structured}: {self.saliency} saliency, {self.scope}"
+
+    def plan_fields(self) -> dict[str, Any]:
+        return {
+            "structure": self.structured,
+            "scope": self.scope,
+            "saliency": self.saliency,
+            "layers": self.layers,
+            "min_per_layer": self.min_per_layer,
+        }
+
+
+class HeadsSpec(_GroupPruning):
+    """Remove whole attention heads: a head's Q/K/V rows and attention-output columns."""
+
+    structured: ClassVar[str | None] = "heads"
+    overlap_kind: ClassVar[str | None] = "heads"
+
+    type: Literal["heads"]
+
+
+class NeuronsSpec(_GroupPruning):
+    """Remove whole FFN neurons: a row of the up projection (both halves of a GLU) and the
+    matching column of the down projection."""
+
+    structured: ClassVar[str | None] = "neurons"
+    overlap_kind: ClassVar[str | None] = "neurons"
+
+    type: Literal["neurons"]
+
+
+class LayersSpec(ModifierSpec):
+    """Drop whole encoder layers when the stage starts (before it trains), as oBERT's 6- and
+    3-layer models do. ``keep`` is a count (which layers: ``select``) or the list of layers to
+    keep, numbered as in the model as loaded."""
+
+    structured: ClassVar[str | None] = "layers"
+    changes_architecture: ClassVar[bool] = True
+    overlap_kind: ClassVar[str | None] = "layers"
+
+    type: Literal["layers"]
+    keep: Annotated[int, Field(ge=1, le=4096)] | list[NonNegInt] = Field(
+        ..., description="How many layers to keep, or which (numbered as in the loaded model)."
+    )
+    select: Literal["spread", "bottom", "top"] = Field(
+        "spread",
+        description="With a count: spread keeps the first and the last layer and spreads the "
+        "rest evenly (oBERT's 6-layer BERT: 0,2,4,6,8,11); bottom keeps the first layers; "
+        "top the last.",
+    )
+
+    @model_validator(mode="after")
+    def _keep(self) -> LayersSpec:
+        if isinstance(self.keep, list):
+            if not self.keep:
+                raise ValueError("keep must name at least one layer")
+            if len(set(self.keep)) != len(self.keep):
+                raise ValueError("keep must not repeat a layer")
+        return self
+
+    # What the window fields of other modifiers give the checks: none (acts at the stage start).
+    start_step: ClassVar[None] = None
+    start_epoch: ClassVar[None] = None
+    end_step: ClassVar[None] = None
+    end_epoch: ClassVar[None] = None
+
+    def describe(self) -> str:
+        if isinstance(self.keep, list):
+            return f"keep layers {', '.join(map(str, self.keep))} (drop the others before training)"
+        return f"keep {self.keep} layers ({self.select}), drop the others before training"
+
+    def plan_fields(self) -> dict[str, Any]:
+        return {"keep": self.keep, "select": self.select}
+
+
 Modifier = Annotated[
-    GMPSpec | OBertSpec | ConstantSpec | DistillSpec | LRSpec | CrAMSpec | QuantizeSpec,
+    GMPSpec
+    | OBertSpec
+    | ConstantSpec
+    | DistillSpec
+    | LRSpec
+    | CrAMSpec
+    | HeadsSpec
+    | NeuronsSpec
+    | LayersSpec
+    | QuantizeSpec,
     Field(discriminator="type"),
 ]
 MODIFIER_TYPES: dict[str, type[ModifierSpec]] = {
@@ -520,6 +686,9 @@ MODIFIER_TYPES: dict[str, type[ModifierSpec]] = {
     "lr": LRSpec,
     "cram": CrAMSpec,
     "quantize": QuantizeSpec,
+    "heads": HeadsSpec,
+    "neurons": NeuronsSpec,
+    "layers": LayersSpec,
 }
 
 

@@ -212,7 +212,7 @@ def check_targets(model: nn.Module, recipe: Recipe) -> TargetCheck:
         (stage.name, index, spec)
         for stage in recipe.resolved_stages()
         for index, spec in enumerate(stage.modifiers)
-        if spec.prunes
+        if spec.prunes and not getattr(spec, "structured", None)  # heads/neurons: no targets
     ]
     for stage, index, spec in pruners:
         targets, exclude = recipe.targets_of(spec)

@@ -372,6 +372,13 @@ class ApplyRun:
         except ModelLoadError as exc:
             raise RunError(str(exc)) from None
         self.task, self.model, self.tokenizer = task, model, tokenizer
+        from recipec.compiler import check_model
+        from recipec.recipe.errors import RecipeError
+
+        try:  # structured modifiers against this model, e.g. every head of a layer removed
+            check_model(self.recipe_path, config.overrides, self.recipe, model)
+        except RecipeError as exc:
+            raise RunError(str(exc)) from None
 
     def plan_stages(self) -> None:
         """Resolve every stage up front, so that schedule errors and targets that select nothing
@@ -602,6 +609,9 @@ class ApplyRun:
             resuming = resume_folder is not None and i == resume_stage
             try:
                 if resuming:
+                    from recipec.compiler import prepare_stages
+
+                    prepare_stages(self.plans[: i + 1], self.model)  # e.g. layers dropped earlier
                     checkpoint = resume.load_checkpoint(
                         resume_folder, self.model, state=self._resume_state
                     )
@@ -659,16 +669,19 @@ class ApplyRun:
         return self.out / "checkpoints" / f"{index:02d}-{self.stages[index].name}"
 
     def _run_stage(self, index, stage, plan, teacher, carried, checkpoint) -> StageOutcome:
-        from recipec.compiler import compile_plan
+        from recipec.compiler import compile_plan, prepare_model
         from recipec.modifiers.base import CompileError
         from recipec.train.loop import StageRunner, make_optimizer
 
         config, reporter, training = self.config, self.reporter, plan.training
-        optimizer = make_optimizer(
-            self.model, training.learning_rate, training.weight_decay, config.device
-        )
         distils = any(m.needs_teacher for m in stage.modifiers)
         try:
+            # Layers dropped before the optimizer exists: it holds only the parameters that
+            # train, as in a resumed run (which drops them before loading the checkpoint).
+            carried = prepare_model(plan, self.model, carried)
+            optimizer = make_optimizer(
+                self.model, training.learning_rate, training.weight_decay, config.device
+            )
             program = compile_plan(
                 plan,
                 self.recipe,

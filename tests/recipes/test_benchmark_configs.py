@@ -142,3 +142,45 @@ def test_records_written_before_the_sequence_length_joined_the_budget_keep_match
     (record,) = accuracy.load_results(path)
     assert record["budget"]["max_seq_length"] == 64
     assert record["budget"] == {**old["budget"], "max_seq_length": 64}
+
+
+def _structured_recipe(cfg: dict, tmp_path: Path, sets: list[str]):
+    if "bundled" in cfg:
+        return load_recipe(ROOT / "recipes" / cfg["bundled"], sets)
+    path = tmp_path / "r.yaml"
+    path.write_text(cfg["text"])
+    return load_recipe(path, sets)
+
+
+@pytest.mark.parametrize("saliency", ["magnitude", "fisher"])
+def test_structured_benchmark_rows_share_one_budget(saliency, tmp_path, load_benchmark):
+    """Every row of benchmarks/structured.py: 4 epochs of batch 32 at LR 5e-5, KD from the
+    dense model (T 5.5) except the dense row, and the removal its name says."""
+    bench = load_benchmark("structured")
+    configs = bench.configurations(saliency)
+    assert set(bench.DEFAULT_CONFIGS) <= set(configs)
+    removes = {}
+    for name, cfg in configs.items():
+        recipe = _structured_recipe(cfg, tmp_path, bench.run_sets(cfg, 64))
+        (stage,) = recipe.resolved_stages()
+        plan = resolve_stage(recipe, stage, SPE)
+        assert plan.total_steps == 4 * SPE, name
+        assert (plan.training.max_seq_length, plan.eval_every) == (64, 4 * SPE), name
+        assert (plan.training.batch_size, plan.training.learning_rate) == (32, 5e-5), name
+        kd = [m.spec for m in plan.by_type("distill")]
+        assert [(d.temperature, d.hardness) for d in kd] == (
+            [] if name == "dense" else [(5.5, 1.0)]
+        )
+        removes[name] = sorted(
+            (m.spec.type, m.spec.keep if m.spec.type == "layers" else m.spec.final_sparsity)
+            for m in plan.modifiers
+            if m.spec.structured or m.spec.type == "gmp"
+        )
+        for m in plan.modifiers:
+            if m.spec.structured in ("heads", "neurons"):
+                assert m.spec.saliency == saliency, name
+    assert removes["dense"] == []
+    assert removes["ffn50"] == [("neurons", 0.5)]
+    assert removes["heads33"] == [("heads", 0.3333)]
+    assert removes["ffn50_gmp80"] == [("gmp", 0.8), ("neurons", 0.5)]
+    assert removes["layers3_kd"] == [("layers", 3)]

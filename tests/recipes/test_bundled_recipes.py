@@ -81,6 +81,9 @@ def test_apply_runs_every_bundled_recipe(path, tiny_model_dir, tmp_path, monkeyp
     monkeypatch.setenv("RECIPEC_CACHE", str(tmp_path / "cache"))  # a fresh teacher, trained here
     recipe = load_recipe(path)
     sets = ["num_grads=4"] if "num_grads" in recipe.variables else []
+    if "keep_layers" in recipe.variables:  # the tiny model has 2 layers
+        sets.append("keep_layers=1")
+        recipe = load_recipe(path, ["keep_layers=1"])
     out = tmp_path / "run"
     args = [
         "apply",
@@ -98,18 +101,20 @@ def test_apply_runs_every_bundled_recipe(path, tiny_model_dir, tmp_path, monkeyp
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
-    pruners = [
-        m
-        for stage in recipe.resolved_stages()
-        for m in stage.modifiers
-        if m.type in ("gmp", "obert")
-    ]
-    quantizes = any(m.type == "quantize" for s in recipe.resolved_stages() for m in s.modifiers)
+    mods = [m for stage in recipe.resolved_stages() for m in stage.modifiers]
+    pruners = [m for m in mods if m.type in ("gmp", "obert")]
+    structured = {m.type: m for m in mods if m.structured}
+    quantizes = any(m.type == "quantize" for m in mods)
     if path.stem in ("ptq", "qat"):  # INT8 of the (dense) tiny model: its zeros kept, none added
         assert report["sparsity"]["targets"] == 0.0
         assert report["stages"][0].get("prune_only", False) == (path.stem == "ptq")
     else:
-        assert pruners, "every bundled recipe but ptq prunes"
+        assert pruners or structured, (
+            "every bundled recipe but ptq/qat prunes or removes structures"
+        )
+    if structured:
+        _check_structure(out / "model", structured, pruners)
+    elif pruners:
         assert report["sparsity"]["targets"] == pytest.approx(pruners[-1].final_sparsity, abs=2e-3)
     assert [s["steps"] for s in report["stages"]] == [p.total_steps for p in resolve(recipe, 1)]
     assert (report.get("teacher") is not None) == any(
@@ -141,6 +146,32 @@ def test_qat_recipes_quantize_the_final_masks_with_kd(path, steps_per_epoch):
     if "obert" in path.stem:
         assert pruner.spec.structure == "block4"
         assert pruner.spec.final_sparsity == (0.8 if "_80_" in path.stem else 0.9)
+
+
+def _check_structure(folder, structured, pruners):
+    """The saved model has the recipe's layers, heads and neurons, and its unstructured
+    sparsity counts the weights the removed groups left."""
+    from safetensors.torch import load_file
+
+    from recipec.models import load_model
+    from recipec.sparsity.structured import group_sets, kept_groups, removed_weights
+
+    model = load_model(str(folder), head="sequence-classification").model
+    masks = {n: m.bool() for n, m in load_file(str(folder / "masks.safetensors")).items()}
+    if "layers" in structured:
+        assert model.config.num_hidden_layers == structured["layers"].keep
+    for kind in ("heads", "neurons"):
+        if kind in structured:
+            for gs in group_sets(model, kind):
+                want = gs.count - round(structured[kind].final_sparsity * gs.count)
+                assert int(kept_groups(gs, masks).sum()) == want, gs.key
+    if pruners:
+        gone = sum(int(r.sum()) for r in removed_weights(model, masks).values())
+        total = sum(m.numel() for m in masks.values())
+        zeros = sum(int((~m).sum()) for m in masks.values())
+        assert gone and (zeros - gone) / (total - gone) == pytest.approx(
+            pruners[-1].final_sparsity, abs=2e-3
+        )
 
 
 PAPER_KD = [p for p in RECIPES if p.stem.startswith(("downstream_gmp", "obert_", "quickstart"))]

@@ -40,6 +40,21 @@ def _model_opt(seed: int = 0):
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
+def _tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    return BertForSequenceClassification(config)
+
+
 GMP = {
     "type": "gmp",
     "init_sparsity": 0.25,
@@ -71,11 +86,18 @@ def test_every_builder_builds_a_modifier():
         "cram": {"type": "cram", "sparsities": [0.5, 0.7]},
         "quantize": {"type": "quantize"},  # last: it stays installed on the model
     }
-    assert set(examples) == set(MODIFIER_TYPES)
-    for kind, spec in examples.items():
+    # Structured kinds act on encoder heads / FFN neurons / layers: a tiny BERT.
+    structured = {
+        "heads": {**GMP, "type": "heads"},
+        "neurons": {**GMP, "type": "neurons"},
+        "layers": {"type": "layers", "keep": 1},
+    }
+    assert set(examples) | set(structured) == set(MODIFIER_TYPES)
+    for kind, spec in [*examples.items(), *structured.items()]:
+        on = model if kind in examples else _tiny_bert()
         program = recipec.compile(
             _recipe([spec]),
-            model,
+            on,
             opt,
             steps_per_epoch=10,
             teacher=teacher,
