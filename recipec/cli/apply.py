@@ -235,6 +235,16 @@ def command(
         sys.exit(130)
     if not is_main():
         return
+    _print_result(report)
+
+
+def _print_result(report: dict) -> None:
+    """The final line (and a collapsed model's warning, with its likely causes, before it)."""
+    collapse = report.get("collapse")
+    if collapse:
+        click.echo(f"warning: {collapse['message']}; likely causes:", err=True)
+        for cause in collapse["causes"]:
+            click.echo(f"  - {cause}", err=True)
     primary = report["primary_metric"]
     final = report["final_eval"][primary]
     line = (
@@ -244,6 +254,8 @@ def command(
     )
     if report.get("teacher"):
         line += f"  (dense teacher {report['teacher']['eval'][primary]:.4f})"
+    if collapse:
+        line += "  COLLAPSED (see the report)"
     click.echo(line)
     click.echo(f"report: {Path(report['model_dir']).parent / 'report.md'}")
 

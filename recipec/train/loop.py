@@ -24,6 +24,7 @@ from recipec import distributed as dist_utils
 from recipec.outputs import write_text_atomic
 from recipec.program import Program
 from recipec.tasks import Example, TaskInfo
+from recipec.tasks.collapse import prediction_diagnostics
 from recipec.tasks.data import make_dataloader
 from recipec.tasks.metrics import compute_metrics
 from recipec.train import resume
@@ -74,7 +75,9 @@ def evaluate(
     device: str,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
-    """Metrics of ``model`` on ``examples`` (eval mode, no gradients).
+    """Metrics of ``model`` on ``examples`` (eval mode, no gradients), with what the
+    predictions look like (``top_class_share`` or ``prediction_spread``, see
+    :mod:`recipec.tasks.collapse`) and the mean loss.
 
     In a distributed run every rank must call this: each evaluates a contiguous shard of
     ``examples`` and the logits are gathered, so every rank returns the same metrics.
@@ -116,6 +119,7 @@ def evaluate(
         all_logits = torch.cat(logits).numpy()
         all_labels = torch.cat(labels).numpy()
     metrics = compute_metrics(info, all_logits, all_labels)
+    metrics.update(prediction_diagnostics(info, all_logits, all_labels))
     if losses:
         metrics["loss"] = sum(losses) / len(all_labels)
     return metrics
@@ -236,6 +240,7 @@ class StageRunner:
         checkpoint_every: Steps between checkpoints.
         metrics: The run's ``metrics.jsonl`` (rank 0 writes it).
         on_step: ``f(step, record)`` after every optimizer step (progress bars).
+        on_eval: ``f(step, metrics)`` after every evaluation (the console).
         stop_after_step: End after this step without finalizing (tests).
         eval_before: A prune-only stage's metrics before pruning, when already known.
         log_sparsity: Put the masks' sparsity into each record (False for the dense teacher).
@@ -250,6 +255,7 @@ class StageRunner:
         checkpoint_every: int | None = None,
         metrics: MetricsLog | None = None,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
+        on_eval: Callable[[int, dict[str, float]], None] | None = None,
         stop_after_step: int | None = None,
         eval_before: dict[str, float] | None = None,
         log_sparsity: bool = True,
@@ -262,6 +268,7 @@ class StageRunner:
         self.checkpoint_every = checkpoint_every
         self.metrics = metrics if metrics is not None and dist_utils.is_main() else MetricsLog(None)
         self.on_step = on_step
+        self.on_eval = on_eval
         self.stop_after_step = stop_after_step
         self.eval_before = eval_before
         self.log_sparsity = log_sparsity
@@ -446,6 +453,8 @@ class StageRunner:
             record["sparsity"] = self.program.sparsity()[0]
         self.eval_history.append(record)
         self.metrics.write(record)
+        if self.on_eval:
+            self.on_eval(at_step, result)
         return result
 
     def check_masks(self, where: str) -> None:

@@ -10,6 +10,8 @@ from recipec.checkpoint import write_checkpoint
 from recipec.outputs import write_text_atomic
 from recipec.sparsity.masks import count_zeros, weight_sparsity
 from recipec.sparsity.selection import component_of
+from recipec.tasks.collapse import scores
+from recipec.train.diagnose import collapse_report
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -101,6 +103,24 @@ def _plots(
     return written
 
 
+def _stage_entry(o) -> dict[str, Any]:
+    """One stage in report.json: steps, time, evaluation, pruning history."""
+    return {
+        "name": o.name,
+        "steps": o.result.steps,
+        "steps_per_epoch": o.plan.steps_per_epoch,
+        "seconds": o.result.seconds,
+        "final_eval": o.result.final_eval,
+        "pruning": o.program.history(),
+        **({"sparse_backprop": o.result.sparse_backprop} if o.result.sparse_backprop else {}),
+        **(
+            {"prune_only": True, "eval_before_pruning": o.result.eval_before_pruning}
+            if o.plan.training.prune_only
+            else {}
+        ),
+    }
+
+
 def write_outputs(
     *,
     out: Path,
@@ -146,30 +166,20 @@ def write_outputs(
             "per_tensor": per_tensor,
             "per_component": {c: (z / n if n else 0.0) for c, (n, z) in by_component.items()},
         },
-        "stages": [
-            {
-                "name": o.name,
-                "steps": o.result.steps,
-                "steps_per_epoch": o.plan.steps_per_epoch,
-                "seconds": o.result.seconds,
-                "final_eval": o.result.final_eval,
-                "pruning": o.program.history(),
-                **(
-                    {"sparse_backprop": o.result.sparse_backprop}
-                    if o.result.sparse_backprop
-                    else {}
-                ),
-                **(
-                    {"prune_only": True, "eval_before_pruning": o.result.eval_before_pruning}
-                    if o.plan.training.prune_only
-                    else {}
-                ),
-            }
-            for o in outcomes
-        ],
+        "stages": [_stage_entry(o) for o in outcomes],
         "wall_seconds": seconds,
         "resumed": bool(config.resume),
         "model_dir": str(folder),
+        "collapse": collapse_report(
+            info,
+            final_eval,
+            eval_examples=len(task.eval),
+            train_examples=len(task.train),
+            outcomes=outcomes,
+            model=model,
+            masks=masks,
+            targets_sparsity=targets_sparsity,
+        ),
     }
     report["plots"] = _plots(out, records, per_tensor, info.primary_metric)
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
@@ -202,6 +212,21 @@ def _sparse_line(sparse: dict[str, Any]) -> str:
     )
 
 
+def _collapse_lines(collapse: dict[str, Any] | None) -> list[str]:
+    """The report's warning for a collapsed model: what it does, and the usual causes."""
+    if not collapse:
+        return []
+    return [
+        "",
+        "## Warning: the model collapsed",
+        "",
+        f"{collapse['message'][0].upper()}{collapse['message'][1:]}: its score is that of a "
+        "constant answer, not a result. Likely causes, with this run's numbers:",
+        "",
+        *(f"- {cause}" for cause in collapse["causes"]),
+    ]
+
+
 def _markdown(report: dict[str, Any]) -> str:
     primary = report["primary_metric"]
     lines = [
@@ -216,13 +241,14 @@ def _markdown(report: dict[str, Any]) -> str:
         f"- model: {report['model']}",
         f"- task: {report['task']['name']} ({report['task']['kind']}), {report['train_examples']} train / {report['eval_examples']} eval",
         _wall_time(report),
+        *_collapse_lines(report.get("collapse")),
         "",
         "## Final evaluation",
         "",
         "| metric | value |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {v:.4f} |" for k, v in report["final_eval"].items()]
+    lines += [f"| {k} | {v:.4f} |" for k, v in scores(report["final_eval"]).items()]
     if report.get("teacher"):
         t = report["teacher"]["eval"]
         lines += [

@@ -145,6 +145,17 @@ def _step_info(record: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def _eval_line(plan: Any, step: int, metrics: dict[str, float]) -> str:
+    """``stage 'main' step 10/30 (epoch 1): eval accuracy 0.5000  f1 0.0000  loss 0.6931``."""
+    from recipec.tasks.collapse import scores
+
+    where = f"step {step}/{plan.total_steps}"
+    if plan.total_steps:
+        where += f" (epoch {step / plan.steps_per_epoch:.3g})"
+    values = "  ".join(f"{k} {v:.4f}" for k, v in scores(metrics).items())
+    return f"stage {plan.name!r} {where}: eval {values}"
+
+
 def run(config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     """Execute a run; returns the report dict. Raises RunError / TrainingError / Interrupted.
 
@@ -517,6 +528,7 @@ class ApplyRun:
             or _default_ckpt_every(plan),
             metrics=self.metrics,
             on_step=lambda s, rec: reporter.update(s, _step_info(rec)),
+            on_eval=lambda s, metrics: self._log_eval(plan, s, metrics),
             stop_after_step=config.stop_after_step if index == len(self.stages) - 1 else None,
             eval_before=self._known_eval(plan),
         )
@@ -531,6 +543,15 @@ class ApplyRun:
                 f"pruning, {result.final_eval[metric]:.4f} after"
             )
         return StageOutcome(plan, program, result)
+
+    def _log_eval(self, plan: Any, step: int, metrics: dict[str, float]) -> None:
+        """An evaluation's scores on the console, and a warning when the model has collapsed."""
+        from recipec.tasks.collapse import collapse_of
+
+        self.reporter.log(_eval_line(plan, step, metrics))
+        collapsed = collapse_of(self.task.info, metrics, len(self.task.eval))
+        if collapsed:
+            self.reporter.log(f"[warn] collapsed: {collapsed} (see report.md when the run ends)")
 
     def _stage_data(self, model: Any = None, tokenizer: Any = None) -> Any:
         from recipec.train.loop import StageData
