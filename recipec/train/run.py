@@ -77,7 +77,9 @@ def _fingerprint(*parts: Any) -> str:
 
 
 class Reporter:
-    """Console output: a rich progress bar on a terminal, plain lines otherwise."""
+    """Console output, every message once, on stderr (stdout gets the final result only): a rich
+    progress bar on a terminal; elsewhere (a pipe, a log file) plain lines only, a progress
+    line every 10 s and at the end of each stage (no bar to redraw, so nothing repeats)."""
 
     def __init__(self, quiet: bool = False):
         from rich.console import Console
@@ -85,12 +87,18 @@ class Reporter:
         self.console = Console(stderr=True, quiet=quiet)
         self.progress = None
         self.task = None
+        self._plain: tuple[str, int] | None = None  # (description, total) while a stage runs
 
     def log(self, message: str) -> None:
         console = self.progress.console if self.progress is not None else self.console
-        console.print(message, highlight=False, markup=False)
+        console.print(message, highlight=False, markup=False, soft_wrap=True)
 
     def start(self, description: str, total: int, completed: int = 0) -> None:
+        self.stop()
+        if not self.console.is_terminal:
+            self._plain = (description, total)
+            self._last_plain = time.monotonic()
+            return
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -100,7 +108,6 @@ class Reporter:
             TimeRemainingColumn,
         )
 
-        self.stop()
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -111,28 +118,25 @@ class Reporter:
             TimeRemainingColumn(),
             console=self.console,
             transient=False,
+            redirect_stdout=False,  # stdout is the result's; nothing else is written there
+            redirect_stderr=False,
         )
         self.progress.start()
         self.task = self.progress.add_task(description, total=total, completed=completed, info="")
-        self._last_plain = time.monotonic()
-        self._description = description
-        self._total = total
 
     def update(self, completed: int, info: str) -> None:
-        if self.progress is None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=completed, info=info)
             return
-        self.progress.update(self.task, completed=completed, info=info)
-        if not self.console.is_terminal and (
-            time.monotonic() - self._last_plain > 10 or completed == self._total
-        ):
+        if self._plain is None:
+            return
+        description, total = self._plain
+        if time.monotonic() - self._last_plain > 10 or completed == total:
             self._last_plain = time.monotonic()
-            self.console.print(
-                f"{self._description}: step {completed}/{self._total} {info}",
-                highlight=False,
-                markup=False,
-            )
+            self.log(f"{description}: step {completed}/{total} {info}")
 
     def stop(self) -> None:
+        self._plain = None
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
@@ -551,7 +555,10 @@ class ApplyRun:
         self.reporter.log(_eval_line(plan, step, metrics))
         collapsed = collapse_of(self.task.info, metrics, len(self.task.eval))
         if collapsed:
-            self.reporter.log(f"[warn] collapsed: {collapsed} (see report.md when the run ends)")
+            self.reporter.log(
+                f"[warn] stage {plan.name!r} step {step}: collapsed: {collapsed} "
+                "(see report.md when the run ends)"
+            )
 
     def _stage_data(self, model: Any = None, tokenizer: Any = None) -> Any:
         from recipec.train.loop import StageData

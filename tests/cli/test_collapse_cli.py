@@ -62,7 +62,7 @@ def test_a_model_that_learns_is_not_flagged(keyword_task, tiny_model_dir):
     # at epoch 3 the model still answered one class (it is judged at each evaluation), not after
     evals = re.findall(r"stage 'main' step (\d+)/120 \(epoch (\d+)\): eval accuracy", output)
     assert evals == [("60", "3"), ("120", "6")]
-    assert output.count("[warn] collapsed: ") == 1
+    assert output.count(": collapsed: the model predicts one class") == 1
     last = output[output.index("step 120/120 (epoch 6)") :]
     assert "collapse" not in last.lower() and "COLLAPSED" not in output
     assert "top_class" not in output
@@ -92,7 +92,8 @@ def test_a_zeroed_head_is_reported_as_collapsed(keyword_task, tiny_model_dir):
     assert collapse["causes"][2].startswith("a task head whose weights are all zero (classifier")
     assert collapse["causes"][3].startswith("too high a sparsity for the budget: 50.00%")
     # the console: at both evaluations, then before the final line, which says so too
-    assert output.count("[warn] collapsed: ") == 2
+    assert output.count("[warn] stage 'main' step 60: collapsed: ") == 1
+    assert output.count("[warn] stage 'main' step 120: collapsed: ") == 1
     assert f"warning: {message}; likely causes:" in output
     assert "COLLAPSED (see the report)" in output
     md = (keyword_task / "run" / "report.md").read_text()
