@@ -135,6 +135,14 @@ def _spread_data(args: list[str], takes_value: set[str]) -> list[str]:
     help="Checkpoint every N optimizer steps (default: training.checkpoint_every_steps or ~10 per stage).",
 )
 @click.option(
+    "--keep-checkpoints",
+    type=click.Choice(["last", "all"]),
+    default="last",
+    show_default=True,
+    help="Checkpoints a finished run keeps: 'last' (the final one, all --resume needs; while "
+    "training, the newest two per stage) or 'all' (every periodic checkpoint of every stage).",
+)
+@click.option(
     "--sparse-backprop",
     is_flag=True,
     help="Between mask changes, run pruned linear layers at >= --sparse-backprop-min zeros forward and "
@@ -163,6 +171,7 @@ def command(
     max_train,
     max_eval,
     checkpoint_every,
+    keep_checkpoints,
     sparse_backprop,
     sparse_backprop_min,
     quiet,
@@ -216,6 +225,7 @@ def command(
         max_train=max_train,
         max_eval=max_eval,
         checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
         sparse_backprop=min_sparsity,
     )
     reporter = Reporter(quiet=quiet)

@@ -244,6 +244,7 @@ class StageRunner:
         stop_after_step: End after this step without finalizing (tests).
         eval_before: A prune-only stage's metrics before pruning, when already known.
         log_sparsity: Put the masks' sparsity into each record (False for the dense teacher).
+        keep_checkpoints: Checkpoints kept in ``checkpoint_dir`` (None: every one).
     """
 
     def __init__(
@@ -259,6 +260,7 @@ class StageRunner:
         stop_after_step: int | None = None,
         eval_before: dict[str, float] | None = None,
         log_sparsity: bool = True,
+        keep_checkpoints: int | None = resume.KEEP,
     ):
         self.program = program
         self.plan = program.plan
@@ -272,6 +274,7 @@ class StageRunner:
         self.stop_after_step = stop_after_step
         self.eval_before = eval_before
         self.log_sparsity = log_sparsity
+        self.keep_checkpoints = keep_checkpoints
         self.world = dist_utils.world_size()
         self.rank = dist_utils.rank()
         self.step = 0
@@ -311,7 +314,8 @@ class StageRunner:
     def resume(self, state: dict[str, Any]) -> bool:
         """Restore a checkpoint's state; True when it is a finished stage (nothing to do)."""
         self.step = int(state["step"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if not state.get("complete"):  # a finished stage's checkpoint has no optimizer state
+            self.optimizer.load_state_dict(state["optimizer"])
         if state.get("program") is not None:
             self.program.load_state_dict(state["program"])
         _restore_rng(state, self.world, self.rank, self.plan.training.seed + self.step)
@@ -464,8 +468,9 @@ class StageRunner:
             where = f"stage {self.plan.name!r} {where}"
             dist_utils.verify_identical(masks.masks, masks.params, where)
 
-    def state(self, at_step: int) -> dict[str, Any]:
-        """Everything a resumed run needs (optimizer, Program, RNG, evaluations, data position)."""
+    def state(self, at_step: int, optimizer: bool = True) -> dict[str, Any]:
+        """Everything a resumed run needs (optimizer, Program, RNG, evaluations, data position);
+        without the optimizer state for a finished stage (its optimizer never steps again)."""
         rng = resume.rng_state()
         per_rank = {}
         if self.world > 1:  # every rank's stream, so a resumed run continues each of them
@@ -477,7 +482,7 @@ class StageRunner:
         return {
             "stage": self.plan.name,
             "step": at_step,
-            "optimizer": self.optimizer.state_dict(),
+            **({"optimizer": self.optimizer.state_dict()} if optimizer else {}),
             "program": self.program.state_dict(),
             "rng": rng,
             **per_rank,
@@ -490,10 +495,12 @@ class StageRunner:
         """An atomic checkpoint (rank 0 writes; every rank gathers its RNG state)."""
         if self.checkpoint_dir is None:
             return
-        data = dict(self.state(at_step), complete=complete)
+        data = dict(self.state(at_step, optimizer=not complete), complete=complete)
         if dist_utils.is_main():
             name = f"{self.plan.name}-step-{at_step:08d}"
-            resume.save_checkpoint(self.checkpoint_dir, name, self.data.model, data)
+            resume.save_checkpoint(
+                self.checkpoint_dir, name, self.data.model, data, keep=self.keep_checkpoints
+            )
 
 
 def _reduce_step(

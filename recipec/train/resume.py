@@ -29,6 +29,8 @@ from safetensors.torch import load_file, save_file
 from recipec.outputs import fsync_dir, write_text_atomic
 
 KEEP = 2
+"""Checkpoints kept per stage while it trains: the newest and the one before (a crash while
+writing the newest leaves the previous one whole)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -49,9 +51,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    root: Path, step_label: str, model: torch.nn.Module, state: dict[str, Any]
+    root: Path,
+    step_label: str,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    keep: int | None = KEEP,
 ) -> Path:
-    """Write ``model`` weights and ``state`` (torch-serialisable) as a new checkpoint."""
+    """Write ``model`` weights and ``state`` (torch-serialisable) as a new checkpoint; then
+    delete all but the newest ``keep`` of ``root`` (None: keep every one)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_label
     tmp = root / f".tmp-{step_label}-{os.getpid()}"
@@ -69,7 +76,8 @@ def save_checkpoint(
     os.replace(tmp, final)
     fsync_dir(root)
     write_text_atomic(root / "latest", step_label + "\n")
-    _prune_old(root, keep=KEEP)
+    if keep is not None:
+        _prune_old(root, keep=keep)
     return final
 
 
@@ -93,6 +101,25 @@ def _prune_old(root: Path, keep: int) -> None:
     for stale in root.glob(".tmp-*"):
         if str(os.getpid()) not in stale.name:
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def keep_last(stage_roots: list[Path]) -> list[Path]:
+    """After a finished run: delete every checkpoint but the last stage's newest (all that
+    ``--resume`` reads from a finished run); returns the folders deleted. Stage folders left
+    without a checkpoint are removed."""
+    last = latest_checkpoint(stage_roots[-1]) if stage_roots else None
+    if last is None:
+        return []  # the run did not finish a checkpoint: nothing is safe to delete
+    deleted = []
+    for root in stage_roots:
+        if not root.is_dir():
+            continue
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and p != last):
+            shutil.rmtree(folder)
+            deleted.append(folder)
+        if root != last.parent:
+            shutil.rmtree(root)
+    return deleted
 
 
 def latest_checkpoint(root: Path) -> Path | None:

@@ -55,6 +55,8 @@ class RunConfig:
     stop_after_step: int | None = None  # tests: end the (last) stage early
     # Minimum sparsity for SparseProp kernels once a stage's masks are fixed (None: dense kernels).
     sparse_backprop: float | None = None
+    # --keep-checkpoints: "last" (a finished run keeps only what --resume reads) or "all"
+    keep_checkpoints: str = "last"
 
 
 def default_output(recipe_path: str) -> Path:
@@ -481,7 +483,26 @@ class ApplyRun:
                 seconds=time.perf_counter() - self.started,
                 config=self.config,
             )
+            self._prune_checkpoints()
         return dist_utils.broadcast_object(report, what="sharing the report")
+
+    def _prune_checkpoints(self) -> None:
+        """A finished run keeps the last stage's final checkpoint only (``--resume`` of a
+        finished run reads nothing else), unless ``--keep-checkpoints all``."""
+        from recipec.train import resume
+
+        last = self.outcomes[-1] if self.outcomes else None
+        finished = last is not None and last.plan is self.plans[-1] and last.result.final_eval
+        if self.config.keep_checkpoints == "all" or not finished:
+            return
+        roots = [self._checkpoint_dir(i) for i in range(len(self.stages))]
+        deleted = resume.keep_last(roots)
+        if deleted:
+            kept = resume.latest_checkpoint(roots[-1])
+            self.reporter.log(
+                f"checkpoints: kept {kept} (what --resume needs), deleted {len(deleted)} older "
+                "ones (--keep-checkpoints all keeps every one)"
+            )
 
     # -- one stage ----------------------------------------------------------------------------
 
@@ -491,6 +512,7 @@ class ApplyRun:
     def _run_stage(self, index, stage, plan, teacher, carried, checkpoint) -> StageOutcome:
         from recipec.compiler import compile_plan
         from recipec.modifiers.base import CompileError
+        from recipec.train import resume
         from recipec.train.loop import StageRunner, make_optimizer
 
         config, reporter, training = self.config, self.reporter, plan.training
@@ -535,6 +557,7 @@ class ApplyRun:
             on_eval=lambda s, metrics: self._log_eval(plan, s, metrics),
             stop_after_step=config.stop_after_step if index == len(self.stages) - 1 else None,
             eval_before=self._known_eval(plan),
+            keep_checkpoints=None if config.keep_checkpoints == "all" else resume.KEEP,
         )
         try:
             result = runner.run(checkpoint)

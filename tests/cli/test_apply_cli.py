@@ -484,3 +484,25 @@ def test_every_message_is_printed_once_and_only_the_result_on_stdout(
     assert evals == [
         f"stage 'main' step {s}/30 (epoch {e})" for s, e in ((10, 1), (20, 2), (30, 3))
     ]
+
+
+@pytest.mark.parametrize("keep", ["last", "all"])
+def test_a_finished_run_keeps_its_last_checkpoint_unless_asked_for_all(
+    recipe_file, tiny_model_dir, tmp_path, keep
+):
+    out = tmp_path / "run"
+    base = [recipe_file, "--model", tiny_model_dir, "--max-train", 160, "--max-eval", 32]
+    base += ["--output", out, "--checkpoint-every", 3, "--keep-checkpoints", keep]
+    assert apply(*base).exit_code == 0
+    root = out / "checkpoints" / "00-main"
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    steps = range(3, 31, 3) if keep == "all" else [30]
+    assert folders == [f"main-step-{s:08d}" for s in steps]
+    assert (root / "latest").read_text().strip() == "main-step-00000030"
+    state = torch.load(root / "main-step-00000030" / "state.pt", weights_only=False)
+    assert state["complete"] and "optimizer" not in state  # a finished stage never steps again
+    before = load_file(str(out / "model" / "model.safetensors"))
+    resumed = apply(*base, "--resume")  # a finished run resumes from what is left
+    assert resumed.exit_code == 0, resumed.output
+    after = load_file(str(out / "model" / "model.safetensors"))
+    assert all(torch.equal(before[n], after[n]) for n in before)

@@ -1,0 +1,44 @@
+"""Which training checkpoints are kept: two per stage while training, the final one after."""
+
+import torch
+from torch import nn
+
+from recipec.train import resume
+
+
+def _save(root, label, keep=resume.KEEP):
+    return resume.save_checkpoint(root, label, nn.Linear(2, 2), {"step": label}, keep=keep)
+
+
+def test_training_keeps_the_newest_two_and_keep_none_keeps_all(tmp_path):
+    for step in (3, 6, 9, 12):
+        _save(tmp_path / "a", f"main-step-{step:08d}")
+        _save(tmp_path / "b", f"main-step-{step:08d}", keep=None)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir() if p.is_dir()) == [
+        "main-step-00000009",
+        "main-step-00000012",
+    ]
+    assert len([p for p in (tmp_path / "b").iterdir() if p.is_dir()]) == 4
+
+
+def test_keep_last_leaves_only_the_last_stages_newest(tmp_path):
+    stages = [tmp_path / "00-dense", tmp_path / "01-prune", tmp_path / "02-finetune"]
+    for root in stages:
+        for step in (5, 10):
+            _save(root, f"{root.name}-step-{step:08d}")
+    deleted = resume.keep_last(stages)
+    assert len(deleted) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["02-finetune"]
+    assert sorted(p.name for p in stages[2].iterdir()) == ["02-finetune-step-00000010", "latest"]
+    assert resume.latest_checkpoint(stages[2]) == stages[2] / "02-finetune-step-00000010"
+    assert resume.read_state(stages[2] / "02-finetune-step-00000010") == {
+        "step": "02-finetune-step-00000010"
+    }
+
+
+def test_keep_last_deletes_nothing_without_a_final_checkpoint(tmp_path):
+    stages = [tmp_path / "00-a", tmp_path / "01-b"]
+    _save(stages[0], "a-step-00000005")
+    assert resume.keep_last(stages) == []
+    assert resume.latest_checkpoint(stages[0]) is not None
+    assert torch.load(stages[0] / "a-step-00000005" / "state.pt", weights_only=False)["step"]
