@@ -32,7 +32,7 @@ from recipec.checkpoint import (
     load_tokenizer,
     write_checkpoint,
 )
-from recipec.outputs import ReplaceError, check_output
+from recipec.outputs import ReplaceError, check_output, share_like_umask
 from recipec.sparsity.masks import sparsity_table
 
 ONNX_FILE = "model.onnx"
@@ -470,6 +470,7 @@ def export(
         log(f"onnxruntime vs PyTorch: max |diff| {diff:.2e} (<= {atol:g})")
         info = _sparsity_info(ckpt, opset, names, tensors, diff, atol, samples, torch_weights)
         _write_folder(tmp, ckpt, tokenizer, info, torch_weights)
+        share_like_umask(tmp)  # not mkdtemp's 0700: a deployment folder is shared
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)

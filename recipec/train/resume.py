@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from recipec.outputs import fsync_dir, write_text_atomic
+from recipec.outputs import fsync_dir, share_like_umask, write_text_atomic
 
 KEEP = 2
 """Checkpoints kept per stage while it trains: the newest and the one before (a crash while
@@ -71,6 +71,7 @@ def save_checkpoint(
     for name in ("model.safetensors", "state.pt"):
         with open(tmp / name, "rb") as fh:
             os.fsync(fh.fileno())
+    share_like_umask(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -767,13 +767,14 @@ def _cached_teacher_report(cache: Path) -> dict[str, Any] | None:
 
 def _save_teacher(teacher, tokenizer, cache: Path, done: Path, report: dict[str, Any]) -> None:
     """Write the fine-tuned teacher into the cache atomically (rank 0)."""
-    from recipec.outputs import write_text_atomic
+    from recipec.outputs import share_like_umask, write_text_atomic
 
     tmp = cache / ".model-tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     teacher.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    share_like_umask(tmp)
     os.replace(tmp, done)
     write_text_atomic(cache / "teacher.json", json.dumps(report, indent=2))
     shutil.rmtree(cache / "checkpoints", ignore_errors=True)

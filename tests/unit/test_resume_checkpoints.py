@@ -42,3 +42,18 @@ def test_keep_last_deletes_nothing_without_a_final_checkpoint(tmp_path):
     assert resume.keep_last(stages) == []
     assert resume.latest_checkpoint(stages[0]) is not None
     assert torch.load(stages[0] / "a-step-00000005" / "state.pt", weights_only=False)["step"]
+
+
+def test_checkpoints_get_the_umasks_modes(tmp_path):
+    import os
+
+    previous = os.umask(0o027)
+    try:
+        folder = _save(tmp_path / "ck", "main-step-00000001")
+    finally:
+        os.umask(previous)
+    assert folder.stat().st_mode & 0o777 == 0o750
+    assert {f.name: f.stat().st_mode & 0o777 for f in folder.iterdir()} == {
+        "model.safetensors": 0o640,
+        "state.pt": 0o640,
+    }
