@@ -12,6 +12,7 @@ from recipec.sparsity.masks import count_zeros, weight_sparsity
 from recipec.sparsity.selection import component_of
 from recipec.tasks.collapse import scores
 from recipec.train.diagnose import collapse_report
+from recipec.train.plots import write_plots
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -20,87 +21,6 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     return [
         json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
     ]
-
-
-def _plots(
-    out: Path, records: list[dict[str, Any]], per_layer: dict[str, float], primary: str
-) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    # Global step across stages, for one continuous x axis.
-    offsets: dict[str, int] = {}
-    last_by_stage: dict[str, int] = {}
-    order: list[str] = []
-    for rec in records:
-        stage = rec.get("stage", "main")
-        if stage not in order:
-            order.append(stage)
-        last_by_stage[stage] = max(last_by_stage.get(stage, 0), rec.get("step", 0))
-    running = 0
-    for stage in order:
-        offsets[stage] = running
-        running += last_by_stage[stage]
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if f"eval_{primary}" in r]
-
-    if train:
-        fig, ax = plt.subplots(figsize=(8, 3.5))
-        xs = [offsets[r["stage"]] + r["step"] for r in train]
-        ax.plot(xs, [r["lr"] for r in train], color="tab:blue")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("learning rate", color="tab:blue")
-        # sparsity: every training step, and the one-shot pruning of prune-only stages (no loss)
-        pruned = [
-            r for r in records if "sparsity" in r and not any(k.startswith("eval_") for k in r)
-        ]
-        if pruned:
-            ax2 = ax.twinx()
-            ax2.step(
-                [offsets[r["stage"]] + r["step"] for r in pruned],
-                [100 * r["sparsity"] for r in pruned],
-                where="post",
-                color="tab:red",
-            )
-            ax2.set_ylabel("sparsity of targets (%)", color="tab:red")
-            ax2.set_ylim(0, 100)
-        ax.set_title("learning rate and sparsity")
-        fig.tight_layout()
-        fig.savefig(out / "sparsity_lr.png", dpi=110)
-        plt.close(fig)
-        written.append("sparsity_lr.png")
-    if evals:
-        fig, ax = plt.subplots(figsize=(8, 3.5))
-        ax.plot(
-            [offsets[r["stage"]] + r["step"] for r in evals],
-            [r[f"eval_{primary}"] for r in evals],
-            marker="o",
-        )
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(f"eval {primary}")
-        ax.set_title(f"eval {primary}")
-        fig.tight_layout()
-        fig.savefig(out / "eval.png", dpi=110)
-        plt.close(fig)
-        written.append("eval.png")
-    if per_layer:
-        fig, ax = plt.subplots(figsize=(8, max(3.0, 0.18 * len(per_layer))))
-        names = list(per_layer)
-        ax.barh(range(len(names)), [100 * per_layer[n] for n in names], color="tab:red")
-        ax.set_yticks(range(len(names)))
-        ax.set_yticklabels([n.replace(".weight", "") for n in names], fontsize=6)
-        ax.invert_yaxis()
-        ax.set_xlim(0, 100)
-        ax.set_xlabel("sparsity (%)")
-        ax.set_title("per-tensor sparsity")
-        fig.tight_layout()
-        fig.savefig(out / "layer_sparsity.png", dpi=110)
-        plt.close(fig)
-        written.append("layer_sparsity.png")
-    return written
 
 
 def _stage_entry(o) -> dict[str, Any]:
@@ -181,7 +101,16 @@ def write_outputs(
             targets_sparsity=targets_sparsity,
         ),
     }
-    report["plots"] = _plots(out, records, per_tensor, info.primary_metric)
+    history = [(o.name, h) for o in outcomes for h in o.program.history()]
+    report["plots"] = write_plots(
+        out,
+        records,
+        per_tensor,
+        info.primary_metric,
+        teacher=teacher_report["eval"].get(info.primary_metric) if teacher_report else None,
+        pruning=[(stage, h["step"]) for stage, h in history],
+        target=history[-1][1]["target"] if history else None,
+    )
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     write_text_atomic(out / "report.md", _markdown(report))
     return report
