@@ -83,7 +83,7 @@ def configurations(task: str, budget: dict[str, float]) -> list[Config]:
                 f"downstream_gmp_{s}.yaml",
                 s / 100,
                 list(paper),
-                note="paper GMP: encoder only, 30% first step, cubic, LR rewinding, KD T=2",
+                note="paper GMP: encoder only, 30% first step, cubic, LR rewinding, KD T=5.5",
             ),
             Config(
                 f"obert_{s}",
@@ -142,7 +142,11 @@ modifiers: []
 """
 
 
-def run_config(cfg: Config, task: str, args, teacher: str | None, workdir: Path) -> dict:
+def run_config(
+    cfg: Config, task: str, args, teacher: str | None, workdir: Path, out: Path | None = None
+) -> dict:
+    """One configuration's `recipec apply` run (resumed when its folder ``out``, by default
+    WORKDIR/TASK/CONFIG, holds one), as a results record."""
     from recipec.train.run import Reporter, RunConfig, run
 
     recipe = cfg.recipe
@@ -156,7 +160,7 @@ def run_config(cfg: Config, task: str, args, teacher: str | None, workdir: Path)
     ]
     if task == "csqa":
         sets.append("training.learning_rate=3e-5")
-    out = workdir / task / cfg.name
+    out = out or workdir / task / cfg.name
     resume = (out / "run.json").is_file()
     config = RunConfig(
         recipe_path=recipe,
@@ -169,6 +173,8 @@ def run_config(cfg: Config, task: str, args, teacher: str | None, workdir: Path)
         max_eval=args.max_eval,
         teacher_cache=workdir / "teachers",
         device=args.device,
+        precision=getattr(args, "precision", "auto"),
+        model=getattr(args, "model", None),
     )
     started = time.perf_counter()
     report = run(config, Reporter(quiet=args.quiet))
@@ -190,6 +196,7 @@ def run_config(cfg: Config, task: str, args, teacher: str | None, workdir: Path)
         "eval_examples": report["eval_examples"],
         "model_dir": report["model_dir"],
         "device": describe_device(args.device),
+        "precision": (report.get("precision") or {}).get("used"),
     }
 
 
@@ -367,6 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "accuracy.json"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="recipec apply --precision (auto: bf16 autocast + TF32 on CUDA, fp32 on CPU)",
+    )
+    parser.add_argument(
+        "--model", default=None, help="recipec apply --model (default: the embedded MiniLM-L6)"
+    )
+    parser.add_argument(
         "--jobs",
         type=int,
         default=1,
@@ -522,6 +538,8 @@ FORWARDED = (
     "max_seq_length",
     "workdir",
     "device",
+    "precision",
+    "model",
     "threads",
 )
 PER_CHILD = ("task", "configs", "results", "jobs", "quiet", "render", "help")

@@ -29,10 +29,10 @@ Fused tensors (ModernBERT ``Wqkv`` and ``Wi``, DeBERTa v1 ``in_proj``) carry the
   hidden size; ``Wo`` of the MLP reads the intermediate size).
 - ``N:M`` keeps N of every M within each group: scope (global or per layer) and the slices do
   not change it.
-- Per-layer scope: :meth:`LinearInfo.parts` gives the units this module recommends, one per
-  slice (Q, K and V of ``Wqkv`` are three layers; gate and up of ``Wi`` are two), so a
-  per-layer recipe means the same on ModernBERT as on BERT, where they are separate tensors.
-  Ranking a fused tensor as one layer is the caller's other option (use the whole weight).
+- Per-layer scope: :meth:`LinearInfo.parts` gives the units, one per slice (Q, K and V of
+  ``Wqkv`` are three layers; gate and up of ``Wi`` are two), so a per-layer recipe means the
+  same on ModernBERT as on BERT, where they are separate tensors. recipec's pruners rank them
+  so (``recipec.sparsity.selection.layer_rows`` -> ``compute_masks(layer_rows=...)``).
 - A shared ALBERT layer is one tensor, listed once, with ``uses`` = executions per forward:
   its mask applies at every use, and a FLOPs-weighted global ranking should weight it by uses.
 

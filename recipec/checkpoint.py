@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from recipec import models
+from recipec import architectures, models
 from recipec.models import ModelLoadError
 from recipec.outputs import share_like_umask, write_text_atomic
 from recipec.sparsity.masks import apply_masks_
@@ -28,8 +28,8 @@ MASKS_FILE = "masks.safetensors"
 RECIPE_FILES = ("recipe.yaml", "recipe.yml")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
-# A linear layer inside a numbered encoder block: bert/roberta "encoder.layer.3.",
-# distilbert "transformer.layer.3.", and the "layers.3." / "h.3." / "block.3." spellings.
+# The fallback for models whose blocks recipec.architectures cannot read: a linear layer inside
+# a numbered block, "encoder.layer.3.", "transformer.layer.3.", "layers.3.", "h.3.", "block.3.".
 _ENCODER_BLOCK = re.compile(r"(^|\.)(layer|layers|h|block)\.\d+\.")
 
 
@@ -116,8 +116,15 @@ def load_model(model_dir: Path, task: str) -> torch.nn.Module:
 
 
 def encoder_linear_weights(model: torch.nn.Module) -> list[str]:
-    """Names of the weights of every ``nn.Linear`` inside a numbered encoder block."""
-    names = []
+    """Names of the weights of every ``nn.Linear`` of the encoder blocks, each once
+    (:func:`recipec.architectures.encoder_linears`: ALBERT's shared layer, ModernBERT's fused
+    ``Wqkv`` too); for a model whose blocks it cannot read, those inside a numbered block."""
+    try:
+        names = [info.param_name for info in architectures.encoder_linears(model)]
+    except architectures.ArchitectureError:
+        names = []
+    if names:
+        return names
     for mod_name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and _ENCODER_BLOCK.search(mod_name + "."):
             names.append(f"{mod_name}.weight")

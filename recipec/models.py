@@ -741,14 +741,14 @@ def check_teacher(
 
 
 def meta_model(name_or_path: str | None, num_labels: int = 2) -> torch.nn.Module:
-    """A model with the right architecture and parameter names, on the meta device (no weights).
+    """A model with the right architecture and parameter names, on the meta device (no weights),
+    with the head of the folder's ``config.architectures`` (:func:`head_for`).
 
     Raises:
         ModelLoadError: The config cannot be found or read (see :func:`load_config`).
     """
     import torch
-    from transformers import AutoModelForSequenceClassification
 
     config = load_config(name_or_path, num_labels=num_labels)  # offline: the cache, no retries
     with torch.device("meta"):
-        return AutoModelForSequenceClassification.from_config(config)
+        return _auto_class(head_for(config)).from_config(config)

@@ -105,7 +105,7 @@ class StagePlan:
     warmup_steps: int
     eval_every: int | None
     modifiers: tuple[ResolvedModifier, ...]
-    targets: tuple[str, ...]
+    targets: str | tuple[str, ...]  # the recipe's: "encoder" or regexes (Recipe.targets_of)
     exclude: tuple[str, ...]
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -208,7 +208,7 @@ def resolve_stage(recipe: Recipe, stage: StageSpec, steps_per_epoch: int) -> Sta
             training.eval_every_steps, training.eval_every_epochs, steps_per_epoch, None
         ),
         modifiers=tuple(resolved),
-        targets=tuple(recipe.targets),
+        targets=recipe.targets_of()[0],
         exclude=tuple(recipe.exclude),
     )
 

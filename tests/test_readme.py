@@ -72,3 +72,12 @@ def test_readme_python_example_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "encoder sparsity: 0.900" in result.stdout
+
+
+def test_readme_recipe_examples_validate():
+    from recipec.recipe.load import load_recipe_text
+
+    examples = re.findall(r"```yaml\n(.*?)```", README, flags=re.DOTALL)
+    assert examples
+    for text in examples:
+        load_recipe_text(text, "README.md")

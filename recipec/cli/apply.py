@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 from pathlib import Path
 
@@ -53,6 +55,27 @@ def _spread_data(args: list[str], takes_value: set[str]) -> list[str]:
         out.append(arg)
         i += 1
     return out
+
+
+def _exit_130_on_ctrl_c(func):
+    """Ctrl-C outside the training loop's own handling (while starting, or a second Ctrl-C):
+    one message and exit status 130, no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            if os.environ.get("RANK", "0") == "0":  # (torch may be half imported: no is_main)
+                click.echo(
+                    "\ninterrupted: stopped at once (Ctrl-C while starting, or a second Ctrl-C). "
+                    "The last checkpoint, if any, is kept: the same command plus --resume "
+                    "continues from it",
+                    err=True,
+                )
+            sys.exit(130)
+
+    return wrapper
 
 
 @click.command("apply", cls=_ApplyCommand)
@@ -123,6 +146,15 @@ def _spread_data(args: list[str], takes_value: set[str]) -> list[str]:
 )
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 autocast of the training forward and loss plus TF32 matmuls on a CUDA "
+    "device with bf16, fp32 elsewhere (CPU). bf16: autocast on any device (slow on CPUs "
+    "without bf16 units). Weights, evaluation, oBERT gradients and CrAM's second pass stay fp32.",
+)
+@click.option(
     "--max-train", type=click.IntRange(min=1), default=None, help="Use at most N training examples."
 )
 @click.option(
@@ -157,6 +189,7 @@ def _spread_data(args: list[str], takes_value: set[str]) -> list[str]:
     "here). Implies --sparse-backprop.",
 )
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@_exit_130_on_ctrl_c
 def command(
     recipe,
     model,
@@ -168,6 +201,7 @@ def command(
     resume,
     overwrite,
     device,
+    precision,
     max_train,
     max_eval,
     checkpoint_every,
@@ -185,6 +219,7 @@ def command(
       recipec apply recipes/downstream_gmp_90.yaml --data ../shared/data/sst2 --set init_sparsity=0.3
       recipec apply quickstart --data train.tsv dev.tsv --metric f1
       recipec apply recipes/downstream_gmp_90.yaml --model roberta-large --task glue/sst2 --device cuda
+      recipec apply recipes/obert_90.yaml --device cuda --precision fp32   # no bf16 / TF32
       recipec apply recipes/quickstart.yaml --resume        # after Ctrl-C or a crash
       torchrun --nproc_per_node 4 --no-python recipec apply recipes/quickstart.yaml --device cuda
       recipec apply recipes/downstream_gmp_90.yaml --sparse-backprop   # CPU; needs sparseprop (see README)
@@ -192,18 +227,15 @@ def command(
     Under torchrun / accelerate launch every process trains a shard of each global batch
     (DDP); only rank 0 prints and writes. See docs/distributed.md.
 
-    Exit status: 0 done, 1 training stopped (non-finite loss, a lost or diverging rank), 2 bad
-    input, 130 interrupted.
+    Exit status: 0 done, 1 training stopped (non-finite loss, a full disk, a lost or diverging
+    rank; the last checkpoint is kept), 2 bad input (including an output folder in use by another
+    run, read-only, or not recipec's), 130 interrupted. See docs/safety.md.
     """
     if resume and overwrite:
         fail("--resume continues the run in --output and --overwrite replaces it: pass one of them")
     load_or_exit(recipe, overrides)  # every recipe problem at once, before anything heavy
     min_sparsity = _sparse_backprop_min(sparse_backprop, sparse_backprop_min, device)
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            fail("--device cuda but no CUDA device is available")
+    _check_device(device)
 
     from recipec.distributed import DistributedError, is_main
     from recipec.modifiers.base import CompileError
@@ -222,6 +254,7 @@ def command(
         resume=resume,
         overwrite=overwrite,
         device=device,
+        precision=precision,
         max_train=max_train,
         max_eval=max_eval,
         checkpoint_every=checkpoint_every,
@@ -243,6 +276,7 @@ def command(
         if is_main():
             click.echo(f"{exc}; continue with the same command plus --resume", err=True)
         sys.exit(130)
+
     if not is_main():
         return
     _print_result(report)
@@ -250,20 +284,22 @@ def command(
 
 def _print_result(report: dict) -> None:
     """The final line (and a collapsed model's warning, with its likely causes, before it)."""
+    from recipec.train.report import number
+
     collapse = report.get("collapse")
     if collapse:
         click.echo(f"warning: {collapse['message']}; likely causes:", err=True)
         for cause in collapse["causes"]:
             click.echo(f"  - {cause}", err=True)
     primary = report["primary_metric"]
-    final = report["final_eval"][primary]
+    final = report["final_eval"].get(primary)
     line = (
-        f"done: {report['model_dir']}  eval {primary} {final:.4f}  "
+        f"done: {report['model_dir']}  eval {primary} {number(final)}  "
         f"sparsity {100 * report['sparsity']['targets']:.2f}% of targets "
         f"({100 * report['sparsity']['model']:.2f}% of all weights)  {report['wall_seconds']:.0f} s"
     )
     if report.get("teacher"):
-        line += f"  (dense teacher {report['teacher']['eval'][primary]:.4f})"
+        line += f"  (dense teacher {number(report['teacher']['eval'].get(primary))})"
     if collapse:
         line += "  COLLAPSED (see the report)"
     click.echo(line)
@@ -275,6 +311,15 @@ def _task_options(metric: str | None, task_kind: str | None, label_list: str | N
     (checked by the task loader)."""
     labels = None if label_list is None else tuple(v.strip() for v in label_list.split(","))
     return {"metric": metric, "task_kind": task_kind, "labels": labels}
+
+
+def _check_device(device: str) -> None:
+    """Fails early when ``--device cuda`` has no CUDA device to run on."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            fail("--device cuda but no CUDA device is available")
 
 
 def _sparse_backprop_min(flag: bool, least: float | None, device: str) -> float | None:

@@ -11,39 +11,12 @@ import click
 from recipec.cli._common import check_image_path, fail, load_or_exit, set_option
 
 
-def _ranges(numbers: list[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``0-2,5``."""
-    parts: list[str] = []
-    first = prev = numbers[0]
-    for n in [*numbers[1:], None]:
-        if n is None or n != prev + 1:
-            parts.append(str(first) if first == prev else f"{first}-{prev}")
-            first = n
-        prev = n
-    return ",".join(parts)
-
-
 def _grouped_tensors(matched) -> list[str]:
     """Tensor names with the same shape that differ only in their layer number, one line each:
     ``bert.encoder.layer.{0-5}.attention.self.query.weight [384, 384]`` (in first-seen order)."""
-    import re
+    from recipec.sparsity.selection import grouped_names
 
-    groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
-    for name, shape in matched.items():
-        found = re.search(r"\.(\d+)\.", name)
-        if found is None:
-            groups[(name, tuple(shape))] = []
-            continue
-        pattern = name[: found.start(1)] + "{}" + name[found.end(1) :]
-        groups.setdefault((pattern, tuple(shape)), []).append(int(found.group(1)))
-    lines = []
-    for (pattern, shape), layers in groups.items():
-        if len(layers) > 1:
-            pattern = pattern.replace("{}", "{" + _ranges(sorted(layers)) + "}")
-        elif layers:
-            pattern = pattern.replace("{}", str(layers[0]))
-        lines.append(f"{pattern} {list(shape)}")
-    return lines
+    return grouped_names(list(matched), matched)
 
 
 def _format_plan(plans) -> list[str]:
@@ -125,37 +98,44 @@ def _plot(plans, path: str) -> None:
     plt.close(fig)
 
 
-def _model_section(recipe, plans, model_name: str, seq_len: int, as_json: bool) -> dict:
+def _model_section(
+    recipe, plans, model_name: str, seq_len: int, as_json: bool
+) -> tuple[dict, str | None]:
+    """The matched tensors and cost/benefit table of every stage (printed unless ``as_json``),
+    and why the recipe's targets do not fit the model, if they do not
+    (:func:`recipec.sparsity.selection.check_targets`)."""
+    from recipec.architectures import ArchitectureError
     from recipec.models import meta_model
-    from recipec.sparsity.selection import cost_table, select_parameters
+    from recipec.sparsity.selection import check_targets, cost_table
 
-    model = meta_model(None if model_name in ("", "embedded") else model_name)
-    out: dict = {"model": model_name, "seq_len": seq_len, "stages": []}
+    try:
+        model = meta_model(None if model_name in ("", "embedded") else model_name)
+    except Exception as exc:  # a model that cannot be built: one clear line
+        fail(f"cannot build model {model_name!r}: {exc}")
+    check = check_targets(model, recipe)
+    params = dict(model.named_parameters())
+    out: dict = {
+        "model": model_name,
+        "family": check.family,
+        "seq_len": seq_len,
+        "stages": [],
+        "problems": check.problems,
+        "dense_encoder_linears": check.dense,
+        "excluded_encoder_linears": check.excluded,
+    }
     for plan in plans:
-        pruners = plan.with_trait("prunes")
-        matched: dict[str, tuple] = {}
-        for mod in pruners or [None]:
-            targets = (mod.spec.targets if mod and mod.spec.targets else None) or recipe.targets
-            exclude = (
-                mod.spec.exclude if mod and mod.spec.exclude is not None else None
-            ) or recipe.exclude
-            for name, param in select_parameters(model, targets, exclude).items():
-                matched[name] = tuple(param.shape)
-        table = cost_table(model, seq_len, matched)
+        matched = {n: tuple(params[n].shape) for n in check.stage_names(plan.name)}
+        try:
+            table = cost_table(model, seq_len, matched)
+        except ArchitectureError as exc:
+            fail(f"{model_name}: {exc}")
         total_params = sum(c.params for c in table)
         total_flops = sum(c.flops for c in table)
+        columns = ("component", "params", "params_pct", "flops_pct", "targeted_params")
         entry = {
             "stage": plan.name,
             "matched": [{"name": n, "shape": list(s)} for n, s in matched.items()],
-            "components": [
-                dict(
-                    zip(
-                        ("component", "params", "params_pct", "flops_pct", "targeted_params"),
-                        c.row(total_params, total_flops),
-                    )
-                )
-                for c in table
-            ],
+            "components": [dict(zip(columns, c.row(total_params, total_flops))) for c in table],
         }
         obert = plan.with_trait("needs_grad_batches")
         if obert:
@@ -168,22 +148,32 @@ def _model_section(recipe, plans, model_name: str, seq_len: int, as_json: bool) 
             )
         out["stages"].append(entry)
         if not as_json:
-            click.echo(
-                f"\nmodel {model_name} (seq {seq_len}), stage {plan.name!r}: {len(matched)} target tensors"
-            )
-            click.echo(
-                f"  {'component':<18}{'params':>12}{'% params':>10}{'% FLOPs':>10}{'targeted':>12}"
-            )
-            for c in table:
-                name, params, pp, fp, pruned = c.row(total_params, total_flops)
-                click.echo(f"  {name:<18}{params:>12,}{pp:>9.1f}%{fp:>9.1f}%{pruned:>12,}")
-            for line in _grouped_tensors(matched):
-                click.echo(f"    {line}")
-            if "fisher_bytes" in entry:
-                click.echo(
-                    f"  oBERT inverse Fisher estimate: {entry['fisher_bytes'] / 2**30:.2f} GiB (fp32)"
-                )
-    return out
+            _print_stage_costs(model_name, check.family, seq_len, plan.name, entry, table, matched)
+    if check.excluded and not as_json:
+        click.echo(f"\nencoder linear layers left dense by exclude ({len(check.excluded)}):")
+        for line in _grouped_tensors({n: tuple(params[n].shape) for n in check.excluded}):
+            click.echo(f"    {line}")
+    return out, check.error()
+
+
+def _print_stage_costs(model_name, family, seq_len, stage, entry, table, matched) -> None:
+    total_params = sum(c.params for c in table)
+    total_flops = sum(c.flops for c in table)
+    kind = f"{family}, " if family else "architecture not in recipec's family table, "
+    click.echo(
+        f"\nmodel {model_name} ({kind}seq {seq_len}), stage {stage!r}: "
+        f"{len(matched)} target tensors"
+    )
+    click.echo(f"  {'component':<18}{'params':>12}{'% params':>10}{'% FLOPs':>10}{'targeted':>12}")
+    for c in table:
+        name, params, pp, fp, pruned = c.row(total_params, total_flops)
+        click.echo(f"  {name:<18}{params:>12,}{pp:>9.1f}%{fp:>9.1f}%{pruned:>12,}")
+    for line in _grouped_tensors(matched):
+        click.echo(f"    {line}")
+    if "fisher_bytes" in entry:
+        click.echo(
+            f"  oBERT inverse Fisher estimate: {entry['fisher_bytes'] / 2**30:.2f} GiB (fp32)"
+        )
 
 
 @click.command("plan")
@@ -252,14 +242,14 @@ def command(
     if not as_json:
         for line in _format_plan(plans):
             click.echo(line)
+    problems = None
     if model is not None:
-        try:
-            data["model"] = _model_section(loaded, plans, model, seq_len, as_json)
-        except Exception as exc:  # a model that cannot be loaded: one clear line
-            fail(f"cannot build model {model!r}: {exc}")
+        data["model"], problems = _model_section(loaded, plans, model, seq_len, as_json)
     if as_json:
         click.echo(json.dumps(data, indent=2))
     if plot:
         _plot(plans, plot)
         if not as_json:
             click.echo(f"plot written to {plot}")
+    if problems:  # after the tables: they show what the targets select
+        fail(f"the recipe's targets do not fit {model}:\n{problems}")

@@ -41,6 +41,7 @@ from recipec.modifiers.base import CompileContext, Modifier
 from recipec.modifiers.pruner import target_parameters
 from recipec.plan import ResolvedModifier
 from recipec.sparsity.masks import compute_masks
+from recipec.sparsity.selection import layer_rows
 
 
 def sampled_sparsity(sparsities: list[float], seed: int, index: int, step: int) -> float:
@@ -62,6 +63,7 @@ class CrAMModifier(Modifier):
     def __init__(self, resolved: ResolvedModifier, ctx: CompileContext):
         super().__init__(resolved, ctx)
         self.targets = target_parameters(resolved, ctx)
+        self.layer_rows = layer_rows(ctx.model, self.targets)  # fused Q/K/V: layers of their own
         self.seed = int(ctx.plan.training.seed)
         self._batches: list[Mapping[str, Any]] = []
         self.counts: dict[float, int] = {}  # how often each sparsity was drawn (for the log)
@@ -148,6 +150,7 @@ class CrAMModifier(Modifier):
                 sparsity,
                 self.spec.structure,
                 self.spec.scope,
+                layer_rows=self.layer_rows,
             )
             for n, p in self.targets.items():
                 p.mul_(keep[n])

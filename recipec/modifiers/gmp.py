@@ -20,4 +20,5 @@ class GMPModifier(ScheduledPruner):
             spec.structure,
             spec.scope,
             prev_masks=self.previous_masks(),
+            layer_rows=self.layer_rows,
         )

@@ -107,6 +107,7 @@ class OBertModifier(ScheduledPruner):
                     progress=self.ctx.progress,
                     # Opt-in rank-k Woodbury (see the class docstring); default: exact rank-1.
                     grad_batch=spec.woodbury_batch,
+                    layer_rows=self.layer_rows,
                 )
         finally:
             model.train(was_training)

@@ -12,29 +12,24 @@ from torch import nn
 from recipec.modifiers.base import CompileContext, CompileError, Modifier
 from recipec.plan import ResolvedModifier
 from recipec.sparsity.masks import count_pruned
-from recipec.sparsity.selection import SelectionError, require_parameters
+from recipec.sparsity.selection import SelectionError, layer_rows, require_parameters
 
 
 def target_parameters(resolved: ResolvedModifier, ctx: CompileContext) -> dict[str, nn.Parameter]:
-    """The tensors a pruning modifier acts on: its own targets/exclude, else the recipe's."""
+    """The tensors a pruning modifier acts on: its own targets/exclude, else the recipe's
+    (``encoder`` or regexes, see :mod:`recipec.sparsity.selection`)."""
     spec = resolved.spec
-    targets = spec.targets or ctx.recipe.targets
-    exclude = ctx.recipe.exclude if spec.exclude is None else spec.exclude
+    targets, exclude = ctx.recipe.targets_of(spec)
     try:
-        params = require_parameters(
-            ctx.model, targets, exclude, what=f"{spec.type} modifier [{resolved.index}]"
+        return require_parameters(
+            ctx.model,
+            targets,
+            exclude,
+            what=f"{spec.type} modifier [{resolved.index}]",
+            structure=getattr(spec, "structure", "unstructured"),
         )
     except SelectionError as exc:
         raise CompileError(str(exc)) from None
-    group = getattr(spec, "group_size", 1)
-    if group > 1:
-        for name, param in params.items():
-            if param.dim() != 2 or param.shape[-1] % group:
-                raise CompileError(
-                    f"{spec.type} modifier [{resolved.index}]: structure {spec.structure} needs 2-D weights whose input "
-                    f"dimension is divisible by {group}; {name} has shape {tuple(param.shape)}"
-                )
-    return params
 
 
 class ScheduledPruner(Modifier):
@@ -43,6 +38,8 @@ class ScheduledPruner(Modifier):
     def __init__(self, resolved: ResolvedModifier, ctx: CompileContext):
         super().__init__(resolved, ctx)
         self.targets = target_parameters(resolved, ctx)
+        # scope per_layer: the Q, K and V of a fused tensor rank as the three layers they are
+        self.layer_rows = layer_rows(ctx.model, self.targets)
         self.history: list[dict[str, Any]] = []
 
     def on_step_start(self, step: int) -> None:

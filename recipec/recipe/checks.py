@@ -48,10 +48,8 @@ def window_raw(spec: Any) -> tuple[tuple[float, str | None], tuple[float, str | 
     return start, end
 
 
-def targets_key(spec: Any, recipe: Recipe) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    targets = getattr(spec, "targets", None) or recipe.targets
-    exclude = getattr(spec, "exclude", None)
-    return tuple(targets), tuple(recipe.exclude if exclude is None else exclude)
+def targets_key(spec: Any, recipe: Recipe) -> tuple[str | tuple[str, ...], tuple[str, ...]]:
+    return recipe.targets_of(spec)
 
 
 def overlap_problems(

@@ -625,16 +625,16 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
 
 
 def find_bundled(name: str) -> Path | None:
-    """Resolve a bundled recipe by name (``quickstart`` or ``quickstart.yaml``)."""
+    """Resolve a bundled recipe by name (``quickstart`` or ``quickstart.yaml``). Only a bare
+    name of the library's own recipes is looked up: nothing with a folder part (``../x``) or
+    outside the library resolves."""
     from importlib import resources
 
-    root = resources.files("recipec.recipes")
-    candidates = [name, f"{name}.yaml"]
-    for candidate in candidates:
-        item = root.joinpath(candidate)
-        if item.is_file():
-            return Path(str(item))
-    return None
+    stem = name[:-5] if name.endswith(".yaml") else name
+    if stem not in bundled_names():
+        return None
+    item = resources.files("recipec.recipes").joinpath(f"{stem}.yaml")
+    return Path(str(item)) if item.is_file() else None
 
 
 def bundled_names() -> list[str]:

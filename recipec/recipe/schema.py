@@ -16,12 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from recipec.recipe.structure import parse_structure
 
-# Encoder linear weights of BERT / RoBERTa / MiniLM (encoder.layer.N....) and DistilBERT
-# (transformer.layer.N....): Q, K, V, attention output, FFN in, FFN out. Embeddings, pooler
-# and classifier heads are deliberately not matched (guideline 1 of the paper).
-DEFAULT_TARGETS: tuple[str, ...] = (
-    r"encoder\.layer\.\d+\.(attention\.(self\.(query|key|value)|output\.dense)|intermediate\.dense|output\.dense)\.weight$",
-    r"transformer\.layer\.\d+\.(attention\.(q_lin|k_lin|v_lin|out_lin)|ffn\.lin[12])\.weight$",
+ENCODER_TARGETS = "encoder"
+"""``targets: encoder`` (the default): every encoder linear layer of the model's architecture
+(Q, K, V or a fused QKV, the attention output, the FFN input (or fused GLU input) and output of
+each block), found from the model's structure by :mod:`recipec.architectures` when the recipe
+is applied. Embeddings, poolers and task heads are never in it (guideline 1 of the paper)."""
+
+TARGETS_HELP = (
+    "'encoder' (the default): every encoder linear layer of the model's architecture (Q, K, V or "
+    "fused QKV, attention output, FFN in or fused GLU in, FFN out), found from its structure; "
+    "or a list of regexes matched with re.search against parameter names (a list is always "
+    "regexes: ['encoder'] is the regex 'encoder')."
 )
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -172,13 +177,46 @@ class _Window(Spec):
         return self
 
 
-class _Targets(Spec):
-    targets: list[str] | None = Field(
-        None, description="Regexes (re.search) over parameter names; default: the recipe's targets."
-    )
-    exclude: list[str] | None = Field(None, description="Regexes removing parameters from targets.")
+Targets = Literal["encoder"] | list[str]
+"""A target selection: :data:`ENCODER_TARGETS` or a list of regexes (see :data:`TARGETS_HELP`)."""
 
-    _regexes = field_validator("targets", "exclude")(_check_regexes)
+
+def _check_targets(value: object) -> object:
+    """A clear message for a string that is not ``encoder`` (before the union's two errors)."""
+    if isinstance(value, str) and value != ENCODER_TARGETS:
+        raise ValueError(
+            f"targets is the word {ENCODER_TARGETS!r} (every encoder linear layer) or a list of "
+            f"regular expressions such as ['{value}'], not the string {value!r}"
+        )
+    return value
+
+
+def _check_recipe_targets(value: object) -> object:
+    if isinstance(value, list) and not value:
+        raise ValueError(
+            f"targets must list at least one regular expression (or be {ENCODER_TARGETS!r}, "
+            "the default)"
+        )
+    return _check_targets(value)
+
+
+def _check_target_regexes(value: Targets | None) -> Targets | None:
+    return value if isinstance(value, str) else _check_regexes(value)
+
+
+class _Targets(Spec):
+    targets: Targets | None = Field(
+        None, description=f"Default: the recipe's targets. {TARGETS_HELP}"
+    )
+    exclude: list[str] | None = Field(
+        None,
+        description="Regexes removing parameters from targets (default: the recipe's exclude). "
+        "An encoder linear layer left out of every pruning modifier must be named here.",
+    )
+
+    _targets_given = field_validator("targets", mode="before")(_check_targets)
+    _targets = field_validator("targets")(_check_target_regexes)
+    _regexes = field_validator("exclude")(_check_regexes)
 
 
 class _Structured(Spec):
@@ -441,12 +479,18 @@ class Recipe(Spec):
     description: Annotated[str, Field(max_length=10_000)] | None = None
     variables: dict[str, float | int] = Field(default_factory=dict)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
-    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
-    exclude: list[str] = Field(default_factory=list)
+    targets: Targets = Field(ENCODER_TARGETS, description=TARGETS_HELP)
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="Regexes removing parameters from the targets. recipec apply and plan refuse a "
+        "recipe that leaves an encoder linear layer unpruned unless an exclude names it.",
+    )
     stages: list[StageSpec] | None = Field(None, min_length=1, max_length=32)
     modifiers: list[Modifier] | None = Field(None, max_length=256)
 
-    _regexes = field_validator("targets", "exclude")(_check_regexes)
+    _targets_given = field_validator("targets", mode="before")(_check_recipe_targets)
+    _targets = field_validator("targets")(_check_target_regexes)
+    _regexes = field_validator("exclude")(_check_regexes)
 
     @model_validator(mode="after")
     def _stages(self) -> Recipe:
@@ -463,6 +507,17 @@ class Recipe(Spec):
                 where = f"stage {stage.name!r}" if self.stages else "training"
                 raise ValueError(f"{where}: set training.epochs or training.steps")
         return self
+
+    def targets_of(self, spec: Any = None) -> tuple[str | tuple[str, ...], tuple[str, ...]]:
+        """``(targets, exclude)`` a modifier acts on, hashable: its own, else the recipe's (an
+        empty ``targets`` list, like a missing one, means the recipe's). ``targets`` is
+        :data:`ENCODER_TARGETS` or a tuple of regexes; ``spec=None`` gives the recipe's."""
+        targets = getattr(spec, "targets", None) or self.targets
+        exclude = getattr(spec, "exclude", None)
+        return (
+            targets if isinstance(targets, str) else tuple(targets),
+            tuple(self.exclude if exclude is None else exclude),
+        )
 
     def resolved_stages(self) -> list[StageSpec]:
         """The stages to run; a recipe without ``stages`` is one stage called ``main``."""

@@ -22,7 +22,7 @@ dict order) is pruned first.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -142,15 +142,19 @@ def compute_masks(
     prev_masks: Mapping[str, torch.Tensor] | None = None,
     *,
     grouped: bool = False,
+    layer_rows: Mapping[str, Sequence[torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Select masks (True = keep) pruning exactly ``round(sparsity * groups)`` groups.
 
-    Per layer, each tensor with ``G_t`` groups loses its ``round(s * G_t)`` lowest-scoring
-    groups; globally, all groups of all tensors are ranked together and the
-    ``round(s * sum_t G_t)`` lowest are pruned. For ``"N:M"`` the ``N`` highest-scoring weights
-    of each group of ``M`` are kept, ``sparsity`` must equal ``1 - N/M`` and ``scope`` is
-    ignored. Already-pruned weights (``prev_masks`` False) get score ``-inf`` and stay pruned;
-    a block with any previously pruned weight counts as pruned.
+    Per layer, each layer with ``G_l`` groups loses its ``round(s * G_l)`` lowest-scoring
+    groups; a layer is a tensor, or a set of rows of a fused tensor given in ``layer_rows``
+    (Q, K and V of a fused ``Wqkv``: ``recipec.sparsity.selection.layer_rows``). Globally, all
+    groups of all tensors are ranked together and the ``round(s * sum_t G_t)`` lowest are
+    pruned (``layer_rows`` changes nothing). For ``"N:M"`` the ``N`` highest-scoring weights
+    of each group of ``M`` are kept, ``sparsity`` must equal ``1 - N/M`` and ``scope`` and
+    ``layer_rows`` are ignored. Groups run along the last dim within one row, so a group never
+    straddles two layers of a fused tensor. Already-pruned weights (``prev_masks`` False) get
+    score ``-inf`` and stay pruned; a block with any previously pruned weight counts as pruned.
 
     Args:
         scores: Element scores per tensor name (higher = more important). With
@@ -160,6 +164,9 @@ def compute_masks(
         scope: ``"global"`` or ``"per_layer"``.
         prev_masks: Previous masks (True = keep) for some or all tensors; keeps masks monotone.
         grouped: Whether ``scores`` are already per group (block structures only).
+        layer_rows: Per-layer scope: tensor name -> row indices (dim 0) of each layer the
+            tensor holds; together they must cover every row once. Tensors not named are one
+            layer each.
 
     Returns:
         A bool mask per tensor name, on the scores' device, with the full weight shape.
@@ -175,7 +182,10 @@ def compute_masks(
     k = st.group
     gscores, gshapes = _flat_group_scores(scores, st, prev_masks, grouped)
     if scope == "per_layer":
-        prune = {name: _prune_lowest(g, _count(sparsity, g.numel())) for name, g in gscores.items()}
+        prune = {
+            name: _prune_per_layer(g, gshapes[name], sparsity, (layer_rows or {}).get(name), name)
+            for name, g in gscores.items()
+        }
     else:
         prune = _prune_globally(gscores, sparsity)
 
@@ -256,6 +266,30 @@ def _flat_group_scores(
             g = g.masked_fill(~gk.to(g.device), float("-inf"))
         gscores[name] = g
     return gscores, gshapes
+
+
+def _prune_per_layer(
+    g: torch.Tensor,
+    shape: torch.Size,
+    sparsity: float,
+    rows: Sequence[torch.Tensor] | None,
+    name: str,
+) -> torch.Tensor:
+    """Prune-mask of one tensor's flat group scores: each layer (a set of rows) on its own."""
+    if not rows:
+        return _prune_lowest(g, _count(sparsity, g.numel()))
+    if len(shape) < 2:
+        raise ValueError(f"layer_rows for tensor {name!r}: it has no rows (shape {tuple(shape)})")
+    by_row = g.reshape(shape[0], -1)
+    covered = torch.sort(torch.cat([r.reshape(-1) for r in rows])).values
+    if not torch.equal(covered.cpu(), torch.arange(shape[0])):
+        raise ValueError(f"layer_rows for tensor {name!r} must cover its {shape[0]} rows once each")
+    prune = torch.zeros_like(by_row, dtype=torch.bool)
+    for r in rows:
+        r = r.to(g.device)
+        part = by_row[r].reshape(-1)
+        prune[r] = _prune_lowest(part, _count(sparsity, part.numel())).reshape(len(r), -1)
+    return prune.reshape(-1)
 
 
 def _prune_globally(gscores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ With ``F^-1`` from :mod:`recipec.sparsity.fisher` (either ``BlockFisherInverse``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -201,6 +201,7 @@ def obert_prune_step(
     max_memory_gb: float | None = None,
     progress: Callable[[str], None] | None = None,
     grad_batch: int = 1,
+    layer_rows: Mapping[str, Sequence[torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One oBERT pruning step: Fisher from ``num_grads`` gradients, OBS scores, masks, update.
 
@@ -244,6 +245,11 @@ def obert_prune_step(
             gradients of the chunk (``k * numel * 4`` bytes beyond the budget) and applies one
             rank-k Woodbury step (same result up to rounding; 1.5-2x faster per gradient
             for ``BlockFisherInverse`` at B=50 on these CPUs, the update being memory-bound).
+        layer_rows: Per-layer scope: the layers (row sets) of fused tensors, as in
+            :func:`recipec.sparsity.masks.compute_masks`. Fisher blocks are runs of ``B``
+            consecutive weights of the flattened tensor whatever the layers: like rows, a block
+            may span the last row of Q and the first of K (the approximation is block-diagonal
+            either way); groups of ``blockK`` never do.
 
     Returns:
         New masks (True = keep) for every tensor in ``params``.
@@ -281,7 +287,9 @@ def obert_prune_step(
             sub_prev = {n: prev[n] for n in chunk if n in prev} if prev is not None else None
             # Per-layer / N:M masks only depend on the tensor's own scores; with one chunk a
             # global ranking sees every tensor.
-            cm = compute_masks(scores, sparsity, st, scope, sub_prev, grouped=grouped)
+            cm = compute_masks(
+                scores, sparsity, st, scope, sub_prev, grouped=grouped, layer_rows=layer_rows
+            )
             del scores
             new_masks.update(cm)
             obs.update(finvs, cm, pending)
@@ -305,9 +313,18 @@ def obert_prune_step(
             obs.update(finvs, new_masks, pending)
             del finvs
 
-    kept = {n: new_masks[n] for n in names}
+    return _write_back(params, pending, new_masks)
+
+
+def _write_back(
+    params: Mapping[str, torch.Tensor],
+    pending: Mapping[str, torch.Tensor],
+    new_masks: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Copy the OBS-updated weights into ``params``, zero the pruned ones; the kept masks."""
+    kept = {n: new_masks[n] for n in params}
     with torch.no_grad():
-        for n in names:
+        for n in params:
             params[n].copy_(pending[n].to(device=params[n].device, dtype=params[n].dtype))
     apply_masks_(params, kept)
     return kept

@@ -47,11 +47,14 @@ evaluation reports the model's own task loss. ``RecipecTrainer`` computes a per-
 loss (``num_items_in_batch`` is not passed to the model) and lets the Trainer divide it by
 the number of accumulation steps, so the task and distillation terms share one scale.
 
-Checkpoints: on every Trainer save the callback writes ``recipec_program.pt``
-(:meth:`recipec.program.Program.state_dict`: masks, modifier state) into the checkpoint
-folder, and on ``trainer.train(resume_from_checkpoint=...)`` it loads it back from
-``<output_dir>/checkpoint-<global_step>`` (or call :meth:`RecipecCallback.load_state_dict`
-yourself before training when the checkpoint lives elsewhere).
+Checkpoints: on every Trainer save the callback writes ``recipec_program.json`` and
+``recipec_program.safetensors`` (:meth:`recipec.program.Program.state_dict`: masks, modifier
+state; the format of :mod:`recipec.train.resume`, never a pickle) into the checkpoint folder, and
+on ``trainer.train(resume_from_checkpoint=...)`` it loads them back from
+``<output_dir>/checkpoint-<global_step>`` (or call
+``callback.load_state_dict(read_program_state(folder))`` yourself before training when the
+checkpoint lives elsewhere). A ``recipec_program.pt`` of an older recipec is refused, not
+unpickled.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,11 +70,22 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from recipec.program import Program
+from recipec.train.resume import read_state, write_state
 
-__all__ = ["PROGRAM_STATE_NAME", "RecipecCallback", "RecipecTrainer"]
+__all__ = ["PROGRAM_STATE_NAME", "RecipecCallback", "RecipecTrainer", "read_program_state"]
 
-PROGRAM_STATE_NAME = "recipec_program.pt"
-"""File written into each Trainer checkpoint folder with the Program's state."""
+_PROGRAM_STEM = "recipec_program"
+PROGRAM_STATE_NAME = f"{_PROGRAM_STEM}.json"
+"""File written into each Trainer checkpoint folder with the Program's state (its tensors go
+into ``recipec_program.safetensors`` beside it)."""
+
+
+def read_program_state(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The Program state the callback saved in a Trainer checkpoint folder (checked: format,
+    sizes and SHA-256 of its files); ``recipec.train.resume.CheckpointStateError`` naming the
+    file when it is missing, damaged, foreign or an older recipec's pickle."""
+    return read_state(Path(folder), _PROGRAM_STEM)
+
 
 _CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
 
@@ -219,20 +234,20 @@ class RecipecCallback(TrainerCallback):
     ):
         folder = os.path.join(args.output_dir, f"{_CHECKPOINT_PREFIX}-{state.global_step}")
         if args.should_save and os.path.isdir(folder):
-            torch.save(self.state_dict(), os.path.join(folder, PROGRAM_STATE_NAME))
+            write_state(Path(folder), _PROGRAM_STEM, self.state_dict())
 
     def _resume(self, args: TrainingArguments, state: TrainerState) -> None:
-        path = os.path.join(
-            args.output_dir, f"{_CHECKPOINT_PREFIX}-{state.global_step}", PROGRAM_STATE_NAME
-        )
-        if not os.path.isfile(path):
+        folder = Path(args.output_dir) / f"{_CHECKPOINT_PREFIX}-{state.global_step}"
+        path = folder / PROGRAM_STATE_NAME
+        if not path.is_file() and not (folder / f"{_PROGRAM_STEM}.pt").exists():
             if self.program.step == state.global_step - 1:
                 return  # the caller loaded the program's state already
             raise FileNotFoundError(
                 f"resuming at step {state.global_step} but {path} is missing: without the saved masks pruned "
-                "weights would grow back. Load it with callback.load_state_dict(torch.load(...)) before train()"
+                "weights would grow back. Load it with callback.load_state_dict(read_program_state(...)) "
+                "before train()"
             )
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.load_state_dict(read_program_state(folder))
 
     def state_dict(self) -> dict[str, Any]:
         return self.program.state_dict()

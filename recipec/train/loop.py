@@ -7,11 +7,14 @@ data position) goes into atomic checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import queue
 import signal
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +41,107 @@ class Interrupted(RuntimeError):
     """SIGINT: a checkpoint was written; the run can continue with --resume."""
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW; biases and LayerNorm weights get no weight decay."""
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run computes (see :func:`resolve_precision`).
+
+    Attributes:
+        name: ``"fp32"``, or ``"bf16"``: bf16 autocast around the training forward and its loss
+            (distillation's teacher forward included); weights, gradients and optimizer state
+            stay fp32, so masks applied to the weights stay exact zeros. Evaluation, oBERT's
+            gradient collection and CrAM's second pass run outside the autocast (fp32).
+        device_type: ``"cpu"`` or ``"cuda"`` (the autocast's device type).
+        requested: What was asked (``auto``, ``fp32``, ``bf16``).
+        tf32: TF32 matmuls and convolutions (CUDA) for the run's fp32 work.
+    """
+
+    name: str
+    device_type: str = "cpu"
+    requested: str = "fp32"
+    tf32: bool = False
+
+    @property
+    def autocast(self) -> bool:
+        return self.name == "bf16"
+
+    def forward(self) -> contextlib.AbstractContextManager:
+        """The context of the training forward and loss: bf16 autocast, or nothing."""
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=torch.bfloat16)
+
+    @contextlib.contextmanager
+    def matmuls(self) -> Iterator[None]:
+        """TF32 matmuls / cuDNN inside the block when ``tf32``; the flags are restored after."""
+        if not self.tf32:
+            yield
+            return
+        before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+    def describe(self) -> str:
+        """One line for the log."""
+        if not self.autocast:
+            return f"fp32 ({self.requested} on {self.device_type})"
+        line = (
+            f"bf16 autocast of the training forward and loss, fp32 master weights ({self.requested} "
+            f"on {self.device_type}); evaluation, oBERT gradients and CrAM's second pass in fp32"
+        )
+        return line + (", TF32 matmuls" if self.tf32 else "")
+
+    def record(self) -> dict[str, Any]:
+        """What report.json says."""
+        return {
+            "requested": self.requested,
+            "used": self.name,
+            "device": self.device_type,
+            "autocast": "bf16: training forward and loss" if self.autocast else None,
+            "tf32": self.tf32,
+        }
+
+
+def _cuda_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def resolve_precision(requested: str, device: str | torch.device) -> Precision:
+    """``auto``: bf16 autocast and TF32 matmuls on a CUDA device that supports bf16, fp32
+    elsewhere (CPU); ``bf16``: bf16 autocast on any device (slow on CPUs without native bf16,
+    but it runs), TF32 too on CUDA; ``fp32``: plain fp32.
+
+    Raises:
+        ValueError: An unknown name, or ``bf16`` on a CUDA device without bf16.
+    """
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    device_type = torch.device(device).type
+    cuda = device_type == "cuda"
+    if requested == "fp32" or (requested == "auto" and not (cuda and _cuda_bf16())):
+        return Precision("fp32", device_type, requested)
+    if cuda and not _cuda_bf16():
+        raise ValueError("--precision bf16: this CUDA device does not support bf16; use fp32")
+    return Precision("bf16", device_type, requested, tf32=cuda)
+
+
+FP32 = Precision("fp32")
+
+
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, device: str | torch.device | None = None
+) -> torch.optim.Optimizer:
+    """AdamW; biases and LayerNorm weights get no weight decay. On CUDA (``device``, or the
+    model's parameters when None) the fused implementation; on CPU torch's default, unchanged."""
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else "cpu"
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -51,14 +153,28 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    groups = [g for g in groups if g["params"]]
+    if torch.device(device).type == "cuda":
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def _keep_implementation(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """Load an optimizer state, keeping this optimizer's implementation (fused / foreach): a
+    checkpoint written on another device must not switch it."""
+    flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kept in zip(optimizer.param_groups, flags):
+        group.update(kept)
 
 
 def to_device(
     batch: Mapping[str, torch.Tensor], device: torch.device | str
 ) -> dict[str, torch.Tensor]:
-    """The batch on ``device``; a rank's shard keeps its weight (cram's second pass uses it)."""
-    moved = {k: v.to(device) for k, v in batch.items()}
+    """The batch on ``device`` (asynchronous copies to CUDA: pinned batches don't block); a
+    rank's shard keeps its weight (cram's second pass uses it)."""
+    non_blocking = torch.device(device).type == "cuda"
+    moved = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
     weight = getattr(batch, "weight", None)
     return moved if weight is None else dist_utils.ShardBatch(moved, weight)
 
@@ -93,7 +209,12 @@ def evaluate(
     logits, labels, losses = [], [], []
     if local or world == 1:  # (a single process with no examples gets the loader's error)
         loader = make_dataloader(
-            local, tokenizer, info, batch_size=batch_size, max_seq_length=max_seq_length
+            local,
+            tokenizer,
+            info,
+            batch_size=batch_size,
+            max_seq_length=max_seq_length,
+            pin_memory=torch.device(device).type == "cuda",
         )
         for i, batch in enumerate(loader):
             batch = to_device(batch, device)
@@ -159,23 +280,30 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
-    def truncate_after(self, stage: str, step: int) -> None:
-        """On resume, drop records newer than the checkpoint (they will be re-logged)."""
+    def truncate_after(self, stage: str, step: int, later: Sequence[str] = ()) -> None:
+        """On resume, drop the records newer than the checkpoint (they will be logged again):
+        ``stage``'s after ``step``, every record of the ``later`` stages, and lines that are not
+        JSON objects (a write cut short)."""
         if self.path is None or not self.path.exists():
             return
         kept = []
-        stages_seen: list[str] = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:
                 continue
-            if rec.get("stage") not in stages_seen:
-                stages_seen.append(rec.get("stage"))
-            if rec.get("stage") == stage and rec.get("step", 0) > step:
+            if not isinstance(rec, dict) or rec.get("stage") in later:
+                continue
+            at = rec.get("step", 0)
+            if rec.get("stage") == stage and (not isinstance(at, int) or at > step):
                 continue
             kept.append(line)
         write_text_atomic(self.path, "".join(k + "\n" for k in kept))
+
+    def clear(self) -> None:
+        """A run that starts from its first step: no records from an earlier attempt."""
+        if self.path is not None and self.path.exists():
+            self.path.unlink()
 
 
 class _SigintFlag:
@@ -214,6 +342,49 @@ class StageData:
     device: str = "cpu"
 
 
+_END = object()
+
+
+def prefetched(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """``batches``, collated up to ``depth`` ahead in a background thread (CUDA runs: the next
+    batch is padded and pinned while the device computes). Same items, same order; an error in
+    the thread is raised here; closing the generator stops the thread."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for batch in batches:
+                if not put((batch, None)):
+                    return
+            put((_END, None))
+        except BaseException as exc:  # handed to the consumer
+            put((_END, exc))
+
+    thread = threading.Thread(target=work, name="recipec-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            batch, error = items.get()
+            if error is not None:
+                raise error
+            if batch is _END:
+                return
+            yield batch
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 class StageRunner:
     """Trains one stage to ``plan.total_steps`` optimizer steps with its compiled Program.
 
@@ -245,6 +416,8 @@ class StageRunner:
         eval_before: A prune-only stage's metrics before pruning, when already known.
         log_sparsity: Put the masks' sparsity into each record (False for the dense teacher).
         keep_checkpoints: Checkpoints kept in ``checkpoint_dir`` (None: every one).
+        precision: How the training forward and loss compute (default fp32, see
+            :class:`Precision`); the stage runs inside its ``matmuls()`` context.
     """
 
     def __init__(
@@ -261,8 +434,11 @@ class StageRunner:
         eval_before: dict[str, float] | None = None,
         log_sparsity: bool = True,
         keep_checkpoints: int | None = resume.KEEP,
+        precision: Precision = FP32,
     ):
         self.program = program
+        self.precision = precision
+        self._sparsity: tuple[int, float] | None = None  # (mask version, overall sparsity)
         self.plan = program.plan
         self.optimizer = program.ctx.optimizer
         self.data = data
@@ -275,6 +451,7 @@ class StageRunner:
         self.eval_before = eval_before
         self.log_sparsity = log_sparsity
         self.keep_checkpoints = keep_checkpoints
+        self.on_resumed: Callable[[], None] | None = None  # after a checkpoint's state loaded
         self.world = dist_utils.world_size()
         self.rank = dist_utils.rank()
         self.step = 0
@@ -289,15 +466,21 @@ class StageRunner:
     def run(self, checkpoint: dict[str, Any] | None = None) -> StageResult:
         """The whole stage, from the start or from a checkpoint's state; returns its result
         (``final_eval`` None when stopped early)."""
-        if checkpoint is not None and self.resume(checkpoint):
-            last = eval_metrics(self.eval_history[-1]) if self.eval_history else None
-            return StageResult(self.plan.total_steps, self.elapsed_before, self.eval_history, last)
+        if checkpoint is not None:
+            finished = self.resume(checkpoint)
+            if self.on_resumed is not None:
+                self.on_resumed()
+            if finished:
+                last = eval_metrics(self.eval_history[-1]) if self.eval_history else None
+                return StageResult(
+                    self.plan.total_steps, self.elapsed_before, self.eval_history, last
+                )
         self.net = dist_utils.wrap_model(self.data.model, self.data.device)
         self.check_masks(f"start (step {self.step})")
         self.checked_version = self.program.masks.version
         self.data.model.train()
         try:
-            with _SigintFlag() as sigint:
+            with _SigintFlag() as sigint, self.precision.matmuls():
                 if self.plan.total_steps == 0 and checkpoint is None:
                     self.prune_only(sigint)
                 while self.step < self.plan.total_steps:
@@ -312,15 +495,24 @@ class StageRunner:
             self.program.close()
 
     def resume(self, state: dict[str, Any]) -> bool:
-        """Restore a checkpoint's state; True when it is a finished stage (nothing to do)."""
-        self.step = int(state["step"])
-        if not state.get("complete"):  # a finished stage's checkpoint has no optimizer state
-            self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("program") is not None:
-            self.program.load_state_dict(state["program"])
-        _restore_rng(state, self.world, self.rank, self.plan.training.seed + self.step)
-        self.eval_history = list(state.get("eval_history", []))
-        self.elapsed_before = float(state.get("seconds", 0.0))
+        """Restore a checkpoint's state; True when it is a finished stage (nothing to do).
+
+        Raises :class:`recipec.train.resume.CheckpointStateError` when the state does not fit
+        this stage (its optimizer, Program or RNG state)."""
+        try:
+            self.step = int(state["step"])
+            if not state.get("complete"):  # a finished stage's checkpoint has no optimizer state
+                _keep_implementation(self.optimizer, state["optimizer"])
+            if state.get("program") is not None:
+                self.program.load_state_dict(state["program"])
+            _restore_rng(state, self.world, self.rank, self.plan.training.seed + self.step)
+            self.eval_history = list(state.get("eval_history", []))
+            self.elapsed_before = float(state.get("seconds", 0.0))
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            raise resume.CheckpointStateError(
+                f"its state does not fit stage {self.plan.name!r}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            ) from None
         return self.step >= self.plan.total_steps and bool(state.get("complete"))
 
     def prune_only(self, sigint: _SigintFlag) -> None:
@@ -328,7 +520,7 @@ class StageRunner:
         program, name = self.program, self.plan.name
         self.evaluate(0, self.eval_before)  # the model as it came, to compare with after pruning
         program.step_start(0)
-        self.metrics.write({"stage": name, "step": 0, "sparsity": program.sparsity()[0]})
+        self.metrics.write({"stage": name, "step": 0, "sparsity": self.sparsity()})
         flag = torch.tensor([float(sigint.raised)], dtype=torch.float64)  # every rank, or none
         if dist_utils.all_reduce_sum(flag, what=f"stage {name!r}: interrupt check")[0] > 0:
             self.save(0)  # --resume evaluates it and goes on
@@ -339,6 +531,7 @@ class StageRunner:
     def batches(self) -> Iterator[Mapping[str, torch.Tensor]]:
         """The rest of the current epoch's batches (this rank's shards when distributed)."""
         training, spe = self.plan.training, self.plan.steps_per_epoch
+        cuda = torch.device(self.data.device).type == "cuda"
         loader = make_dataloader(
             self.data.train,
             self.data.tokenizer,
@@ -349,10 +542,21 @@ class StageRunner:
             seed=training.seed,
             epoch=self.step // spe,
             start_batch=self.step % spe,
+            pin_memory=cuda,
         )
         if self.world == 1:
-            return iter(loader)
-        return iter(dist_utils.sharded_batches(loader, self.rank, self.world))
+            batches = iter(loader)
+        else:
+            batches = iter(dist_utils.sharded_batches(loader, self.rank, self.world))
+        return prefetched(batches) if cuda else batches
+
+    def sparsity(self) -> float:
+        """The masks' overall sparsity, recounted only when the masks change (counting syncs
+        a CUDA device once per tensor: not something to do every step)."""
+        version = self.program.masks.version
+        if self._sparsity is None or self._sparsity[0] != version:
+            self._sparsity = (version, self.program.sparsity()[0])
+        return self._sparsity[1]
 
     def train_step(self, batch: Mapping[str, torch.Tensor], sigint: _SigintFlag) -> bool:
         """One optimizer step in the Program's hook order; True when a rank asked to stop."""
@@ -360,9 +564,10 @@ class StageRunner:
         weight = getattr(batch, "weight", 1.0)
         batch = to_device(batch, self.data.device)
         program.step_start(step)
-        with dist_utils.collective(f"stage {name!r} step {step}: forward"):
-            outputs = self.net(**batch)
-        loss = program.loss(outputs.loss, batch=batch, outputs=outputs)
+        with self.precision.forward():  # bf16 autocast (or nothing): the forward and its loss
+            with dist_utils.collective(f"stage {name!r} step {step}: forward"):
+                outputs = self.net(**batch)
+            loss = program.loss(outputs.loss, batch=batch, outputs=outputs)
         stop = sigint.raised
         if self.world == 1:
             loss_value = float(loss.detach())
@@ -375,8 +580,10 @@ class StageRunner:
                 self.checked_version = program.masks.version
         if not math.isfinite(loss_value):
             raise TrainingError(
-                f"stage {name!r}: the loss is {loss_value} at step {step}; stopping. "
-                "The last good checkpoint is kept (lower the learning rate, then --resume)."
+                f"stage {name!r}: the loss is {loss_value} at step {step}; stopping. The last good "
+                "checkpoint is kept: continue from it with a lower learning rate, i.e. the same "
+                "command plus --resume --set training.learning_rate=... (or the lr modifiers' "
+                "init_lr / final_lr, or the variables that feed them; see docs/safety.md)."
             )
         self.backward(loss, weight, step)
         program.before_optimizer_step(step)
@@ -390,7 +597,7 @@ class StageRunner:
         lr = self.optimizer.param_groups[0]["lr"]
         record = {"stage": name, "step": self.step, "loss": loss_value, "lr": lr}
         if self.log_sparsity:
-            record["sparsity"] = program.sparsity()[0]
+            record["sparsity"] = self.sparsity()
         self.metrics.write(record)
         if self.on_step:
             self.on_step(self.step, record)
@@ -454,7 +661,7 @@ class StageRunner:
         record = {"stage": self.plan.name, "step": at_step}
         record.update({f"eval_{k}": v for k, v in result.items()})
         if self.log_sparsity:
-            record["sparsity"] = self.program.sparsity()[0]
+            record["sparsity"] = self.sparsity()
         self.eval_history.append(record)
         self.metrics.write(record)
         if self.on_eval:

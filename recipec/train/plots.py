@@ -6,6 +6,7 @@ them); :func:`write_plots` saves them. The x axis is the optimizer step counted 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,7 @@ def eval_figure(
         )
     xs = [offsets[r["stage"]] + r["step"] for r in evals]
     ax.plot(xs, [r[f"eval_{primary}"] for r in evals], marker="o", label="sparse model")
-    if teacher is not None:
+    if isinstance(teacher, int | float) and math.isfinite(teacher):  # not a cut report value
         ax.axhline(
             teacher, color="tab:green", linestyle="--", label=f"dense teacher ({teacher:.4f})"
         )

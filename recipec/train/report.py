@@ -3,24 +3,54 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from recipec.checkpoint import write_checkpoint
 from recipec.outputs import write_text_atomic
 from recipec.sparsity.masks import count_zeros, weight_sparsity
-from recipec.sparsity.selection import component_of
+from recipec.sparsity.selection import component_sparsity, dense_encoder_linears, grouped_names
 from recipec.tasks.collapse import scores
 from recipec.train.diagnose import collapse_report
 from recipec.train.plots import write_plots
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``; a line that is not a record (a write cut short by a
+    full disk) is left out."""
     if not path.exists():
         return []
-    return [
-        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step", 0), int):
+            records.append(record)
+    return records
+
+
+def number(value: Any, digits: int = 4) -> str:
+    """A metric for people: ``0.8125``; anything that is not a number as it is."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def kept_line(primary: str, final: Any, teacher: Any) -> str:
+    """The dense teacher's score and the share of it the sparse model kept: a percentage only
+    when the teacher's score is positive (a Matthews correlation of 0, or a negative one, has
+    no meaningful ratio)."""
+    line = f"Dense teacher: {primary} {number(teacher)}"
+    finite = all(isinstance(v, int | float) and math.isfinite(v) for v in (final, teacher))
+    if finite and teacher > 0:
+        return line + f"; kept {100 * final / teacher:.2f}% of it."
+    return (
+        line
+        + f"; the sparse model: {number(final)} (no percentage: the teacher's score is not positive)."
+    )
 
 
 def _stage_entry(o) -> dict[str, Any]:
@@ -55,6 +85,7 @@ def write_outputs(
     teacher_report,
     seconds: float,
     config,
+    resumes: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write the model folder, report.json, report.md and plots; return the report."""
     program = outcomes[-1].program if outcomes else None
@@ -64,11 +95,6 @@ def write_outputs(
     targets_sparsity, per_tensor = weight_sparsity(params, list(masks))
     zeros = {name: count_zeros(params[name]) for name in masks}
     all_params = sum(p.numel() for p in params.values())
-    by_component: dict[str, list[int]] = {}
-    for name, p in params.items():
-        entry = by_component.setdefault(component_of(name), [0, 0])
-        entry[0] += p.numel()
-        entry[1] += zeros.get(name, 0)
     records = _read_metrics(out / "metrics.jsonl")
     report = {
         "recipe": str(config.recipe_path),
@@ -84,7 +110,9 @@ def write_outputs(
             "targets": targets_sparsity,
             "model": sum(zeros.values()) / all_params if all_params else 0.0,
             "per_tensor": per_tensor,
-            "per_component": {c: (z / n if n else 0.0) for c, (n, z) in by_component.items()},
+            "per_component": component_sparsity(model, zeros),
+            # encoder linear layers left dense (an exclude named them, or nothing prunes)
+            "dense_encoder_linears": dense_encoder_linears(model, masks),
         },
         "stages": [_stage_entry(o) for o in outcomes],
         "wall_seconds": seconds,
@@ -101,6 +129,8 @@ def write_outputs(
             targets_sparsity=targets_sparsity,
         ),
     }
+    if resumes:
+        report["resumes"] = resumes
     history = [(o.name, h) for o in outcomes for h in o.program.history()]
     report["plots"] = write_plots(
         out,
@@ -156,6 +186,19 @@ def _collapse_lines(collapse: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _dense_lines(dense: list[str] | None) -> list[str]:
+    if dense is None:  # an architecture whose encoder linear layers recipec cannot tell
+        return []
+    if not dense:
+        return ["Every encoder linear layer is pruned.", ""]
+    return [
+        f"Encoder linear layers left dense ({len(dense)}):",
+        "",
+        *(f"- `{line}`" for line in grouped_names(dense)),
+        "",
+    ]
+
+
 def _markdown(report: dict[str, Any]) -> str:
     primary = report["primary_metric"]
     lines = [
@@ -177,12 +220,16 @@ def _markdown(report: dict[str, Any]) -> str:
         "| metric | value |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {v:.4f} |" for k, v in scores(report["final_eval"]).items()]
+    lines += [f"| {k} | {number(v)} |" for k, v in scores(report["final_eval"]).items()]
     if report.get("teacher"):
         t = report["teacher"]["eval"]
+        lines += ["", kept_line(primary, report["final_eval"].get(primary), t.get(primary))]
+    changes = [(r, c) for r in report.get("resumes", []) for c in r.get("changes", [])]
+    if changes:
+        lines += ["", "Changed on resume:", ""]
         lines += [
-            "",
-            f"Dense teacher: {primary} {t[primary]:.4f}; kept {100 * report['final_eval'][primary] / t[primary]:.2f}% of it.",
+            f"- `{c['field']}`: {c['was']} -> {c['now']} (from stage `{r['stage']}` step {r['step']})"
+            for r, c in changes
         ]
     s = report["sparsity"]
     lines += [
@@ -191,6 +238,7 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         f"Targeted tensors: {100 * s['targets']:.2f}% zeros; whole model: {100 * s['model']:.2f}%.",
         "",
+        *_dense_lines(s.get("dense_encoder_linears")),
         "| component | sparsity |",
         "|---|---|",
     ]
@@ -207,7 +255,7 @@ def _markdown(report: dict[str, Any]) -> str:
             before, after = stage.get("eval_before_pruning") or {}, stage.get("final_eval") or {}
             if primary in before and primary in after:
                 lines += [
-                    f"{primary}: {before[primary]:.4f} before pruning, {after[primary]:.4f} after.",
+                    f"{primary}: {number(before[primary])} before pruning, {number(after[primary])} after.",
                     "",
                 ]
         else:

@@ -13,12 +13,14 @@ Run directory (see docs/contracts.md)::
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,8 @@ class RunConfig:
     sparse_backprop: float | None = None
     # --keep-checkpoints: "last" (a finished run keeps only what --resume reads) or "all"
     keep_checkpoints: str = "last"
+    # auto (bf16 autocast + TF32 on a CUDA device with bf16, else fp32), fp32 or bf16.
+    precision: str = "auto"
 
 
 def default_output(recipe_path: str) -> Path:
@@ -93,6 +97,7 @@ class Reporter:
 
     def log(self, message: str) -> None:
         console = self.progress.console if self.progress is not None else self.console
+        # soft_wrap: a long path stays on one line (copyable), whatever the console's width
         console.print(message, highlight=False, markup=False, soft_wrap=True)
 
     def start(self, description: str, total: int, completed: int = 0) -> None:
@@ -225,19 +230,48 @@ class ApplyRun:
         self.world = dist_utils.world_size()
         self.started = time.perf_counter()
         self.outcomes: list[StageOutcome] = []
+        self.lock: Any = None  # recipec.outputs.FolderLock of the output folder (rank 0)
+        self.before: dict[str, Any] | None = None  # run.json of the run --resume continues
+        self.changes: list[dict[str, Any]] = []  # recipe changes --resume makes (learning rates)
+        self.plans_as_started: list[Any] | None = None
+        self.resumes: list[dict[str, Any]] = []  # run.json's record of resumes, this one included
+        self._resume_state: dict[str, Any] | None = None
+        self._pending_resume: tuple[int, Path, list[str]] | None = None
 
     def execute(self) -> dict[str, Any]:
+        """Every phase in order; the output folder's lock is released however the run ends.
+        File-system errors (a full disk, a read-only folder) end as RunError before training
+        and as TrainingError (the last checkpoint kept) once it started."""
         _quiet_libraries()
-        self.prepare()
-        self.load_inputs()
-        self.plan_stages()
-        self.create_output()
-        teacher_model, teacher_report = self.teacher()
-        resume_stage, resume_folder = self.find_resume()
-        self.run_stages(teacher_model, resume_stage, resume_folder)
-        return self.finish(teacher_report)
+        try:
+            with _file_errors(stopped=False):
+                self.resolve_precision()
+                self.prepare()
+                self.load_inputs()
+                self.plan_stages()
+                self.create_output()
+            with _file_errors(stopped=True):
+                teacher_model, teacher_report = self._teacher_as_started()
+            with _file_errors(stopped=False):
+                resume_stage, resume_folder = self.find_resume()
+            with _file_errors(stopped=True):
+                self.run_stages(teacher_model, resume_stage, resume_folder)
+                return self.finish(teacher_report)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     # -- phases -------------------------------------------------------------------------------
+
+    def resolve_precision(self) -> None:
+        """The run's precision (``--precision``), said in the log and in report.json."""
+        from recipec.train.loop import resolve_precision
+
+        try:
+            self.precision = resolve_precision(self.config.precision, self.config.device)
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
+        self.reporter.log(f"[precision] {self.precision.describe()}")
 
     def prepare(self) -> None:
         """Load the recipe; check the teacher folder and the output folder (nothing written)."""
@@ -283,16 +317,44 @@ class ApplyRun:
         ]
         # Read-only first (a wrong --resume or a busy folder fails before any download); the
         # folder is created, or replaced, only once every input has loaded.
+        self.inputs = inputs
         self.replace, error = False, None
         if self.main_rank:  # only rank 0 touches the output folder (shared by all ranks)
             try:
-                self.replace = _check_output(config, self.out, self.run_json, self.asked, inputs)
+                self.replace = self._check_folder(lock=self.out.is_dir())
             except RunError as exc:
                 if self.world == 1:
                     raise
                 error = str(exc)
         if self.world > 1:
+            from recipec import distributed as dist_utils
+
             _agree(error, "checking the output folder")
+            self.before, self.changes = dist_utils.broadcast_object(
+                (self.before, self.changes), what="sharing the run's record"
+            )
+
+    def _check_folder(self, lock: bool) -> bool:
+        """(rank 0) Take the output folder's lock (when ``lock``), then check --resume /
+        --overwrite against the folder; whether recipec's entries in it are deleted first."""
+        from recipec.outputs import FolderLock, LockError
+
+        if lock and (self.lock is None or not self.lock.held):
+            self.lock = FolderLock(self.out)
+            try:
+                self.lock.acquire()
+            except LockError as exc:
+                raise RunError(str(exc)) from None
+            gone = self.lock.taken_over
+            if gone:
+                self.reporter.log(
+                    f"[lock] took over the lock of pid {gone.get('pid')} on {gone.get('host')} "
+                    f"(since {gone.get('since')}): that process is no longer running"
+                )
+        replace, self.before, self.changes = _check_output(
+            self.config, self.out, self.asked, self.inputs
+        )
+        return replace
 
     def load_inputs(self) -> None:
         """The task's examples, then the model (its new head seeded: the same command gives the
@@ -329,9 +391,15 @@ class ApplyRun:
         self.task, self.model, self.tokenizer = task, model, tokenizer
 
     def plan_stages(self) -> None:
-        """Resolve every stage up front, so that schedule errors appear before any training."""
+        """Resolve every stage up front, so that schedule errors and targets that select nothing
+        or leave encoder linear layers silently dense appear before any training (the
+        teacher's included) and before the output folder is created."""
         from recipec.plan import PlanError, resolve_stage
+        from recipec.sparsity.selection import check_targets
 
+        error = check_targets(self.model, self.recipe).error()
+        if error is not None:
+            raise RunError(f"the recipe's targets do not fit this model:\n{error}")
         self.plans = []
         n = len(self.task.train)
         for stage in self.stages:
@@ -342,18 +410,56 @@ class ApplyRun:
                 raise RunError(
                     f"the recipe does not fit this data ({n} train examples): {exc}"
                 ) from None
+        started = (self.before or {}).get("recipe")
+        if self.teacher_spec == "auto" and started not in (None, self.asked["recipe"]):
+            self.plans_as_started = self._plans_as_started(n)
+
+    def _plans_as_started(self, n: int) -> list[Any] | None:
+        """The plans of the recipe the run started with (its ``teacher: auto`` is found, or
+        trained again, with the settings it was first trained with)."""
+        from recipec.plan import PlanError, resolve_stage
+
+        try:
+            recipe = Recipe.model_validate(yaml.safe_load(self.before["recipe"]))
+            return [
+                resolve_stage(
+                    recipe, stage, max(1, -(-n // recipe.stage_training(stage).batch_size))
+                )
+                for stage in recipe.resolved_stages()
+            ]
+        except (ValueError, PlanError, yaml.YAMLError):
+            self.reporter.log(
+                "[resume] [warn] the recipe in run.json does not load; the teacher "
+                "is looked up with the recipe given now"
+            )
+            return None
+
+    def _teacher_as_started(self) -> tuple[Any, dict[str, Any] | None]:
+        """:meth:`teacher`, with the plans of the recipe as started when it differs now (a
+        resume changed learning rates): the cached ``teacher: auto`` is keyed by its training
+        settings, and the run goes on distilling from the teacher it started with."""
+        if self.plans_as_started is None:
+            return self.teacher()
+        plans, self.plans = self.plans, self.plans_as_started
+        try:
+            return self.teacher()
+        finally:
+            self.plans = plans
 
     def create_output(self) -> None:
-        """Every input is checked: only now is the output folder created (or replaced)."""
+        """Every input is checked: only now is the output folder created (or replaced), under
+        the folder's lock (taken now if the folder did not exist before; checked again)."""
         from recipec import distributed as dist_utils
         from recipec.train.loop import MetricsLog
 
         if self.main_rank:
+            if self.lock is None or not self.lock.held:
+                self.out.mkdir(parents=True, exist_ok=True)
+                self.replace = self._check_folder(lock=True)
             _create_output(
                 self.config,
                 self.recipe,
                 self.out,
-                self.run_json,
                 self.asked,
                 self.replace,
                 self.reporter,
@@ -394,57 +500,134 @@ class ApplyRun:
             raise RunError(f"teacher: {exc}{hint}") from None
 
     def find_resume(self) -> tuple[int, Path | None]:
-        """With --resume: the stage and checkpoint to continue from (rank 0 decides)."""
+        """With --resume: the stage and checkpoint to continue from (rank 0 decides): the
+        newest verified checkpoint, older ones when newer ones are damaged or missing (each
+        skipped one is named); none at all starts over, and only unusable ones are an error."""
         from recipec import distributed as dist_utils
         from recipec.train import resume
 
         seed = self.recipe.training.seed
         _seed_run(seed)
         if not self.config.resume:
-            if self.main_rank and (self.out / "metrics.jsonl").exists():
-                (self.out / "metrics.jsonl").unlink()
+            self.metrics.clear()
             return 0, None
-        found = None
+        found, error, skipped = None, None, []
         if self.main_rank:  # every rank resumes from the checkpoint rank 0 sees
-            for i in range(len(self.stages) - 1, -1, -1):
-                folder = resume.latest_checkpoint(self._checkpoint_dir(i))
-                if folder is not None:
-                    found = (i, str(folder))
-                    break
+            found, error, skipped = self._newest_checkpoint()
+        _agree(error, "choosing the checkpoint to resume from")
         found = dist_utils.broadcast_object(found, what="choosing the checkpoint to resume from")
         if found is None:
             self.reporter.log("[resume] no checkpoint yet: starting from the beginning")
+            self.metrics.clear()
+            self._record_resume(None, self.stages[0].name, 0, skipped)
             return 0, None
         stage, folder = found[0], Path(found[1])
-        if not (folder / "state.pt").is_file():
+        if not (folder / f"{resume.STATE_STEM}.json").is_file():
             raise RunError(
                 f"rank {dist_utils.rank()}: cannot read the checkpoint {folder} "
                 "(distributed runs need --output on a file system shared by every node)"
             )
         self.reporter.log(f"[resume] continuing from {folder}")
-        state = resume.read_state(folder)
+        try:
+            state = self._resume_state or resume.verify_checkpoint(folder)
+        except resume.CheckpointStateError as exc:
+            raise RunError(f"rank {dist_utils.rank()}: {exc}") from None
+        self._resume_state = state
         saved_world = int(state.get("world_size", 1))
         if saved_world != self.world:
             self.reporter.log(
                 f"[resume] the checkpoint was written by {saved_world} rank(s), this run has "
                 f"{self.world}: the global batches are the same, dropout streams are re-split"
             )
-        self.metrics.truncate_after(state["stage"], int(state["step"]))
+        # metrics.jsonl and run.json change once the checkpoint has loaded (a refused resume
+        # changes nothing): see _resumed
+        self._pending_resume = (stage, folder, skipped)
         return stage, folder
+
+    def _resumed(self) -> None:
+        """The checkpoint's state has loaded: drop the metrics records after it and record
+        the resume in run.json."""
+        stage, folder, skipped = self._pending_resume
+        state = self._resume_state
+        later = [s.name for s in self.stages[stage + 1 :]]
+        self.metrics.truncate_after(state["stage"], int(state["step"]), later)
+        self._record_resume(folder, state["stage"], int(state["step"]), skipped)
+
+    def _newest_checkpoint(self) -> tuple[tuple[int, str] | None, str | None, list[str]]:
+        """(rank 0) ``(stage index, folder)`` of the newest verified checkpoint of the latest
+        stage that has one, an error when checkpoints exist but none can be used, and the
+        skipped ones (``"FOLDER: why"``)."""
+        from recipec.train import resume
+
+        skipped: list[tuple[Path, str]] = []
+        found = None
+        for i in range(len(self.stages) - 1, -1, -1):
+            newest = resume.find_checkpoint(self._checkpoint_dir(i), skipped)
+            if newest is not None:
+                found, self._resume_state = (i, str(newest[0])), newest[1]
+                break
+        notes = [f"{folder.name}: {why}" for folder, why in skipped]
+        for note in notes:
+            self.reporter.log(f"[resume] skipping checkpoint {note}")
+        if found is None and skipped:
+            listed = "; ".join(why for _, why in skipped[:3])
+            more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
+            return (
+                None,
+                (
+                    f"--resume: no checkpoint in {self.out / 'checkpoints'} can be used: {listed}"
+                    f"{more}. Start the run over with --overwrite instead of --resume"
+                ),
+                notes,
+            )
+        return found, None, notes
+
+    def _record_resume(
+        self, folder: Path | None, stage: str, step: int, skipped: list[str]
+    ) -> None:
+        """(rank 0) This resume in run.json: from where, what was skipped, what changed."""
+        from recipec.outputs import write_text_atomic
+        from recipec.train.runfolder import record_resume
+
+        entry = {
+            "from": str(folder) if folder is not None else None,
+            "stage": stage,
+            "step": step,
+            "skipped": skipped,
+            "changes": self.changes,
+        }
+        for change in self.changes:
+            self.reporter.log(
+                f"[resume] {change['field']}: {change['was']} -> {change['now']} "
+                f"(from stage {stage!r} step {step})"
+            )
+        if self.main_rank and self.before is not None:
+            text = _dump_recipe(self.recipe)
+            self.resumes = record_resume(self.out, self.before, text, entry)
+            if self.changes:
+                write_text_atomic(self.out / "recipe.yaml", text)
 
     def run_stages(self, teacher: Any, resume_stage: int, resume_folder: Path | None) -> None:
         """Each stage in turn (from the resumed one); masks carry over from stage to stage."""
+        from recipec.train import resume
+
         carried = None
         for i, (stage, plan) in enumerate(zip(self.stages, self.plans)):
             if i < resume_stage:
                 continue
             checkpoint = None
-            if resume_folder is not None and i == resume_stage:
-                from recipec.train import resume
-
-                checkpoint = resume.load_checkpoint(resume_folder, self.model)
-                carried = None  # the Program state holds the masks
-            outcome = self._run_stage(i, stage, plan, teacher, carried, checkpoint)
+            resuming = resume_folder is not None and i == resume_stage
+            try:
+                if resuming:
+                    checkpoint = resume.load_checkpoint(
+                        resume_folder, self.model, state=self._resume_state
+                    )
+                    carried = None  # the Program state holds the masks
+                outcome = self._run_stage(i, stage, plan, teacher, carried, checkpoint)
+            except resume.CheckpointStateError as exc:
+                if not resuming:
+                    raise
+                raise RunError(f"cannot resume from {resume_folder}: {exc}") from None
             self.outcomes.append(outcome)
             carried = outcome.program.masks.state_dict()
             if outcome.result.final_eval is None:  # stopped early (tests)
@@ -482,7 +665,9 @@ class ApplyRun:
                 teacher_report=teacher_report,
                 seconds=time.perf_counter() - self.started,
                 config=self.config,
+                resumes=self.resumes,
             )
+            report = _add_to_report(self.out, report, precision=self.precision.record())
             self._prune_checkpoints()
         return dist_utils.broadcast_object(report, what="sharing the report")
 
@@ -516,7 +701,9 @@ class ApplyRun:
         from recipec.train.loop import StageRunner, make_optimizer
 
         config, reporter, training = self.config, self.reporter, plan.training
-        optimizer = make_optimizer(self.model, training.learning_rate, training.weight_decay)
+        optimizer = make_optimizer(
+            self.model, training.learning_rate, training.weight_decay, config.device
+        )
         distils = any(m.needs_teacher for m in stage.modifiers)
         try:
             program = compile_plan(
@@ -558,7 +745,10 @@ class ApplyRun:
             stop_after_step=config.stop_after_step if index == len(self.stages) - 1 else None,
             eval_before=self._known_eval(plan),
             keep_checkpoints=None if config.keep_checkpoints == "all" else resume.KEEP,
+            precision=self.precision,
         )
+        if checkpoint is not None:
+            runner.on_resumed = self._resumed
         try:
             result = runner.run(checkpoint)
         finally:
@@ -692,6 +882,7 @@ class ApplyRun:
             config.data,
             plan.training.model_dump(mode="json"),
             total,
+            *(["bf16"] if self.precision.autocast else []),  # fp32 keys as before
         )
 
     def _train_teacher(self, plan: Any, total: int, teacher, tokenizer, ckdir: Path) -> Any:
@@ -714,7 +905,9 @@ class ApplyRun:
             targets=plan.targets,
             exclude=plan.exclude,
         )
-        optimizer = make_optimizer(teacher, training.learning_rate, training.weight_decay)
+        optimizer = make_optimizer(
+            teacher, training.learning_rate, training.weight_decay, self.config.device
+        )
         program = compile_plan(tplan, self.recipe, teacher, optimizer, own_lr=True)
         folder = dist_utils.broadcast_object(
             latest_checkpoint(ckdir) if dist_utils.is_main() else None,
@@ -729,11 +922,21 @@ class ApplyRun:
             checkpoint_every=_default_ckpt_every(tplan),
             on_step=lambda s, rec: self.reporter.update(s, _step_info(rec)),
             log_sparsity=False,
+            precision=self.precision,
         )
         try:
             return runner.run(checkpoint)
         finally:
             self.reporter.stop()
+
+
+def _add_to_report(out: Path, report: dict[str, Any], **entries: Any) -> dict[str, Any]:
+    """``entries`` added to the report and to ``report.json`` (rewritten atomically)."""
+    from recipec.train.resume import write_text_atomic
+
+    report = {**report, **entries}
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
+    return report
 
 
 def _seed_run(seed: int) -> None:
@@ -783,8 +986,15 @@ def _save_teacher(teacher, tokenizer, cache: Path, done: Path, report: dict[str,
 def _never_trained(out: Path) -> bool:
     """Whether ``out`` holds only what a run writes before its first training step: run.json,
     recipe.yaml and a metrics.jsonl without a training record (an earlier attempt that failed
-    to start, e.g. on a target pattern that matched nothing)."""
-    names = {p.name for p in out.iterdir()}
+    to start, e.g. on a target pattern that matched nothing), besides recipec's leftovers (the
+    temporary files of interrupted writes, a lock file)."""
+    from recipec.outputs import LOCK_NAME, TEMP_PATTERN
+
+    names = {
+        p.name
+        for p in out.iterdir()
+        if p.name != LOCK_NAME and not fnmatch.fnmatchcase(p.name, TEMP_PATTERN)
+    }
     if "run.json" not in names or not names <= {"run.json", "recipe.yaml", "metrics.jsonl"}:
         return False
     metrics = out / "metrics.jsonl"
@@ -801,34 +1011,29 @@ def _never_trained(out: Path) -> bool:
 
 
 def _check_output(
-    config: RunConfig,
-    out: Path,
-    run_json: Path,
-    asked: dict[str, Any],
-    inputs: list[tuple[str, object]],
-) -> bool:
-    """Check --resume / --overwrite against the output folder (rank 0, read-only); returns
-    whether the folder is to be replaced."""
-    from recipec.outputs import ReplaceError, check_output
+    config: RunConfig, out: Path, asked: dict[str, Any], inputs: list[tuple[str, object]]
+) -> tuple[bool, dict[str, Any] | None, list[dict[str, Any]]]:
+    """Check --resume / --overwrite against the output folder (rank 0, read-only): whether
+    recipec's entries in it are to be deleted first, and with --resume its run.json and the
+    recipe changes (learning rates) this resume makes (:mod:`recipec.train.runfolder`)."""
+    from recipec.outputs import RUN, ReplaceError, check_output
+    from recipec.train.runfolder import RunFolderError, read_run_json, resume_changes
 
     if config.resume:
-        if not run_json.is_file():
+        if not out.is_dir() or not (out / RUN.marker).exists():
             raise RunError(f"nothing to resume in {out} (no run.json); start without --resume")
-        before = json.loads(run_json.read_text())
-        changed = [k for k in asked if before.get(k) != asked[k]]
-        if changed:
-            raise RunError(
-                f"--resume: the run in {out} was started with different {', '.join(changed)}; "
-                "resume with the same arguments or use another --output"
-            )
-        return False
+        try:
+            before = read_run_json(out)
+            return False, before, resume_changes(out, before, asked)
+        except RunFolderError as exc:
+            raise RunError(str(exc)) from None
     reusable = out.is_dir() and not out.is_symlink() and _never_trained(out)
     try:
-        return check_output(
+        replace = check_output(
             out,
             overwrite=config.overwrite,
-            marker=run_json.name,
-            written_by="a recipec run",
+            marker=RUN.marker,
+            written_by=RUN.written_by,
             busy="pass --resume to continue it, --overwrite to replace it, or --output for a new "
             "folder",
             inputs=inputs,
@@ -836,28 +1041,59 @@ def _check_output(
         )
     except ReplaceError as exc:
         raise RunError(str(exc)) from None
+    return replace, None, []
 
 
 def _create_output(
     config: RunConfig,
     recipe: Recipe,
     out: Path,
-    run_json: Path,
     asked: dict[str, Any],
     replace: bool,
     reporter: Reporter,
 ) -> None:
-    """Replace (when :func:`_check_output` allowed it) and create the output folder (rank 0)."""
-    from recipec.outputs import write_text_atomic
+    """Clear recipec's entries (when :func:`_check_output` allowed it) and create the output
+    folder (rank 0); nothing that recipec did not write is deleted."""
+    from recipec.outputs import RUN, remove_owned, write_text_atomic
+    from recipec.train.runfolder import write_run_json
 
     if replace:
         if not config.overwrite:
-            reporter.log(f"replacing {out}: an earlier run there stopped before training anything")
-        shutil.rmtree(out)
+            reporter.log(f"clearing {out}: an earlier run there stopped before training anything")
+        remove_owned(out, RUN.rule)
     out.mkdir(parents=True, exist_ok=True)
     if not config.resume:
-        write_text_atomic(run_json, json.dumps(asked, indent=2))
+        write_run_json(out, asked)
         write_text_atomic(out / "recipe.yaml", _dump_recipe(recipe))
+
+
+@contextmanager
+def _file_errors(stopped: bool) -> Iterator[None]:
+    """A file-system error (a full disk, a read-only folder, a permission) as one message with
+    what to do: :class:`RunError` before training, ``TrainingError`` once it ``stopped`` a run."""
+    from recipec.outputs import as_os_error, describe_os_error, is_disk_full, is_write_problem
+    from recipec.train.loop import TrainingError
+
+    try:
+        yield
+    except Exception as error:  # an OSError, or a writer's error that reports one (safetensors)
+        exc = as_os_error(error)
+        if exc is None or isinstance(error, RunError | TrainingError):
+            raise
+        what = describe_os_error(exc)
+        if stopped:
+            fix = "free some space" if is_disk_full(exc) else "fix that"
+            raise TrainingError(
+                f"{what}; the run stopped. The last checkpoint is kept: {fix}, then run the same "
+                "command with --resume"
+            ) from None
+        if is_disk_full(exc):
+            fix = "free some space and run the command again"
+        elif is_write_problem(exc):
+            fix = "choose an --output you can write to"
+        else:
+            fix = "fix that and run the command again"
+        raise RunError(f"{what}: {fix}") from None
 
 
 def _default_ckpt_every(plan) -> int:

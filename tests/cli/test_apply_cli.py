@@ -77,6 +77,10 @@ def test_apply_writes_a_sparse_checkpoint_and_report(recipe_file, tiny_model_dir
         assert (out / name).is_file(), name
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == list(range(1, 31))
+    # Everything in the run folder is something recipec writes there (what --overwrite may delete).
+    from recipec.outputs import RUN, foreign_entries
+
+    assert foreign_entries(out, RUN.rule) == []
     # The folder loads as a plain HF model.
     from transformers import AutoModelForSequenceClassification
 
@@ -162,10 +166,21 @@ def test_a_bad_input_leaves_no_output_folder_behind(recipe_file, tiny_model_dir,
 def test_a_run_that_failed_before_training_is_replaced_without_overwrite(
     recipe_file, tiny_model_dir, tmp_path
 ):
-    """A compile error comes after the folder is created; the fixed command reuses the folder."""
+    """A compile error (a teacher without a trained head) comes after the folder is created; the
+    fixed command reuses the folder. Targets that match nothing fail before it exists."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
     out = tmp_path / "run"
     base = ["--model", tiny_model_dir, "--max-train", 32, "--max-eval", 16, "--output", out]
     result = apply(recipe_file, *base, "--set", "targets=['nomatch']")
+    assert result.exit_code == 2 and "match no parameter" in result.output, result.output
+    assert not out.exists()
+    headless = tmp_path / "headless"
+    BertForSequenceClassification.from_pretrained(tiny_model_dir).bert.save_pretrained(headless)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(headless)
+    kd = tmp_path / "kd.yaml"
+    kd.write_text(recipe_file.read_text() + "  - {type: distill, hardness: 0.5}\n")
+    result = apply(kd, *base, "--teacher", headless)
     assert result.exit_code == 2 and (out / "run.json").is_file(), result.output
     result = CliRunner().invoke(main, ["apply", str(recipe_file), *map(str, base)])
     assert result.exit_code == 0, result.output
@@ -274,9 +289,19 @@ def test_never_trained_reads_the_metrics_records(tmp_path, lines, fresh):
 
 
 def test_a_failed_start_with_the_users_files_is_not_reused(recipe_file, tiny_model_dir, tmp_path):
+    """A run that stopped before training (a headless teacher: refused after the folder
+    exists) is reused only while it holds nothing but recipec's files."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
     out = tmp_path / "run"
     base = ["--model", tiny_model_dir, "--max-train", 32, "--max-eval", 16, "--output", out]
-    assert apply(recipe_file, *base, "--set", "targets=['nomatch']").exit_code == 2
+    headless = tmp_path / "headless"
+    BertForSequenceClassification.from_pretrained(tiny_model_dir).bert.save_pretrained(headless)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(headless)
+    kd = tmp_path / "kd.yaml"
+    kd.write_text(recipe_file.read_text() + "  - {type: distill, hardness: 0.5}\n")
+    assert apply(kd, *base, "--teacher", headless).exit_code == 2
+    assert (out / "run.json").is_file()
     (out / "notes.txt").write_text("mine")
     result = apply(recipe_file, *base)
     assert result.exit_code == 2 and "exists and is not empty" in result.output
@@ -499,7 +524,9 @@ def test_a_finished_run_keeps_its_last_checkpoint_unless_asked_for_all(
     steps = range(3, 31, 3) if keep == "all" else [30]
     assert folders == [f"main-step-{s:08d}" for s in steps]
     assert (root / "latest").read_text().strip() == "main-step-00000030"
-    state = torch.load(root / "main-step-00000030" / "state.pt", weights_only=False)
+    from recipec.train import resume
+
+    state = resume.verify_checkpoint(root / "main-step-00000030")
     assert state["complete"] and "optimizer" not in state  # a finished stage never steps again
     before = load_file(str(out / "model" / "model.safetensors"))
     resumed = apply(*base, "--resume")  # a finished run resumes from what is left

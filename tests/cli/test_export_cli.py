@@ -161,3 +161,22 @@ def test_the_model_and_onnx_folders_get_the_umasks_modes(tmp_path, runner, mask)
         assert {"model.safetensors", "masks.safetensors"} <= {f.name for f in files}
         for f in files:
             assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f
+
+
+def test_export_overwrite_goes_through_the_same_rule_as_apply(tmp_path, runner):
+    """An export folder is recipec's by its sparsity.json format marker, and holds only what
+    export writes (recipec.outputs.EXPORT_FOLDER); anything else there refuses --overwrite."""
+    from recipec.outputs import EXPORT, foreign_entries
+
+    run = tiny_run(tmp_path / "run")
+    assert runner.invoke(main, ["export", str(run), "--onnx"]).exit_code == 0
+    onnx = run / "onnx"
+    assert foreign_entries(onnx, EXPORT.rule) == []  # the rule lists everything export writes
+    (onnx / "latency.csv").write_text("mine")
+    res = runner.invoke(main, ["export", str(run), "--onnx", "--overwrite"])
+    assert res.exit_code == 2 and "latency.csv" in res.output, res.output
+    assert (onnx / "latency.csv").read_text() == "mine"
+    (onnx / "latency.csv").unlink()
+    (onnx / "sparsity.json").write_text("{}")  # not recipec's marker any more
+    res = runner.invoke(main, ["export", str(run), "--onnx", "--overwrite"])
+    assert res.exit_code == 2 and "not a recipec export" in res.output, res.output

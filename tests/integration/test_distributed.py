@@ -45,6 +45,8 @@ from recipec.train import loop
 from recipec import distributed as dist_utils
 
 real = loop.StageRunner.run
+dump = os.environ["RECIPEC_TEST_DUMP"]
+kill_at = int(os.environ.get("RECIPEC_TEST_KILL_RANK1_AT", "0"))
 
 def run(self, checkpoint=None):
     on_step = self.on_step

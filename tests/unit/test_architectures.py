@@ -5,64 +5,16 @@ from __future__ import annotations
 import re
 
 import pytest
+import tiny_families
 import torch
 import transformers as tf
+from tiny_families import SMALL
 from torch import nn
 
 from recipec import architectures as arch
 
-SMALL = dict(
-    vocab_size=99,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=128,
-    max_position_embeddings=64,
-)
 BERT_ROLES = ["q", "k", "v", "attn_out", "ffn_in", "ffn_out"]
-
-
-def _config(family: str):
-    """A tiny config of each family, close to its public checkpoints' settings."""
-    if family in ("bert", "roberta", "xlm-roberta", "camembert"):
-        cls = {
-            "bert": tf.BertConfig,
-            "roberta": tf.RobertaConfig,
-            "xlm-roberta": tf.XLMRobertaConfig,
-            "camembert": tf.CamembertConfig,
-        }[family]
-        return cls(**SMALL)
-    if family == "minilm":  # all-MiniLM-L6-v2 proportions: BERT with narrow heads
-        return tf.BertConfig(**{**SMALL, "hidden_size": 48, "intermediate_size": 192})
-    if family == "distilbert":
-        return tf.DistilBertConfig(
-            vocab_size=99, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64
-        )
-    if family == "electra":
-        return tf.ElectraConfig(embedding_size=32, **SMALL)
-    if family == "deberta-v2":  # deberta-v3-* settings
-        return tf.DebertaV2Config(
-            **SMALL,
-            relative_attention=True,
-            pos_att_type="p2c|c2p",
-            position_buckets=16,
-            max_relative_positions=-1,
-            share_att_key=True,
-            norm_rel_ebd="layer_norm",
-            position_biased_input=False,
-        )
-    if family == "deberta":  # deberta-base settings
-        return tf.DebertaConfig(
-            **SMALL, relative_attention=True, pos_att_type="c2p|p2c", position_biased_input=False
-        )
-    if family == "mpnet":
-        return tf.MPNetConfig(**SMALL)
-    if family == "albert":
-        return tf.AlbertConfig(embedding_size=32, **{**SMALL, "num_hidden_layers": 3})
-    if family == "modernbert":
-        ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
-        return tf.ModernBertConfig(**SMALL, **ids)
-    raise KeyError(family)
+_config = tiny_families.config
 
 
 # family -> (family_of, roles per block, blocks, uses per block)

@@ -13,7 +13,7 @@ from recipec.modifiers.base import CompileError
 from recipec.modifiers.obert import OBertModifier
 from recipec.recipe.load import load_recipe_text
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(autouse=True)

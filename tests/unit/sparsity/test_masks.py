@@ -181,6 +181,66 @@ def test_per_layer_and_global_differ_block():
     assert torch.equal(gl["b"], B([[True] * 8]))
 
 
+def _fused():
+    """A fused ``Wqkv``-like tensor: rows 0-1 are Q (small scores), 2-3 K, 4-5 V (large)."""
+    return T(
+        [
+            [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0],
+            [1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5, 8.5],
+            [10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0],
+            [11.0, 21.0, 31.0, 41.0, 51.0, 61.0, 71.0, 81.0],
+            [100.0, 200.0, 300.0, 400.0, 500.0, 600.0, 700.0, 800.0],
+            [101.0, 201.0, 301.0, 401.0, 501.0, 601.0, 701.0, 801.0],
+        ]
+    )
+
+
+QKV_ROWS = {"w": (torch.arange(0, 2), torch.arange(2, 4), torch.arange(4, 6))}
+
+
+@pytest.mark.parametrize("structure, group", [("unstructured", 1), ("block4", 4)])
+def test_per_layer_ranks_each_layer_of_a_fused_tensor(structure, group):
+    s = {"w": _fused()}
+    whole = compute_masks(s, 0.5, structure, "per_layer")["w"]
+    assert whole[:2].sum() == 0 and whole[4:].all()  # one ranking: Q loses everything
+    parts = compute_masks(s, 0.5, structure, "per_layer", layer_rows=QKV_ROWS)["w"]
+    for rows in QKV_ROWS["w"]:  # each of Q, K, V loses exactly half of its groups
+        assert count_pruned(parts[rows]) == 8
+        groups = parts[rows].reshape(-1, group)
+        assert (groups.all(-1) | ~groups.any(-1)).all()  # whole groups, inside the part's rows
+    assert torch.equal(parts[:, :4], torch.zeros(6, 4, dtype=torch.bool))  # the lower halves
+    # global scope and N:M do not change with the layers of a fused tensor
+    assert torch.equal(
+        compute_masks(s, 0.5, structure, "global")["w"],
+        compute_masks(s, 0.5, structure, "global", layer_rows=QKV_ROWS)["w"],
+    )
+    assert torch.equal(
+        compute_masks(s, 0.5, "2:4")["w"], compute_masks(s, 0.5, "2:4", layer_rows=QKV_ROWS)["w"]
+    )
+
+
+def test_per_layer_parts_keep_previous_masks_and_interleaved_rows():
+    s = {"w": _fused()}
+    prev = torch.ones(6, 8, dtype=torch.bool)
+    prev[4, 7] = False  # a large V weight already pruned stays pruned, and counts
+    interleaved = {"w": (T([0, 3]).long(), T([1, 4]).long(), T([2, 5]).long())}
+    m = compute_masks(s, 0.25, "unstructured", "per_layer", {"w": prev}, layer_rows=interleaved)
+    assert not m["w"][4, 7]
+    for rows in interleaved["w"]:
+        assert count_pruned(m["w"][rows]) == 4
+
+
+def test_layer_rows_must_cover_every_row_once():
+    s = {"w": _fused()}
+    for bad in ((torch.arange(0, 3),), (torch.arange(0, 4), torch.arange(3, 6))):
+        with pytest.raises(ValueError, match="must cover its 6 rows once each"):
+            compute_masks(s, 0.5, "unstructured", "per_layer", layer_rows={"w": bad})
+    with pytest.raises(ValueError, match="has no rows"):
+        compute_masks(
+            {"v": torch.ones(4)}, 0.5, "unstructured", "per_layer", layer_rows={"v": (T([0]),)}
+        )
+
+
 def test_global_ties_are_deterministic_in_dict_order():
     s = {"x": torch.ones(2, 3), "y": torch.ones(3)}
     m = compute_masks(s, 0.5, "unstructured", "global")  # 9 weights -> round(4.5) = 4 pruned

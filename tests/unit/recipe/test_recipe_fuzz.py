@@ -15,7 +15,7 @@ from recipec.recipe.errors import RecipeError
 from recipec.recipe.load import load_recipe_text
 from recipec.recipe.schema import Recipe
 
-ROOT = Path(__file__).resolve().parents[2] / "recipes"
+ROOT = Path(__file__).resolve().parents[3] / "recipes"
 BASES = [yaml.safe_load(p.read_text()) for p in sorted(ROOT.rglob("*.yaml"))]
 
 scalars = st.one_of(

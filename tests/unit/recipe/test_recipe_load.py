@@ -1,8 +1,9 @@
 import pytest
+import yaml
 
 from recipec.recipe.errors import RecipeError
 from recipec.recipe.load import load_recipe, load_recipe_text
-from recipec.recipe.schema import DEFAULT_TARGETS, GMPSpec
+from recipec.recipe.schema import ENCODER_TARGETS, GMPSpec
 
 GOOD = """\
 version: 1
@@ -34,8 +35,34 @@ def test_good_recipe_and_defaults():
     assert isinstance(gmp, GMPSpec)
     assert gmp.final_sparsity == 0.9 and gmp.end_epoch == 8
     assert recipe.training.learning_rate == 5e-5  # YAML 1.1 would read 5e-5 as a string
-    assert tuple(recipe.targets) == DEFAULT_TARGETS
+    assert recipe.targets == ENCODER_TARGETS == "encoder"
     assert recipe.variables == {"target": 0.9, "start": 2}
+
+
+def test_targets_are_encoder_or_a_list_of_regexes():
+    base = "training: {steps: 4}\nmodifiers:\n  - {type: gmp, final_sparsity: 0.5%s}\n"
+    recipe = load_recipe_text("targets: encoder\n" + base % "")
+    assert recipe.targets == "encoder" and recipe.targets_of(recipe.modifiers[0]) == ("encoder", ())
+    listed = load_recipe_text("targets: ['encoder', 'x$']\nexclude: [y]\n" + base % "")
+    assert listed.targets == ["encoder", "x$"]  # a list is regexes, always
+    assert listed.targets_of(listed.modifiers[0]) == (("encoder", "x$"), ("y",))
+    own = load_recipe_text("targets: ['x$']\n" + base % ", targets: encoder, exclude: []")
+    assert own.targets_of(own.modifiers[0]) == ("encoder", ())
+    # the dumped recipe (recipe.yaml of a run) reads back the same
+    assert load_recipe_text(yaml.safe_dump(own.model_dump(mode="json"))) == own
+    for text, where in (
+        ("targets: Encoder\n" + base % "", "r.yaml:1:10: targets"),
+        ("targets: 'x$'\n" + base % "", "r.yaml:1:10: targets"),
+        (base % ", targets: attention", "r.yaml:3:47: modifiers.0.targets"),
+    ):
+        (problem,) = problems(text)
+        assert problem.startswith(where), problem
+        assert "the word 'encoder' (every encoder linear layer) or a list of" in problem
+    assert "invalid regular expression" in problems("targets: ['(']\n" + base % "")[0]
+    assert (
+        "targets must list at least one regular expression"
+        in problems("targets: []\n" + base % "")[0]
+    )
 
 
 def test_set_overrides_variables_and_fields():
@@ -317,3 +344,24 @@ def test_a_very_long_chain_of_variables_is_a_recipe_error_not_a_crash():
     short = "".join(f"  v{i}: ${{v{i + 1}}}\n" for i in range(150))
     ok = f"version: 1\nvariables:\n{short}  v150: 1\ntraining: {{steps: 1}}\nmodifiers: []\n"
     assert load_recipe_text(ok).variables["v0"] == 1
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../pyproject.toml", "../recipec/__init__.py", "../__init__.py", "../README", "/etc/passwd"],
+)
+def test_a_bundled_name_never_resolves_outside_the_recipe_library(name, tmp_path, monkeypatch):
+    from recipec.recipe.load import find_bundled, resolve_recipe_path
+
+    monkeypatch.chdir(tmp_path)  # where none of these exist as given
+    assert find_bundled(name) is None
+    assert find_bundled(name.removesuffix(".toml").removesuffix(".py")) is None
+    resolved = resolve_recipe_path(name)
+    assert resolved == __import__("pathlib").Path(name)  # left as given: "no such file" follows
+
+
+def test_bundled_names_resolve_with_or_without_yaml():
+    from recipec.recipe.load import bundled_names, find_bundled
+
+    for name in bundled_names():
+        assert find_bundled(name) == find_bundled(f"{name}.yaml") and find_bundled(name).is_file()

@@ -422,6 +422,66 @@ def test_trainer_checkpoint_resume_restores_the_program(tmp_path):
         trainer.train(resume_from_checkpoint=str(checkpoint))
 
 
+def test_the_callback_refuses_a_planted_program_state(tmp_path):
+    """The callback's resume reads recipec_program.json + .safetensors; a planted (or old)
+    recipec_program.pt is refused with a message, never unpickled (the Trainer path: below)."""
+    import pickle
+    from types import SimpleNamespace
+
+    from recipec.train.hf import read_program_state
+    from recipec.train.resume import CheckpointStateError
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "payload-ran"), "w"))
+
+    model = _model()
+    program = recipec.compile(_recipe(GMP_LR), model, _optimizer(model), steps_per_epoch=6)
+    callback = RecipecCallback(program)
+    folder = tmp_path / "hf" / "checkpoint-4"
+    folder.mkdir(parents=True)
+    args = SimpleNamespace(output_dir=str(tmp_path / "hf"), should_save=True)
+    callback.on_save(args, SimpleNamespace(global_step=4), None)
+    assert read_program_state(folder)["step"] == program.state_dict()["step"]
+    for name in ("recipec_program.json", "recipec_program.safetensors"):
+        (folder / name).unlink()
+    (folder / "recipec_program.pt").write_bytes(pickle.dumps({"masks": Payload()}))
+    with pytest.raises(CheckpointStateError, match="does not unpickle") as info:
+        callback._resume(args, SimpleNamespace(global_step=4))
+    assert str(folder / "recipec_program.pt") in str(info.value)
+    assert not (tmp_path / "payload-ran").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:the Trainer will run")
+def test_a_planted_program_state_is_refused_not_unpickled(tmp_path):
+    """The Trainer checkpoint's Program state is JSON + safetensors: a pickle planted as
+    recipec_program.pt (or left by an older recipec) is refused with a message, never loaded."""
+    import pickle
+
+    from recipec.train.resume import CheckpointStateError
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "payload-ran"), "w"))
+
+    data, recipe, base = _dataset(), _recipe(GMP_LR), _model()
+    model = copy.deepcopy(base)
+    program = recipec.compile(recipe, model, _optimizer(model), steps_per_epoch=STEPS_PER_EPOCH)
+    args = _args(tmp_path, save_strategy="steps", save_steps=4, max_steps=4)
+    RecipecTrainer(model=model, args=args, train_dataset=data, program=program).train()
+    checkpoint = tmp_path / "hf" / "checkpoint-4"
+    for name in ("recipec_program.json", "recipec_program.safetensors"):
+        (checkpoint / name).unlink()
+    (checkpoint / "recipec_program.pt").write_bytes(pickle.dumps({"masks": Payload()}))
+    model = copy.deepcopy(base)
+    program = recipec.compile(recipe, model, _optimizer(model), steps_per_epoch=STEPS_PER_EPOCH)
+    trainer = RecipecTrainer(model=model, args=_args(tmp_path), train_dataset=data, program=program)
+    with pytest.raises(CheckpointStateError, match="does not unpickle"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert not (tmp_path / "payload-ran").exists()
+
+
 CRAM_LR = [
     {"type": "cram", "sparsities": [0.5, 0.7], "rho": 0.05},
     {"type": "lr", "schedule": "linear", "init_lr": 1e-3, "final_lr": 0.0},
