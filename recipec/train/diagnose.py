@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from recipec.sparsity.selection import component_of
+from recipec.architectures import param_components
 from recipec.tasks.collapse import collapse_of
 
 
@@ -43,7 +43,8 @@ def collapse_report(
 
 def _head_cause(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> str:
     """The task head: pruned by the recipe, all zeros, or (the usual case) simply untrained."""
-    head = {n: p for n, p in model.named_parameters() if component_of(n) == "head"}
+    components = param_components(model)
+    head = {n: p for n, p in model.named_parameters() if components.get(n) == "head"}
     pruned = [n for n in head if n in masks]
     if pruned:
         zeros = sum(int((head[n] == 0).sum()) for n in pruned)
