@@ -168,11 +168,12 @@ def _exit_130_on_ctrl_c(func):
 )
 @click.option(
     "--keep-checkpoints",
-    type=click.Choice(["last", "all"]),
     default="last",
     show_default=True,
-    help="Checkpoints a finished run keeps: 'last' (the final one, all --resume needs; while "
-    "training, the newest two per stage) or 'all' (every periodic checkpoint of every stage).",
+    metavar="last|N|all",
+    help="Checkpoints a finished run keeps: 'last' (the final one, all --resume needs), N (the "
+    "last stage's newest N) or 'all' (every periodic checkpoint of every stage). While "
+    "training, the newest two per stage (N or all: as many).",
 )
 @click.option(
     "--sparse-backprop",
@@ -258,7 +259,7 @@ def command(
         max_train=max_train,
         max_eval=max_eval,
         checkpoint_every=checkpoint_every,
-        keep_checkpoints=keep_checkpoints,
+        keep_checkpoints=_keep_checkpoints(keep_checkpoints),
         sparse_backprop=min_sparsity,
     )
     reporter = Reporter(quiet=quiet)
@@ -304,6 +305,17 @@ def _print_result(report: dict) -> None:
         line += "  COLLAPSED (see the report)"
     click.echo(line)
     click.echo(f"report: {Path(report['model_dir']).parent / 'report.md'}")
+
+
+def _keep_checkpoints(value: str) -> int | None:
+    """``--keep-checkpoints``: ``last`` -> 1, ``N`` -> N, ``all`` -> None (every one)."""
+    if value == "all":
+        return None
+    if value == "last":
+        return 1
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    fail(f"--keep-checkpoints {value!r}: use last, a number of checkpoints (1, 2, ...) or all")
 
 
 def _task_options(metric: str | None, task_kind: str | None, label_list: str | None) -> dict:

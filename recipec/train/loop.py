@@ -501,8 +501,7 @@ class StageRunner:
         this stage (its optimizer, Program or RNG state)."""
         try:
             self.step = int(state["step"])
-            if not state.get("complete"):  # a finished stage's checkpoint has no optimizer state
-                _keep_implementation(self.optimizer, state["optimizer"])
+            _keep_implementation(self.optimizer, state["optimizer"])
             if state.get("program") is not None:
                 self.program.load_state_dict(state["program"])
             _restore_rng(state, self.world, self.rank, self.plan.training.seed + self.step)
@@ -675,9 +674,8 @@ class StageRunner:
             where = f"stage {self.plan.name!r} {where}"
             dist_utils.verify_identical(masks.masks, masks.params, where)
 
-    def state(self, at_step: int, optimizer: bool = True) -> dict[str, Any]:
-        """Everything a resumed run needs (optimizer, Program, RNG, evaluations, data position);
-        without the optimizer state for a finished stage (its optimizer never steps again)."""
+    def state(self, at_step: int) -> dict[str, Any]:
+        """Everything a resumed run needs (optimizer, Program, RNG, evaluations, data position)."""
         rng = resume.rng_state()
         per_rank = {}
         if self.world > 1:  # every rank's stream, so a resumed run continues each of them
@@ -689,7 +687,7 @@ class StageRunner:
         return {
             "stage": self.plan.name,
             "step": at_step,
-            **({"optimizer": self.optimizer.state_dict()} if optimizer else {}),
+            "optimizer": self.optimizer.state_dict(),
             "program": self.program.state_dict(),
             "rng": rng,
             **per_rank,
@@ -702,7 +700,7 @@ class StageRunner:
         """An atomic checkpoint (rank 0 writes; every rank gathers its RNG state)."""
         if self.checkpoint_dir is None:
             return
-        data = dict(self.state(at_step, optimizer=not complete), complete=complete)
+        data = dict(self.state(at_step), complete=complete)
         if dist_utils.is_main():
             name = f"{self.plan.name}-step-{at_step:08d}"
             resume.save_checkpoint(

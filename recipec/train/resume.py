@@ -405,18 +405,20 @@ def _prune_old(root: Path, newest: Path, keep: int) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def keep_last(stage_roots: list[Path]) -> list[Path]:
+def keep_last(stage_roots: list[Path], keep: int = 1) -> list[Path]:
     """After a finished run: delete every checkpoint but the last stage's newest verified one
-    (all that ``--resume`` reads from a finished run); returns the folders deleted. Stage
-    folders left without a checkpoint are removed."""
+    (all that ``--resume`` reads from a finished run) and the ``keep - 1`` before it; returns
+    the folders deleted. Stage folders left without a checkpoint are removed."""
     last = latest_checkpoint(stage_roots[-1]) if stage_roots else None
     if last is None:
         return []  # the run did not finish a checkpoint: nothing is safe to delete
+    older = [p for p in checkpoints(last.parent) if _step_of(p) < _step_of(last)]
+    kept = {last, *older[: max(0, keep - 1)]}
     deleted = []
     for root in stage_roots:
         if not root.is_dir():
             continue
-        for folder in sorted(p for p in root.iterdir() if p.is_dir() and p != last):
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and p not in kept):
             shutil.rmtree(folder)
             deleted.append(folder)
         if root != last.parent:

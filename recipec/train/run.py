@@ -57,8 +57,8 @@ class RunConfig:
     stop_after_step: int | None = None  # tests: end the (last) stage early
     # Minimum sparsity for SparseProp kernels once a stage's masks are fixed (None: dense kernels).
     sparse_backprop: float | None = None
-    # --keep-checkpoints: "last" (a finished run keeps only what --resume reads) or "all"
-    keep_checkpoints: str = "last"
+    # --keep-checkpoints: how many of the last stage's newest a finished run keeps (None: all)
+    keep_checkpoints: int | None = 1
     # auto (bf16 autocast + TF32 on a CUDA device with bf16, else fp32), fp32 or bf16.
     precision: str = "auto"
 
@@ -673,15 +673,16 @@ class ApplyRun:
 
     def _prune_checkpoints(self) -> None:
         """A finished run keeps the last stage's final checkpoint only (``--resume`` of a
-        finished run reads nothing else), unless ``--keep-checkpoints all``."""
+        finished run reads nothing else), or its newest N (``--keep-checkpoints N``); every
+        one with ``--keep-checkpoints all``."""
         from recipec.train import resume
 
         last = self.outcomes[-1] if self.outcomes else None
         finished = last is not None and last.plan is self.plans[-1] and last.result.final_eval
-        if self.config.keep_checkpoints == "all" or not finished:
+        if self.config.keep_checkpoints is None or not finished:
             return
         roots = [self._checkpoint_dir(i) for i in range(len(self.stages))]
-        deleted = resume.keep_last(roots)
+        deleted = resume.keep_last(roots, self.config.keep_checkpoints)
         if deleted:
             kept = resume.latest_checkpoint(roots[-1])
             self.reporter.log(
@@ -744,7 +745,9 @@ class ApplyRun:
             on_eval=lambda s, metrics: self._log_eval(plan, s, metrics),
             stop_after_step=config.stop_after_step if index == len(self.stages) - 1 else None,
             eval_before=self._known_eval(plan),
-            keep_checkpoints=None if config.keep_checkpoints == "all" else resume.KEEP,
+            keep_checkpoints=None
+            if config.keep_checkpoints is None
+            else max(resume.KEEP, config.keep_checkpoints),
             precision=self.precision,
         )
         if checkpoint is not None:

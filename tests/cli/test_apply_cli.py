@@ -511,8 +511,8 @@ def test_every_message_is_printed_once_and_only_the_result_on_stdout(
     ]
 
 
-@pytest.mark.parametrize("keep", ["last", "all"])
-def test_a_finished_run_keeps_its_last_checkpoint_unless_asked_for_all(
+@pytest.mark.parametrize("keep", ["last", "2", "all"])
+def test_a_finished_run_keeps_its_last_checkpoint_unless_asked_for_more(
     recipe_file, tiny_model_dir, tmp_path, keep
 ):
     out = tmp_path / "run"
@@ -521,13 +521,13 @@ def test_a_finished_run_keeps_its_last_checkpoint_unless_asked_for_all(
     assert apply(*base).exit_code == 0
     root = out / "checkpoints" / "00-main"
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())
-    steps = range(3, 31, 3) if keep == "all" else [30]
+    steps = {"all": range(3, 31, 3), "2": [27, 30], "last": [30]}[keep]
     assert folders == [f"main-step-{s:08d}" for s in steps]
     assert (root / "latest").read_text().strip() == "main-step-00000030"
     from recipec.train import resume
 
     state = resume.verify_checkpoint(root / "main-step-00000030")
-    assert state["complete"] and "optimizer" not in state  # a finished stage never steps again
+    assert state["complete"] and state["step"] == 30
     before = load_file(str(out / "model" / "model.safetensors"))
     resumed = apply(*base, "--resume")  # a finished run resumes from what is left
     assert resumed.exit_code == 0, resumed.output

@@ -53,3 +53,16 @@ def test_checkpoints_get_the_umasks_modes(tmp_path):
     assert folder.stat().st_mode & 0o777 == 0o750
     modes = {f.name: f.stat().st_mode & 0o777 for f in folder.iterdir()}
     assert modes == {"model.safetensors": 0o640, "state.safetensors": 0o640, "state.json": 0o640}
+
+
+def test_keep_last_n_keeps_the_last_stages_newest_n(tmp_path):
+    stages = [tmp_path / "00-dense", tmp_path / "01-prune"]
+    for root in stages:
+        for step in (4, 8, 12):
+            _save(root, root.name[3:], step, keep=None)
+    resume.keep_last(stages, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["01-prune"]
+    assert sorted(p.name for p in stages[1].iterdir() if p.is_dir()) == [
+        "prune-step-00000008",
+        "prune-step-00000012",
+    ]
