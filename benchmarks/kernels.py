@@ -11,12 +11,13 @@ kernel running at 40% of dense's rate is 4x faster. ``--interop`` also checks th
 kernels and torch's ops share the cores well (a loop alternating both vs each alone).
 ``--training`` instead times one forward + backward (dX and the masked dW) per MiniLM layer at
 90% on 2048 tokens: dense autograd, recipec's kernels (``sparse_linear_train``) and the
-sparseprop package driven as recipec's ``MaskedSparseLinear`` does (with its transposes),
-plus sparseprop's two kernel calls alone on pre-transposed arrays.
+sparseprop package driven as recipec's ``MaskedSparseLinear`` drove it before it moved to
+recipec's kernels (with its transposes), plus sparseprop's two kernel calls alone on
+pre-transposed arrays.
 
     PYTHONPATH=. python benchmarks/kernels.py                     # ~5 min on 2 idle cores
     PYTHONPATH=. python benchmarks/kernels.py --models minilm --tokens 128 --sparsities 0.9 --repeats 3
-    PYTHONPATH=. python benchmarks/kernels.py --training              # needs sparseprop for its rows
+    PYTHONPATH=. python benchmarks/kernels.py --training              # sparseprop rows if installed
 
 Writes ``--out/kernels.json`` and ``kernels.md`` (``training.json``/``.md`` with ``--training``;
 default ``--out`` ``benchmarks/results/kernels/``).
@@ -244,7 +245,7 @@ def training_layer(
         "recipec": lambda: step(lambda xg, wg, bg: native.sparse_linear_train(xg, wg, bg, lay)),
     }
     if sp is not None:
-        # sparseprop as recipec's MaskedSparseLinear drives it: [features, tokens] arrays, so x,
+        # sparseprop as recipec's MaskedSparseLinear drove it: [features, tokens] arrays, so x,
         # y, dY and dX are transposed around the two kernel calls.
         flat = mask.reshape(-1).nonzero().reshape(-1)
         ip = lay.row_ptr.numpy()
@@ -302,7 +303,7 @@ def training_markdown(rows: list[dict], machine: dict) -> str:
         f"{machine['cpu']}, torch {machine['torch']}, kernels backend `{machine['backend']}`, "
         f"load average {machine['loadavg_start']} -> {machine['loadavg_end']}, "
         f"{machine['repeats']} interleaved repeats (median), clock {machine['clock']} (thread: "
-        "1-thread rows in thread CPU time). sparseprop: driven like recipec's "
+        "1-thread rows in thread CPU time). sparseprop: driven like recipec's former "
         "`MaskedSparseLinear` (transposes included); kernels: its two calls alone.",
         "",
         "| out x in | thr | dense ms | recipec ms | sparseprop ms | sparseprop kernels ms |"

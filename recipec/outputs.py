@@ -136,6 +136,7 @@ HF_FOLDER = FolderRule(
         "model.safetensors.index.json",
         "model-*-of-*.safetensors",
         "masks.safetensors",
+        "quantization.json",
         "recipe.yaml",
         "tokenizer.json",
         "tokenizer_config.json",
@@ -155,7 +156,13 @@ HF_FOLDER = FolderRule(
 config, the masks, the recipe and the tokenizer's files)."""
 
 EXPORT_FOLDER = FolderRule(
-    files=(*HF_FOLDER.files, "model.onnx", "model.onnx.data", "sparsity.json")
+    files=(
+        *HF_FOLDER.files,
+        "model.onnx",
+        "model.onnx.data",
+        "model.int8.safetensors",
+        "sparsity.json",
+    )
 )
 """A deployment folder ``recipec export`` writes."""
 

@@ -22,6 +22,7 @@ from recipec.recipe.checks import (
     interval,
     overlap_problems,
     prune_only_problems,
+    stage_quantize_problems,
     to_steps,
     window_problems,
 )
@@ -55,6 +56,7 @@ class ResolvedModifier:
     update_every: int | None = None
     warmup: int = 0
     cycle: int | None = None
+    freeze: int | None = None  # quantize: the step its input observers freeze at
 
     @property
     def type(self) -> str:
@@ -66,6 +68,8 @@ class ResolvedModifier:
         if spec.sets_lr:
             cycle = f", cycle {self.cycle} steps" if self.cycle else ""
             return f"{spec.schedule} {spec.init_lr:g} -> {spec.final_lr:g}, warm-up {self.warmup}{cycle}"
+        if spec.quantizes:
+            return spec.describe().replace("the window's end", f"step {self.freeze}")
         return spec.describe()
 
     def plan_fields(self) -> dict[str, Any]:
@@ -86,6 +90,8 @@ class ResolvedModifier:
                 init_lr=spec.init_lr,
                 final_lr=spec.final_lr,
             )
+        if spec.quantizes:
+            fields["freeze_observers_at_step"] = self.freeze
         return {**fields, **spec.plan_fields()}
 
     def target_sparsity(self, step: int) -> float | None:
@@ -187,6 +193,8 @@ def resolve_stage(recipe: Recipe, stage: StageSpec, steps_per_epoch: int) -> Sta
         problems.append(f"modifiers.{index}: {message}")
     for index, name, message in window_problems(stage.modifiers, training, steps_per_epoch):
         problems.append(f"stage {stage.name!r} modifiers.{index}.{name}: {message}")
+    for index, name, message in stage_quantize_problems(stage.modifiers, training, steps_per_epoch):
+        problems.append(f"stage {stage.name!r} modifiers.{index}.{name}: {message}")
     resolved: list[ResolvedModifier] = []
     for index, spec in enumerate(stage.modifiers):
         where = f"stage {stage.name!r} modifiers.{index} ({spec.type})"
@@ -223,6 +231,11 @@ def _resolve_modifier(
     if spec.schedules_sparsity:
         return _resolve_pruner(index, spec, start, end, steps_per_epoch, total, where)
     end = total if end is None else end
+    if spec.quantizes:
+        freeze = to_steps(
+            spec.freeze_observers_at_step, spec.freeze_observers_at_epoch, steps_per_epoch, end
+        )
+        return ResolvedModifier(index, spec, Window(start, end), freeze=min(freeze, end))
     if not spec.sets_lr:
         return ResolvedModifier(index, spec, Window(start, end))
     if end <= start:

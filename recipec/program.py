@@ -62,6 +62,8 @@ class Program:
         self.plan = plan
         self.ctx = ctx
         self.modifiers = list(modifiers)
+        # quantizers after the pruners at a step: they calibrate on the step's final masks
+        self._start_order = sorted(self.modifiers, key=lambda m: bool(m.spec.quantizes))
         self.sets_lr = sets_lr and ctx.optimizer is not None
         self.step = 0
         self.finalized = False
@@ -88,7 +90,7 @@ class Program:
             set_lr(self.ctx.optimizer, self.plan.lr_at(step))
         if self.kernels is not None:
             self.kernels.before_step(step)  # pruners (and oBERT's gradients) see dense layers
-        for mod in self.modifiers:
+        for mod in self._start_order:
             mod.on_step_start(step)
         if self.kernels is not None:
             self.kernels.after_step(step)
@@ -198,21 +200,31 @@ class _SparseKernels:
         plan = program.plan
         if min_sparsity is None or plan.total_steps == 0:
             return None
-        if plan.with_trait("second_pass"):
-            names = ", ".join(sorted({m.type for m in plan.with_trait("second_pass")}))
+        if plan.with_trait("second_pass") or plan.with_trait("quantizes"):
+            mods = plan.with_trait("second_pass") + plan.with_trait("quantizes")
+            names = ", ".join(sorted({m.type for m in mods}))
             program.ctx.log(
-                f"stage {plan.name!r}: sparse backprop off: a {names} modifier perturbs the "
-                "dense weights"
+                f"stage {plan.name!r}: sparse backprop off: a {names} modifier changes what "
+                "the dense weights compute"
             )
             return None
-        from recipec.kernels.sparse_backprop import SparseBackprop
+        from recipec.kernels.sparse_backprop import SparseBackprop, slow_reason
 
         steps: set[int] = set()
         for mod in plan.with_trait("sets_masks"):
             steps.update(mod.pruning_steps)
             if not mod.pruning_steps:  # constant: fixes the masks at its window's start
                 steps.add(mod.window.start)
-        return cls(program, SparseBackprop(program.ctx.model, min_sparsity), frozenset(steps))
+        kernels = SparseBackprop(program.ctx.model, min_sparsity)  # builds them if need be
+        slow = slow_reason()
+        if slow is not None:  # the pure-torch fallback: same results, no faster
+            if program.ctx.progress is not None:
+                program.ctx.log(f"stage {plan.name!r}: {slow}")
+            else:
+                import warnings
+
+                warnings.warn(slow, RuntimeWarning, stacklevel=2)
+        return cls(program, kernels, frozenset(steps))
 
     def before_step(self, step: int) -> None:
         if step in self.change_steps:
@@ -238,10 +250,15 @@ class _SparseKernels:
         self.kernels.remove()
 
     def record(self) -> dict[str, Any]:
-        """``min_sparsity``, ``from_step``, ``layers`` (and ``resumed``)."""
+        """``min_sparsity``, ``from_step``, ``layers`` (and ``resumed``, and ``fallback`` when
+        the layers ran the pure-torch fallback, recipec's kernels being unavailable)."""
         record = {
             "min_sparsity": self.kernels.min_sparsity,
             "from_step": self.from_step,
             "layers": self.layers,
         }
+        from recipec.kernels.sparse_backprop import FAST_BACKEND
+
+        if self.kernels.backend != FAST_BACKEND:
+            record["fallback"] = True
         return dict(record, resumed=True) if self.resumed else record

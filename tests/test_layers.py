@@ -25,6 +25,7 @@ LAYERS: tuple[str, ...] = (
     "recipec.outputs",  # files recipec writes: atomic writes, output-folder rules
     "recipec.architectures",  # which linear layers of each encoder family are prunable
     "recipec.sparsity",  # masks, mask state, Fisher, OBS: torch only
+    "recipec.quant",  # int8 fake quantization of linear layers: torch only
     "recipec.distributed",  # process groups, collectives with clear errors
     "recipec.kernels",  # sparse CPU kernels and the layers built on them
     "recipec.tasks",  # task data, data loading, metrics

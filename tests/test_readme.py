@@ -63,6 +63,16 @@ def test_readme_shell_examples_run(tmp_path):
             timeout=1200,
         )
         assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+    _the_first_command_left_the_kernels_built(tmp_path / "cache")
+
+
+def _the_first_command_left_the_kernels_built(cache: Path) -> None:
+    """The README's first command builds recipec's sparse kernels where this machine can."""
+    from recipec.kernels import native
+
+    if "portable-c" not in native.available_backends():  # no compiler here: nothing to build
+        return
+    assert list(cache.glob("kernels/*/recipec_kernels.so")), sorted(cache.rglob("*"))
 
 
 def test_readme_python_example_runs(tmp_path):

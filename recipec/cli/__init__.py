@@ -27,7 +27,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("recipec.cli.export", "Export a sparse checkpoint to verified, masked ONNX."),
     "bench": (
         "recipec.cli.bench",
-        "Benchmark dense vs sparse CPU latency on onnxruntime / DeepSparse / torch-csr.",
+        "Benchmark dense vs sparse CPU latency: onnxruntime (FP32/INT8), DeepSparse, torch-csr, "
+        "recipec's engine.",
+    ),
+    "predict": (
+        "recipec.cli.predict",
+        "Labels and scores for raw text from a deployment folder, on recipec's CPU engine.",
     ),
     "convert": ("recipec.cli.convert", "Convert a SparseML recipe into a recipec recipe."),
 }
@@ -64,4 +69,5 @@ def main() -> None:
       recipec apply recipes/quickstart.yaml
       recipec export runs/quickstart --onnx
       recipec bench runs/quickstart/onnx --dense-baseline
+      recipec predict runs/quickstart/onnx --text "a charming, funny film"
     """

@@ -179,15 +179,15 @@ def _exit_130_on_ctrl_c(func):
     "--sparse-backprop",
     is_flag=True,
     help="Between mask changes, run pruned linear layers at >= --sparse-backprop-min zeros forward and "
-    "backward on SparseProp's CPU kernels (needs the sparseprop package; same results up to float "
+    "backward on recipec's sparse CPU kernels (built on first use; same results up to float "
     "rounding).",
 )
 @click.option(
     "--sparse-backprop-min",
     type=click.FloatRange(0.0, 1.0),
     default=None,
-    help="Least sparsity of a layer for --sparse-backprop (default 0.9: below it dense kernels are faster "
-    "here). Implies --sparse-backprop.",
+    help="Least sparsity of a layer for --sparse-backprop (default 0.7: below ~60% dense kernels "
+    "are as fast). Implies --sparse-backprop.",
 )
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @_exit_130_on_ctrl_c
@@ -223,7 +223,7 @@ def command(
       recipec apply recipes/obert_90.yaml --device cuda --precision fp32   # no bf16 / TF32
       recipec apply recipes/quickstart.yaml --resume        # after Ctrl-C or a crash
       torchrun --nproc_per_node 4 --no-python recipec apply recipes/quickstart.yaml --device cuda
-      recipec apply recipes/downstream_gmp_90.yaml --sparse-backprop   # CPU; needs sparseprop (see README)
+      recipec apply recipes/downstream_gmp_90.yaml --sparse-backprop   # CPU: sparse kernels (README)
 
     Under torchrun / accelerate launch every process trains a shard of each global batch
     (DDP); only rank 0 prints and writes. See docs/distributed.md.
@@ -335,16 +335,19 @@ def _check_device(device: str) -> None:
 
 
 def _sparse_backprop_min(flag: bool, least: float | None, device: str) -> float | None:
-    """The minimum layer sparsity for SparseProp kernels, or None; fails early where they cannot run."""
-    if not flag and least is None:
-        return None
+    """The minimum layer sparsity for the sparse kernels, or None; fails early where they cannot
+    run. Builds recipec's kernels first (once per machine): now when --sparse-backprop needs
+    them, else in the background while the run trains, so the first run leaves them built."""
     from recipec import distributed
     from recipec.kernels import sparse_backprop as sbp
 
+    if not flag and least is None:
+        if distributed.env_world_size() == 1:
+            sbp.start_build()
+        return None
     if device != "cpu":
-        fail("--sparse-backprop runs SparseProp's CPU kernels: drop --device cuda")
+        fail("--sparse-backprop runs recipec's CPU kernels: drop --device cuda")
     if distributed.env_world_size() > 1:
         fail("--sparse-backprop runs in a single process, not under torchrun / accelerate launch")
-    if sbp.backend() is None:
-        fail(f"--sparse-backprop needs the sparseprop package: {sbp.INSTALL_HINT}")
+    sbp.backend()  # built here, before the model loads; the stage says if it will not be faster
     return sbp.DEFAULT_MIN_SPARSITY if least is None else least

@@ -1,4 +1,5 @@
-"""``recipec bench``: dense vs sparse CPU latency on onnxruntime / DeepSparse / torch-csr."""
+"""``recipec bench``: dense vs sparse CPU latency on onnxruntime (FP32, INT8), DeepSparse,
+torch-csr and recipec's engine (FP32, INT8)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def _int_list(value: str, what: str) -> list[int]:
     "runtime_spec",
     default="all",
     show_default=True,
-    help="Comma list of ort, deepsparse, torch-csr (or all). ort always runs: it is the reference.",
+    help="Comma list of ort, ort-int8, deepsparse, torch-csr, engine, engine-int8 (or all). "
+    "ort always runs: it is the reference.",
 )
 @click.option("--batch-sizes", default="1,16", show_default=True, help="Comma list of batch sizes.")
 @click.option("--seq-len", type=int, default=128, show_default=True, help="Sequence length.")
@@ -37,7 +39,31 @@ def _int_list(value: str, what: str) -> list[int]:
 )
 @click.option("--warmup", type=int, default=2, show_default=True, help="Untimed calls per target.")
 @click.option(
-    "--repeats", type=int, default=10, show_default=True, help="Timed alternating rounds."
+    "--repeats",
+    type=int,
+    default=10,
+    show_default=True,
+    help="Timed alternating rounds (at least; more until the ratios are stable).",
+)
+@click.option(
+    "--max-repeats",
+    type=int,
+    default=None,
+    help="Most rounds per batch size [default: 10 x --repeats].",
+)
+@click.option(
+    "--time-budget",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds per batch size to keep adding rounds after --repeats (0: exactly --repeats).",
+)
+@click.option(
+    "--precision",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="Stop adding rounds when every ratio's 95%% interval is within +- this fraction.",
 )
 @click.option(
     "--threads",
@@ -91,6 +117,9 @@ def command(
     dense_baseline: bool,
     warmup: int,
     repeats: int,
+    max_repeats: int | None,
+    time_budget: float,
+    precision: float,
     threads: int | None,
     choices: int,
     deepsparse_python: Path | None,
@@ -114,6 +143,8 @@ def command(
         fail("--seq-len must be positive")
     if repeats < 1 or warmup < 0 or choices < 1 or (threads is not None and threads < 1):
         fail("--repeats, --choices and --threads must be positive, --warmup >= 0")
+    if (max_repeats is not None and max_repeats < repeats) or time_budget < 0 or precision <= 0:
+        fail("--max-repeats must be >= --repeats, --time-budget >= 0 and --precision > 0")
     sizes = _int_list(batch_sizes, "--batch-sizes")
     if plot_out:
         check_image_path(plot_out, "--plot")
@@ -154,6 +185,9 @@ def command(
             kernels=kernel_list,
             clock=clock,
             log=to_stderr(),
+            max_repeats=max_repeats,
+            time_budget=time_budget,
+            precision=precision,
         )
     except (BenchError, CheckpointError, ExportError, RuntimeUnavailable) as exc:
         fail(str(exc))
@@ -176,9 +210,21 @@ def _print_report(
     click.echo(format_table(report))
     ratios = [s for s in report["speedups"] if s["vs_dense_ort"]]
     for s in ratios:
+        line = f"speedup vs dense onnxruntime, batch {s['batch']}: {s['runtime']} {s['vs_dense_ort']:.3g}x"
+        if s.get("vs_dense_ort_ci"):
+            lo, hi = s["vs_dense_ort_ci"]
+            line += f" (95% interval {lo:.3g}-{hi:.3g})"
+            if s.get("vs_dense_ort_no_difference"):
+                line += ": no measurable difference"
+        click.echo(line)
+    machine = report.get("machine") or {}
+    if machine.get("load_avg_start") is not None:
         click.echo(
-            f"speedup vs dense onnxruntime, batch {s['batch']}: {s['runtime']} {s['vs_dense_ort']:.3g}x"
+            f"load average {machine['load_avg_start']:.2f} -> {machine['load_avg_end']:.2f} "
+            f"on {machine['cores']} cores"
         )
+    for warning in report.get("warnings", []):
+        click.echo(warning)
     for name, why in report["skipped"].items():
         click.echo(f"{name}: skipped: {why}")
     if json_out:

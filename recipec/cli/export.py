@@ -31,7 +31,11 @@ from recipec.models import HEADS
     help="Head to load; auto reads config.architectures.",
 )
 @click.option(
-    "--atol", type=float, default=1e-4, show_default=True, help="onnxruntime vs PyTorch tolerance."
+    "--atol",
+    type=float,
+    default=None,
+    help="onnxruntime vs PyTorch tolerance on the logits [default: 1e-4; 2e-2 for an INT8 "
+    "export, against the fake-quant model].",
 )
 @click.option(
     "--overwrite",
@@ -50,7 +54,7 @@ def command(
     output: Path | None,
     opset: int,
     task: str,
-    atol: float,
+    atol: float | None,
     overwrite: bool,
     no_torch_weights: bool,
 ) -> None:
@@ -58,7 +62,9 @@ def command(
 
     Before reporting success it checks that every pruned tensor's zeros in the ONNX
     initializers equal the checkpoint's masks, and that onnxruntime and PyTorch agree within
-    --atol on sample inputs. The folder holds model.onnx (dynamic batch and sequence axes),
+    --atol on sample inputs. A checkpoint with quantization.json (a recipe with a quantize
+    modifier) exports as INT8 QDQ with int8 weights, checked against the fake-quant model, plus
+    model.int8.safetensors. The folder holds model.onnx (dynamic batch and sequence axes),
     config, tokenizer, recipe, sparsity.json and, by default, the torch weights and masks.
 
     \b
@@ -93,6 +99,11 @@ def command(
         f"  verified: zeros of {len(result.tensors)} tensors ({pruned} pruned) match the masks; "
         f"onnxruntime vs PyTorch max |diff| {result.ort_max_abs_diff:.1e}"
     )
+    if result.int8_layers:
+        click.echo(
+            f"  INT8 (QDQ): {result.int8_layers} linears with int8 weights per output channel and "
+            "int8 inputs per tensor; pruned weights are 0 in the int8 weights"
+        )
     click.echo(
         f"  sparsity of masked tensors: {result.overall_sparsity:.2%} ({result.masks_source})"
     )

@@ -32,6 +32,7 @@ from recipec.checkpoint import (
     load_tokenizer,
     write_checkpoint,
 )
+from recipec.export.quantized import INT8_ATOL
 from recipec.outputs import ReplaceError, check_output, share_like_umask
 from recipec.sparsity.masks import sparsity_table
 
@@ -72,6 +73,7 @@ class ExportResult:
     ort_max_abs_diff: float
     masks_source: str
     squashed: dict[str, int] = field(default_factory=dict)
+    int8_layers: int = 0  # quantized linears (0: an FP32 export)
 
 
 # --------------------------------------------------------------------------------------
@@ -422,7 +424,7 @@ def export(
     *,
     opset: int = DEFAULT_OPSET,
     task: str = "auto",
-    atol: float = DEFAULT_ATOL,
+    atol: float | None = None,
     overwrite: bool = False,
     torch_weights: bool = True,
     log=None,
@@ -431,6 +433,9 @@ def export(
 
     The folder is built in a temporary sibling directory and moved into place only after
     both checks pass, so a failed export never leaves a half-written or unverified folder.
+    A checkpoint with ``quantization.json`` exports as INT8 QDQ (:mod:`recipec.export.quantized`):
+    the zeros are checked in the int8 weights, the parity against the fake-quant model
+    (``atol`` None: 1e-4 for FP32, ``INT8_ATOL`` for INT8).
     """
     import onnx
 
@@ -458,17 +463,26 @@ def export(
         log(f"squashed {total} nonzero weight(s) under the masks into exact zeros")
     tokenizer = load_tokenizer(ckpt.model_dir)
     names = input_names_for(ckpt.model, tokenizer)
+    quant = _load_quant(ckpt)
+    if atol is None:
+        atol = DEFAULT_ATOL if quant is None else INT8_ATOL
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         onnx_path = tmp / ONNX_FILE
         log(f"exporting {ckpt.task} model ({len(ckpt.masks)} masked tensors) at opset {opset}")
-        export_onnx(ckpt.model, ckpt.task, names, onnx_path, opset)
-        tensors = verify_zeros(onnx.load(str(onnx_path)), ckpt.weights(), ckpt.masks)
-        log(f"verified zeros of {len(tensors)} tensors against the masks")
+        if quant is None:
+            export_onnx(ckpt.model, ckpt.task, names, onnx_path, opset)
+            tensors = verify_zeros(onnx.load(str(onnx_path)), ckpt.weights(), ckpt.masks)
+            log(f"verified zeros of {len(tensors)} tensors against the masks")
+        else:
+            tensors = _export_int8(ckpt, quant, names, onnx_path, opset, log)
         samples = parity_samples(ckpt.model, ckpt.task, names, tokenizer)
         diff = verify_parity(onnx_path, ckpt.model, samples, atol)
-        log(f"onnxruntime vs PyTorch: max |diff| {diff:.2e} (<= {atol:g})")
+        what = "PyTorch" if quant is None else "the fake-quant PyTorch model"
+        log(f"onnxruntime vs {what}: max |diff| {diff:.2e} (<= {atol:g})")
         info = _sparsity_info(ckpt, opset, names, tensors, diff, atol, samples, torch_weights)
+        if quant is not None:
+            info = _with_quant(info, tmp, quant)
         _write_folder(tmp, ckpt, tokenizer, info, torch_weights)
         share_like_umask(tmp)  # not mkdtemp's 0700: a deployment folder is shared
         if out.exists():
@@ -487,7 +501,76 @@ def export(
         ort_max_abs_diff=diff,
         masks_source=ckpt.masks_source,
         squashed=ckpt.squashed,
+        int8_layers=len(quant.layers) if quant is not None else 0,
     )
+
+
+def _load_quant(ckpt: SparseCheckpoint):
+    """The checkpoint's recorded fake quantization, installed on its model (None if none)."""
+    from recipec.quant.fake import QuantError
+    from recipec.quant.files import install_frozen, read_quant
+
+    try:
+        record = read_quant(ckpt.model_dir)
+        return None if record is None else install_frozen(ckpt.model, record)
+    except QuantError as exc:
+        raise ExportError(str(exc)) from None
+
+
+def _export_int8(ckpt: SparseCheckpoint, quant, names, onnx_path: Path, opset: int, log) -> dict:
+    """Trace the QDQ graph, store its weights as int8, check the pruned weights are 0 there."""
+    import onnx
+
+    from recipec.export.quantized import Int8ExportError, int8_weights, verify_int8_zeros
+
+    if opset < 13:
+        raise ExportError(f"an INT8 export needs opset >= 13 (per-channel scales), not {opset}")
+    quant.set_export_mode(True)
+    try:
+        export_onnx(ckpt.model, ckpt.task, names, onnx_path, opset)
+    finally:
+        quant.set_export_mode(False)
+    graph = onnx.load(str(onnx_path))
+    try:
+        mapping = int8_weights(graph, quant)
+        int8 = verify_int8_zeros(graph, mapping, ckpt.masks)
+    except Int8ExportError as exc:
+        raise ExportError(f"INT8 export: {exc}") from None
+    except ValueError as exc:
+        raise VerificationError(str(exc)) from None
+    onnx.save(graph, str(onnx_path))
+    tensors = sparsity_table(ckpt.masks)
+    for name, entry in tensors.items():
+        if name in int8:
+            entry.update(
+                onnx_initializer=int8[name]["int8_initializer"],
+                transposed=int8[name]["transposed"],
+                onnx_zeros=int8[name]["int8_zeros"],
+                rounded_to_zero=int8[name].get("rounded_to_zero", 0),
+            )
+    log(f"INT8 QDQ: {len(mapping)} linears with int8 weights; pruned weights are 0 in all")
+    return tensors
+
+
+def _with_quant(info: dict, folder: Path, quant) -> dict:
+    """``sparsity.json``'s ``quantization`` entry; writes the int8 weights and quantization.json."""
+    from recipec.export.quantized import INT8_ATOL
+    from recipec.quant.files import INT8_FILE, QUANT_FILE, SCHEMES, quant_record, write_int8
+
+    write_int8(folder / INT8_FILE, quant)
+    (folder / QUANT_FILE).write_text(json.dumps(quant_record(quant), indent=2) + "\n")
+    int8_zeros = sum(t.get("onnx_zeros", 0) for t in info["tensors"].values())
+    numel = info["overall"]["masked_params"]
+    info["overall"]["onnx_sparsity"] = int8_zeros / numel if numel else 0.0
+    info["quantization"] = {
+        **SCHEMES,
+        "format": "QDQ",
+        "layers": len(quant.layers),
+        "int8_file": INT8_FILE,
+        "parity_reference": "fake-quant PyTorch model",
+        "default_atol": INT8_ATOL,
+    }
+    return info
 
 
 _SPARSITY_KEYS = {
@@ -571,7 +654,7 @@ def graph_zeros(onnx_model, info: dict) -> dict:
         "zeros": zeros,
         "numel": numel,
         "sparsity": zeros / numel if numel else 0.0,
-        "recorded": float(info["overall"]["sparsity"]),
+        "recorded": float(info["overall"].get("onnx_sparsity", info["overall"]["sparsity"])),
         "missing": missing,
         "differ": differ,
     }
@@ -583,8 +666,9 @@ def is_deployment_folder(folder: str | Path) -> bool:
     return (folder / ONNX_FILE).is_file() and (folder / SPARSITY_FILE).is_file()
 
 
-def verify_deployment(folder: str | Path, atol: float = DEFAULT_ATOL) -> dict:
-    """Re-run both checks on a deployment folder (needs its torch weights and masks)."""
+def verify_deployment(folder: str | Path, atol: float | None = None) -> dict:
+    """Re-run both checks on a deployment folder (needs its torch weights and masks; an INT8
+    folder's zeros are checked in its int8 weights, its parity against the fake-quant model)."""
 
     folder = Path(folder)
     info = read_sparsity(folder)
@@ -596,10 +680,28 @@ def verify_deployment(folder: str | Path, atol: float = DEFAULT_ATOL) -> dict:
         raise ExportError(str(exc)) from exc
     masks = load_masks(folder / MASKS_FILE, model)
     params = dict(model.named_parameters())
-    tensors = verify_zeros(
-        load_onnx(folder / ONNX_FILE), {n: params[n].detach() for n in masks}, masks
-    )
+    graph = load_onnx(folder / ONNX_FILE)
+    quant = _load_quant(SparseCheckpoint(model, folder, info["task"], masks, MASKS_FILE))
+    if quant is None:
+        tensors = verify_zeros(graph, {n: params[n].detach() for n in masks}, masks)
+    else:
+        tensors = _verify_int8_folder(graph, info, masks)
     tokenizer = load_tokenizer(folder)
     samples = parity_samples(model, info["task"], info["inputs"], tokenizer)
+    atol = atol if atol is not None else (DEFAULT_ATOL if quant is None else INT8_ATOL)
     diff = verify_parity(folder / ONNX_FILE, model, samples, atol)
     return {"tensors": tensors, "ort_vs_torch_max_abs_diff": diff}
+
+
+def _verify_int8_folder(graph, info: dict, masks: dict) -> dict:
+    from recipec.export.quantized import verify_int8_zeros
+
+    mapping = {
+        name: (t["onnx_initializer"], bool(t.get("transposed")))
+        for name, t in info["tensors"].items()
+        if "onnx_initializer" in t
+    }
+    try:
+        return verify_int8_zeros(graph, mapping, masks)
+    except (ValueError, KeyError) as exc:
+        raise VerificationError(str(exc)) from None

@@ -180,8 +180,9 @@ def _load_library() -> tuple[bool, str | None]:
     return True, None
 
 
-def _init() -> dict:
-    """Decides the backend once per process; never raises."""
+def _init(quiet: bool = False) -> dict:
+    """Decides the backend once per process; never raises. ``quiet``: no line when nothing
+    can be built (``prebuild`` said so once already)."""
     if _state:
         return _state
     with _lock:
@@ -221,7 +222,7 @@ def _init() -> dict:
                     state["reason"] = f"RECIPEC_KERNELS={choice} forces the portable C path"
                 elif not state["avx2"]:
                     state["reason"] = "this CPU has no AVX2+FMA: portable C path"
-            else:
+            elif not quiet:
                 _say(f"fast path unavailable ({reason}); using the pure-torch fallback")
         _state.update(state)
     return _state
@@ -230,6 +231,22 @@ def _init() -> dict:
 def backend() -> str:
     """The path ``sparse_linear`` takes by default: "avx2", "portable-c" or "torch-fallback"."""
     return _init()["default"]
+
+
+def prebuild() -> None:
+    """Builds the library now if it is not built yet, for whatever uses it later (``recipec
+    apply`` runs this in a background thread). Where it cannot be built, the one line saying
+    why is printed by the first call only: a marker in ``$RECIPEC_CACHE`` keeps later runs
+    quiet until a build works (the kernels' users still say why when they run)."""
+    marker = _cache_dir() / "unavailable.txt"
+    st = _init(quiet=marker.exists())
+    forced = os.environ.get("RECIPEC_KERNELS", "").strip().lower() not in ("", "auto", "avx2")
+    with contextlib.suppress(OSError):
+        if st["loaded"]:
+            marker.unlink(missing_ok=True)
+        elif not forced:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"{st['reason']}\n")
 
 
 def unavailable_reason() -> str | None:

@@ -1,5 +1,5 @@
-"""Sparse training on CPU: pruned ``nn.Linear`` layers run forward and backward on SparseProp's
-AVX2 CSR kernels between mask changes.
+"""Sparse training on CPU: pruned ``nn.Linear`` layers run forward and backward on recipec's own
+sparse kernels (:mod:`recipec.kernels.native`) between mask changes.
 
 Between two pruning steps (and after the last one, or through a sparse-transfer stage under a
 ``constant`` modifier) the masks are fixed, and training only ever multiplies by the surviving
@@ -7,17 +7,23 @@ weights. :class:`SparseBackprop` then swaps the forward of every pruned linear l
 sparsity reaches ``min_sparsity`` for :class:`MaskedSparseLinear`, which computes
 
 - forward ``y = x W^T + b`` from the weight's values at the mask's nonzeros,
-- backward ``dL/dx = dL/dy W`` and ``dL/dW`` *at the mask's nonzeros only* (the rest is the
-  exact zero that the mask would have written into the gradient anyway),
+- backward ``dL/dx = dL/dy W`` (the forward kernel on the mask's transposed CSR) and ``dL/dW``
+  *at the mask's nonzeros only* (the rest is the exact zero that the mask would have written
+  into the gradient anyway),
 
-with the ``sparseprop`` package's kernels (Nikdan et al., ICML 2023). The parameter stays the
-model's dense ``weight`` tensor: the optimizer, its state, checkpoints, distillation and
-the exported model see nothing different, and the results equal the dense path's up to float
-rounding (tests/unit/test_sparse_backprop.py). Only the module instance's ``forward``
-attribute is replaced, so ``state_dict`` keys do not change; :meth:`SparseBackprop.remove`
-restores it. The training loop removes the kernels before every step that may change masks
-(so pruners, and oBERT's gradient collection, see the dense layers), rebuilds them after it,
-and removes them before the stage's finalize and whenever the stage ends.
+with ``native.sparse_linear_train`` on the layout ``native.make_train_layout`` builds once per
+mask. The kernels are compiled on first use (``recipec apply`` starts that build); where they
+cannot be built, or the CPU has no AVX2+FMA, the layers run a pure-torch fallback with the same
+results and dense speed, and :func:`slow_reason` says why (one line in the log).
+
+The parameter stays the model's dense ``weight`` tensor: the optimizer, its state,
+checkpoints, distillation and the exported model see nothing different, and the results equal
+the dense path's up to float rounding (tests/unit/kernels/test_sparse_backprop.py). Only the module
+instance's ``forward`` attribute is replaced, so ``state_dict`` keys do not change;
+:meth:`SparseBackprop.remove` restores it. The training loop removes the kernels before every
+step that may change masks (so pruners, and oBERT's gradient collection, see the dense
+layers), rebuilds them after it, and removes them before the stage's finalize and whenever the
+stage ends.
 
 Not used: on CUDA, in distributed runs, or in stages with a ``cram`` modifier (it perturbs
 the weights densely). ``benchmarks/sparse_backprop.py`` measures the step-time gain.
@@ -25,6 +31,8 @@ the weights densely). ``benchmarks/sparse_backprop.py`` measures the step-time g
 
 from __future__ import annotations
 
+import os
+import threading
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,125 +44,138 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from recipec import distributed as dist_utils
-from recipec.kernels.sparseprop import sparseprop_backend
-from recipec.kernels.sparseprop import transpose_2d as _transpose
+from recipec.kernels import native
 
-INSTALL_HINT = "pip install pybind11 && pip install --no-build-isolation sparseprop"
-# Measured on this project's CPU (benchmarks/sparse_backprop.py): a whole MiniLM training step
-# is 0.92x at 80% zeros, 1.12x at 90%, 1.35x at 95%, 1.62x at 97% on these kernels.
-DEFAULT_MIN_SPARSITY = 0.9
+# Measured on this project's CPU (benchmarks/sparse_backprop.py --threads 1 --clock cpu,
+# benchmarks/results/sparse_backprop.md): one MiniLM layer's forward + backward at 2,048 tokens
+# is 0.89-1.07x dense at 50% zeros, 1.08-1.29x at 60%, 1.47-1.72x at 70%, 3.6-4.3x at 90%; a
+# whole training step 1.24x at 70%, 1.61x at 80%, 2.02x at 90%. 70% keeps a margin over the
+# crossover (~55%) for thread counts and token counts not measured.
+DEFAULT_MIN_SPARSITY = 0.7
+FAST_BACKEND = "avx2"  # the only path faster than dense kernels (portable C: 0.6x at 90%)
 
 
 class SparseBackpropError(RuntimeError):
-    """Sparse backprop asked for where it cannot run (kernel missing, wrong device)."""
+    """Sparse backprop asked for where it cannot run (a model off the CPU, several processes)."""
 
 
-def backend():
-    """SparseProp's compiled module, or None when the package is not installed."""
-    return sparseprop_backend()
+def backend() -> str:
+    """The path the layers take: "avx2" (recipec's compiled kernels) or "torch-fallback".
+
+    Builds the kernels on first use (once per machine, ~10 s). Where the compiled path is not
+    AVX2 (a CPU without it, ``RECIPEC_KERNELS=portable-c``) the fallback is used: the portable
+    C path is slower than dense kernels at every sparsity below ~95%.
+    """
+    return FAST_BACKEND if native.backend() == FAST_BACKEND else "torch-fallback"
 
 
-def require_backend():
-    found = backend()
-    if found is None:
-        raise SparseBackpropError(
-            f"--sparse-backprop needs the sparseprop package ({INSTALL_HINT})"
-        )
-    return found
+def slow_reason() -> str | None:
+    """Why sparse backprop will not be faster than dense kernels here, or None when it will."""
+    if backend() == FAST_BACKEND:
+        return None
+    why = native.unavailable_reason() or f"recipec's kernels run {native.backend()!r} here"
+    return (
+        f"sparse backprop will not be faster here: {why}; the pruned layers run the pure-torch "
+        "fallback (same results, dense speed)"
+    )
 
 
-@dataclass(frozen=True)
+def start_build() -> threading.Thread | None:
+    """Builds recipec's kernels in a background thread if they are not built yet (a no-op once
+    they are, and under ``RECIPEC_KERNELS=torch``), so that ``recipec apply`` leaves them built
+    for ``--sparse-backprop`` and the kernel benchmarks while it trains. The thread is not a
+    daemon: a process that ends first waits for the build rather than leave it half done.
+    Where nothing can be built, ``native.prebuild`` says why in one line, on the first run."""
+    if os.environ.get("RECIPEC_KERNELS", "").strip().lower() in ("torch", "torch-fallback"):
+        return None
+    thread = threading.Thread(target=native.prebuild, name="recipec-kernels-build")
+    thread.start()
+    return thread
+
+
+@dataclass(frozen=True, eq=False)
 class Layout:
-    """The CSR pattern of one mask: row pointers and column indices (int32, for the kernel)
-    and the flat positions of the nonzeros in the dense weight (to gather values, scatter grads)."""
+    """The fixed pattern of one mask, as the kernels take it (``native.TrainLayout``: CSR by
+    output row, its transpose for dX, and the flat positions of the nonzeros in the weight)."""
 
-    shape: tuple[int, int]
-    indptr: torch.Tensor
-    indices: torch.Tensor
-    flat: torch.Tensor
+    train: native.TrainLayout
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> Layout:
-        mask = mask.detach().to(device="cpu", dtype=torch.bool)
-        rows, cols = mask.shape
-        flat = mask.reshape(-1).nonzero().reshape(-1)  # row-major: CSR order
-        counts = mask.sum(dim=1, dtype=torch.int64)
-        indptr = torch.zeros(rows + 1, dtype=torch.int64)
-        indptr[1:] = torch.cumsum(counts, 0)
-        return cls(
-            (rows, cols),
-            indptr.to(torch.int32).contiguous(),
-            (flat % cols).to(torch.int32).contiguous(),
-            flat,
-        )
+        return cls(native.make_train_layout(mask))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.train.out_features, self.train.in_features)
+
+    @property
+    def indptr(self) -> torch.Tensor:
+        """CSR row pointers (int32)."""
+        return self.train.row_ptr
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """CSR column indices (int32; the kernels keep them as int16 where they fit)."""
+        return self.train.col.to(torch.int32)
+
+    @property
+    def flat(self) -> torch.Tensor:
+        """Positions of the nonzeros in ``weight.view(-1)``, row-major (CSR order)."""
+        return self.train.flat
 
     @property
     def nnz(self) -> int:
-        return int(self.flat.numel())
+        return self.train.nnz
 
     @property
     def sparsity(self) -> float:
-        return 1.0 - self.nnz / (self.shape[0] * self.shape[1])
+        rows, cols = self.shape
+        return 1.0 - self.nnz / (rows * cols)
 
 
 class MaskedSparseLinear(torch.autograd.Function):
-    """``F.linear(x, weight * mask, bias)`` on SparseProp's CSR kernels; the weight gradient is
-    dense in shape and zero off the mask."""
+    """``F.linear(x, weight * mask, bias)`` on recipec's sparse kernels; the weight gradient is
+    dense in shape and zero off the mask.
+
+    ``native.sparse_linear_train`` runs inside, on detached inputs: its graph is kept from the
+    forward to this function's backward, which takes its gradients (no recomputation). This
+    wrapper adds the kernel path chosen once (:func:`backend`) and a refused double backward."""
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: Layout
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        layout: Layout,
+        grad: bool = True,
     ):
-        kernels = require_backend()
-        rows, cols = layout.shape
-        lead = x.shape[:-1]
-        xt = _transpose(x.detach().reshape(-1, cols).contiguous())  # [in, tokens]
-        values = weight.detach().reshape(-1)[layout.flat].contiguous()
-        out = torch.zeros(rows, xt.shape[1], dtype=torch.float32)  # the kernel accumulates into it
-        kernels.sparse_linear_vectorized_forward(
-            xt.numpy(), layout.indptr.numpy(), layout.indices.numpy(), values.numpy(), out.numpy()
-        )
-        y = _transpose(out)
-        if bias is not None:
-            y += bias.detach()
-        ctx.save_for_backward(xt, values)
-        ctx.layout = layout
-        ctx.x_shape = x.shape
-        ctx.has_bias = bias is not None
-        return y.reshape(*lead, rows)
+        # ``grad``: whether the caller records a graph (``needs_input_grad`` says True for a
+        # parameter even under ``no_grad``); an evaluation keeps no activations.
+        wants = ctx.needs_input_grad[:3] if grad else (False, False, False)
+        with torch.enable_grad():
+            inner = [
+                None if t is None else t.detach().requires_grad_(want)
+                for t, want in zip((x, weight, bias), wants)
+            ]
+            y = native.sparse_linear_train(*inner, layout.train, backend=backend())
+        ctx.inner = (y, inner) if y.requires_grad else None
+        return y.detach()
 
     @staticmethod
     @once_differentiable  # its backward is not itself differentiable: double backward raises
     def backward(ctx, grad_out: torch.Tensor):
-        xt, values = ctx.saved_tensors
-        layout: Layout = ctx.layout
-        rows, cols = layout.shape
-        go = grad_out.reshape(-1, rows).contiguous().float()
-        got = _transpose(go)  # [out, tokens]
-        # float32 throughout: the kernel takes float arrays and would write into a converted copy
-        grad_xt = torch.zeros(
-            cols, got.shape[1], dtype=torch.float32
-        )  # accumulated into by the kernel
-        grad_values = torch.zeros(layout.nnz, dtype=torch.float32)
-        require_backend().sparse_linear_vectorized_backward(
-            xt.numpy(),
-            layout.indptr.numpy(),
-            layout.indices.numpy(),
-            values.numpy(),
-            got.numpy(),
-            grad_xt.numpy(),
-            grad_values.numpy(),
-        )
-        grad_x = _transpose(grad_xt).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = (
-                torch.zeros(rows * cols, dtype=torch.float32)
-                .index_copy_(0, layout.flat, grad_values)
-                .reshape(rows, cols)
+        if ctx.inner is None:  # its activations were freed by the first backward
+            raise RuntimeError(
+                "Trying to backward through a sparse backprop layer a second time: its saved "
+                "activations were freed (sparse backprop does not keep them for retain_graph)"
             )
-        grad_b = go.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None
+        y, inner = ctx.inner
+        ctx.inner = None  # the activations it holds are freed now, not with the graph
+        wanted = [t for t in inner if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(y, wanted, grad_out))
+        out = [next(grads) if t is not None and t.requires_grad else None for t in inner]
+        return (*out, None, None)
 
 
 def _sparse_forward(module: nn.Linear, layout: Layout, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +187,7 @@ def _sparse_forward(module: nn.Linear, layout: Layout, x: torch.Tensor) -> torch
     )
     if not usable:  # e.g. a caller moved the model or autocasts: the dense layer is always right
         return F.linear(x, module.weight, module.bias)
-    return MaskedSparseLinear.apply(x, module.weight, module.bias, layout)
+    return MaskedSparseLinear.apply(x, module.weight, module.bias, layout, torch.is_grad_enabled())
 
 
 class SparseBackprop:
@@ -184,12 +205,12 @@ class SparseBackprop:
     def __init__(self, model: nn.Module, min_sparsity: float = DEFAULT_MIN_SPARSITY):
         if not 0.0 <= min_sparsity <= 1.0:
             raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
-        require_backend()
         if {p.device.type for p in model.parameters()} != {"cpu"} or dist_utils.world_size() > 1:
             raise SparseBackpropError(
-                "sparse backprop runs SparseProp's CPU kernels: a model on the CPU in a single "
+                "sparse backprop runs recipec's CPU kernels: a model on the CPU in a single "
                 "process (not --device cuda, not torchrun)"
             )
+        self.backend = backend()  # builds the kernels here if they are not built yet
         self.model = model
         self.min_sparsity = min_sparsity
         self._patched: dict[str, nn.Linear] = {}
@@ -245,12 +266,20 @@ class SparseBackprop:
         return bool(self._patched)
 
     def describe(self, total: int) -> str:
-        """One line for the log: how many of ``total`` pruned tensors run sparse."""
+        """One line for the log: how many of ``total`` pruned tensors run sparse, and on what."""
         spars = list(self.layers.values())
         if not spars:
-            return f"sparse backprop: none of the {total} pruned tensors is a linear layer at >= {100 * self.min_sparsity:.0f}% zeros; dense kernels"
+            return (
+                f"sparse backprop: none of the {total} pruned tensors is a linear layer at "
+                f">= {100 * self.min_sparsity:.0f}% zeros; dense kernels"
+            )
+        where = (
+            "recipec's sparse kernels"
+            if self.backend == FAST_BACKEND
+            else "the pure-torch fallback (not faster)"
+        )
         return (
-            f"sparse backprop: {len(spars)} of {total} pruned tensors on SparseProp kernels "
+            f"sparse backprop: {len(spars)} of {total} pruned tensors on {where} "
             f"({100 * min(spars):.1f}-{100 * max(spars):.1f}% zeros)"
         )
 

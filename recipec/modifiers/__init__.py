@@ -16,6 +16,7 @@ from recipec.modifiers.distill import DistillModifier
 from recipec.modifiers.gmp import GMPModifier
 from recipec.modifiers.lr import LRModifier
 from recipec.modifiers.obert import OBertModifier
+from recipec.modifiers.quantize import QuantizeModifier
 from recipec.plan import ResolvedModifier
 
 Builder = Callable[[ResolvedModifier, CompileContext], Modifier]
@@ -27,6 +28,7 @@ BUILDERS: dict[str, Builder] = {
     "lr": LRModifier,
     "distill": DistillModifier,
     "cram": CrAMModifier,
+    "quantize": QuantizeModifier,
 }
 
 

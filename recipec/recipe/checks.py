@@ -232,3 +232,123 @@ def prune_only_problems(modifiers: Sequence[Any]) -> list[tuple[int, str, str]]:
 
 def scale(value: float, unit: str | None, steps_per_epoch: int) -> float:
     return value * steps_per_epoch if unit == "epoch" else value
+
+
+def _last_pruning(spec: Any) -> tuple[float, str | None]:
+    """A pruner's last pruning step in its own unit: its start for N:M or a one-shot window,
+    +inf for a window that runs to the stage's end."""
+    start, end = window_raw(spec)
+    one_shot = spec.update_every_steps is None and spec.update_every_epochs is None
+    if spec.is_nm or (end[1] is None and one_shot):
+        return start
+    return end
+
+
+def _before(
+    a: tuple[float, str | None], b: tuple[float, str | None], steps_per_epoch: int | None
+) -> bool | None:
+    """``a < b`` when the two can be compared (same unit, a unit-free bound, or known
+    ``steps_per_epoch``); None when they cannot be yet."""
+    (va, ua), (vb, ub) = a, b
+    if ua is not None and ub is not None and ua != ub:
+        if steps_per_epoch is None:
+            return None
+        va, vb = scale(va, ua, steps_per_epoch), scale(vb, ub, steps_per_epoch)
+    return va < vb
+
+
+def _start_field(spec: Any) -> str:
+    if spec.start_epoch is not None:
+        return "start_epoch"
+    return "start_step" if spec.start_step is not None else "type"
+
+
+def _shown_bound(bound: tuple[float, str | None]) -> str:
+    value, unit = bound
+    return "the stage's end" if value == float("inf") else f"{unit or 'step'} {value:g}"
+
+
+def stage_quantize_problems(
+    modifiers: Sequence[Any], training: Any, steps_per_epoch: int | None
+) -> list[tuple[int, str, str]]:
+    """``(index, field, message)`` for the quantize modifiers of one stage: one per stage (two
+    windows that overlap, or a second one that would replace the first), no start before the
+    stage's last pruning step, and a calibration pass in a prune-only stage (PTQ)."""
+    problems: list[tuple[int, str, str]] = []
+    first: tuple[int, Any] | None = None
+    for index, spec in enumerate(modifiers):
+        if not spec.quantizes:
+            continue
+        start = window_raw(spec)[0]
+        if first is not None:
+            j, other = first
+            overlap = _before(start, window_raw(other)[1], steps_per_epoch)
+            what = "overlaps" if overlap else "follows"
+            problems.append(
+                (
+                    index,
+                    "type",
+                    f"{what} modifier {j} (quantize): a stage takes one quantize window "
+                    "(fake-quant stays on to the end of the run once started)",
+                )
+            )
+            continue
+        first = (index, spec)
+        for j, pruner in enumerate(modifiers):
+            if not pruner.schedules_sparsity:
+                continue
+            last = _last_pruning(pruner)
+            if _before(start, last, steps_per_epoch):
+                problems.append(
+                    (
+                        index,
+                        _start_field(spec),
+                        f"quantization starts at {_shown_bound(start)}, before the last pruning "
+                        f"step of modifier {j} ({pruner.type}) at {_shown_bound(last)}: start "
+                        "quantize when pruning has ended (masks must be final)",
+                    )
+                )
+        if training.prune_only and spec.calibration_batches == 0:
+            problems.append(
+                (
+                    index,
+                    "calibration_batches",
+                    "a steps: 0 stage quantizes after training (PTQ): set calibration_batches "
+                    "(e.g. 32) so the input ranges are observed on training batches",
+                )
+            )
+    return problems
+
+
+def later_pruning_problems(recipe: Recipe) -> list[tuple[int, int | None, str]]:
+    """``(stage index, modifier index or None, message)`` for the stages after one that
+    quantizes: a pruner there would change the masks under the int8 weights, and a stage
+    without its own quantize modifier would train on with fake-quant state that a resumed run
+    cannot restore (each stage's checkpoint holds its own modifiers' state)."""
+    problems: list[tuple[int, int | None, str]] = []
+    quantized_in: str | None = None
+    for stage_index, stage in enumerate(recipe.resolved_stages()):
+        quantizes = any(spec.quantizes for spec in stage.modifiers)
+        if quantized_in is not None and not quantizes:
+            problems.append(
+                (
+                    stage_index,
+                    None,
+                    f"follows stage {quantized_in!r}, which quantizes: give this stage its own "
+                    "quantize modifier (fake-quant carries on through the rest of the run) or "
+                    "make the quantizing stage the last one",
+                )
+            )
+        for index, spec in enumerate(stage.modifiers):
+            if quantized_in is not None and spec.schedules_sparsity:
+                problems.append(
+                    (
+                        stage_index,
+                        index,
+                        f"prunes after quantization started (stage {quantized_in!r}): prune "
+                        "first, then quantize in this stage or a later one",
+                    )
+                )
+        if quantizes:
+            quantized_in = stage.name
+    return problems

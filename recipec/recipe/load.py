@@ -547,6 +547,28 @@ def _check_lower_targets(recipe: Recipe, positions: _Positions) -> list[Problem]
     ]
 
 
+def _check_quantize(recipe: Recipe, positions: _Positions) -> list[Problem]:
+    """Quantize windows: one per stage, after the last pruning step, calibrated when PTQ."""
+    from recipec.recipe.checks import later_pruning_problems, stage_quantize_problems
+
+    problems = [
+        _at_modifier(recipe, positions, stage_index, index, name, message=message)
+        for stage_index, stage in enumerate(recipe.resolved_stages())
+        for index, name, message in stage_quantize_problems(
+            stage.modifiers, recipe.stage_training(stage), None
+        )
+    ]
+    for stage_index, index, message in later_pruning_problems(recipe):
+        if index is None:
+            path = ("stages", stage_index, "name")
+            problems.append(Problem(positions.at(path), format_path(path), message))
+        else:
+            problems.append(
+                _at_modifier(recipe, positions, stage_index, index, "type", message=message)
+            )
+    return problems
+
+
 def load_recipe_text(text: str, source: str = "<recipe>", overrides: Iterable[str] = ()) -> Recipe:
     """Validate recipe text; raises :class:`RecipeError` listing every problem."""
     overrides = list(overrides)  # read twice (applied, then checked for shadowing)
@@ -594,6 +616,7 @@ def load_recipe_text(text: str, source: str = "<recipe>", overrides: Iterable[st
     problems += _check_prune_only(recipe, positions)
     problems += _check_windows(recipe, positions)
     problems += _check_lower_targets(recipe, positions)
+    problems += _check_quantize(recipe, positions)
     problems += _check_shadowed_sets(recipe, overrides, positions)
     if problems:
         raise RecipeError(problems)

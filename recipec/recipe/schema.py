@@ -96,6 +96,9 @@ class ModifierSpec(Spec):
     training_only: ClassVar[bool] = False
     #: Two modifiers of the same kind may not share steps ("pruning" also needs shared targets).
     overlap_kind: ClassVar[str | None] = None
+    #: Fake-quantizes its targets (int8 QAT/PTQ): must start after the last pruning step,
+    #: runs after the pruners at a step, and sparse kernels stay off in its stage.
+    quantizes: ClassVar[bool] = False
 
     def describe(self) -> str:
         """One line of this modifier's settings for ``recipec plan`` (pruning schedules are
@@ -442,8 +445,71 @@ class CrAMSpec(ModifierSpec, _Window, _Targets, _Structured):
         }
 
 
+class QuantizeSpec(ModifierSpec, _Window, _Targets):
+    """INT8 quantization of linear layers: fake-quant of their weights (symmetric int8 per output
+    channel) and inputs (int8 per tensor, observed then frozen) from the window's start to the
+    end of the run, trained with the straight-through estimator (QAT) or only calibrated (PTQ,
+    in a ``training.steps: 0`` stage). Pruned weights stay exact zeros."""
+
+    quantizes: ClassVar[bool] = True
+    overlap_kind: ClassVar[str | None] = "quantization"
+
+    type: Literal["quantize"]
+    weights: Literal["int8_per_channel_symmetric"] = Field(
+        "int8_per_channel_symmetric",
+        description="Weight scheme: scale[o] = max|W[o]| / 127, q = round(W / scale) in -127..127.",
+    )
+    activations: Literal["int8_per_tensor_symmetric"] = Field(
+        "int8_per_tensor_symmetric",
+        description="Input scheme: scale = max|observed input| / 127, q in -128..127, zero point 0.",
+    )
+    freeze_observers_at_step: NonNegInt | None = Field(
+        None,
+        description="Step at which the input ranges stop being observed and stay fixed "
+        "(default: the window's end; a stage's end freezes them in any case).",
+    )
+    freeze_observers_at_epoch: NonNegEpoch | None = None
+    calibration_batches: Annotated[int, Field(ge=0, le=100_000)] = Field(
+        0,
+        description="Training batches run (no gradients, eval mode) at the window's start to "
+        "observe the input ranges first; required (> 0) in a steps: 0 stage (PTQ).",
+    )
+
+    @model_validator(mode="after")
+    def _quantize(self) -> QuantizeSpec:
+        _one_of(self, "freeze_observers_at_step", "freeze_observers_at_epoch", required=False)
+        for unit in ("step", "epoch"):
+            freeze = getattr(self, f"freeze_observers_at_{unit}")
+            start, end = getattr(self, f"start_{unit}"), getattr(self, f"end_{unit}")
+            if freeze is not None and start is not None and freeze < start:
+                raise ValueError(
+                    f"freeze_observers_at_{unit} ({freeze:g}) is before start_{unit} ({start:g})"
+                )
+            if freeze is not None and end is not None and freeze > end:
+                raise ValueError(
+                    f"freeze_observers_at_{unit} ({freeze:g}) is after end_{unit} ({end:g})"
+                )
+        return self
+
+    def describe(self) -> str:
+        calib = (
+            f"; calibration {self.calibration_batches} batches" if self.calibration_batches else ""
+        )
+        return (
+            "int8: weights per output channel (symmetric), inputs per tensor; fake-quant from "
+            f"the window's start to the end of the run, observers frozen at the window's end{calib}"
+        )
+
+    def plan_fields(self) -> dict[str, Any]:
+        return {
+            "weights": self.weights,
+            "activations": self.activations,
+            "calibration_batches": self.calibration_batches,
+        }
+
+
 Modifier = Annotated[
-    GMPSpec | OBertSpec | ConstantSpec | DistillSpec | LRSpec | CrAMSpec,
+    GMPSpec | OBertSpec | ConstantSpec | DistillSpec | LRSpec | CrAMSpec | QuantizeSpec,
     Field(discriminator="type"),
 ]
 MODIFIER_TYPES: dict[str, type[ModifierSpec]] = {
@@ -453,6 +519,7 @@ MODIFIER_TYPES: dict[str, type[ModifierSpec]] = {
     "distill": DistillSpec,
     "lr": LRSpec,
     "cram": CrAMSpec,
+    "quantize": QuantizeSpec,
 }
 
 

@@ -16,7 +16,7 @@ import json
 import math
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ from recipec.export.onnx import (
     load_onnx,
     read_sparsity,
 )
+from recipec.runtime import stats
+from recipec.runtime.bench_targets import ENGINE_RUNTIMES, extra_targets, setup_extras
 from recipec.runtime.runtimes import (
     RUNTIMES,
     OrtRunner,
@@ -54,6 +56,7 @@ from recipec.runtime.runtimes import (
 )
 
 BASELINE = ("ort", "dense")
+INT8_BASELINE = ("ort-int8", "dense")
 
 
 class BenchError(Exception):
@@ -95,10 +98,12 @@ class Measurement:
     items_per_s: float
     max_abs_diff: float | None = None
     note: str = ""
+    p10_ms: float | None = None
+    times_ms: list[float] = field(default_factory=list)  # per round, for paired intervals
 
 
 def summarize(target: Target, times: list[float]) -> Measurement:
-    """p50/p90/mean latency in ms and items/s (batch / p50)."""
+    """p10/p50/p90/mean latency in ms and items/s (batch / p50)."""
     arr = np.asarray(times, dtype=float) * 1e3
     p50 = float(np.percentile(arr, 50))
     return Measurement(
@@ -114,6 +119,8 @@ def summarize(target: Target, times: list[float]) -> Measurement:
         items_per_s=target.batch / (p50 / 1e3) if p50 > 0 else math.inf,
         max_abs_diff=target.max_abs_diff,
         note=target.note,
+        p10_ms=float(np.percentile(arr, 10)),
+        times_ms=[round(float(t), 4) for t in arr],
     )
 
 
@@ -142,24 +149,27 @@ def run_alternating(
 
 
 def speedups(measurements: list[Measurement]) -> list[dict]:
-    """Ratios of each sparse measurement vs dense onnxruntime and vs the same runtime dense."""
+    """Ratios of each sparse measurement vs dense onnxruntime, vs the same runtime dense and
+    vs dense onnxruntime INT8, each with its paired bootstrap interval (``*_ci``: [lo, hi])
+    and ``*_no_difference`` when that interval contains 1.0."""
     by_key = {(m.model, m.runtime, m.variant, m.batch, m.seq): m for m in measurements}
     rows = []
     for m in measurements:
         if m.variant == "dense":
             continue
-        base = by_key.get((m.model, *BASELINE, m.batch, m.seq))
-        same = by_key.get((m.model, m.runtime, "dense", m.batch, m.seq))
-        rows.append(
-            {
-                "model": m.model,
-                "runtime": m.runtime,
-                "batch": m.batch,
-                "seq": m.seq,
-                "vs_dense_ort": base.p50_ms / m.p50_ms if base else None,
-                "vs_dense_same_runtime": same.p50_ms / m.p50_ms if same else None,
-            }
-        )
+        row = {"model": m.model, "runtime": m.runtime, "batch": m.batch, "seq": m.seq}
+        bases = {
+            "vs_dense_ort": by_key.get((m.model, *BASELINE, m.batch, m.seq)),
+            "vs_dense_same_runtime": by_key.get((m.model, m.runtime, "dense", m.batch, m.seq)),
+            "vs_dense_ort_int8": by_key.get((m.model, *INT8_BASELINE, m.batch, m.seq)),
+        }
+        for name, base in bases.items():
+            row[name] = base.p50_ms / m.p50_ms if base else None
+            if base is not None and len(base.times_ms) > 1 and len(m.times_ms) > 1:
+                _, lo, hi = stats.ratio_interval(base.times_ms, m.times_ms)
+                row[f"{name}_ci"] = [round(lo, 4), round(hi, 4)]
+                row[f"{name}_no_difference"] = stats.no_difference(lo, hi)
+        rows.append(row)
     return rows
 
 
@@ -356,8 +366,16 @@ def bench(
     rtol: float = 1e-3,
     clock: str = "wall",
     log: Callable[[str], None] | None = None,
+    max_repeats: int | None = None,
+    time_budget: float = 30.0,
+    precision: float = 0.05,
 ) -> dict:
-    """Benchmark a deployment folder (or a checkpoint, exported first) and return a report."""
+    """Benchmark a deployment folder (or a checkpoint, exported first) and return a report.
+
+    Timing runs ``repeats`` interleaved rounds, then more (up to ``max_repeats``, default
+    10 x ``repeats``) until every ratio's 95% interval is within +-``precision`` or
+    ``time_budget`` seconds per batch size are spent (``recipec.runtime.stats``).
+    """
     log = log or (lambda msg: None)
     threads = threads or default_threads()
     torch.set_num_threads(threads)
@@ -377,6 +395,12 @@ def bench(
         "skipped": {},
         "refused": [],
         "torch_csr_layers": {},
+        "timing": {
+            "min_rounds": repeats,
+            "max_rounds": max_repeats or 10 * repeats,
+            "time_budget_s": time_budget,
+            "precision": precision,
+        },
     }
     with tempfile.TemporaryDirectory(prefix="recipec-bench-") as tmp:
         setup = _setup(
@@ -384,13 +408,34 @@ def bench(
             deepsparse_python, kernels, atol, rtol, report, log,
         )  # fmt: skip
         try:
+            load = stats.MachineLoad(stats.loadavg(), None, stats.usable_cores(), threads)
             measurements = _measure_batches(setup, batch_sizes, warmup, repeats, clock, report, log)
+            load.load_end = stats.loadavg()
         finally:
             if setup.worker is not None:
                 setup.worker.close()
     report["results"] = [asdict(m) for m in measurements]
     report["speedups"] = speedups(measurements)
+    _judge(report, load, measurements)
     return report
+
+
+def _judge(report: dict, load: stats.MachineLoad, measurements: list[Measurement]) -> None:
+    """The machine's load and, when busy or unstable, the warning (``report["warnings"]``)."""
+    report["machine"] = {
+        "load_avg_start": load.load_start,
+        "load_avg_end": load.load_end,
+        "cores": load.cores,
+        "threads": load.threads,
+        "busy": load.busy,
+    }
+    unstable = [
+        f"{m.runtime} {m.variant} b{m.batch}"
+        for m in measurements
+        if m.p10_ms and m.p90_ms / m.p10_ms > stats.UNSTABLE_SPREAD
+    ]
+    warning = stats.busy_warning(load, unstable)
+    report["warnings"] = [warning] if warning else []
 
 
 @dataclass
@@ -415,6 +460,8 @@ class _Setup:
     kernels: list[str] | None
     atol: float
     rtol: float
+    extras: Any = None
+    timing: dict = field(default_factory=dict)
 
 
 def _setup(
@@ -433,6 +480,11 @@ def _setup(
     onnx_dense = dense_twin_onnx(folder, workdir / "dense.onnx") if dense_baseline else None
     worker = _deepsparse_worker(active, deepsparse_python, threads, report, log)
     torch_model, masks, torch_dense = _torch_models(active, folder, info, onnx_dense, report, log)
+    onnx_paths = {"sparse": onnx_sparse, **({"dense": onnx_dense} if onnx_dense else {})}
+    extras = setup_extras(
+        active, folder, info, onnx_paths, workdir, threads, (torch_model, masks, torch_dense),
+        report, log,
+    )  # fmt: skip
     return _Setup(
         label=Path(path).name or str(path),
         runtimes=active,
@@ -452,6 +504,8 @@ def _setup(
         kernels=kernels,
         atol=atol,
         rtol=rtol,
+        extras=extras,
+        timing=report["timing"],
     )
 
 
@@ -512,14 +566,43 @@ def _measure_batches(
             ) from None
         log(
             f"batch {batch}: timing {len(targets)} target(s), {warmup} warm-up + "
-            f"{repeats} alternating rounds"
+            f"{repeats}-{setup.timing['max_rounds']} alternating rounds "
+            f"(until +-{setup.timing['precision']:.0%} or {setup.timing['time_budget_s']:g} s)"
         )
         try:
-            measurements += run_alternating(targets, warmup, repeats, log=log, clock=clock)
+            measurements += measure_targets(targets, warmup, clock, setup.timing, log)
         finally:
             for t in targets:
                 t.runner.close()
     return measurements
+
+
+def measure_targets(
+    targets: list[Target], warmup: int, clock: str, timing: dict, log: Callable[[str], None]
+) -> list[Measurement]:
+    """Warm-up, then interleaved rounds until the ratios vs dense onnxruntime (or, without
+    a dense baseline, each median) are stable or the budget is spent (``stats.run_rounds``)."""
+    for t in targets:
+        if warmup:
+            t.runner.time(warmup, clock)
+    calls = {t.key: (lambda n, r=t.runner: r.time(n, clock)) for t in targets}
+    base = next((t.key for t in targets if (t.runtime, t.variant) == BASELINE), None)
+    rounds = stats.run_rounds(
+        calls,
+        baseline=base,
+        min_rounds=timing["min_rounds"],
+        max_rounds=max(timing["max_rounds"], timing["min_rounds"]),
+        budget_s=timing["time_budget_s"],
+        precision=timing["precision"],
+        log=log,
+    )
+    log(f"  {rounds.rounds} rounds in {rounds.elapsed_s:.1f} s ({rounds.stopped})")
+    out = []
+    for t in targets:
+        m = summarize(t, rounds.times[t.key])
+        m.note = (m.note + "; " if m.note else "") + f"{rounds.rounds} rounds, {rounds.stopped}"
+        out.append(m)
+    return out
 
 
 def _deepsparse_worker(
@@ -543,15 +626,17 @@ def _deepsparse_worker(
 def _torch_models(
     active: list[str], folder: Path, info: dict, onnx_dense: Path | None, report: dict, log
 ) -> tuple[torch.nn.Module | None, dict | None, torch.nn.Module | None]:
-    """``(model, masks, dense twin)`` for torch-csr; Nones (and the runtime dropped) without
-    torch weights in the folder."""
-    if "torch-csr" not in active:
+    """``(model, masks, dense twin)`` for torch-csr and the engines; Nones (and those runtimes
+    dropped) without torch weights in the folder."""
+    users = [r for r in ("torch-csr", *ENGINE_RUNTIMES) if r in active]
+    if not users:
         return None, None, None
     if not (folder / MASKS_FILE).is_file():
         msg = f"{folder} has no torch weights/masks (exported with --no-torch-weights)"
-        report["skipped"]["torch-csr"] = msg
-        log(f"torch-csr: skipped: {msg}")
-        active.remove("torch-csr")
+        for runtime in users:
+            report["skipped"][runtime] = msg
+            log(f"{runtime}: skipped: {msg}")
+            active.remove(runtime)
         return None, None, None
     model = load_model(folder, info["task"])
     masks = load_masks(folder / MASKS_FILE, model)
@@ -608,6 +693,11 @@ def _targets_for_batch(
             except OutputMismatch as exc:
                 report["refused"].append(str(exc))
                 log(f"torch-csr {variant} b{batch}: REFUSED: {exc}")
+    tol = (setup.atol, setup.rtol)
+    for runtime, variant, runner, diff in extra_targets(
+        setup.extras, inputs, ref, tol, report, log
+    ):
+        targets.append(Target(setup.label, runtime, variant, batch, setup.seq_len, runner, diff))
     return targets
 
 
@@ -616,15 +706,30 @@ def _targets_for_batch(
 # --------------------------------------------------------------------------------------
 
 
+def _ratio_cell(row: dict | None, name: str) -> str:
+    """``2.51x [2.40-2.63]``, with ``=`` for an interval containing 1.0 (no difference)."""
+    if not row or not row.get(name):
+        return ""
+    text = f"{row[name]:.2f}x"
+    ci = row.get(f"{name}_ci")
+    if ci:
+        text += f" [{ci[0]:.2f}-{ci[1]:.2f}]" + ("=" if row.get(f"{name}_no_difference") else "")
+    return text
+
+
 def format_table(report: dict) -> str:
-    """A plain-text table of the measurements with speedups vs dense onnxruntime."""
+    """A plain-text table of the measurements with speedups and their 95% intervals.
+
+    A ratio marked ``=`` has an interval that contains 1.0: no measurable difference.
+    """
     ratios = {
         (s["model"], s["runtime"], s["batch"], s["seq"]): s for s in report.get("speedups", [])
     }
+    int8 = any(s.get("vs_dense_ort_int8") for s in report.get("speedups", []))
     header = (
-        f"{'batch':>5}  {'runtime':<11} {'variant':<7} {'p50 ms':>9} {'p90 ms':>9} "
-        f"{'items/s':>9}  {'vs dense ort':>12}  {'vs same dense':>13}"
-    )
+        f"{'batch':>5}  {'runtime':<11} {'variant':<7} {'p10 ms':>9} {'p50 ms':>9} {'p90 ms':>9} "
+        f"{'items/s':>9}  {'vs dense ort':>22}  {'vs same dense':>22}"
+    ) + (f"  {'vs dense ort-int8':>22}" if int8 else "")
     lines = [header, "-" * len(header)]
     mismatch = bool(report.get("sparsity_mismatch"))
     for m in report.get("results", []):
@@ -633,12 +738,20 @@ def format_table(report: dict) -> str:
             if m["variant"] == "sparse"
             else None
         )
-        vs_ort = f"{r['vs_dense_ort']:.2f}x" if r and r["vs_dense_ort"] else ""
-        vs_same = f"{r['vs_dense_same_runtime']:.2f}x" if r and r["vs_dense_same_runtime"] else ""
         variant = f"{m['variant']}*" if mismatch and m["variant"] == "sparse" else m["variant"]
+        p10 = m.get("p10_ms")
+        line = (
+            f"{m['batch']:>5}  {m['runtime']:<11} {variant:<7} "
+            f"{p10 if p10 is not None else math.nan:>9.2f} {m['p50_ms']:>9.2f} "
+            f"{m['p90_ms']:>9.2f} {m['items_per_s']:>9.1f}  "
+            f"{_ratio_cell(r, 'vs_dense_ort'):>22}  {_ratio_cell(r, 'vs_dense_same_runtime'):>22}"
+        )
+        if int8:
+            line += f"  {_ratio_cell(r, 'vs_dense_ort_int8'):>22}"
+        lines.append(line)
+    if any(s.get(k) for s in ratios.values() for k in s if k.endswith("_no_difference")):
         lines.append(
-            f"{m['batch']:>5}  {m['runtime']:<11} {variant:<7} {m['p50_ms']:>9.2f} "
-            f"{m['p90_ms']:>9.2f} {m['items_per_s']:>9.1f}  {vs_ort:>12}  {vs_same:>13}"
+            "[lo-hi]: 95% interval (paired bootstrap); '=': contains 1.0, no measurable difference"
         )
     if mismatch:
         lines.append(

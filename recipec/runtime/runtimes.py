@@ -1,5 +1,7 @@
 """CPU runtimes for the benchmark: onnxruntime, DeepSparse (in its own venv), torch-csr.
 
+(recipec's own engine and onnxruntime's dynamic INT8 are in ``recipec.runtime.bench_targets``.)
+
 Every runtime is driven through a ``Runner`` bound to one set of inputs: ``outputs()`` runs
 once and returns the logits (checked against onnxruntime before any timing), ``time(n)``
 returns ``n`` per-call latencies in seconds.
@@ -38,7 +40,7 @@ from recipec.kernels.sparseprop import (
 )
 from recipec.sparsity.masks import count_zeros
 
-RUNTIMES = ("ort", "deepsparse", "torch-csr")
+RUNTIMES = ("ort", "ort-int8", "deepsparse", "torch-csr", "engine", "engine-int8")
 DEEPSPARSE_ENV = "RECIPEC_DEEPSPARSE_PYTHON"
 DEFAULT_DEEPSPARSE_VENV = Path.home() / ".cache" / "recipec" / "deepsparse-venv"
 WORKER_SCRIPT = Path(__file__).with_name("deepsparse_worker.py")

@@ -102,7 +102,7 @@ class RecipecCallback(TrainerCallback):
     Args:
         program: The compiled stage. Its model and optimizer must be the Trainer's.
         sparse_backprop: A minimum layer sparsity (e.g. 0.9) to run pruned linear layers on
-            SparseProp's CPU kernels between mask changes (:mod:`recipec.kernels.sparse_backprop`;
+            recipec's sparse CPU kernels between mask changes (:mod:`recipec.kernels.sparse_backprop`;
             CPU, one process, not with ``cram``); None (default) keeps the dense kernels.
             ``RecipecTrainer.train`` removes them however training ends; with a plain
             ``Trainer``, call ``callback.remove_sparse_kernels()`` after a ``train()`` that raised.
@@ -269,7 +269,7 @@ class RecipecTrainer(Trainer):
     Args:
         *args: Passed to ``transformers.Trainer``.
         program: The compiled stage (:func:`recipec.compile`).
-        sparse_backprop: See :class:`RecipecCallback` (SparseProp's CPU kernels between mask
+        sparse_backprop: See :class:`RecipecCallback` (recipec's sparse CPU kernels between mask
             changes, for layers with at least this sparsity; None: dense kernels).
         **kwargs: Passed to ``transformers.Trainer``.
     """

@@ -257,7 +257,7 @@ class StageResult:
     seconds: float
     eval_history: list[dict[str, Any]] = field(default_factory=list)
     final_eval: dict[str, float] | None = None
-    # --sparse-backprop: the first step on SparseProp kernels, the layers and min sparsity
+    # --sparse-backprop: the first step on the sparse kernels, the layers and min sparsity
     sparse_backprop: dict[str, Any] | None = None
 
     @property

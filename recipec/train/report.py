@@ -91,6 +91,7 @@ def write_outputs(
     program = outcomes[-1].program if outcomes else None
     masks = program.masks.masks if program is not None else {}
     folder = write_checkpoint(model, out / "model", masks, tokenizer, recipe_text)
+    quantized = _write_quant(folder, model)
     params = dict(model.named_parameters())
     targets_sparsity, per_tensor = weight_sparsity(params, list(masks))
     zeros = {name: count_zeros(params[name]) for name in masks}
@@ -131,6 +132,8 @@ def write_outputs(
     }
     if resumes:
         report["resumes"] = resumes
+    if quantized is not None:
+        report["quantization"] = quantized
     history = [(o.name, h) for o in outcomes for h in o.program.history()]
     report["plots"] = write_plots(
         out,
@@ -144,6 +147,25 @@ def write_outputs(
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     write_text_atomic(out / "report.md", _markdown(report))
     return report
+
+
+def _write_quant(folder: Path, model) -> dict[str, Any] | None:
+    """``quantization.json`` beside the weights of a model a stage quantized (its report
+    entry), else None."""
+    from recipec.quant.fake import quant_of
+    from recipec.quant.files import QUANT_FILE, quant_record
+
+    quant = quant_of(model)
+    if quant is None:
+        return None
+    record = quant_record(quant)
+    write_text_atomic(folder / QUANT_FILE, json.dumps(record, indent=2))
+    return {
+        "file": QUANT_FILE,
+        "weights": record["weights"],
+        "activations": record["activations"],
+        "layers": len(record["layers"]),
+    }
 
 
 def _wall_time(report: dict[str, Any]) -> str:
@@ -162,12 +184,17 @@ def _sparse_line(sparse: dict[str, Any]) -> str:
     least = f">= {100 * sparse['min_sparsity']:.0f}% zeros"
     if sparse.get("from_step") is None:
         return f"Sparse backprop: no pruned linear layer reached {least}; dense kernels throughout."
+    where = (
+        "the pure-torch fallback (recipec's sparse kernels could not run here; not faster)"
+        if sparse.get("fallback")
+        else "recipec's sparse kernels"
+    )
     since = f"step {sparse['from_step']}" + (
         " (of the last session: the stage was resumed)" if sparse.get("resumed") else ""
     )
     return (
         f"Sparse backprop: from {since}, pruned linear layers with {least} ran forward and "
-        f"backward on SparseProp kernels between mask changes ({sparse['layers']} at the end of the stage)."
+        f"backward on {where} between mask changes ({sparse['layers']} at the end of the stage)."
     )
 
 

@@ -55,7 +55,7 @@ class RunConfig:
     teacher_cache: Path | None = None
     checkpoint_every: int | None = None
     stop_after_step: int | None = None  # tests: end the (last) stage early
-    # Minimum sparsity for SparseProp kernels once a stage's masks are fixed (None: dense kernels).
+    # Minimum sparsity for the sparse kernels once a stage's masks are fixed (None: dense kernels).
     sparse_backprop: float | None = None
     # --keep-checkpoints: how many of the last stage's newest a finished run keeps (None: all)
     keep_checkpoints: int | None = 1

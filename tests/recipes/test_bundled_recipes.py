@@ -22,6 +22,11 @@ def test_recipes_are_found():
         "smc_baseline.yaml",
         "oneshot_obert.yaml",
         "cram_plus.yaml",
+        "obert_block4_80_qat.yaml",
+        "obert_block4_90_qat.yaml",
+        "downstream_gmp_90_qat.yaml",
+        "ptq.yaml",
+        "qat.yaml",
     } <= names
 
 
@@ -99,12 +104,43 @@ def test_apply_runs_every_bundled_recipe(path, tiny_model_dir, tmp_path, monkeyp
         for m in stage.modifiers
         if m.type in ("gmp", "obert")
     ]
-    assert pruners, "every bundled recipe prunes"
-    assert report["sparsity"]["targets"] == pytest.approx(pruners[-1].final_sparsity, abs=2e-3)
+    quantizes = any(m.type == "quantize" for s in recipe.resolved_stages() for m in s.modifiers)
+    if path.stem in ("ptq", "qat"):  # INT8 of the (dense) tiny model: its zeros kept, none added
+        assert report["sparsity"]["targets"] == 0.0
+        assert report["stages"][0].get("prune_only", False) == (path.stem == "ptq")
+    else:
+        assert pruners, "every bundled recipe but ptq prunes"
+        assert report["sparsity"]["targets"] == pytest.approx(pruners[-1].final_sparsity, abs=2e-3)
     assert [s["steps"] for s in report["stages"]] == [p.total_steps for p in resolve(recipe, 1)]
     assert (report.get("teacher") is not None) == any(
         m.type == "distill" for s in recipe.resolved_stages() for m in s.modifiers
     )
+    assert ("quantization" in report) == quantizes
+    assert (out / "model" / "quantization.json").is_file() == quantizes
+
+
+QAT = [p for p in RECIPES if p.stem.endswith("_qat")]
+
+
+@pytest.mark.parametrize("path", QAT, ids=lambda p: p.name)
+@pytest.mark.parametrize("steps_per_epoch", [1, 7, 2105])
+def test_qat_recipes_quantize_the_final_masks_with_kd(path, steps_per_epoch):
+    """Pruning ends, fine-tuning at the target, then 2 epochs of QAT (observers frozen after
+    the first) to the end of the run, with KD throughout and its own LR window."""
+    (plan,) = resolve(load_recipe(path), steps_per_epoch)
+    (pruner,) = plan.with_trait("schedules_sparsity")
+    (quant,) = plan.by_type("quantize")
+    (kd,) = plan.by_type("distill")
+    assert quant.window.start >= pruner.pruning_steps[-1] + 2 * steps_per_epoch
+    assert quant.window.end == plan.total_steps == quant.window.start + 2 * steps_per_epoch
+    assert quant.freeze == quant.window.start + steps_per_epoch
+    assert kd.window.start == 0 and kd.window.end == plan.total_steps
+    (qat_lr,) = [m for m in plan.by_type("lr") if m.window.start == quant.window.start]
+    assert plan.lr_at(quant.window.start) == qat_lr.spec.init_lr == pytest.approx(1e-5)
+    assert quant.spec.calibration_batches == 64
+    if "obert" in path.stem:
+        assert pruner.spec.structure == "block4"
+        assert pruner.spec.final_sparsity == (0.8 if "_80_" in path.stem else 0.9)
 
 
 PAPER_KD = [p for p in RECIPES if p.stem.startswith(("downstream_gmp", "obert_", "quickstart"))]

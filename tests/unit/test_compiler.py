@@ -69,6 +69,7 @@ def test_every_builder_builds_a_modifier():
         "lr": {"type": "lr", "init_lr": 1e-3},
         "distill": {"type": "distill", "teacher": "given"},
         "cram": {"type": "cram", "sparsities": [0.5, 0.7]},
+        "quantize": {"type": "quantize"},  # last: it stays installed on the model
     }
     assert set(examples) == set(MODIFIER_TYPES)
     for kind, spec in examples.items():

@@ -268,6 +268,34 @@ def test_fallback_when_nothing_builds(tmp_path, how):
     assert ("no C++ compiler" in lines[0]) == (how == "no-compiler")
 
 
+PREBUILD = "from recipec.kernels import native as n; n.prebuild(); print(n.backend())"
+
+
+def test_prebuild_says_once_that_nothing_builds_until_a_build_works(tmp_path):
+    """``recipec apply`` prebuilds in the background on every run: where nothing builds, the
+    first run says why and later ones stay quiet; once a build works the marker goes."""
+    env = {"RECIPEC_CACHE": str(tmp_path), "RECIPEC_KERNELS": "auto"}
+    no_compiler = {**env, "PATH": str(tmp_path), "CXX": ""}
+    said = []
+    for _ in range(2):
+        out = run_python(PREBUILD, **no_compiler)
+        assert out.returncode == 0 and out.stdout.strip() == "torch-fallback", out.stderr
+        said.append([ln for ln in out.stderr.splitlines() if "fast path unavailable" in ln])
+    assert len(said[0]) == 1 and "no C++ compiler" in said[0][0] and said[1] == [], said
+    marker = tmp_path / "kernels" / "unavailable.txt"
+    assert "no C++ compiler" in marker.read_text()
+    out = run_python(PROBE, **no_compiler)  # a user of the kernels still says why
+    assert out.stderr.count("fast path unavailable (no C++ compiler") == 1, out.stderr
+    if "portable-c" not in native.available_backends():
+        return
+    for built in native._cache_dir().iterdir():  # this machine's build, not a second one
+        if built.is_dir():
+            (tmp_path / "kernels" / built.name).symlink_to(built)
+    out = run_python(PREBUILD, **env)
+    assert out.returncode == 0 and out.stdout.strip() == native.backend(), out.stderr
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("layer", LAYERS, ids=lambda v: f"{v[0]}x{v[1]}d{v[2]}")
 def test_training_forward_backward(backend, layer):
     out_f, in_f, density, dense_rows, empty_rows = layer

@@ -601,3 +601,41 @@ def test_a_prune_only_stage_is_refused_by_the_trainer(tmp_path):
     with pytest.raises(ValueError, match=r"prune-only .* program.step_start\(0\)"):
         trainer.train()
     assert program.sparsity()[0] == 0.0
+
+
+GMP_QAT = [
+    {**GMP_LR[0], "end_step": 6, "update_every_steps": 2},
+    {"type": "quantize", "start_step": 7, "freeze_observers_at_step": 9},
+    {"type": "lr", "schedule": "linear", "init_lr": 3e-3, "final_lr": 0.0},
+]
+
+
+def test_qat_through_the_trainer_equals_the_plain_loop(tmp_path):
+    """Pruning then int8 fake-quant (observed, frozen at step 9) inside Trainer's steps gives
+    the plain loop's weights and input ranges; pruned weights stay exact zeros."""
+    from recipec.quant.fake import quant_of
+
+    data = _dataset()
+    recipe = _recipe(GMP_QAT)
+    base = _model()
+    plain_model, hf_model = copy.deepcopy(base), copy.deepcopy(base)
+    plain_opt, hf_opt = _optimizer(plain_model), _optimizer(hf_model)
+    plain_program = recipec.compile(recipe, plain_model, plain_opt, steps_per_epoch=STEPS_PER_EPOCH)
+    _plain_loop(plain_model, plain_program, plain_opt, data)
+    plain_program.finalize()
+    hf_program = recipec.compile(recipe, hf_model, hf_opt, steps_per_epoch=STEPS_PER_EPOCH)
+    RecipecTrainer(
+        model=hf_model, args=_args(tmp_path), train_dataset=data, program=hf_program
+    ).train()
+    plain_params = dict(plain_model.named_parameters())
+    for name, p in hf_model.named_parameters():
+        torch.testing.assert_close(
+            p.detach(), plain_params[name].detach(), rtol=1e-5, atol=1e-7, msg=name
+        )
+    plain_q, hf_q = quant_of(plain_model), quant_of(hf_model)
+    assert hf_q.frozen and hf_q.state_dict().keys() == plain_q.state_dict().keys()
+    for name, layer in hf_q.layers.items():
+        other = plain_q.layers[name]
+        assert layer.enabled and layer.seen == other.seen == 9 - 7  # steps 7 and 8
+        assert (layer.lo, layer.hi) == pytest.approx((other.lo, other.hi), rel=1e-5)
+        assert not hf_model.get_parameter(name)[~hf_program.masks.masks[name]].any()

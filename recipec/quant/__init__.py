@@ -1,0 +1,1 @@
+"""INT8 quantization: fake-quant of linear layers (QAT and PTQ), its state and its file format."""
