@@ -21,7 +21,7 @@ import torch
 
 from recipec import architectures, models
 from recipec.models import ModelLoadError
-from recipec.outputs import write_text_atomic
+from recipec.outputs import share_like_umask, write_text_atomic
 from recipec.sparsity.masks import apply_masks_
 
 MASKS_FILE = "masks.safetensors"
@@ -286,4 +286,5 @@ def write_checkpoint(
         tokenizer.save_pretrained(str(out))
     if recipe_text is not None:
         write_text_atomic(out / RECIPE_FILES[0], recipe_text)
+    share_like_umask(out)
     return out

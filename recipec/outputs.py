@@ -61,6 +61,29 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_like_umask(path: Path) -> None:
+    """Give ``path`` and, for a folder, everything under it the modes a plain ``open`` or
+    ``mkdir`` gives (0666 / 0777 less the umask, e.g. 0644 / 0755).
+
+    Temporary folders (``tempfile.mkdtemp``: 0700) and some writers (safetensors: 0600) create
+    private files; a model or ONNX folder is meant to be shared and deployed like any other.
+    Symbolic links are left alone.
+    """
+    mask = umask()
+    paths = [path, *path.rglob("*")] if path.is_dir() and not path.is_symlink() else [path]
+    for item in paths:
+        if item.is_symlink():
+            continue
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def temp_path(path: Path) -> Path:
     """This process's temporary file for an atomic write of ``path`` (``.NAME.tmp-PID``)."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")

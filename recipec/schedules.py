@@ -63,8 +63,13 @@ def lr_in_window(
     - constant: ``init_lr``;
     - linear: ``init_lr`` to ``final_lr`` over the rest of the window;
     - cosine: :math:`f + (i - f)\,\tfrac12(1 + \cos \pi x)`;
-    - cyclic_linear: linear ``init_lr`` to ``final_lr`` within each cycle of ``cycle`` steps,
-      rewound to ``init_lr`` at every cycle start (align cycles with pruning steps).
+    - cyclic_linear: cycles of ``cycle`` steps from the window's start (the last one cut
+      short by the window's end); within each cycle of :math:`L` steps the LR goes linearly
+      from ``init_lr`` on its first step to exactly ``final_lr`` on its last,
+      :math:`i + (f - i)\,\tfrac{k}{L - 1}` at its k-th step (``init_lr`` for a
+      one-step cycle), and is rewound to ``init_lr`` at the next (align cycles with pruning
+      steps). A linear, cosine or constant window instead reaches ``final_lr`` at its end,
+      the step after its last.
     """
     local = step - start
     if warmup > 0 and local < warmup:
@@ -82,9 +87,20 @@ def lr_in_window(
     if schedule == "cyclic_linear":
         if not cycle or cycle <= 0:
             raise ValueError("cyclic_linear needs a positive cycle length")
-        x = (local % cycle) / cycle
-        return init_lr + (final_lr - init_lr) * x
+        return _in_cycle(local, span, cycle, init_lr, final_lr)
     raise ValueError(f"unknown LR schedule {schedule!r}")
+
+
+def _in_cycle(local: int, span: int, cycle: int, init_lr: float, final_lr: float) -> float:
+    """cyclic_linear at ``local`` steps into a window of ``span`` steps (see lr_in_window)."""
+    first = (local // cycle) * cycle
+    length = min(cycle, span - first) if local < span else cycle
+    if length <= 1:
+        return init_lr
+    k = local - first
+    if k >= length - 1:
+        return final_lr  # exactly, not init + (final - init) * 1.0 rounded
+    return init_lr + (final_lr - init_lr) * (k / (length - 1))
 
 
 def default_lr(step: int, *, total: int, learning_rate: float, warmup: int = 0) -> float:

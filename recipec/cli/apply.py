@@ -167,6 +167,15 @@ def _exit_130_on_ctrl_c(func):
     help="Checkpoint every N optimizer steps (default: training.checkpoint_every_steps or ~10 per stage).",
 )
 @click.option(
+    "--keep-checkpoints",
+    default="last",
+    show_default=True,
+    metavar="last|N|all",
+    help="Checkpoints a finished run keeps: 'last' (the final one, all --resume needs), N (the "
+    "last stage's newest N) or 'all' (every periodic checkpoint of every stage). While "
+    "training, the newest two per stage (N or all: as many).",
+)
+@click.option(
     "--sparse-backprop",
     is_flag=True,
     help="Between mask changes, run pruned linear layers at >= --sparse-backprop-min zeros forward and "
@@ -197,6 +206,7 @@ def command(
     max_train,
     max_eval,
     checkpoint_every,
+    keep_checkpoints,
     sparse_backprop,
     sparse_backprop_min,
     quiet,
@@ -249,6 +259,7 @@ def command(
         max_train=max_train,
         max_eval=max_eval,
         checkpoint_every=checkpoint_every,
+        keep_checkpoints=_keep_checkpoints(keep_checkpoints),
         sparse_backprop=min_sparsity,
     )
     reporter = Reporter(quiet=quiet)
@@ -269,8 +280,18 @@ def command(
 
     if not is_main():
         return
+    _print_result(report)
+
+
+def _print_result(report: dict) -> None:
+    """The final line (and a collapsed model's warning, with its likely causes, before it)."""
     from recipec.train.report import number
 
+    collapse = report.get("collapse")
+    if collapse:
+        click.echo(f"warning: {collapse['message']}; likely causes:", err=True)
+        for cause in collapse["causes"]:
+            click.echo(f"  - {cause}", err=True)
     primary = report["primary_metric"]
     final = report["final_eval"].get(primary)
     line = (
@@ -280,8 +301,21 @@ def command(
     )
     if report.get("teacher"):
         line += f"  (dense teacher {number(report['teacher']['eval'].get(primary))})"
+    if collapse:
+        line += "  COLLAPSED (see the report)"
     click.echo(line)
     click.echo(f"report: {Path(report['model_dir']).parent / 'report.md'}")
+
+
+def _keep_checkpoints(value: str) -> int | None:
+    """``--keep-checkpoints``: ``last`` -> 1, ``N`` -> N, ``all`` -> None (every one)."""
+    if value == "all":
+        return None
+    if value == "last":
+        return 1
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    fail(f"--keep-checkpoints {value!r}: use last, a number of checkpoints (1, 2, ...) or all")
 
 
 def _task_options(metric: str | None, task_kind: str | None, label_list: str | None) -> dict:

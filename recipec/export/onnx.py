@@ -33,7 +33,7 @@ from recipec.checkpoint import (
     write_checkpoint,
 )
 from recipec.export.quantized import INT8_ATOL
-from recipec.outputs import ReplaceError, check_output
+from recipec.outputs import ReplaceError, check_output, share_like_umask
 from recipec.sparsity.masks import sparsity_table
 
 ONNX_FILE = "model.onnx"
@@ -483,6 +483,7 @@ def export(
         if structure is not None:
             info["structure"] = structure
         _write_folder(tmp, ckpt, tokenizer, info, torch_weights)
+        share_like_umask(tmp)  # not mkdtemp's 0700: a deployment folder is shared
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)

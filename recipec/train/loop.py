@@ -27,6 +27,7 @@ from recipec import distributed as dist_utils
 from recipec.outputs import write_text_atomic
 from recipec.program import Program
 from recipec.tasks import Example, TaskInfo
+from recipec.tasks.collapse import prediction_diagnostics
 from recipec.tasks.data import make_dataloader
 from recipec.tasks.metrics import compute_metrics
 from recipec.train import resume
@@ -190,7 +191,9 @@ def evaluate(
     device: str,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
-    """Metrics of ``model`` on ``examples`` (eval mode, no gradients).
+    """Metrics of ``model`` on ``examples`` (eval mode, no gradients), with what the
+    predictions look like (``top_class_share`` or ``prediction_spread``, see
+    :mod:`recipec.tasks.collapse`) and the mean loss.
 
     In a distributed run every rank must call this: each evaluates a contiguous shard of
     ``examples`` and the logits are gathered, so every rank returns the same metrics.
@@ -237,6 +240,7 @@ def evaluate(
         all_logits = torch.cat(logits).numpy()
         all_labels = torch.cat(labels).numpy()
     metrics = compute_metrics(info, all_logits, all_labels)
+    metrics.update(prediction_diagnostics(info, all_logits, all_labels))
     if losses:
         metrics["loss"] = sum(losses) / len(all_labels)
     return metrics
@@ -407,9 +411,11 @@ class StageRunner:
         checkpoint_every: Steps between checkpoints.
         metrics: The run's ``metrics.jsonl`` (rank 0 writes it).
         on_step: ``f(step, record)`` after every optimizer step (progress bars).
+        on_eval: ``f(step, metrics)`` after every evaluation (the console).
         stop_after_step: End after this step without finalizing (tests).
         eval_before: A prune-only stage's metrics before pruning, when already known.
         log_sparsity: Put the masks' sparsity into each record (False for the dense teacher).
+        keep_checkpoints: Checkpoints kept in ``checkpoint_dir`` (None: every one).
         precision: How the training forward and loss compute (default fp32, see
             :class:`Precision`); the stage runs inside its ``matmuls()`` context.
     """
@@ -423,9 +429,11 @@ class StageRunner:
         checkpoint_every: int | None = None,
         metrics: MetricsLog | None = None,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
+        on_eval: Callable[[int, dict[str, float]], None] | None = None,
         stop_after_step: int | None = None,
         eval_before: dict[str, float] | None = None,
         log_sparsity: bool = True,
+        keep_checkpoints: int | None = resume.KEEP,
         precision: Precision = FP32,
     ):
         self.program = program
@@ -438,9 +446,11 @@ class StageRunner:
         self.checkpoint_every = checkpoint_every
         self.metrics = metrics if metrics is not None and dist_utils.is_main() else MetricsLog(None)
         self.on_step = on_step
+        self.on_eval = on_eval
         self.stop_after_step = stop_after_step
         self.eval_before = eval_before
         self.log_sparsity = log_sparsity
+        self.keep_checkpoints = keep_checkpoints
         self.on_resumed: Callable[[], None] | None = None  # after a checkpoint's state loaded
         self.world = dist_utils.world_size()
         self.rank = dist_utils.rank()
@@ -653,6 +663,8 @@ class StageRunner:
             record["sparsity"] = self.sparsity()
         self.eval_history.append(record)
         self.metrics.write(record)
+        if self.on_eval:
+            self.on_eval(at_step, result)
         return result
 
     def check_masks(self, where: str) -> None:
@@ -691,7 +703,9 @@ class StageRunner:
         data = dict(self.state(at_step), complete=complete)
         if dist_utils.is_main():
             name = f"{self.plan.name}-step-{at_step:08d}"
-            resume.save_checkpoint(self.checkpoint_dir, name, self.data.model, data)
+            resume.save_checkpoint(
+                self.checkpoint_dir, name, self.data.model, data, keep=self.keep_checkpoints
+            )
 
 
 def _reduce_step(

@@ -11,6 +11,9 @@ from recipec.checkpoint import write_checkpoint
 from recipec.outputs import write_text_atomic
 from recipec.sparsity.masks import count_zeros, weight_sparsity
 from recipec.sparsity.selection import component_sparsity, dense_encoder_linears, grouped_names
+from recipec.tasks.collapse import scores
+from recipec.train.diagnose import collapse_report
+from recipec.train.plots import write_plots
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -50,85 +53,22 @@ def kept_line(primary: str, final: Any, teacher: Any) -> str:
     )
 
 
-def _plots(
-    out: Path, records: list[dict[str, Any]], per_layer: dict[str, float], primary: str
-) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    # Global step across stages, for one continuous x axis.
-    offsets: dict[str, int] = {}
-    last_by_stage: dict[str, int] = {}
-    order: list[str] = []
-    for rec in records:
-        stage = rec.get("stage", "main")
-        if stage not in order:
-            order.append(stage)
-        last_by_stage[stage] = max(last_by_stage.get(stage, 0), rec.get("step", 0))
-    running = 0
-    for stage in order:
-        offsets[stage] = running
-        running += last_by_stage[stage]
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if f"eval_{primary}" in r]
-
-    if train:
-        fig, ax = plt.subplots(figsize=(8, 3.5))
-        xs = [offsets[r["stage"]] + r["step"] for r in train]
-        ax.plot(xs, [r["lr"] for r in train], color="tab:blue")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("learning rate", color="tab:blue")
-        # sparsity: every training step, and the one-shot pruning of prune-only stages (no loss)
-        pruned = [
-            r for r in records if "sparsity" in r and not any(k.startswith("eval_") for k in r)
-        ]
-        if pruned:
-            ax2 = ax.twinx()
-            ax2.step(
-                [offsets[r["stage"]] + r["step"] for r in pruned],
-                [100 * r["sparsity"] for r in pruned],
-                where="post",
-                color="tab:red",
-            )
-            ax2.set_ylabel("sparsity of targets (%)", color="tab:red")
-            ax2.set_ylim(0, 100)
-        ax.set_title("learning rate and sparsity")
-        fig.tight_layout()
-        fig.savefig(out / "sparsity_lr.png", dpi=110)
-        plt.close(fig)
-        written.append("sparsity_lr.png")
-    if evals:
-        fig, ax = plt.subplots(figsize=(8, 3.5))
-        ax.plot(
-            [offsets[r["stage"]] + r["step"] for r in evals],
-            [r[f"eval_{primary}"] for r in evals],
-            marker="o",
-        )
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(f"eval {primary}")
-        ax.set_title(f"eval {primary}")
-        fig.tight_layout()
-        fig.savefig(out / "eval.png", dpi=110)
-        plt.close(fig)
-        written.append("eval.png")
-    if per_layer:
-        fig, ax = plt.subplots(figsize=(8, max(3.0, 0.18 * len(per_layer))))
-        names = list(per_layer)
-        ax.barh(range(len(names)), [100 * per_layer[n] for n in names], color="tab:red")
-        ax.set_yticks(range(len(names)))
-        ax.set_yticklabels([n.replace(".weight", "") for n in names], fontsize=6)
-        ax.invert_yaxis()
-        ax.set_xlim(0, 100)
-        ax.set_xlabel("sparsity (%)")
-        ax.set_title("per-tensor sparsity")
-        fig.tight_layout()
-        fig.savefig(out / "layer_sparsity.png", dpi=110)
-        plt.close(fig)
-        written.append("layer_sparsity.png")
-    return written
+def _stage_entry(o) -> dict[str, Any]:
+    """One stage in report.json: steps, time, evaluation, pruning history."""
+    return {
+        "name": o.name,
+        "steps": o.result.steps,
+        "steps_per_epoch": o.plan.steps_per_epoch,
+        "seconds": o.result.seconds,
+        "final_eval": o.result.final_eval,
+        "pruning": o.program.history(),
+        **({"sparse_backprop": o.result.sparse_backprop} if o.result.sparse_backprop else {}),
+        **(
+            {"prune_only": True, "eval_before_pruning": o.result.eval_before_pruning}
+            if o.plan.training.prune_only
+            else {}
+        ),
+    }
 
 
 def write_outputs(
@@ -175,36 +115,35 @@ def write_outputs(
             # encoder linear layers left dense (an exclude named them, or nothing prunes)
             "dense_encoder_linears": dense_encoder_linears(model, masks),
         },
-        "stages": [
-            {
-                "name": o.name,
-                "steps": o.result.steps,
-                "steps_per_epoch": o.plan.steps_per_epoch,
-                "seconds": o.result.seconds,
-                "final_eval": o.result.final_eval,
-                "pruning": o.program.history(),
-                **(
-                    {"sparse_backprop": o.result.sparse_backprop}
-                    if o.result.sparse_backprop
-                    else {}
-                ),
-                **(
-                    {"prune_only": True, "eval_before_pruning": o.result.eval_before_pruning}
-                    if o.plan.training.prune_only
-                    else {}
-                ),
-            }
-            for o in outcomes
-        ],
+        "stages": [_stage_entry(o) for o in outcomes],
         "wall_seconds": seconds,
         "resumed": bool(config.resume),
         "model_dir": str(folder),
+        "collapse": collapse_report(
+            info,
+            final_eval,
+            eval_examples=len(task.eval),
+            train_examples=len(task.train),
+            outcomes=outcomes,
+            model=model,
+            masks=masks,
+            targets_sparsity=targets_sparsity,
+        ),
     }
     if resumes:
         report["resumes"] = resumes
     if quantized is not None:
         report["quantization"] = quantized
-    report["plots"] = _plots(out, records, per_tensor, info.primary_metric)
+    history = [(o.name, h) for o in outcomes for h in o.program.history()]
+    report["plots"] = write_plots(
+        out,
+        records,
+        per_tensor,
+        info.primary_metric,
+        teacher=teacher_report["eval"].get(info.primary_metric) if teacher_report else None,
+        pruning=[(stage, h["step"]) for stage, h in history],
+        target=history[-1][1]["target"] if history else None,
+    )
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     write_text_atomic(out / "report.md", _markdown(report))
     return report
@@ -259,6 +198,21 @@ def _sparse_line(sparse: dict[str, Any]) -> str:
     )
 
 
+def _collapse_lines(collapse: dict[str, Any] | None) -> list[str]:
+    """The report's warning for a collapsed model: what it does, and the usual causes."""
+    if not collapse:
+        return []
+    return [
+        "",
+        "## Warning: the model collapsed",
+        "",
+        f"{collapse['message'][0].upper()}{collapse['message'][1:]}: its score is that of a "
+        "constant answer, not a result. Likely causes, with this run's numbers:",
+        "",
+        *(f"- {cause}" for cause in collapse["causes"]),
+    ]
+
+
 def _dense_lines(dense: list[str] | None) -> list[str]:
     if dense is None:  # an architecture whose encoder linear layers recipec cannot tell
         return []
@@ -286,13 +240,14 @@ def _markdown(report: dict[str, Any]) -> str:
         f"- model: {report['model']}",
         f"- task: {report['task']['name']} ({report['task']['kind']}), {report['train_examples']} train / {report['eval_examples']} eval",
         _wall_time(report),
+        *_collapse_lines(report.get("collapse")),
         "",
         "## Final evaluation",
         "",
         "| metric | value |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {number(v)} |" for k, v in report["final_eval"].items()]
+    lines += [f"| {k} | {number(v)} |" for k, v in scores(report["final_eval"]).items()]
     if report.get("teacher"):
         t = report["teacher"]["eval"]
         lines += ["", kept_line(primary, report["final_eval"].get(primary), t.get(primary))]

@@ -48,9 +48,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from recipec.outputs import as_os_error, fsync_dir, write_text_atomic
+from recipec.outputs import as_os_error, fsync_dir, share_like_umask, write_text_atomic
 
 KEEP = 2
+"""Checkpoints kept per stage while it trains: the newest and the one before (a crash while
+writing the newest leaves the previous one whole)."""
 MODEL_FILE = "model.safetensors"
 STATE_STEM = "state"
 LEGACY_STATE = "state.pt"
@@ -327,9 +329,14 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
 
 
 def save_checkpoint(
-    root: Path, step_label: str, model: torch.nn.Module, state: dict[str, Any]
+    root: Path,
+    step_label: str,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    keep: int | None = KEEP,
 ) -> Path:
-    """Write ``model`` weights and ``state`` as a new checkpoint ``root/step_label``."""
+    """Write ``model`` weights and ``state`` (torch-serialisable) as a new checkpoint; then
+    delete all but the newest ``keep`` of ``root`` (None: keep every one)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_label
     tmp = root / f".tmp-{step_label}-{os.getpid()}"
@@ -343,6 +350,7 @@ def save_checkpoint(
         for name in (MODEL_FILE, f"{STATE_STEM}.safetensors", f"{STATE_STEM}.json"):
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())
+        share_like_umask(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -351,7 +359,8 @@ def save_checkpoint(
         raise
     fsync_dir(root)
     write_text_atomic(root / "latest", step_label + "\n")
-    _prune_old(root, final, keep=KEEP)
+    if keep is not None:
+        _prune_old(root, final, keep=keep)
     return final
 
 
@@ -394,6 +403,27 @@ def _prune_old(root: Path, newest: Path, keep: int) -> None:
     for stale in root.glob(".tmp-*"):
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def keep_last(stage_roots: list[Path], keep: int = 1) -> list[Path]:
+    """After a finished run: delete every checkpoint but the last stage's newest verified one
+    (all that ``--resume`` reads from a finished run) and the ``keep - 1`` before it; returns
+    the folders deleted. Stage folders left without a checkpoint are removed."""
+    last = latest_checkpoint(stage_roots[-1]) if stage_roots else None
+    if last is None:
+        return []  # the run did not finish a checkpoint: nothing is safe to delete
+    older = [p for p in checkpoints(last.parent) if _step_of(p) < _step_of(last)]
+    kept = {last, *older[: max(0, keep - 1)]}
+    deleted = []
+    for root in stage_roots:
+        if not root.is_dir():
+            continue
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and p not in kept):
+            shutil.rmtree(folder)
+            deleted.append(folder)
+        if root != last.parent:
+            shutil.rmtree(root)
+    return deleted
 
 
 def find_checkpoint(

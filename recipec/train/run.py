@@ -57,6 +57,8 @@ class RunConfig:
     stop_after_step: int | None = None  # tests: end the (last) stage early
     # Minimum sparsity for the sparse kernels once a stage's masks are fixed (None: dense kernels).
     sparse_backprop: float | None = None
+    # --keep-checkpoints: how many of the last stage's newest a finished run keeps (None: all)
+    keep_checkpoints: int | None = 1
     # auto (bf16 autocast + TF32 on a CUDA device with bf16, else fp32), fp32 or bf16.
     precision: str = "auto"
 
@@ -81,7 +83,9 @@ def _fingerprint(*parts: Any) -> str:
 
 
 class Reporter:
-    """Console output: a rich progress bar on a terminal, plain lines otherwise."""
+    """Console output, every message once, on stderr (stdout gets the final result only): a rich
+    progress bar on a terminal; elsewhere (a pipe, a log file) plain lines only, a progress
+    line every 10 s and at the end of each stage (no bar to redraw, so nothing repeats)."""
 
     def __init__(self, quiet: bool = False):
         from rich.console import Console
@@ -89,6 +93,7 @@ class Reporter:
         self.console = Console(stderr=True, quiet=quiet)
         self.progress = None
         self.task = None
+        self._plain: tuple[str, int] | None = None  # (description, total) while a stage runs
 
     def log(self, message: str) -> None:
         console = self.progress.console if self.progress is not None else self.console
@@ -96,6 +101,11 @@ class Reporter:
         console.print(message, highlight=False, markup=False, soft_wrap=True)
 
     def start(self, description: str, total: int, completed: int = 0) -> None:
+        self.stop()
+        if not self.console.is_terminal:
+            self._plain = (description, total)
+            self._last_plain = time.monotonic()
+            return
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -105,7 +115,6 @@ class Reporter:
             TimeRemainingColumn,
         )
 
-        self.stop()
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -116,28 +125,25 @@ class Reporter:
             TimeRemainingColumn(),
             console=self.console,
             transient=False,
+            redirect_stdout=False,  # stdout is the result's; nothing else is written there
+            redirect_stderr=False,
         )
         self.progress.start()
         self.task = self.progress.add_task(description, total=total, completed=completed, info="")
-        self._last_plain = time.monotonic()
-        self._description = description
-        self._total = total
 
     def update(self, completed: int, info: str) -> None:
-        if self.progress is None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=completed, info=info)
             return
-        self.progress.update(self.task, completed=completed, info=info)
-        if not self.console.is_terminal and (
-            time.monotonic() - self._last_plain > 10 or completed == self._total
-        ):
+        if self._plain is None:
+            return
+        description, total = self._plain
+        if time.monotonic() - self._last_plain > 10 or completed == total:
             self._last_plain = time.monotonic()
-            self.console.print(
-                f"{self._description}: step {completed}/{self._total} {info}",
-                highlight=False,
-                markup=False,
-            )
+            self.log(f"{description}: step {completed}/{total} {info}")
 
     def stop(self) -> None:
+        self._plain = None
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
@@ -148,6 +154,17 @@ def _step_info(record: dict[str, Any]) -> str:
     if "sparsity" in record:
         parts.append(f"sparsity {100 * record['sparsity']:.1f}%")
     return "  ".join(parts)
+
+
+def _eval_line(plan: Any, step: int, metrics: dict[str, float]) -> str:
+    """``stage 'main' step 10/30 (epoch 1): eval accuracy 0.5000  f1 0.0000  loss 0.6931``."""
+    from recipec.tasks.collapse import scores
+
+    where = f"step {step}/{plan.total_steps}"
+    if plan.total_steps:
+        where += f" (epoch {step / plan.steps_per_epoch:.3g})"
+    values = "  ".join(f"{k} {v:.4f}" for k, v in scores(metrics).items())
+    return f"stage {plan.name!r} {where}: eval {values}"
 
 
 def run(config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
@@ -661,7 +678,27 @@ class ApplyRun:
                 resumes=self.resumes,
             )
             report = _add_to_report(self.out, report, precision=self.precision.record())
+            self._prune_checkpoints()
         return dist_utils.broadcast_object(report, what="sharing the report")
+
+    def _prune_checkpoints(self) -> None:
+        """A finished run keeps the last stage's final checkpoint only (``--resume`` of a
+        finished run reads nothing else), or its newest N (``--keep-checkpoints N``); every
+        one with ``--keep-checkpoints all``."""
+        from recipec.train import resume
+
+        last = self.outcomes[-1] if self.outcomes else None
+        finished = last is not None and last.plan is self.plans[-1] and last.result.final_eval
+        if self.config.keep_checkpoints is None or not finished:
+            return
+        roots = [self._checkpoint_dir(i) for i in range(len(self.stages))]
+        deleted = resume.keep_last(roots, self.config.keep_checkpoints)
+        if deleted:
+            kept = resume.latest_checkpoint(roots[-1])
+            self.reporter.log(
+                f"checkpoints: kept {kept} (what --resume needs), deleted {len(deleted)} older "
+                "ones (--keep-checkpoints all keeps every one)"
+            )
 
     # -- one stage ----------------------------------------------------------------------------
 
@@ -671,6 +708,7 @@ class ApplyRun:
     def _run_stage(self, index, stage, plan, teacher, carried, checkpoint) -> StageOutcome:
         from recipec.compiler import compile_plan, prepare_model
         from recipec.modifiers.base import CompileError
+        from recipec.train import resume
         from recipec.train.loop import StageRunner, make_optimizer
 
         config, reporter, training = self.config, self.reporter, plan.training
@@ -717,8 +755,12 @@ class ApplyRun:
             or _default_ckpt_every(plan),
             metrics=self.metrics,
             on_step=lambda s, rec: reporter.update(s, _step_info(rec)),
+            on_eval=lambda s, metrics: self._log_eval(plan, s, metrics),
             stop_after_step=config.stop_after_step if index == len(self.stages) - 1 else None,
             eval_before=self._known_eval(plan),
+            keep_checkpoints=None
+            if config.keep_checkpoints is None
+            else max(resume.KEEP, config.keep_checkpoints),
             precision=self.precision,
         )
         if checkpoint is not None:
@@ -734,6 +776,18 @@ class ApplyRun:
                 f"pruning, {result.final_eval[metric]:.4f} after"
             )
         return StageOutcome(plan, program, result)
+
+    def _log_eval(self, plan: Any, step: int, metrics: dict[str, float]) -> None:
+        """An evaluation's scores on the console, and a warning when the model has collapsed."""
+        from recipec.tasks.collapse import collapse_of
+
+        self.reporter.log(_eval_line(plan, step, metrics))
+        collapsed = collapse_of(self.task.info, metrics, len(self.task.eval))
+        if collapsed:
+            self.reporter.log(
+                f"[warn] stage {plan.name!r} step {step}: collapsed: {collapsed} "
+                "(see report.md when the run ends)"
+            )
 
     def _stage_data(self, model: Any = None, tokenizer: Any = None) -> Any:
         from recipec.train.loop import StageData
@@ -932,13 +986,14 @@ def _cached_teacher_report(cache: Path) -> dict[str, Any] | None:
 
 def _save_teacher(teacher, tokenizer, cache: Path, done: Path, report: dict[str, Any]) -> None:
     """Write the fine-tuned teacher into the cache atomically (rank 0)."""
-    from recipec.outputs import write_text_atomic
+    from recipec.outputs import share_like_umask, write_text_atomic
 
     tmp = cache / ".model-tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     teacher.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    share_like_umask(tmp)
     os.replace(tmp, done)
     write_text_atomic(cache / "teacher.json", json.dumps(report, indent=2))
     shutil.rmtree(cache / "checkpoints", ignore_errors=True)

@@ -19,7 +19,17 @@ modifiers:
   - {type: gmp, init_sparsity: 0.3, final_sparsity: 0.6, start_step: 2, end_step: 6, update_every_steps: 2}
   - {type: lr, schedule: linear, init_lr: 1.0e-3, final_lr: 1.0e-4, start_step: 4}
 """
-LIMITS = ("--max-train", "32", "--max-eval", "8", "--checkpoint-every", "2")
+# --keep-checkpoints 2: these tests damage the newest and the older checkpoint a run leaves
+LIMITS = (
+    "--max-train",
+    "32",
+    "--max-eval",
+    "8",
+    "--checkpoint-every",
+    "2",
+    "--keep-checkpoints",
+    "2",
+)
 NEWEST, OLDER = "main-step-00000008", "main-step-00000006"
 LEFTOVER_PATTERNS = (".recipec.lock", ".*.tmp-*", ".tmp-*")
 

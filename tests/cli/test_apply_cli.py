@@ -477,3 +477,59 @@ def test_sigkill_then_resume_is_bit_identical(recipe_file, tiny_model_dir, tmp_p
         in (tmp_path / "cut" / "report.md").read_text()
     )
     assert "resumed" not in (tmp_path / "ref" / "report.md").read_text()
+
+
+def test_every_message_is_printed_once_and_only_the_result_on_stdout(
+    recipe_file, tiny_model_dir, tmp_path
+):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    args = [*("apply", recipe_file, "--model", tiny_model_dir, "--max-train", 160)]
+    args += ["--max-eval", 32, "--output", tmp_path / "run"]
+    proc = subprocess.run(
+        [sys.executable, "-c", "from recipec.cli import main; main()", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out, err = proc.stdout.splitlines(), proc.stderr.splitlines()
+    assert [line.split(":")[0] for line in out] == ["done", "report"]
+    assert not set(out) & set(err)
+    lines = [line for line in err if line.strip()]
+    assert len(lines) == len(set(lines)), [x for x in lines if lines.count(x) > 1]
+    # not a terminal: plain lines (no bar redrawn at the end), one per stage end, not wrapped
+    assert not any("━" in line for line in lines)
+    assert sum(line.startswith("main: step 30/30 ") for line in lines) == 1
+    assert any(
+        line.startswith("[data] classification, 2 classes") and "eval {" in line for line in lines
+    )
+    # each evaluation on the console (epochs 1, 2, 3)
+    evals = [line.split(":")[0] for line in lines if ": eval accuracy " in line]
+    assert evals == [
+        f"stage 'main' step {s}/30 (epoch {e})" for s, e in ((10, 1), (20, 2), (30, 3))
+    ]
+
+
+@pytest.mark.parametrize("keep", ["last", "2", "all"])
+def test_a_finished_run_keeps_its_last_checkpoint_unless_asked_for_more(
+    recipe_file, tiny_model_dir, tmp_path, keep
+):
+    out = tmp_path / "run"
+    base = [recipe_file, "--model", tiny_model_dir, "--max-train", 160, "--max-eval", 32]
+    base += ["--output", out, "--checkpoint-every", 3, "--keep-checkpoints", keep]
+    assert apply(*base).exit_code == 0
+    root = out / "checkpoints" / "00-main"
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    steps = {"all": range(3, 31, 3), "2": [27, 30], "last": [30]}[keep]
+    assert folders == [f"main-step-{s:08d}" for s in steps]
+    assert (root / "latest").read_text().strip() == "main-step-00000030"
+    from recipec.train import resume
+
+    state = resume.verify_checkpoint(root / "main-step-00000030")
+    assert state["complete"] and state["step"] == 30
+    before = load_file(str(out / "model" / "model.safetensors"))
+    resumed = apply(*base, "--resume")  # a finished run resumes from what is left
+    assert resumed.exit_code == 0, resumed.output
+    after = load_file(str(out / "model" / "model.safetensors"))
+    assert all(torch.equal(before[n], after[n]) for n in before)

@@ -145,6 +145,24 @@ def test_export_verification_failure_exits_1_and_names_tensor(tmp_path, runner, 
     assert not (run / "onnx").exists()
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_the_model_and_onnx_folders_get_the_umasks_modes(tmp_path, runner, mask):
+    """Not mkdtemp's 0700 nor safetensors' 0600: a deployment folder is shared like any other."""
+    previous = os.umask(mask)
+    try:
+        run = tiny_run(tmp_path / "run")
+        res = runner.invoke(main, ["export", str(run), "--onnx"])
+    finally:
+        os.umask(previous)
+    assert res.exit_code == 0, res.output
+    for folder in (run / "model", run / "onnx"):
+        assert folder.stat().st_mode & 0o777 == 0o777 & ~mask, folder
+        files = sorted(folder.iterdir())
+        assert {"model.safetensors", "masks.safetensors"} <= {f.name for f in files}
+        for f in files:
+            assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f
+
+
 def test_export_overwrite_goes_through_the_same_rule_as_apply(tmp_path, runner):
     """An export folder is recipec's by its sparsity.json format marker, and holds only what
     export writes (recipec.outputs.EXPORT_FOLDER); anything else there refuses --overwrite."""

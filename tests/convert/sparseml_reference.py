@@ -110,8 +110,10 @@ def lr_schedule(mods: list[LRFunc | SetLR], total_steps: int, spe: int) -> list[
 def lr_tolerance(mods: list[LRFunc | SetLR], step: int, spe: int) -> float:
     """How far recipec's LR may be from SparseML's at ``step``.
 
-    recipec's cyclic_linear reaches final_lr at the next cycle start (x = k / C), SparseML's on
-    the cycle's last step (k / (C - 1)): inside a cycle they differ by at most (init - final) / C.
+    Both cyclic_linear schedules reach final_lr on the last step of each cycle
+    (k / (C - 1)), so whole cycles agree exactly. A trailing partial cycle of R steps is
+    converted into a linear window, which reaches final_lr at its end (k / R) where SparseML
+    reaches it on its last step (k / (R - 1)): there they differ by at most (init - final) / R.
     Everywhere else they are equal.
     """
     for mod in mods:
@@ -120,7 +122,7 @@ def lr_tolerance(mods: list[LRFunc | SetLR], step: int, spe: int) -> float:
             if start <= step < end:
                 cycle = round(mod.cycle * spe)
                 full = ((end - start) // cycle) * cycle
-                if step - start >= full:
-                    cycle = (end - start) - full
-                return (mod.init - mod.final) / cycle + 1e-15
+                if step - start < full:
+                    return 1e-15
+                return (mod.init - mod.final) / ((end - start) - full) + 1e-15
     return 1e-15

@@ -45,3 +45,4 @@ def test_quickstart_on_the_embedded_model_ends_sparse_and_above_chance(tmp_path,
     # Two balanced classes: chance is 0.5. The dense teacher and the sparse student both learn.
     assert report["final_eval"]["accuracy"] > 0.7, report["final_eval"]
     assert report["teacher"]["eval"]["accuracy"] > 0.7, report["teacher"]
+    assert report["collapse"] is None  # a model that learned is not reported as collapsed

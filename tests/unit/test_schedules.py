@@ -28,11 +28,29 @@ def test_linear_and_edges():
 
 def test_cyclic_lr_rewinds_at_every_cycle():
     kw = dict(start=100, end=400, schedule="cyclic_linear", init_lr=8e-5, final_lr=8e-6, cycle=100)
-    assert schedules.lr_in_window(100, **kw) == pytest.approx(8e-5)
-    assert schedules.lr_in_window(150, **kw) == pytest.approx(8e-5 + (8e-6 - 8e-5) * 0.5)
-    assert schedules.lr_in_window(199, **kw) == pytest.approx(8e-5 + (8e-6 - 8e-5) * 0.99)
-    assert schedules.lr_in_window(200, **kw) == pytest.approx(8e-5)  # rewound
-    assert schedules.lr_in_window(300, **kw) == pytest.approx(8e-5)
+    assert schedules.lr_in_window(100, **kw) == 8e-5
+    assert schedules.lr_in_window(150, **kw) == pytest.approx(8e-5 + (8e-6 - 8e-5) * 50 / 99)
+    assert schedules.lr_in_window(199, **kw) == 8e-6  # the cycle's last step: exactly final_lr
+    assert schedules.lr_in_window(200, **kw) == 8e-5  # rewound
+    assert schedules.lr_in_window(300, **kw) == 8e-5
+    assert schedules.lr_in_window(399, **kw) == 8e-6
+
+
+def test_every_cycle_bottoms_out_at_final_lr_even_a_short_last_one():
+    """The quickstart's rewinding window (issue #24): 63 steps/epoch, cycles of 32 steps over
+    epochs 1..3 = steps 63..188: three whole cycles and a last one of 30 steps (cut by the end)."""
+    kw = dict(start=63, end=189, schedule="cyclic_linear", init_lr=1e-4, final_lr=1e-5, cycle=32)
+    lrs = {t: schedules.lr_in_window(t, **kw) for t in range(63, 189)}
+    assert min(lrs.values()) == 1e-5
+    assert [t for t, lr in lrs.items() if lr == 1e-4] == [63, 95, 127, 159]
+    assert [t for t, lr in lrs.items() if lr == 1e-5] == [94, 126, 158, 188]
+    for first, length in ((63, 32), (95, 32), (127, 32), (159, 30)):  # brute force, k / (L - 1)
+        for k in range(length):
+            expected = 1e-4 + (1e-5 - 1e-4) * k / (length - 1)
+            assert lrs[first + k] == pytest.approx(expected, rel=1e-12, abs=0), (first, k)
+    assert all(lrs[t] > lrs[t + 1] for t in range(63, 188) if t + 1 not in (95, 127, 159))
+    one = dict(kw, cycle=1)  # one-step cycles: every step is a cycle start
+    assert {schedules.lr_in_window(t, **one) for t in range(63, 189)} == {1e-4}
 
 
 def test_warmup_cosine_constant():

@@ -37,11 +37,12 @@ def test_lr_modifier_writes_the_plan_lr_into_every_group_at_each_step_start():
         5: 1e-3 + (1e-4 - 1e-3) * 5 / 10,
         9: 1e-3 + (1e-4 - 1e-3) * 9 / 10,
         10: 8e-4,
-        12: 8e-4 + (8e-5 - 8e-4) * 2 / 5,
+        12: 8e-4 + (8e-5 - 8e-4) * 2 / 4,  # 5-step cycles: final_lr on the 5th step
+        14: 8e-5,
         15: 8e-4,
-        19: 8e-4 + (8e-5 - 8e-4) * 4 / 5,
-        20: 8e-4 + (8e-5 - 8e-4) * 4 / 5,  # after the last window: held at its last value
-        23: 8e-4 + (8e-5 - 8e-4) * 4 / 5,
+        19: 8e-5,
+        20: 8e-5,  # after the last window: held at its last value
+        23: 8e-5,
     }
     for step in range(24):
         program.step_start(step)
