@@ -51,6 +51,7 @@ from recipec.sparsity.structured import (
     KINDS,
     GroupSet,
     StructureError,
+    all_group_sets,
     group_sets,
     removable_groups,
 )
@@ -111,19 +112,14 @@ def keep_from_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict
     first one (zero output).
     """
     keep: dict[str, torch.Tensor] = {}
-    for kind in KINDS:
-        try:
-            sets = group_sets(model, kind)
-        except StructureError:
+    for gs in all_group_sets(model):
+        removable = removable_groups(gs, masks)
+        if not removable.any():
             continue
-        for gs in sets:
-            removable = removable_groups(gs, masks)
-            if not removable.any():
-                continue
-            kept = ~removable
-            if not kept.any():
-                kept[0] = True
-            keep[gs.key] = kept
+        kept = ~removable
+        if not kept.any():
+            kept[0] = True
+        keep[gs.key] = kept
     return keep
 
 

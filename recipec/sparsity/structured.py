@@ -338,6 +338,18 @@ def removable_groups(gs: GroupSet, masks: Mapping[str, torch.Tensor]) -> torch.T
     return _slice_all_false(masks[out[0].param], out[0])
 
 
+def all_group_sets(model: nn.Module) -> list[GroupSet]:
+    """The head and FFN-neuron group sets of ``model`` (:data:`KINDS` order); a kind its
+    structure does not have gives none."""
+    sets: list[GroupSet] = []
+    for kind in KINDS:
+        try:
+            sets += group_sets(model, kind)
+        except StructureError:
+            continue
+    return sets
+
+
 def removed_weights(
     model: nn.Module, masks: Mapping[str, torch.Tensor], names: Iterable[str] | None = None
 ) -> dict[str, torch.Tensor]:
@@ -347,21 +359,16 @@ def removed_weights(
     sparsity on the other weights (see ``recipec.modifiers.pruner``)."""
     wanted = None if names is None else set(names)
     out: dict[str, torch.Tensor] = {}
-    for kind in KINDS:
-        try:
-            sets = group_sets(model, kind)
-        except StructureError:
+    for gs in all_group_sets(model):
+        removed = ~kept_groups(gs, masks)
+        if not removed.any():
             continue
-        for gs in sets:
-            removed = ~kept_groups(gs, masks)
-            if not removed.any():
+        for s in gs.targets():
+            if wanted is not None and s.param not in wanted:
                 continue
-            for s in gs.targets():
-                if wanted is not None and s.param not in wanted:
-                    continue
-                mask = masks[s.param]
-                where = out.setdefault(s.param, torch.zeros_like(mask, dtype=torch.bool))
-                where.index_fill_(s.axis, s.index[removed].reshape(-1).to(mask.device), True)
+            mask = masks[s.param]
+            where = out.setdefault(s.param, torch.zeros_like(mask, dtype=torch.bool))
+            where.index_fill_(s.axis, s.index[removed].reshape(-1).to(mask.device), True)
     return out
 
 
