@@ -184,3 +184,13 @@ def test_structured_benchmark_rows_share_one_budget(saliency, tmp_path, load_ben
     assert removes["heads33"] == [("heads", 0.3333)]
     assert removes["ffn50_gmp80"] == [("gmp", 0.8), ("neurons", 0.5)]
     assert removes["layers3_kd"] == [("layers", 3)]
+
+
+def test_benchmark_scripts_do_not_shadow_installed_packages():
+    """benchmarks/ goes on sys.path for these tests: a script named like an installed top-level
+    module (``kernels.py`` vs the ``kernels`` package transformers imports) would replace it."""
+    import importlib.metadata
+
+    installed = set(importlib.metadata.packages_distributions())
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
+    assert not scripts & installed, f"rename benchmarks/{sorted(scripts & installed)}.py"

@@ -15,9 +15,9 @@ sparseprop package driven as recipec's ``MaskedSparseLinear`` drove it before it
 recipec's kernels (with its transposes), plus sparseprop's two kernel calls alone on
 pre-transposed arrays.
 
-    PYTHONPATH=. python benchmarks/kernels.py                     # ~5 min on 2 idle cores
-    PYTHONPATH=. python benchmarks/kernels.py --models minilm --tokens 128 --sparsities 0.9 --repeats 3
-    PYTHONPATH=. python benchmarks/kernels.py --training              # sparseprop rows if installed
+    PYTHONPATH=. python benchmarks/kernel_speed.py                     # ~5 min on 2 idle cores
+    PYTHONPATH=. python benchmarks/kernel_speed.py --models minilm --tokens 128 --sparsities 0.9 --repeats 3
+    PYTHONPATH=. python benchmarks/kernel_speed.py --training              # sparseprop rows if installed
 
 Writes ``--out/kernels.json`` and ``kernels.md`` (``training.json``/``.md`` with ``--training``;
 default ``--out`` ``benchmarks/results/kernels/``).
