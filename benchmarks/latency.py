@@ -37,6 +37,9 @@ from _common import cpu_name, save_report  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# Worker threads that sleep when idle (read by OpenMP when torch loads): interleaved runtimes
+# must not steal each other's cores (recipec bench does the same).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402

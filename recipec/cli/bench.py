@@ -3,6 +3,7 @@ torch-csr and recipec's engine (FP32, INT8)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -139,6 +140,9 @@ def command(
     Example:
       recipec bench runs/quickstart/onnx --runtime ort,torch-csr --batch-sizes 1 --dense-baseline
     """
+    # Before torch loads: OpenMP worker threads sleep when idle instead of spinning, so the
+    # runtimes timed in turn do not steal each other's cores (onnxruntime: see ort_session).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if seq_len < 1:
         fail("--seq-len must be positive")
     if repeats < 1 or warmup < 0 or choices < 1 or (threads is not None and threads < 1):

@@ -128,6 +128,9 @@ def ort_session(onnx_path: str | Path, threads: int | None = None):
     opts.intra_op_num_threads = threads or default_threads()
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # No busy-waiting worker threads after a run: interleaved with other sessions (bench's
+    # rounds), spinning threads steal the cores of whatever runs next.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
 
 
