@@ -15,6 +15,7 @@ With ``F^-1`` from :mod:`recipec.sparsity.fisher` (either ``BlockFisherInverse``
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 
 import torch
 
@@ -259,61 +260,84 @@ def obert_prune_step(
     group = st.block if st.kind == "block" else 1
     _check_obert_args(params, scope, num_grads, grad_batch, block_size, group)
     say = progress or (lambda _msg: None)
-    names = list(params)
     num_grads = int(num_grads)
+    chunks = _memory_chunks(params, block_size, fisher, num_grads, max_memory_gb, damp, say)
+    obs = _OBSPass(params, grad_fn, cls, block_size, damp, num_grads, int(grad_batch), group)
+    prev = dict(masks) if masks is not None else None
+    pending: dict[str, torch.Tensor] = {}
+    select = partial(
+        compute_masks, sparsity=sparsity, structure=st, scope=scope, grouped=st.kind == "block"
+    )
+    if scope == "per_layer" or st.kind == "nm" or len(chunks) <= 1:
+        new_masks = _prune_each_chunk(obs, chunks, prev, select, layer_rows, pending, say)
+    else:
+        new_masks = _prune_global_chunked(obs, chunks, prev, select, pending, say)
+    return _write_back(params, pending, new_masks)
+
+
+def _memory_chunks(
+    params: Mapping[str, torch.Tensor],
+    block_size: int | None,
+    fisher: str,
+    num_grads: int,
+    max_memory_gb: float | None,
+    damp: float,
+    say: Callable[[str], None],
+) -> list[list[str]]:
+    """The tensors grouped into chunks whose inverses fit ``max_memory_gb`` (said in ``say``)."""
+    names = list(params)
     sizes = {n: _estimate_one(params[n].numel(), block_size, fisher, num_grads) for n in names}
     budget = None if max_memory_gb is None else float(max_memory_gb) * 2**30
     chunks = _plan_chunks(sizes, budget)
-    total = sum(sizes.values())
     say(
-        f"oBERT: {len(names)} tensors, {fisher} inverse Fisher {total / 2**30:.3f} GiB, "
-        f"{len(chunks)} chunk(s), m={num_grads}, B={block_size}, damp={damp:g}"
+        f"oBERT: {len(names)} tensors, {fisher} inverse Fisher {sum(sizes.values()) / 2**30:.3f} "
+        f"GiB, {len(chunks)} chunk(s), m={num_grads}, B={block_size}, damp={damp:g}"
     )
-    if budget is not None:
-        for n in names:
-            if sizes[n] > budget:
-                say(f"oBERT: tensor {n!r} alone needs {sizes[n] / 2**30:.3f} GiB (over budget)")
-    obs = _OBSPass(params, grad_fn, cls, block_size, damp, num_grads, int(grad_batch), group)
-    prev = dict(masks) if masks is not None else None
-    grouped = st.kind == "block"
-    pending: dict[str, torch.Tensor] = {}
+    for n in names:
+        if budget is not None and sizes[n] > budget:
+            say(f"oBERT: tensor {n!r} alone needs {sizes[n] / 2**30:.3f} GiB (over budget)")
+    return chunks
+
+
+def _prune_each_chunk(obs, chunks, prev, select, layer_rows, pending, say) -> dict:
+    """Per-layer scope, N:M or a single chunk: each chunk is scored, masked and updated from
+    its own inverse (per-layer / N:M masks depend only on the tensor's own scores; with one
+    chunk a global ranking sees every tensor)."""
     new_masks: dict[str, torch.Tensor] = {}
-    nchunks = len(chunks)
-
-    if scope == "per_layer" or st.kind == "nm" or nchunks <= 1:
-        for ci, chunk in enumerate(chunks):
-            finvs = obs.build(chunk, f"chunk {ci + 1}/{nchunks}", say)
-            scores = obs.score(finvs)
-            sub_prev = {n: prev[n] for n in chunk if n in prev} if prev is not None else None
-            # Per-layer / N:M masks only depend on the tensor's own scores; with one chunk a
-            # global ranking sees every tensor.
-            cm = compute_masks(
-                scores, sparsity, st, scope, sub_prev, grouped=grouped, layer_rows=layer_rows
-            )
-            del scores
-            new_masks.update(cm)
-            obs.update(finvs, cm, pending)
-            del finvs
-    else:
-        scores: dict[str, torch.Tensor] = {}
-        last: dict[str, FisherInverse] = {}
-        for ci, chunk in enumerate(chunks):
-            finvs = obs.build(chunk, f"scoring chunk {ci + 1}/{nchunks}", say)
-            scores.update(obs.score(finvs))
-            if ci + 1 == nchunks:
-                last = finvs
-            del finvs
-        new_masks = compute_masks(scores, sparsity, st, scope, prev, grouped=grouped)
+    for ci, chunk in enumerate(chunks):
+        finvs = obs.build(chunk, f"chunk {ci + 1}/{len(chunks)}", say)
+        scores = obs.score(finvs)
+        sub_prev = {n: prev[n] for n in chunk if n in prev} if prev is not None else None
+        cm = select(scores, prev_masks=sub_prev, layer_rows=layer_rows)
         del scores
-        say("oBERT: global masks selected; update pass")
-        obs.update(last, new_masks, pending)
-        del last
-        for ci, chunk in enumerate(chunks[:-1]):
-            finvs = obs.build(chunk, f"update chunk {ci + 1}/{nchunks - 1}", say)
-            obs.update(finvs, new_masks, pending)
-            del finvs
+        new_masks.update(cm)
+        obs.update(finvs, cm, pending)
+        del finvs
+    return new_masks
 
-    return _write_back(params, pending, new_masks)
+
+def _prune_global_chunked(obs, chunks, prev, select, pending, say) -> dict:
+    """Global scope over several chunks: every chunk's saliencies first, one global ranking,
+    then the update pass (the last chunk's inverse still in memory, the others rebuilt)."""
+    scores: dict[str, torch.Tensor] = {}
+    last: dict[str, FisherInverse] = {}
+    nchunks = len(chunks)
+    for ci, chunk in enumerate(chunks):
+        finvs = obs.build(chunk, f"scoring chunk {ci + 1}/{nchunks}", say)
+        scores.update(obs.score(finvs))
+        if ci + 1 == nchunks:
+            last = finvs
+        del finvs
+    new_masks = select(scores, prev_masks=prev)
+    del scores
+    say("oBERT: global masks selected; update pass")
+    obs.update(last, new_masks, pending)
+    del last
+    for ci, chunk in enumerate(chunks[:-1]):
+        finvs = obs.build(chunk, f"update chunk {ci + 1}/{nchunks - 1}", say)
+        obs.update(finvs, new_masks, pending)
+        del finvs
+    return new_masks
 
 
 def _write_back(
