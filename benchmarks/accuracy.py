@@ -197,7 +197,22 @@ def run_config(
         "model_dir": report["model_dir"],
         "device": describe_device(args.device),
         "precision": (report.get("precision") or {}).get("used"),
+        "kd_temperature": kd_temperature(out / "recipe.yaml"),
     }
+
+
+def kd_temperature(recipe_yaml: Path) -> float | None:
+    """The distillation temperature of a run's resolved recipe (None: no distillation), so rows
+    measured before and after the paper's T=5.5 (#21) cannot be mistaken for each other."""
+    import yaml
+
+    recipe = yaml.safe_load(recipe_yaml.read_text())
+    temps = [
+        m.get("temperature")
+        for m in recipe.get("modifiers") or []
+        if isinstance(m, dict) and m.get("type") == "distill" and m.get("hardness", 1.0) > 0
+    ]
+    return float(temps[0]) if temps else None
 
 
 def describe_device(device: str) -> str:
