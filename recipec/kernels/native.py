@@ -350,6 +350,7 @@ def pack_linear(
     *,
     structure: str = "unstructured",
     dtype: str = "fp32",
+    quantized: tuple[Tensor, Tensor] | None = None,
 ) -> PackedLinear:
     """Packs a pruned ``[out, in]`` weight (exact zeros are pruned) for ``sparse_linear``.
 
@@ -359,6 +360,9 @@ def pack_linear(
         structure: "unstructured" (CSR) or "block4" (1x4 blocks of input features aligned to 4;
             a block with any nonzero is stored whole, so any weight packs).
         dtype: "fp32", or "int8" (symmetric per output channel; zeros stay exactly zero).
+        quantized: int8 only: ``(q [out, in], scale [out])`` to use instead of quantizing
+            ``weight`` (e.g. the weights a quantization-aware run trained); ``q`` must be 0
+            wherever ``weight`` is.
     """
     if structure not in STRUCTURES:
         raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
@@ -370,7 +374,20 @@ def pack_linear(
     out_f, in_f = w.shape
     nnz = int((w != 0).sum())
     scale = None
-    if dtype == "int8":
+    if quantized is not None:
+        if dtype != "int8":
+            raise ValueError("quantized weights need dtype='int8'")
+        q, scale = quantized
+        if tuple(q.shape) != (out_f, in_f) or tuple(scale.shape) != (out_f,):
+            raise ValueError(
+                f"quantized weights {tuple(q.shape)}/{tuple(scale.shape)} do not fit the "
+                f"layer's [{out_f}, {in_f}]"
+            )
+        values_of = q.to(torch.float32)
+        if bool(((values_of != 0) & (w == 0)).any()):
+            raise ValueError("quantized weights are nonzero where the weight is pruned")
+        scale = scale.to(torch.float32)
+    elif dtype == "int8":
         scale = w.abs().amax(dim=1) / 127.0 if in_f else torch.zeros(out_f)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         wq = torch.round(w / safe[:, None]).clamp_(-127, 127)

@@ -91,6 +91,38 @@ def int8_tensors(quant: FakeQuant) -> dict[str, torch.Tensor]:
     return out
 
 
+def read_int8(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{weight name: (q int8 [out, in], scale float32 [out])}`` from ``model.int8.safetensors``
+    (safetensors: no code runs); QuantError naming the file when it is not this format."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (OSError, SafetensorError, ValueError) as exc:
+        raise QuantError(f"{path}: cannot read: {exc}") from None
+    if meta.get("format") != INT8_FORMAT:
+        raise QuantError(f"{path}: not a {INT8_FORMAT} file (format {meta.get('format')!r})")
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, q in tensors.items():
+        if name.endswith((".scale", ".input_scale")):
+            continue
+        scale = tensors.get(f"{name}.scale")
+        if (
+            q.dtype != torch.int8
+            or q.dim() != 2
+            or scale is None
+            or scale.dtype != torch.float32
+            or tuple(scale.shape) != (q.shape[0],)
+        ):
+            raise QuantError(
+                f"{path}: {name} must be int8 [out, in] with a float32 [out] {name}.scale"
+            )
+        out[name] = (q, scale)
+    return out
+
+
 def write_int8(path: Path, quant: FakeQuant) -> None:
     from safetensors.torch import save_file
 

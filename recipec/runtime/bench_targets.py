@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from recipec.quant.fake import QuantError
+from recipec.quant.files import INT8_FILE, read_int8
 from recipec.runtime.engine import INT8_TOLERANCE, Engine, Planner, kernels_note
 from recipec.runtime.runtimes import (
     OrtRunner,
@@ -62,6 +64,7 @@ class Extras:
     """What the extra runtimes of one bench run share."""
 
     runtimes: list[str]
+    quantized: bool = False  # the folder's model.onnx is an INT8 (QDQ) export
     ort_int8: dict[str, Any] = field(default_factory=dict)  # variant -> session
     engines: dict[tuple[str, str], Engine] = field(default_factory=dict)  # (runtime, variant)
 
@@ -83,10 +86,16 @@ def setup_extras(
     ``torch_models``: ``(model, masks, dense twin)`` as loaded for the torch runtimes.
     """
     extras = Extras([r for r in EXTRA_RUNTIMES if r in active])
+    extras.quantized = (folder / INT8_FILE).is_file()
     if "ort-int8" in extras.runtimes:
         from recipec.runtime.int8 import quantize_onnx
 
         for variant, path in onnx_paths.items():
+            if variant == "sparse" and extras.quantized:
+                report["skipped"]["ort-int8 sparse"] = (
+                    f"{folder}'s model.onnx is already INT8 (QDQ): its 'ort' row is the INT8 run"
+                )
+                continue
             q = quantize_onnx(path, workdir / f"{variant}-int8.onnx")
             extras.ort_int8[variant] = ort_session(q, threads)
         log(f"ort-int8: quantize_dynamic (int8 weights) of {', '.join(onnx_paths)}")
@@ -98,7 +107,15 @@ def setup_extras(
             report["skipped"][runtime] = f"{folder} has no torch weights (model.safetensors)"
             extras.runtimes.remove(runtime)
             continue
-        extras.engines[(runtime, "sparse")] = _engine(model, masks, info, dtype)
+        int8_weights = None
+        if dtype == "int8" and extras.quantized:
+            try:
+                int8_weights = read_int8(folder / INT8_FILE)
+            except QuantError as exc:
+                report["skipped"][runtime] = str(exc)
+                extras.runtimes.remove(runtime)
+                continue
+        extras.engines[(runtime, "sparse")] = _engine(model, masks, info, dtype, int8_weights)
         if dense is not None and runtime == "engine":  # INT8 has ort-int8's twin instead
             extras.engines[(runtime, "dense")] = _engine(dense, masks, info, dtype)
     note = kernels_note()
@@ -108,7 +125,7 @@ def setup_extras(
     return extras
 
 
-def _engine(model, masks, info: dict, dtype: str) -> Engine:
+def _engine(model, masks, info: dict, dtype: str, int8_weights=None) -> Engine:
     return Engine(
         copy.deepcopy(model),
         masks,
@@ -116,6 +133,7 @@ def _engine(model, masks, info: dict, dtype: str) -> Engine:
         dtype=dtype,
         input_names=info["inputs"],
         planner=Planner(),
+        int8_weights=int8_weights,
     )
 
 
@@ -147,7 +165,9 @@ def extra_targets(
         runners.append((runtime, variant, EngineRunner(engine, inputs, runtime)))
     out = []
     for runtime, variant, runner in runners:
-        atol, rtol = INT8_TOLERANCE if runtime in INT8_RUNTIMES else tol
+        # an INT8 folder's onnxruntime reference is itself INT8 (its QDQ model.onnx)
+        int8 = runtime in INT8_RUNTIMES or (extras.quantized and variant == "sparse")
+        atol, rtol = INT8_TOLERANCE if int8 else tol
         try:
             diff = check_outputs(f"{runtime} {variant}", runner.outputs(), ref[variant], atol, rtol)
         except OutputMismatch as exc:

@@ -86,9 +86,16 @@ class EngineLinear(nn.Module):
         linear: the pruned layer (exact zeros are pruned); its weight is shared, not copied.
         dtype: "fp32" or "int8" (the packed forms' dtype; dense always runs in fp32).
         planner: decides per token bucket; None = always the first packed form (forced).
+        quantized: int8: ``(q, scale)`` to pack instead of quantizing the weight here.
     """
 
-    def __init__(self, linear: nn.Linear, dtype: str, planner: Planner | None):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        dtype: str,
+        planner: Planner | None,
+        quantized: tuple[Tensor, Tensor] | None = None,
+    ):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight.detach()
@@ -106,7 +113,7 @@ class EngineLinear(nn.Module):
                 structures.reverse()  # the natural form first (what a forced engine runs)
             for st in structures:
                 self.packed[st] = native.pack_linear(
-                    self.weight, self.bias, structure=st, dtype=dtype
+                    self.weight, self.bias, structure=st, dtype=dtype, quantized=quantized
                 )
         self.choices: dict[int, Decision] = {}
 

@@ -24,6 +24,8 @@ from torch import nn
 
 from recipec.checkpoint import MASKS_FILE, CheckpointError, infer_masks, load_masks
 from recipec.kernels import native
+from recipec.quant.fake import QuantError
+from recipec.quant.files import INT8_FILE, read_int8
 from recipec.runtime.engine.layers import EngineLinear, Planner, Timer
 
 DTYPES = ("fp32", "int8")
@@ -92,6 +94,7 @@ class Engine:
         tokenizer=None,
         planner: Planner | None = None,
         folder: Path | None = None,
+        int8_weights: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         if dtype not in DTYPES:
             raise EngineError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -103,6 +106,13 @@ class Engine:
         self.folder = folder
         self.planner = planner if planner is not None else Planner()
         self.backend = native.backend()
+        if int8_weights is not None and dtype != "int8":
+            raise EngineError("int8 weights need dtype 'int8'")
+        self.int8_weights = int8_weights
+        # where the int8 layers' weights come from (None: fp32)
+        self.int8_source = (
+            None if dtype != "int8" else ("file" if int8_weights is not None else "quantized here")
+        )
         self.layers = self._swap(masks if masks is not None else infer_masks(model))
 
     @classmethod
@@ -122,7 +132,13 @@ class Engine:
             if not isinstance(module, nn.Linear) or f"{name}.weight" not in masks:
                 continue
             # INT8 on the fallback: its kernels keep the INT8 semantics (no dense to compare).
-            layer = EngineLinear(module, self.dtype, None if fallback else self.planner)
+            quantized = (self.int8_weights or {}).get(f"{name}.weight")
+            try:
+                layer = EngineLinear(
+                    module, self.dtype, None if fallback else self.planner, quantized=quantized
+                )
+            except ValueError as exc:  # int8 weights that do not belong to this model
+                raise EngineError(f"{name}: {exc}") from None
             parent, _, attr = name.rpartition(".")
             setattr(modules[parent] if parent else self.model, attr, layer)
             layers[name] = layer
@@ -254,7 +270,9 @@ def load(
 
     Args:
         folder: what ``recipec export`` wrote (with its torch weights).
-        dtype: "fp32", or "int8" (int8 weights per output channel, activations per token).
+        dtype: "fp32", or "int8" (int8 weights per output channel, activations per token;
+            a folder with ``model.int8.safetensors``, the export of a quantization-aware run,
+            gives its int8 weights and scales; otherwise the fp32 weights are quantized here).
         threads: torch's threads (process-wide ``torch.set_num_threads``); None keeps torch's.
         shapes: ``(batch, seq)`` call shapes to measure the kernels for now; other shapes are
             measured on their first call (per power-of-two token count).
@@ -291,6 +309,13 @@ def load(
         masks = load_masks(path / MASKS_FILE, model) if (path / MASKS_FILE).is_file() else None
     except CheckpointError as exc:
         raise EngineError(str(exc)) from exc
+    int8_weights = None
+    if dtype == "int8" and (path / INT8_FILE).is_file():
+        try:
+            int8_weights = read_int8(path / INT8_FILE)
+        except QuantError as exc:
+            raise EngineError(str(exc)) from None
+        log(f"engine int8: weights from {INT8_FILE} ({len(int8_weights)} layers)")
     engine = Engine(
         model,
         masks,
@@ -300,6 +325,7 @@ def load(
         tokenizer=tok,
         planner=Planner(timer=timer),
         folder=path,
+        int8_weights=int8_weights,
     )
     for batch, seq in shapes:
         engine.prepare(batch, seq)
@@ -347,6 +373,13 @@ def check_inputs(engine: Engine, vocab_size: int) -> list[dict[str, np.ndarray]]
     return samples
 
 
+def reference_dtype(engine: Engine, folder: Path | None) -> str:
+    """The tolerance class of the engine's check: int8 when either the engine or the folder's
+    ``model.onnx`` (a QDQ export of a quantization-aware run) computes in int8."""
+    quantized = folder is not None and (folder / INT8_FILE).is_file()
+    return "int8" if engine.dtype == "int8" or quantized else "fp32"
+
+
 def compare(got: np.ndarray, ref: np.ndarray, dtype: str) -> tuple[float, float]:
     """``(max |got - ref|, bound)`` under the dtype's tolerance."""
     atol, rtol = tolerance(dtype)
@@ -364,7 +397,7 @@ def verify_against_ort(engine: Engine, onnx_path: Path) -> float:
     for inputs in check_inputs(engine, int(engine.model.config.vocab_size)):
         ref = session.run(["logits"], inputs)[0]
         got = engine.logits(inputs)
-        diff, bound = compare(got, ref, engine.dtype)
+        diff, bound = compare(got, ref, reference_dtype(engine, onnx_path.parent))
         if got.shape != ref.shape or not np.isfinite(diff) or diff > bound:
             raise EngineError(
                 f"engine {engine.dtype} logits disagree with onnxruntime on inputs of shape "

@@ -442,3 +442,25 @@ def test_the_lightning_example_under_ddp_with_two_cpu_processes(tmp_path):
     weights = torch.load(output / "model.pt", weights_only=True)
     for name, mask in masks[0].items():
         assert not bool((weights[name][~mask] != 0).any()), name
+
+
+def test_qat_with_distillation_through_lightning_equals_the_plain_loop(tmp_path):
+    """Pruning, then int8 fake-quant (observed from step 7, frozen at 9) with KD, inside
+    Lightning's steps: the plain loop's weights and input ranges; pruned weights exact zeros."""
+    from recipec.quant.fake import quant_of
+
+    data, base = _dataset(), _model()
+    teacher = _model(seed=1)
+    gmp = dict(GMP, end_step=6, update_every_steps=2)
+    quantize = {"type": "quantize", "start_step": 7, "freeze_observers_at_step": 9}
+    recipe = _recipe([gmp, quantize, DISTILL])
+    ref_model, ref_program, _ = _run_plain(base, recipe, data, teacher=teacher)
+    model, program, _, _ = _run_lightning(tmp_path, base, recipe, data, teacher=teacher)
+    _assert_same_run(program, model, ref_program, ref_model, rtol=1e-5, atol=1e-7)
+    _assert_masks_exact(program, model)
+    quant, ref_quant = quant_of(model), quant_of(ref_model)
+    assert quant.frozen and len(quant.layers) == len(program.masks.masks)
+    for name, layer in quant.layers.items():
+        other = ref_quant.layers[name]
+        assert layer.enabled and layer.seen == other.seen == 9 - 7  # steps 7 and 8
+        assert (layer.lo, layer.hi) == pytest.approx((other.lo, other.hi), rel=1e-5)
