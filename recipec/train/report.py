@@ -132,6 +132,9 @@ def write_outputs(
     }
     if resumes:
         report["resumes"] = resumes
+    structure = structure_report(model, masks)
+    if structure is not None:
+        report["structure"] = structure
     if quantized is not None:
         report["quantization"] = quantized
     history = [(o.name, h) for o in outcomes for h in o.program.history()]
@@ -147,6 +150,54 @@ def write_outputs(
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     write_text_atomic(out / "report.md", _markdown(report))
     return report
+
+
+def structure_report(model, masks) -> dict[str, Any] | None:
+    """Per encoder layer, the heads and FFN neurons left (a group is gone when its masks remove
+    it whole: what ``recipec export`` takes out), the removed heads' indices, and the layers
+    kept from the model as loaded; None when nothing structured happened."""
+    from recipec.sparsity.shrink import read_record
+    from recipec.sparsity.structured import all_group_sets, removable_groups
+
+    source = read_record(model).get("source_layers")
+    rows: dict[int, dict[str, Any]] = {}
+    removed_any = False
+    for gs in all_group_sets(model):
+        gone = removable_groups(gs, masks)
+        removed_any |= bool(gone.any())
+        row = rows.setdefault(gs.layer, {"layer": gs.layer})
+        if source is not None and gs.layer < len(source):
+            row["source_layer"] = source[gs.layer]
+        row[gs.kind] = gs.count - int(gone.sum())
+        row[f"{gs.kind}_of"] = gs.count
+        if gs.kind == "heads":
+            row["removed_heads"] = gone.nonzero().flatten().tolist()
+    if not removed_any and source is None:
+        return None
+    return {"source_layers": source, "layers": [rows[k] for k in sorted(rows)]}
+
+
+def _structure_lines(structure: dict[str, Any] | None) -> list[str]:
+    if not structure:
+        return []
+    lines = ["", "## Structure", ""]
+    if structure.get("source_layers") is not None:
+        kept = ", ".join(map(str, structure["source_layers"]))
+        lines += [f"Encoder layers kept (numbered as loaded): {kept}.", ""]
+    lines += [
+        "Heads and FFN neurons left per layer (whole groups removed; `recipec export` takes "
+        "them out of the weights and the ONNX graph):",
+        "",
+        "| layer | (was) | heads | removed heads | FFN neurons |",
+        "|---|---|---|---|---|",
+    ]
+    for r in structure["layers"]:
+        heads = f"{r['heads']}/{r['heads_of']}" if "heads" in r else "-"
+        gone = ", ".join(map(str, r.get("removed_heads", []))) or "-"
+        ffn = f"{r['neurons']}/{r['neurons_of']}" if "neurons" in r else "-"
+        was = r.get("source_layer", r["layer"])
+        lines.append(f"| {r['layer']} | {was} | {heads} | {gone} | {ffn} |")
+    return lines
 
 
 def _write_quant(folder: Path, model) -> dict[str, Any] | None:
@@ -270,6 +321,7 @@ def _markdown(report: dict[str, Any]) -> str:
         "|---|---|",
     ]
     lines += [f"| {c} | {100 * v:.2f}% |" for c, v in s["per_component"].items()]
+    lines += _structure_lines(report.get("structure"))
     lines += ["", "| tensor | sparsity |", "|---|---|"]
     lines += [f"| `{n}` | {100 * v:.2f}% |" for n, v in s["per_tensor"].items()]
     for stage in report["stages"]:

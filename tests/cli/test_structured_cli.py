@@ -261,6 +261,32 @@ def test_export_shrinks_heads_and_neurons_and_no_shrink_keeps_them(tmp_path, run
     assert shapes.count((32, 48)) + shapes.count((48, 32)) == 0
 
 
+def test_the_run_report_lists_what_export_removes(tmp_path, run):
+    """report.json / report.md say per layer the heads (which ones) and FFN neurons left and the
+    layers kept: the same counts as the export's shrink, computed there independently."""
+    report = json.loads((run / "report.json").read_text())
+    structure = report["structure"]
+    assert structure["source_layers"] == [0, 1, 3]  # keep 3 of 4, spread
+    result = _cli("export", run, "--onnx", "-o", tmp_path / "small")
+    assert result.exit_code == 0, result.output
+    shrunk = json.loads((tmp_path / "small" / "sparsity.json").read_text())["structure"]
+    rows = {str(r["layer"]): r for r in structure["layers"]}
+    assert rows.keys() == shrunk["layers"].keys()
+    for layer, entry in shrunk["layers"].items():
+        row = rows[layer]
+        assert (row["heads"], row["heads_of"]) == (entry["heads"]["kept"], entry["heads"]["of"])
+        assert (row["neurons"], row["neurons_of"]) == (
+            entry["neurons"]["kept"],
+            entry["neurons"]["of"],
+        )
+        assert len(row["removed_heads"]) == row["heads_of"] - row["heads"]
+    md = (run / "report.md").read_text()
+    assert "## Structure" in md and "Encoder layers kept (numbered as loaded): 0, 1, 3." in md
+    r2 = rows["2"]
+    removed = ", ".join(map(str, r2["removed_heads"]))
+    assert f"| 2 | 3 | {r2['heads']}/4 | {removed} | {r2['neurons']}/64 |" in md
+
+
 def test_resume_of_a_run_with_dropped_layers_is_bit_identical(tmp_path, recipe, model4, run,
                                                               monkeypatch):  # fmt: skip
     from recipec.program import Program
