@@ -109,9 +109,10 @@ def _model_section(
     from recipec.sparsity.selection import check_targets, cost_table
 
     try:
-        model = meta_model(None if model_name in ("", "embedded") else model_name)
+        loaded = meta_model(None if model_name in ("", "embedded") else model_name)
     except Exception as exc:  # a model that cannot be built: one clear line
         fail(f"cannot build model {model_name!r}: {exc}")
+    model = _after_layer_drops(plans, loaded, model_name)
     check = check_targets(model, recipe)
     params = dict(model.named_parameters())
     out: dict = {
@@ -155,10 +156,32 @@ def _model_section(
             click.echo(f"    {line}")
     from recipec.cli._structure import structure_section
 
-    structure = structure_section(plans, model, model_name, seq_len, as_json)
+    structure = structure_section(plans, loaded, model_name, seq_len, as_json)
     if structure is not None:
         out["structure"] = structure
     return out, check.error()
+
+
+def _after_layer_drops(plans, model, model_name: str):
+    """A copy of the (weightless) model with the recipe's ``layers`` drops done, as the compiler
+    does before it matches any target: the matched tensors and costs are those of the layers
+    that train (``model`` itself when the recipe drops none)."""
+    import copy
+
+    from recipec.modifiers.layers import kept_layers
+    from recipec.sparsity.shrink import drop_layers_
+    from recipec.sparsity.structured import StructureError
+
+    specs = [m.spec for p in plans for m in p.modifiers if m.spec.structured == "layers"]
+    if not specs:
+        return model
+    model = copy.deepcopy(model)
+    for spec in specs:
+        try:
+            drop_layers_(model, kept_layers(spec, model))
+        except (StructureError, ValueError) as exc:
+            fail(f"{model_name}: layers modifier: {exc}")
+    return model
 
 
 def _print_stage_costs(model_name, family, seq_len, stage, entry, table, matched) -> None:

@@ -214,6 +214,12 @@ def test_plan_model_shows_heads_neurons_and_flops_per_layer(model4, recipe):
     assert [r["flops"] for r in structure["layers"]] == [per_layer] * 3
     assert structure["encoder_flops_dense"] == sum(dense.values())
     assert structure["kept_layers"] == [0, 1, 3]
+    # the targets and costs are those of the 3 layers that train (the compiler drops first)
+    (stage,) = json.loads(as_json.output)["model"]["stages"]
+    names = [m["name"] for m in stage["matched"]]
+    assert len(names) == 3 * 6 and not [n for n in names if ".layer.3." in n]
+    qkv = next(c for c in stage["components"] if c["component"] == "attention.qkv")
+    assert qkv["params"] == 3 * 3 * (32 * 32 + 32)
 
 
 # --------------------------------------------------------------------------- export, resume
