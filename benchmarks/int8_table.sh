@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 19's table: dense FP32, sparse FP32 (block4 oBERT at 80% and 90%), sparse + PTQ,
 # sparse + QAT (with KD), dense INT8, on MiniLM-L6 (the embedded model) and SST-2; dev accuracy
-# from each run's report.json, latency of each exported folder on onnxruntime.
+# from each run's report.json, latency of every exported folder timed side by side
+# (benchmarks/int8_latency.py: onnxruntime, DeepSparse where installed, recipec's engine).
 #
 # One budget for every row (stated in the table's header): MAX_TRAIN training examples,
 # SEQ tokens, the sparse runs at 1 dense + 4 pruning + 1 fine-tuning epochs (one oBERT step per
@@ -28,7 +29,6 @@ EVAL_ARGS=()
 BUDGET=(--data "$DATA" --max-train "$MAX_TRAIN" "${EVAL_ARGS[@]}" --set "training.max_seq_length=$SEQ" --quiet)
 PAPER=(--set dense_epochs=1 --set pruning_epochs=4 --set finetune_epochs=1
        --set pruning_steps_per_epoch=1 --set init_sparsity=0.3 --set num_grads=64)
-BENCH=(--runtime ort --batch-sizes 1,16 --seq-len "$SEQ" --threads 1 --clock cpu --repeats 10)
 recipec() { python -c "from recipec.cli import main; main()" "$@"; }
 set -x
 mkdir -p "$OUT"
@@ -49,30 +49,10 @@ recipec export "$TEACHER" --onnx --output "$OUT/dense_fp32/onnx" --overwrite
 for run in sparse_80 sparse_90 ptq_80 ptq_90 qat_80 qat_90 dense_int8; do
   recipec export "$OUT/$run" --onnx --overwrite
 done
-for run in dense_fp32 dense_int8 sparse_80 sparse_90 ptq_80 ptq_90 qat_80 qat_90; do
-  recipec bench "$OUT/$run/onnx" "${BENCH[@]}" --json "$OUT/$run/bench.json"
-done
 set +x
-python - "$OUT" "$TEACHER" <<'EOF'
-import json, sys
-from pathlib import Path
-out, teacher = Path(sys.argv[1]), sys.argv[2]
-def report(run):
-    return json.loads((out / run / "report.json").read_text())
-def p50(run, batch):
-    rows = json.loads((out / run / "bench.json").read_text())["results"]
-    return next(r["p50_ms"] for r in rows if r["batch"] == batch and r["variant"] == "sparse")
-dense_acc = report("sparse_90")["teacher"]["eval"]["accuracy"]
-rows = [("dense FP32", dense_acc, "dense_fp32")]
-rows += [("dense INT8 (PTQ)", report("dense_int8")["final_eval"]["accuracy"], "dense_int8")]
-for s in (80, 90):
-    rows += [(f"sparse {s}% FP32", report(f"sparse_{s}")["final_eval"]["accuracy"], f"sparse_{s}"),
-             (f"sparse {s}% + PTQ", report(f"ptq_{s}")["final_eval"]["accuracy"], f"ptq_{s}"),
-             (f"sparse {s}% + QAT", report(f"qat_{s}")["final_eval"]["accuracy"], f"qat_{s}")]
-base = {b: p50("dense_fp32", b) for b in (1, 16)}
-print("| model | dev acc | ort p50 ms b1 | vs dense FP32 | ort p50 ms b16 | vs dense FP32 |")
-print("|---|---|---|---|---|---|")
-for name, acc, run in rows:
-    l1, l16 = p50(run, 1), p50(run, 16)
-    print(f"| {name} | {acc:.4f} | {l1:.2f} | {base[1] / l1:.2f}x | {l16:.2f} | {base[16] / l16:.2f}x |")
-EOF
+# Accuracy of every row, and every row timed side by side (onnxruntime, DeepSparse where
+# installed, recipec's engine on the sparse rows): RUNS/int8_table.md
+python benchmarks/int8_latency.py "$OUT" --threads "${THREADS:-1}" --seq-len "${LAT_SEQ:-128}" \
+  ${LATENCY_ARGS:-} --budget "first $MAX_TRAIN SST-2 training examples, seq $SEQ, \
+1 dense + 4 pruning + 1 fine-tuning epochs, oBERT block4 m=64, KD from the dense teacher; \
+PTQ 64 calibration batches; QAT 2 epochs"
