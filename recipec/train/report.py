@@ -156,13 +156,18 @@ def structure_report(model, masks) -> dict[str, Any] | None:
     """Per encoder layer, the heads and FFN neurons left (a group is gone when its masks remove
     it whole: what ``recipec export`` takes out), the removed heads' indices, and the layers
     kept from the model as loaded; None when nothing structured happened."""
+    from recipec.architectures import ArchitectureError
     from recipec.sparsity.shrink import read_record
     from recipec.sparsity.structured import all_group_sets, removable_groups
 
     source = read_record(model).get("source_layers")
+    try:
+        sets = all_group_sets(model)
+    except ArchitectureError:  # a model outside the family table: no heads/neurons to count
+        sets = []
     rows: dict[int, dict[str, Any]] = {}
     removed_any = False
-    for gs in all_group_sets(model):
+    for gs in sets:
         gone = removable_groups(gs, masks)
         removed_any |= bool(gone.any())
         row = rows.setdefault(gs.layer, {"layer": gs.layer})
