@@ -230,6 +230,7 @@ def _budget_text(budget: dict) -> str:
         f"{budget['steps_per_epoch']} pruning steps per epoch, batch {budget['batch_size']}, "
         f"sequences of at most {budget.get('max_seq_length', '?')} tokens, "
         f"{data} training examples, oBERT m={budget['num_grads']}"
+        + (f"; series: {budget['series']}" if budget.get("series") else "")
     )
 
 
@@ -411,6 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
         "several runs share the CPU, else torch's default); runs sharing cores "
         "with more threads than cores slow each other down several times",
     )
+    parser.add_argument(
+        "--series",
+        default=None,
+        help="a label that joins this run's budget (e.g. 'KD T=5.5 recipes'): runs under the "
+        "same budget but another series (say, before a recipe default changed) are not reused "
+        "and get their own table, with their own dense row",
+    )
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument(
         "--render", action="store_true", help="only rewrite the .md and .png from --results"
@@ -460,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "max_seq_length": args.max_seq_length,
     }
+    if args.series:
+        budget["series"] = args.series
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results = load_results(results_path)
@@ -556,6 +566,7 @@ FORWARDED = (
     "precision",
     "model",
     "threads",
+    "series",
 )
 PER_CHILD = ("task", "configs", "results", "jobs", "quiet", "render", "help")
 

@@ -144,6 +144,51 @@ def test_records_written_before_the_sequence_length_joined_the_budget_keep_match
     assert record["budget"] == {**old["budget"], "max_seq_length": 64}
 
 
+def test_a_series_keeps_rows_of_one_budget_apart_each_against_its_own_dense(tmp_path):
+    """Rows re-measured after a recipe default changed (T=2 -> 5.5) under the same epochs and
+    data get their own table and their own dense row; none is reused by the other series."""
+    budget = {
+        "dense": 1,
+        "prune": 2,
+        "finetune": 1,
+        "steps_per_epoch": 2,
+        "num_grads": 64,
+        "max_train": 4000,
+        "max_eval": None,
+        "batch_size": 32,
+        "max_seq_length": 64,
+    }
+
+    def row(config, acc, budget):
+        return {
+            "task": "sst2",
+            "config": config,
+            "accuracy": acc,
+            "target_sparsity": 0.8,
+            "sparsity_targets": 0.8,
+            "steps": 500,
+            "wall_seconds": 60.0,
+            "device": "cpu",
+            "budget": budget,
+        }
+
+    later = {**budget, "series": "KD T=5.5"}
+    text = accuracy.write_tables(
+        [
+            row("dense", 0.80, budget),
+            row("gmp_80", 0.72, budget),
+            row("dense", 0.90, later),
+            row("gmp_80", 0.81, later),
+        ],
+        tmp_path / "a.md",
+        tmp_path / "a.png",
+    )
+    tables = text.split("Budget: ")[1:]
+    assert len(tables) == 2
+    assert sorted("series: KD T=5.5" in t for t in tables) == [False, True]
+    assert "| 90.0% |" in tables[0] and "| 90.0% |" in tables[1]  # 72/80 and 81/90
+
+
 def _structured_recipe(cfg: dict, tmp_path: Path, sets: list[str]):
     if "bundled" in cfg:
         return load_recipe(ROOT / "recipes" / cfg["bundled"], sets)
