@@ -54,6 +54,7 @@ def targets_for(runs: Path, batch: int, seq: int, threads: int, worker, engines:
     from recipec.runtime.bench import Target, bench_inputs
     from recipec.runtime.bench_targets import EngineRunner
     from recipec.runtime.engine import INT8_TOLERANCE, load
+    from recipec.runtime.engine.model import EngineError
     from recipec.runtime.runtimes import OrtRunner, OutputMismatch, ort_session
 
     targets, refused = [], []
@@ -79,7 +80,13 @@ def targets_for(runs: Path, batch: int, seq: int, threads: int, worker, engines:
                 refused.append(f"deepsparse {run} b{batch}: {exc}")
         if engines and run.startswith(("sparse", "ptq", "qat")):
             dtype = "int8" if int8 else "fp32"
-            engine = load(folder, dtype, threads=threads, shapes=[(batch, seq)], tokenizer=False)
+            try:
+                engine = load(
+                    folder, dtype, threads=threads, shapes=[(batch, seq)], tokenizer=False
+                )
+            except EngineError as exc:  # its load-time check against onnxruntime failed
+                refused.append(f"engine-{dtype} {run} b{batch}: {exc}")
+                continue
             runner = EngineRunner(engine, inputs, f"engine-{dtype}")
             diff = float(abs(runner.outputs() - ref).max())
             targets.append(Target(run, f"engine-{dtype}", run, batch, seq, runner, diff))
