@@ -141,3 +141,32 @@ def test_deepsparse_runs_the_int8_graph(quantized_run):
     report = bench(result.onnx_path.parent, ["ort", "deepsparse"], [1], 16, repeats=2)
     assert not report["refused"], report["refused"]
     assert {r["runtime"] for r in report["results"]} == {"ort", "deepsparse"}
+
+
+def test_the_int8_table_lists_an_engine_that_fails_its_load_check_as_refused(
+    quantized_run, load_benchmark, monkeypatch, tmp_path
+):
+    """benchmarks/int8_latency.py: an engine whose check against onnxruntime fails is a
+    "refused" line with the check's message; the other runtimes of the row are still timed."""
+    import recipec.runtime.engine as engine_pkg
+
+    bench = load_benchmark("int8_latency")
+    run, _, _ = quantized_run
+    (tmp_path / "ptq_80").mkdir()
+    (tmp_path / "ptq_80" / "onnx").symlink_to(run / "onnx")
+
+    def names(targets):
+        return sorted((t.model, t.runtime) for t in targets)
+
+    targets, refused = bench.targets_for(tmp_path, 1, 8, 1, None, True, lambda _: None)
+    assert names(targets) == [("ptq_80", "engine-int8"), ("ptq_80", "ort")] and not refused
+
+    def disagree(*args, **kwargs):
+        raise EngineError("engine int8 logits disagree with onnxruntime: max |diff| 9 > 1")
+
+    monkeypatch.setattr(engine_pkg, "load", disagree)
+    targets, refused = bench.targets_for(tmp_path, 1, 8, 1, None, True, lambda _: None)
+    assert names(targets) == [("ptq_80", "ort")]
+    assert refused == [
+        "engine-int8 ptq_80 b1: engine int8 logits disagree with onnxruntime: max |diff| 9 > 1"
+    ]
