@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,26 +75,11 @@ KILL_AT = 13  # after pruning steps 10 and 12; checkpoints every 3 steps -> resu
 
 
 @pytest.fixture
-def tiny_dropout_free_dir(tmp_path, embedded_tokenizer):
+def tiny_dropout_free_dir(tmp_path, save_tiny_bert):
     """A tiny random BERT with dropout off (dropout streams differ per rank by design)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+    return save_tiny_bert(
+        tmp_path / "tiny", head=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
     )
-    torch.manual_seed(0)
-    folder = tmp_path / "tiny"
-    BertForSequenceClassification(config).save_pretrained(folder)
-    embedded_tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _setup(tmp_path, recipe_text: str):
@@ -134,6 +120,26 @@ def _assert_same_model(single_run, dist_run, atol: float = 1e-5) -> None:
         assert torch.allclose(single[name][both], dist[name][both], atol=atol, rtol=1e-4), name
     for name, mask in masks_dist.items():
         assert torch.equal(dist[name] == 0, mask == 0), name  # exact zeros where pruned
+
+
+def _single_and_two_ranks(tmp_path, harness, common, env) -> dict[str, Path]:
+    """The harness run as one process and under torchrun with 2 ranks (run folders "single" and
+    "dist"), after checking that both ranks ended with the same weights."""
+    runs = {}
+    for name, world in (("single", None), ("dist", 2)):
+        dump = tmp_path / f"dump-{name}"
+        dump.mkdir()
+        rc, out, _ = _launch(
+            [harness, *common, "--output", tmp_path / name],
+            world=world,
+            env=dict(env, RECIPEC_TEST_DUMP=str(dump)),
+        )
+        assert rc == 0, out
+        runs[name] = tmp_path / name
+    r0, r1 = (torch.load(tmp_path / "dump-dist" / f"rank{r}.pt") for r in (0, 1))
+    for name in r0["weights"]:
+        assert torch.equal(r0["weights"][name], r1["weights"][name]), name
+    return runs
 
 
 def _launch(args, *, env, world: int | None, timeout: float = 600) -> tuple[int, str, float]:
@@ -274,21 +280,7 @@ def test_cram_then_a_prune_only_stage_under_two_ranks_match_one_process(
         37,
         "--quiet",
     ]
-    runs = {}
-    for name, world in (("single", None), ("dist", 2)):
-        dump = tmp_path / f"dump-{name}"
-        dump.mkdir()
-        rc, out, _ = _launch(
-            [harness, *common, "--output", tmp_path / name],
-            world=world,
-            env=dict(env, RECIPEC_TEST_DUMP=str(dump)),
-        )
-        assert rc == 0, out
-        runs[name] = tmp_path / name
-
-    r0, r1 = (torch.load(tmp_path / "dump-dist" / f"rank{r}.pt") for r in (0, 1))
-    for name in r0["weights"]:
-        assert torch.equal(r0["weights"][name], r1["weights"][name]), name
+    runs = _single_and_two_ranks(tmp_path, harness, common, env)
     _assert_same_model(runs["single"], runs["dist"])
     reports = [json.loads((runs[n] / "report.json").read_text()) for n in ("single", "dist")]
     assert [s["steps"] for s in reports[1]["stages"]] == [
@@ -409,21 +401,7 @@ def test_qat_with_distillation_under_two_ranks_matches_one_process(tmp_path, tin
     recipe, harness, env = _setup(tmp_path, QAT_RECIPE)
     common = ["apply", recipe, "--model", tiny_dropout_free_dir, "--max-train", 143]
     common += ["--max-eval", 37, "--quiet"]
-    runs = {}
-    for name, world in (("single", None), ("dist", 2)):
-        dump = tmp_path / f"dump-{name}"
-        dump.mkdir()
-        rc, out, _ = _launch(
-            [harness, *common, "--output", tmp_path / name],
-            world=world,
-            env=dict(env, RECIPEC_TEST_DUMP=str(dump)),
-        )
-        assert rc == 0, out
-        runs[name] = tmp_path / name
-
-    r0, r1 = (torch.load(tmp_path / "dump-dist" / f"rank{r}.pt") for r in (0, 1))
-    for name in r0["weights"]:
-        assert torch.equal(r0["weights"][name], r1["weights"][name]), name
+    runs = _single_and_two_ranks(tmp_path, harness, common, env)
     _assert_same_model(runs["single"], runs["dist"], atol=2e-4)
     quant = {
         n: json.loads((runs[n] / "model" / "quantization.json").read_text())["layers"] for n in runs

@@ -120,22 +120,26 @@ def test_child_runs_get_the_parents_budget_and_settings():
     assert child.max_eval is None and child.configs is None and child.jobs == 1
 
 
+# A results record's budget as the CPU table wrote it before max_seq_length joined it.
+CPU_BUDGET = {
+    "dense": 1,
+    "prune": 2,
+    "finetune": 1,
+    "steps_per_epoch": 2,
+    "num_grads": 64,
+    "max_train": 4000,
+    "max_eval": None,
+    "batch_size": 32,
+}
+
+
 def test_records_written_before_the_sequence_length_joined_the_budget_keep_matching(tmp_path):
     old = {
         "task": "sst2",
         "config": "dense",
         "accuracy": 0.8,
         "sets": ["training.epochs=4", "training.batch_size=32", "training.max_seq_length=64"],
-        "budget": {
-            "dense": 1,
-            "prune": 2,
-            "finetune": 1,
-            "steps_per_epoch": 2,
-            "num_grads": 64,
-            "max_train": 4000,
-            "max_eval": None,
-            "batch_size": 32,
-        },
+        "budget": dict(CPU_BUDGET),
     }
     path = tmp_path / "accuracy.json"
     path.write_text(json.dumps([old]))
@@ -147,17 +151,7 @@ def test_records_written_before_the_sequence_length_joined_the_budget_keep_match
 def test_a_series_keeps_rows_of_one_budget_apart_each_against_its_own_dense(tmp_path):
     """Rows re-measured after a recipe default changed (T=2 -> 5.5) under the same epochs and
     data get their own table and their own dense row; none is reused by the other series."""
-    budget = {
-        "dense": 1,
-        "prune": 2,
-        "finetune": 1,
-        "steps_per_epoch": 2,
-        "num_grads": 64,
-        "max_train": 4000,
-        "max_eval": None,
-        "batch_size": 32,
-        "max_seq_length": 64,
-    }
+    budget = {**CPU_BUDGET, "max_seq_length": 64}
 
     def row(config, acc, budget):
         return {
