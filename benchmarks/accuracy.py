@@ -426,6 +426,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_budget(args: argparse.Namespace) -> dict:
+    """What a record must share with a run to be reused by it and to share its table: the
+    epochs, data and sizes, and ``--series`` only when given (records written before series
+    existed carry none, and keep matching runs without one)."""
+    budget = {
+        "dense": args.dense_epochs,
+        "prune": args.prune_epochs,
+        "finetune": args.finetune_epochs,
+        "steps_per_epoch": args.pruning_steps_per_epoch,
+        "num_grads": args.num_grads,
+        "max_train": args.max_train,
+        "max_eval": args.max_eval,
+        "batch_size": args.batch_size,
+        "max_seq_length": args.max_seq_length,
+    }
+    if args.series:
+        budget["series"] = args.series
+    return budget
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -457,19 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     for task in tasks:
         if not (data_root / DATA[task]).is_dir():
             parser.error(f"{data_root / DATA[task]} is absent: pass --data-root")
-    budget = {
-        "dense": args.dense_epochs,
-        "prune": args.prune_epochs,
-        "finetune": args.finetune_epochs,
-        "steps_per_epoch": args.pruning_steps_per_epoch,
-        "num_grads": args.num_grads,
-        "max_train": args.max_train,
-        "max_eval": args.max_eval,
-        "batch_size": args.batch_size,
-        "max_seq_length": args.max_seq_length,
-    }
-    if args.series:
-        budget["series"] = args.series
+    budget = run_budget(args)
     results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results = load_results(results_path)

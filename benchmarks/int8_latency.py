@@ -53,8 +53,7 @@ def targets_for(runs: Path, batch: int, seq: int, threads: int, worker, engines:
     """Every row's targets at one batch size; a runtime that disagrees is left out (logged)."""
     from recipec.runtime.bench import Target, bench_inputs
     from recipec.runtime.bench_targets import EngineRunner
-    from recipec.runtime.engine import INT8_TOLERANCE, load
-    from recipec.runtime.engine.model import EngineError
+    from recipec.runtime.engine import INT8_TOLERANCE, EngineError, load
     from recipec.runtime.runtimes import OrtRunner, OutputMismatch, ort_session
 
     targets, refused = [], []

@@ -77,9 +77,7 @@ KILL_AT = 13  # after pruning steps 10 and 12; checkpoints every 3 steps -> resu
 @pytest.fixture
 def tiny_dropout_free_dir(tmp_path, save_tiny_bert):
     """A tiny random BERT with dropout off (dropout streams differ per rank by design)."""
-    return save_tiny_bert(
-        tmp_path / "tiny", head=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
-    )
+    return save_tiny_bert(tmp_path / "tiny", head=True)
 
 
 def _setup(tmp_path, recipe_text: str):

@@ -112,12 +112,18 @@ def test_child_runs_get_the_parents_budget_and_settings():
             "/tmp/w x",
             "--configs",
             "gmp_90",
+            "--series",
+            "KD T=5.5",
         ]
     )
     child = parser.parse_args(accuracy._child_argv(parent) + ["--task", "sst2"])
     for dest in accuracy.FORWARDED:
         assert getattr(child, dest) == getattr(parent, dest), dest
     assert child.max_eval is None and child.configs is None and child.jobs == 1
+    assert accuracy.run_budget(child)["series"] == "KD T=5.5"
+    # Without --series the budget has no such key: the records written before it still match.
+    plain = parser.parse_args(["--max-train", "4000", "--max-seq-length", "64"])
+    assert accuracy.run_budget(plain) == {**CPU_BUDGET, "max_seq_length": 64}
 
 
 # A results record's budget as the CPU table wrote it before max_seq_length joined it.
